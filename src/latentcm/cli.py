@@ -1,0 +1,177 @@
+"""The ``lcm`` command line: a thin shell over importable functions.
+
+Bad input ends with one line on stderr (``lcm: error: ...``) and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import offline  # noqa: F401
+from . import registry
+
+SAMPLER_CHOICES = ("ddim", "dpm-solver", "dpm-solver++")
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def _torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="latentcm")
+def cli() -> None:
+    """latentcm: Latent Consistency Models on Stable-Diffusion-family models, offline."""
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", default="teacher", metavar="NAME|DIR", help="Shipped model name or diffusers folder.")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default="ddim")
+@click.option("--steps", type=click.IntRange(1, 1000), default=50, help="Denoising steps.")
+@click.option("--guidance", type=click.FloatRange(0, 50), default=7.5, help="CFG scale g (1 = no guidance).")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the first image.")
+@click.option("--num-images", type=click.IntRange(1, 256), default=8, help="Images in the grid.")
+@click.option("--height", type=click.IntRange(8, 1024), default=None, help="Image height (default: model's).")
+@click.option("--width", type=click.IntRange(8, 1024), default=None, help="Image width (default: model's).")
+@click.option("--out", type=click.Path(dir_okay=False), default="samples/grid.png", help="Output PNG.")
+def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out):
+    """Generate an image grid from a text prompt.
+
+    Image i uses seed SEED+i, so an image does not depend on --num-images.
+
+    \b
+    Example:
+      lcm generate "a large red circle on a blue background" --steps 50 --out red.png
+    """
+    from .models.bundle import Bundle
+    from .training.teacher import save_grid
+
+    if not prompt.strip():
+        raise UserError("the prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
+    bundle = Bundle.load(registry.resolve(model))
+    images = bundle.generate([prompt] * num_images, [seed + i for i in range(num_images)], sampler, steps,
+                             guidance, height, width)
+    path = save_grid(images, Path(out), cols=min(8, num_images))
+    click.echo(str(path))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object name -> folder.")
+def models(as_json):
+    """List the shipped models and their folders."""
+    found = registry.shipped_models()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+    else:
+        for name, path in found.items():
+            click.echo(f"{name}\t{path}")
+
+
+@cli.command("train-teacher")
+@click.argument("stage", type=click.Choice(["vae", "clip", "judge", "unet", "all", "export"]))
+@click.option("--out", type=click.Path(file_okay=False), default="runs/build", help="Build folder.")
+@click.option("--preset", type=click.Choice(["default", "micro"]), default="default", help="Component sizes.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Initialisation/batch seed.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint; skip finished stages.")
+@click.option("--steps", type=click.IntRange(1, 10**7), default=None, help="Override the stage's step count.")
+@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
+              help="Stop cleanly (with a checkpoint) after this long; continue later with --resume.")
+def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
+    """Build the offline default teacher from scratch: VAE, tiny CLIP, judge, UNet.
+
+    Stages run in that order; `all` runs every unfinished one, `export` assembles the
+    diffusers folder OUT/teacher. Interrupted? Rerun the same command with --resume.
+
+    \b
+    Example (about 1.5 hours on 2 CPU cores):
+      nohup lcm train-teacher all --out runs/build > build.log 2>&1 &
+      lcm train-teacher all --out runs/build --resume     # after an interruption
+      lcm train-teacher export --out runs/build
+    """
+    from .training import build
+
+    _torch_threads()
+    out_dir = Path(out)
+    if stage == "export":
+        click.echo(str(build.export_teacher(out_dir)))
+        return
+    stages = list(build.STAGES) if stage == "all" else [stage]
+    finished = build.run_stages(out_dir, stages, preset, seed, resume, steps, max_minutes)
+    click.echo("finished" if finished else "stopped at the time limit; continue with --resume")
+
+
+@cli.command("evaluate-teacher")
+@click.option("--model", default="teacher", metavar="NAME|DIR", help="Shipped model name or diffusers folder.")
+@click.option("--judge", "judge_dir", default="judge", metavar="NAME|DIR", help="Judge folder.")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default="ddim")
+@click.option("--steps", type=click.IntRange(1, 1000), default=50)
+@click.option("--guidance", type=click.FloatRange(0, 50), default=7.5)
+@click.option("--num-samples", type=click.IntRange(1, 100000), default=256)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json and a grid here.")
+def evaluate_teacher(model, judge_dir, sampler, steps, guidance, num_samples, out):
+    """Judge a teacher on held-out prompts; also VAE PSNR and the judge's ceiling."""
+    from .evaluation import judge_eval
+    from .models.bundle import Bundle
+    from .models.judge import Judge
+    from .training.teacher import save_grid
+
+    bundle = Bundle.load(registry.resolve(model))
+    judge = Judge.load(registry.resolve(judge_dir))
+    result, images = judge_eval.evaluate_teacher(bundle, judge, num_samples, sampler, steps, guidance)
+    result["vae_psnr_db"] = round(judge_eval.vae_psnr(bundle.vae), 2)
+    result["judge_on_real_images"] = judge_eval.judge_on_real(judge)
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.json").write_text(text + "\n")
+        save_grid(images[:32], Path(out) / "heldout-grid.png")
+    click.echo(text)
+
+
+@cli.group("world")
+def world_group():
+    """The procedural shapes world."""
+
+
+@world_group.command("export")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["train", "heldout"]), default="train")
+@click.option("--count", type=click.IntRange(1, 10**6), default=1000)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
+def world_export(out, split, count, seed):
+    """Write PNGs + metadata.jsonl (Hugging Face imagefolder layout)."""
+    from . import world
+
+    click.echo(str(world.export_imagefolder(out, seed, count, split)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click errors and bad input become one line and exit code 2."""
+    from .models.bundle import ModelError
+
+    try:
+        cli.main(args=argv, prog_name="lcm", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("lcm: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"lcm: error: {exc.format_message()}", err=True)
+        sys.exit(2 if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
+    except (ModelError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
+        click.echo(f"lcm: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

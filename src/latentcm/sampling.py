@@ -1,0 +1,40 @@
+"""Samplers. Pure functions over (model, latents, timesteps); randomness is injected."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# eps_fn(z, t, text_states) -> eps prediction; one UNet call on a whole batch.
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def initial_latents(seeds: list[int], shape: tuple[int, ...], dtype=torch.float32,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
+    """One generator per image seed, so an image never changes with the batch size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype)
+                        for s in seeds]).to(device)
+
+
+def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance, user convention g: eps_u + g (eps_c - eps_u); g = 1 + paper omega."""
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample_teacher(eps_fn: EpsFn, scheduler, latents: torch.Tensor, cond: torch.Tensor,
+                   uncond: torch.Tensor, guidance: float, steps: int,
+                   callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Classifier-free-guided sampling of a diffusion teacher with a diffusers scheduler
+    (DDIM / DPM-Solver / DPM-Solver++). The conditional and unconditional passes run
+    as one batched forward. Returns the final latents (unscaled by the VAE factor)."""
+    scheduler.set_timesteps(steps, device=latents.device)
+    z = latents * scheduler.init_noise_sigma
+    text = torch.cat([uncond, cond])  # [2B, L, D]
+    for i, t in enumerate(scheduler.timesteps):
+        z_in = scheduler.scale_model_input(torch.cat([z, z]), t)
+        eps_u, eps_c = eps_fn(z_in, t, text).chunk(2)
+        z = scheduler.step(cfg_combine(eps_u, eps_c, guidance), t, z).prev_sample
+        if callback is not None:
+            callback(i, z)
+    return z

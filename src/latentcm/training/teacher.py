@@ -1,0 +1,272 @@
+"""Stages that build the offline default teacher: VAE, tiny CLIP, judge, UNet.
+
+Each stage is a :class:`~latentcm.training.loop.Task` run by the one loop in
+``loop.py``. Batches are drawn from a generator seeded by ``(seed, step)``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import schedules, world
+from ..models import components
+from ..models.judge import Judge, attribute_targets
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass
+class WorldData:
+    """Rendered training images [N, 3, 64, 64] uint8 and their scenes."""
+
+    images: torch.Tensor
+    scenes: list[world.Scene]
+
+    @classmethod
+    def make(cls, seed: int, count: int, split: str = "train") -> "WorldData":
+        samples = list(world.iter_samples(seed, count, split))
+        arr = world.images_array(samples)
+        return cls(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [s.scene for s in samples])
+
+    def pixels(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float in [-1, 1]."""
+        return self.images[idx].float() / 127.5 - 1.0
+
+
+def to_uint8_grid(images: torch.Tensor, cols: int = 8) -> np.ndarray:
+    """images in [-1, 1], [B, 3, H, W] -> one uint8 grid [rows*H, cols*W, 3]."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    b, h, w, _ = x.shape
+    rows = -(-b // cols)
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i in range(b):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = x[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8_grid(images, cols)).save(path)
+    return path
+
+
+def sample_captions(scenes: list[world.Scene], seed: int, step: int, offset: int = 0) -> list[str]:
+    """A fresh training caption per scene and step (templates and synonyms vary)."""
+    return [world.caption(s, random.Random(hash((seed, step, offset + i)) & 0xFFFFFFFF), world.TRAIN_TEMPLATES)
+            for i, s in enumerate(scenes)]
+
+
+# --- VAE -------------------------------------------------------------------------
+
+class VAETask:
+    """AutoencoderKL on world images: MSE + L1 reconstruction, tiny KL (as in SD's VAE).
+
+    Trains on 32x32 crops (the VAE is fully convolutional, no attention) for speed and on
+    whole 64x64 images for the final ``full_fraction`` of the steps."""
+
+    def __init__(self, vae, data: WorldData, seed: int, batch_size: int, max_steps: int,
+                 kl_weight: float = 1e-6, crop: int = 32, full_fraction: float = 0.25):
+        self.vae, self.data, self.seed, self.bs = vae, data, seed, batch_size
+        self.kl_weight, self.crop = kl_weight, crop
+        self.full_from = int(max_steps * (1 - full_fraction))
+
+    def modules(self):
+        return {"vae": self.vae}
+
+    def parameters(self):
+        return list(self.vae.parameters())
+
+    def batch(self, step):
+        g = step_generator(self.seed, step)
+        x = self.data.pixels(torch.randint(len(self.data.images), (self.bs,), generator=g))
+        if step < self.full_from:
+            i, j = torch.randint(0, x.shape[-1] - self.crop + 1, (2,), generator=g).tolist()
+            x = x[..., i:i + self.crop, j:j + self.crop]
+        return {"x": x}
+
+    def loss(self, batch, step):
+        post = self.vae.encode(batch["x"]).latent_dist
+        rec = self.vae.decode(post.mode()).sample
+        mse, l1 = F.mse_loss(rec, batch["x"]), F.l1_loss(rec, batch["x"])
+        kl = post.kl().mean()
+        psnr = 10 * torch.log10(4.0 / mse.detach())  # peak-to-peak range 2 in [-1, 1]
+        return mse + 0.5 * l1 + self.kl_weight * kl, {"mse": float(mse.detach()), "psnr": float(psnr)}
+
+    def after_update(self, step):
+        pass
+
+    @torch.no_grad()
+    def preview(self, step, out_dir):
+        x = self.data.pixels(torch.arange(16))
+        rec = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
+        save_grid(torch.cat([x, rec]), out_dir / f"vae-{step:07d}.png")
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae, data: WorldData, count: int = 2048, batch_size: int = 128) -> float:
+    """1 / std of the latents (posterior mode), so scaled latents have unit variance."""
+    zs = [vae.encode(data.pixels(torch.arange(i, min(i + batch_size, count)))).latent_dist.mode()
+          for i in range(0, count, batch_size)]
+    return float(1.0 / torch.cat(zs).std())
+
+
+# --- tiny CLIP -------------------------------------------------------------------
+
+def compatibility(scenes: list[world.Scene], captions: list[str]) -> torch.Tensor:
+    """[images, captions] 1 where every attribute the caption mentions matches the image."""
+    parsed = [world.parse_caption(c) for c in captions]
+    return torch.tensor([[float(all(getattr(s, k) == v for k, v in p.items())) for p in parsed]
+                         for s in scenes])
+
+
+class CLIPTask:
+    """Contrastive pre-training of the tiny CLIP with multi-positive targets: a caption
+    is a positive for every image in the batch it truly describes."""
+
+    def __init__(self, clip, tokenizer, data: WorldData, seed: int, batch_size: int):
+        self.clip, self.tok, self.data, self.seed, self.bs = clip, tokenizer, data, seed, batch_size
+
+    def modules(self):
+        return {"clip": self.clip}
+
+    def parameters(self):
+        return list(self.clip.parameters())
+
+    def batch(self, step):
+        g = step_generator(self.seed, step)
+        idx = torch.randint(len(self.data.images), (self.bs,), generator=g)
+        scenes = [self.data.scenes[i] for i in idx.tolist()]
+        captions = sample_captions(scenes, self.seed, step)
+        ids = self.tok(captions, padding="max_length", max_length=self.tok.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids
+        return {"pixel_values": self.data.pixels(idx), "input_ids": ids,
+                "positive": compatibility(scenes, captions)}
+
+    def loss(self, batch, step):
+        out = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+        logits = out.logits_per_image  # [B_img, B_txt]
+        pos = batch["positive"]
+        loss_i = -(F.log_softmax(logits, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+        loss_t = -(F.log_softmax(logits.T, 1) * pos.T / pos.T.sum(1, keepdim=True)).sum(1).mean()
+        top1 = pos.gather(1, logits.argmax(1, keepdim=True)).mean()
+        return (loss_i + loss_t) / 2, {"img2txt_top1": float(top1)}
+
+    def after_update(self, step):
+        pass
+
+    def preview(self, step, out_dir):
+        pass
+
+
+# --- judge -----------------------------------------------------------------------
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mild noise, blur and colour jitter, so the judge reads generated images too."""
+    b = x.shape[0]
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(b, 1, 1, 1, generator=g) * 0.8
+    x = (1 - mix) * x + mix * blur
+    x = x + 0.06 * (torch.rand(b, 3, 1, 1, generator=g) * 2 - 1)
+    x = x + torch.rand(b, 1, 1, 1, generator=g) * 0.12 * torch.randn(x.shape, generator=g)
+    return x.clamp(-1, 1)
+
+
+class JudgeTask:
+    def __init__(self, judge: Judge, data: WorldData, seed: int, batch_size: int):
+        self.judge, self.data, self.seed, self.bs = judge, data, seed, batch_size
+
+    def modules(self):
+        return {"judge": self.judge}
+
+    def parameters(self):
+        return list(self.judge.parameters())
+
+    def batch(self, step):
+        g = step_generator(self.seed, step)
+        idx = torch.randint(len(self.data.images), (self.bs,), generator=g)
+        targets = attribute_targets([self.data.scenes[i] for i in idx.tolist()])
+        return {"x": augment(self.data.pixels(idx), g), **{f"y_{k}": v for k, v in targets.items()}}
+
+    def loss(self, batch, step):
+        logits = self.judge(batch["x"])
+        losses = {k: F.cross_entropy(v, batch[f"y_{k}"]) for k, v in logits.items()}
+        acc = {f"acc_{k}": float((v.argmax(1) == batch[f"y_{k}"]).float().mean()) for k, v in logits.items()}
+        return sum(losses.values()), acc
+
+    def after_update(self, step):
+        pass
+
+    def preview(self, step, out_dir):
+        pass
+
+
+# --- UNet (the diffusion teacher) ------------------------------------------------
+
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta."""
+    with torch.no_grad():
+        for pt, po in zip(target.parameters(), online.parameters()):
+            pt.lerp_(po, 1 - decay)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> last hidden states [B, L, D], as Stable Diffusion conditions its UNet."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+class UNetTask:
+    """epsilon-prediction diffusion on VAE latents, min-SNR-gamma weighting, caption
+    dropout for classifier-free guidance, EMA weights for sampling."""
+
+    def __init__(self, unet, ema, text_encoder, tokenizer, latents: torch.Tensor, scenes: list[world.Scene],
+                 seed: int, batch_size: int, caption_dropout: float = 0.1, snr_gamma: float = 5.0,
+                 ema_decay: float = 0.999, preview_fn=None):
+        self.unet, self.ema, self.text_encoder, self.tok = unet, ema, text_encoder, tokenizer
+        self.latents, self.scenes, self.seed, self.bs = latents, scenes, seed, batch_size
+        self.caption_dropout, self.snr_gamma, self.ema_decay = caption_dropout, snr_gamma, ema_decay
+        self.alpha_bar = schedules.alphas_cumprod_from_config(components.noise_scheduler_config()).float()
+        self.preview_fn = preview_fn
+
+    def modules(self):
+        return {"unet": self.unet, "ema": self.ema}
+
+    def parameters(self):
+        return list(self.unet.parameters())
+
+    def batch(self, step):
+        g = step_generator(self.seed, step)
+        idx = torch.randint(len(self.latents), (self.bs,), generator=g)
+        captions = sample_captions([self.scenes[i] for i in idx.tolist()], self.seed, step)
+        drop = (torch.rand(self.bs, generator=g) < self.caption_dropout).tolist()
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        return {"z0": self.latents[idx], "text": encode_text(self.text_encoder, self.tok, captions),
+                "noise": torch.randn(self.latents[idx].shape, generator=g),
+                "t": torch.randint(0, len(self.alpha_bar), (self.bs,), generator=g)}
+
+    def loss(self, batch, step):
+        a = self.alpha_bar[batch["t"]]
+        z_t = schedules.add_noise(batch["z0"], batch["noise"], a)
+        eps = self.unet(z_t, batch["t"], batch["text"]).sample
+        per_sample = (eps - batch["noise"]).pow(2).mean(dim=(1, 2, 3))
+        s = schedules.snr(a)
+        weight = torch.clamp(s, max=self.snr_gamma) / s  # min-SNR-gamma for eps-prediction
+        return (weight * per_sample).mean(), {"mse": float(per_sample.detach().mean())}
+
+    def after_update(self, step):
+        ema_update(self.ema, self.unet, min(self.ema_decay, (1 + step) / (10 + step)))
+
+    def preview(self, step, out_dir):
+        if self.preview_fn is not None:
+            self.preview_fn(self.ema, step, out_dir)

@@ -1,0 +1,269 @@
+"""The shapes world: a seeded procedural generator of captioned 64x64 images.
+
+One object per image. Every sample is a pure function of ``(seed, index)``, so a
+dataset never has to be stored to be reproduced. Captions come from several
+templates with synonyms and may omit attributes; :func:`parse_caption` reads a
+caption back into the attributes it mentions.
+
+Splits:
+    ``train``    -- training templates, triples (shape, colour, background) not held out.
+    ``heldout``  -- held-out templates *and* held-out triples; reserved for evaluation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+RESOLUTION = 64
+SUPERSAMPLE = 4  # render at 4x and downsample with a box filter = anti-aliasing
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SIZES = {"small": 0.14, "medium": 0.2, "large": 0.26}  # radius as a fraction of the side
+SIZE_NAMES = tuple(SIZES)
+POSITIONS = {
+    "top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
+    "left": (0.27, 0.5), "center": (0.5, 0.5), "right": (0.73, 0.5),
+    "bottom left": (0.27, 0.73), "bottom": (0.5, 0.73), "bottom right": (0.73, 0.73),
+}
+POSITION_NAMES = tuple(POSITIONS)
+ATTRIBUTES = {
+    "shape": SHAPES, "colour": COLOUR_NAMES, "background": COLOUR_NAMES,
+    "size": SIZE_NAMES, "position": POSITION_NAMES,
+}
+JITTER = 0.05  # position jitter, fraction of the side
+
+# Synonyms: canonical value -> words that may stand for it in a caption.
+SYNONYMS = {
+    "shape": {s: (s,) for s in SHAPES} | {"circle": ("circle", "disc"), "cross": ("cross", "plus")},
+    "colour": {c: (c,) for c in COLOUR_NAMES} | {"gray": ("gray", "grey")},
+    "size": {"small": ("small", "little", "tiny"), "medium": ("medium", "mid-sized"),
+             "large": ("large", "big")},
+    "position": {p: (p,) for p in POSITION_NAMES} | {
+        "top left": ("top left", "upper left"), "top right": ("top right", "upper right"),
+        "bottom left": ("bottom left", "lower left"), "bottom right": ("bottom right", "lower right"),
+        "center": ("center", "middle"), "top": ("top",), "bottom": ("bottom",)},
+}
+BACKGROUND_WORDS = ("background", "backdrop")
+
+# Caption templates. {bg} is always followed by a background word, which is how the
+# parser tells the background colour from the object colour.
+TRAIN_TEMPLATES = (
+    "a {colour} {shape}",
+    "a {colour} {shape} on a {bg} {bgword}",
+    "a {size} {colour} {shape}",
+    "a {size} {colour} {shape} on a {bg} {bgword}",
+    "a {colour} {shape} in the {position}",
+    "a {size} {colour} {shape} in the {position} on a {bg} {bgword}",
+    "{colour} {shape}, {size}, {position}, {bg} {bgword}",
+    "{bg} {bgword}, {colour} {shape}",
+    "{shape}, {colour}, on {bg} {bgword}",
+)
+HELDOUT_TEMPLATES = (
+    "an image of a {colour} {shape} against a {bg} {bgword}",
+    "{bg} {bgword} with a {size} {colour} {shape} at the {position}",
+    "picture: {colour} {shape} in the {position}, {bg} {bgword}",
+)
+HELDOUT_TRIPLE_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Scene:
+    """The attributes of one image, plus the jittered geometry that renders it."""
+
+    shape: str
+    colour: str
+    background: str
+    size: str
+    position: str
+    cx: float  # centre, fraction of the side
+    cy: float
+    angle: float  # rotation in degrees (shapes with symmetry keep their name)
+
+    def attributes(self) -> dict[str, str]:
+        return {k: getattr(self, k) for k in ATTRIBUTES}
+
+
+def _stable_hash(*parts: object) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def is_heldout_triple(shape: str, colour: str, background: str) -> bool:
+    """True for the ~10% of (shape, colour, background) triples never used in training."""
+    return _stable_hash("heldout", shape, colour, background) % 1000 < HELDOUT_TRIPLE_FRACTION * 1000
+
+
+def _triples(split: str) -> list[tuple[str, str, str]]:
+    want = split == "heldout"
+    return [(s, c, b) for s in SHAPES for c in COLOUR_NAMES for b in COLOUR_NAMES
+            if c != b and is_heldout_triple(s, c, b) == want]
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
+
+
+def sample_scene(rng: random.Random, split: str = "train") -> Scene:
+    """Draw one scene; its (shape, colour, background) triple belongs to ``split``."""
+    _check_split(split)
+    shape, colour, background = rng.choice(_triples(split))
+    size, position = rng.choice(SIZE_NAMES), rng.choice(POSITION_NAMES)
+    px, py = POSITIONS[position]
+    cx, cy = px + rng.uniform(-JITTER, JITTER), py + rng.uniform(-JITTER, JITTER)
+    return Scene(shape, colour, background, size, position, cx, cy, rng.uniform(-12, 12))
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        pts = [(math.cos(math.radians(45 + 90 * i)) * r, math.sin(math.radians(45 + 90 * i)) * r)
+               for i in range(4)]
+    elif shape == "triangle":
+        pts = [(math.cos(math.radians(-90 + 120 * i)) * r, math.sin(math.radians(-90 + 120 * i)) * r)
+               for i in range(3)]
+        pts = [(x, y + 0.15 * r) for x, y in pts]
+    elif shape == "diamond":
+        pts = [(0, -r), (0.65 * r, 0), (0, r), (-0.65 * r, 0)]
+    elif shape == "star":
+        pts = [(math.cos(math.radians(-90 + 36 * i)) * (r if i % 2 == 0 else 0.45 * r),
+                math.sin(math.radians(-90 + 36 * i)) * (r if i % 2 == 0 else 0.45 * r))
+               for i in range(10)]
+    elif shape == "cross":
+        a, b = r, 0.33 * r
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a),
+               (-b, b), (-a, b), (-a, -b), (-b, -b)]
+    else:
+        raise ValueError(shape)
+    ca, sa = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
+
+
+def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """Render a scene as an anti-aliased RGB image (supersampled, box-filtered)."""
+    side = resolution * SUPERSAMPLE
+    img = Image.new("RGB", (side, side), COLOURS[scene.background])
+    draw = ImageDraw.Draw(img)
+    cx, cy, r = scene.cx * side, scene.cy * side, SIZES[scene.size] * side
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        inner = 0.55 * r
+        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=COLOURS[scene.background])
+    else:
+        draw.polygon(_polygon(scene.shape, cx, cy, r, scene.angle), fill=fill)
+    return img.resize((resolution, resolution), Image.BOX)
+
+
+def caption(scene: Scene, rng: random.Random, templates: tuple[str, ...]) -> str:
+    """Describe a scene with a random template and random synonyms."""
+    template = rng.choice(templates)
+    words = {key: rng.choice(SYNONYMS[key][getattr(scene, key)])
+             for key in ("shape", "colour", "size", "position")}
+    words["bg"] = rng.choice(SYNONYMS["colour"][scene.background])
+    words["bgword"] = rng.choice(BACKGROUND_WORDS)
+    return template.format(**words)
+
+
+def templates_for(split: str) -> tuple[str, ...]:
+    _check_split(split)
+    return TRAIN_TEMPLATES if split == "train" else HELDOUT_TEMPLATES
+
+
+def _lookup(kind: str) -> list[tuple[str, str]]:
+    """(phrase, canonical) pairs, longest phrase first so 'top left' wins over 'top'."""
+    pairs = [(w, canon) for canon, words in SYNONYMS[kind].items() for w in words]
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """Read the attributes a caption mentions (the inverse of :func:`caption`)."""
+    tokens = text.lower().replace(",", " ").replace(":", " ").split()
+    out: dict[str, str] = {}
+    colour_words = dict((w, c) for w, c in _lookup("colour"))
+    for i, tok in enumerate(tokens):
+        if tok in colour_words:
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+            key = "background" if nxt in BACKGROUND_WORDS else "colour"
+            out.setdefault(key, colour_words[tok])
+    joined = " " + " ".join(tokens) + " "
+    for kind in ("shape", "size", "position"):
+        for phrase, canon in _lookup(kind):
+            if f" {phrase} " in joined:
+                out[kind] = canon
+                joined = joined.replace(f" {phrase} ", " ", 1)
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    text: str
+    scene: Scene
+
+
+def make_sample(seed: int, index: int, split: str = "train") -> Sample:
+    """The ``index``-th sample of the world with ``seed``: a pure function of its inputs."""
+    rng = random.Random(_stable_hash(seed, split, index))
+    scene = sample_scene(rng, split)
+    return Sample(render(scene), caption(scene, rng, templates_for(split)), scene)
+
+
+def iter_samples(seed: int, count: int, split: str = "train", start: int = 0) -> Iterator[Sample]:
+    for i in range(start, start + count):
+        yield make_sample(seed, i, split)
+
+
+def images_array(samples: list[Sample]) -> np.ndarray:
+    """Stack sample images as uint8 [N, H, W, 3]."""
+    return np.stack([np.asarray(s.image, dtype=np.uint8) for s in samples])
+
+
+def export_imagefolder(out_dir: str | Path, seed: int, count: int, split: str = "train") -> Path:
+    """Write PNGs plus ``metadata.jsonl`` (Hugging Face imagefolder convention)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, s in enumerate(iter_samples(seed, count, split)):
+        name = f"{split}_{i:06d}.png"
+        s.image.save(out / name)
+        lines.append(json.dumps({"file_name": name, "text": s.text, **s.scene.attributes(),
+                                 "geometry": {k: v for k, v in asdict(s.scene).items()
+                                              if k in ("cx", "cy", "angle")}}))
+    tmp = out / "metadata.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "metadata.jsonl")
+    return out
+
+
+def vocabulary_words() -> list[str]:
+    """Every word a caption of the world can contain (for building the tokenizer)."""
+    words = set(BACKGROUND_WORDS)
+    for template in TRAIN_TEMPLATES + HELDOUT_TEMPLATES:
+        words.update(w for w in template.replace(",", " ").replace(":", " ").split() if "{" not in w)
+    for table in SYNONYMS.values():
+        for phrases in table.values():
+            for phrase in phrases:
+                words.update(phrase.split())
+    return sorted(words)

@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+
+from latentcm import world
+
+
+def test_world_is_deterministic_per_seed():
+    a = [world.make_sample(3, i) for i in range(20)]
+    b = [world.make_sample(3, i) for i in range(20)]
+    c = [world.make_sample(4, i) for i in range(20)]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) and x.text == y.text for x, y in zip(a, b))
+    assert any(x.text != z.text or x.scene != z.scene for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_every_caption_parses_back_to_its_attributes(split):
+    for s in world.iter_samples(0, 2000, split):
+        parsed = world.parse_caption(s.text)
+        assert {"shape", "colour"} <= parsed.keys(), s.text
+        assert all(s.scene.attributes()[k] == v for k, v in parsed.items()), (s.text, parsed)
+
+
+def test_captions_use_synonyms_and_omit_attributes():
+    texts = [s.text for s in world.iter_samples(0, 3000)]
+    assert any("grey" in t for t in texts) and any("gray" in t for t in texts)
+    assert any(t.count(" ") <= 2 for t in texts)  # "a red circle"
+    assert any("backdrop" in t for t in texts) and any("upper left" in t for t in texts)
+    assert world.parse_caption("red circle, big, upper left, grey backdrop") == {
+        "colour": "red", "background": "gray", "shape": "circle", "size": "large", "position": "top left"}
+
+
+def test_heldout_split_is_disjoint_from_training():
+    train = list(world.iter_samples(0, 3000, "train"))
+    held = list(world.iter_samples(0, 500, "heldout"))
+    triple = lambda s: (s.scene.shape, s.scene.colour, s.scene.background)  # noqa: E731
+    assert not {triple(s) for s in train} & {triple(s) for s in held}
+    train_shapes = {world.TRAIN_TEMPLATES.index(t) for t in world.TRAIN_TEMPLATES}
+    assert train_shapes and not set(world.TRAIN_TEMPLATES) & set(world.HELDOUT_TEMPLATES)
+    # every held-out caption comes from a held-out template: none starts like a training one
+    assert all(s.text.startswith(("an image of", "picture:")) or " with a " in s.text for s in held)
+    assert all(s.scene.colour != s.scene.background for s in train + held)
+
+
+def test_all_attribute_values_are_drawn():
+    scenes = [s.scene for s in world.iter_samples(1, 3000)]
+    for key, values in world.ATTRIBUTES.items():
+        assert {getattr(s, key) for s in scenes} == set(values), key
+
+
+def test_rendering_is_anti_aliased_and_uses_the_named_colours():
+    s = world.make_sample(0, 0)
+    arr = np.asarray(s.image).reshape(-1, 3)
+    assert s.image.size == (64, 64)
+    assert tuple(arr[0]) == world.COLOURS[s.scene.background]  # a corner pixel is background
+    bg, fg = np.array(world.COLOURS[s.scene.background]), np.array(world.COLOURS[s.scene.colour])
+    is_bg = (arr == bg).all(1)
+    is_fg = (arr == fg).all(1)
+    assert is_fg.sum() > 10 and (~is_bg & ~is_fg).sum() > 0  # blended edge pixels exist
+
+
+def test_export_imagefolder(tmp_path):
+    out = world.export_imagefolder(tmp_path / "ds", seed=0, count=5, split="heldout")
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 5
+    for row in rows:
+        assert (out / row["file_name"]).is_file()
+        assert {"text", "shape", "colour", "background", "size", "position"} <= row.keys()
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(ValueError, match="unknown split"):
+        world.make_sample(0, 0, "test")
