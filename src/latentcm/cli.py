@@ -134,6 +134,8 @@ def evaluate_teacher(model, judge_dir, sampler, steps, guidance, num_samples, ou
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "results.json").write_text(text + "\n")
         save_grid(images[:32], Path(out) / "heldout-grid.png")
+        prompts = [p for p, _ in judge_eval.heldout_prompts(min(32, num_samples))]
+        (Path(out) / "prompts.txt").write_text("\n".join(prompts) + "\n")
     click.echo(text)
 
 

@@ -1,6 +1,8 @@
 """Noise schedules of discrete-time (DDPM) latent diffusion; pure functions of their inputs."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -34,3 +36,151 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) 
     """x_t = alpha_t x0 + sigma_t eps, with alpha_bar_t of shape [B]."""
     a = alpha_bar_t.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+# ---------------------------------------------------------------------------------------------
+# LCM timestep grids (paper-spec §4.1 skipping step k, §8 inference timestep selection)
+# ---------------------------------------------------------------------------------------------
+
+def skipping_grid(num_train_timesteps: int = 1000, original_inference_steps: int = 50) -> torch.Tensor:
+    """The skipping-step training grid t_i = k*i - 1, i = 1..N, k = T // N (paper-spec §4.1, §12.2).
+
+    Args:
+        num_train_timesteps: T, length of the discrete DDPM schedule.
+        original_inference_steps: N, number of grid points (diffusers' ``num_ddim_timesteps``).
+
+    Returns:
+        Ascending long tensor [N]; [19, 39, ..., 999] for the defaults (k = 20).
+    """
+    if not 1 <= original_inference_steps <= num_train_timesteps:
+        raise ValueError(f"original_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], "
+                         f"got {original_inference_steps}")
+    k = num_train_timesteps // original_inference_steps
+    return torch.arange(1, original_inference_steps + 1, dtype=torch.long) * k - 1  # [N]
+
+
+def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, original_inference_steps: int = 50,
+                  strength: float = 1.0) -> torch.Tensor:
+    """Descending inference timesteps, selected from the skipping grid as diffusers' LCMScheduler does (§8).
+
+    The grid is truncated to its first int(N * strength) points (img2img), reversed, and indexed at
+    floor(linspace(0, len, n, endpoint=False)).
+
+    Args:
+        num_inference_steps: n, number of sampling steps (1 <= n <= grid length).
+        num_train_timesteps: T.
+        original_inference_steps: N, size of the skipping grid (k = T // N).
+        strength: fraction of the grid kept, in (0, 1]; 1.0 for text-to-image.
+
+    Returns:
+        Descending long tensor [n]; e.g. 4 steps -> [999, 759, 499, 259].
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    grid = skipping_grid(num_train_timesteps, original_inference_steps)[: int(original_inference_steps * strength)]
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if num_inference_steps > len(grid):
+        raise ValueError(f"num_inference_steps={num_inference_steps} exceeds the {len(grid)} points of the skipping "
+                         f"grid (original_inference_steps={original_inference_steps}, strength={strength}); "
+                         f"use at most {len(grid)} steps or raise original_inference_steps/strength")
+    grid = grid.flip(0)  # [L] descending
+    # float64 i * (L / n), as np.linspace computes it, so the floor matches diffusers bit for bit
+    idx = (torch.arange(num_inference_steps, dtype=torch.float64) * (len(grid) / num_inference_steps)).floor()
+    return grid[idx.long()]  # [n]
+
+
+def validate_timesteps(timesteps, num_train_timesteps: int = 1000,
+                       original_inference_steps: int | None = 50) -> torch.Tensor:
+    """Check an explicit inference schedule: non-empty, integer, strictly descending, inside [0, T).
+
+    Warns (does not fail) when a timestep is off the skipping grid the student was distilled on;
+    pass ``original_inference_steps=None`` to skip that check.
+
+    Returns:
+        The schedule as a descending long tensor [n].
+    """
+    t = torch.as_tensor(timesteps)
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise ValueError(f"timesteps must be integers, got {t.tolist()}")
+    t = t.long()
+    if (t[1:] >= t[:-1]).any():
+        raise ValueError(f"timesteps must be strictly descending, got {t.tolist()}")
+    if t[0] >= num_train_timesteps or t[-1] < 0:
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {t.tolist()}")
+    if original_inference_steps is not None:
+        grid = skipping_grid(num_train_timesteps, original_inference_steps)
+        off = t[~torch.isin(t, grid)].tolist()
+        if off:
+            warnings.warn(f"timesteps {off} are not on the distillation grid (k = "
+                          f"{num_train_timesteps // original_inference_steps}); results may degrade", stacklevel=2)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous-time VP schedule from the discrete table (paper-spec §4.3: midpoints are off-grid)
+# lambda_t = log(alpha_t / sigma_t) is interpolated linearly in t between integer timesteps;
+# alpha_t^2 = sigmoid(2 lambda_t), sigma_t^2 = sigmoid(-2 lambda_t), so alpha_t^2 + sigma_t^2 = 1.
+# ---------------------------------------------------------------------------------------------
+
+def table_or_default(alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+    """The given alpha_bar table [T] as float64, or Stable Diffusion's (scaled_linear 0.00085 -> 0.012)."""
+    return alphas_cumprod(betas_for()) if alpha_bar is None else alpha_bar.double()
+
+
+def lambdas(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Half log-SNR lambda = log(alpha / sigma) = (log alpha_bar - log(1 - alpha_bar)) / 2, elementwise, float64.
+
+    Of the whole table [T] it is decreasing in t. (Per-call code evaluates it only on gathered entries:
+    a vectorised log over [T] costs milliseconds when intra-op threads are contended.)
+    """
+    alpha_bar = alpha_bar.double()
+    return 0.5 * (alpha_bar.log() - torch.log1p(-alpha_bar))
+
+
+def _table_for(alpha_bar: torch.Tensor, t) -> torch.Tensor:
+    """alpha_bar as float64 on t's device when t is a tensor (device comes from the inputs)."""
+    return alpha_bar.to(t.device, torch.float64) if isinstance(t, torch.Tensor) else alpha_bar.double()
+
+
+def _time(t, device: torch.device) -> torch.Tensor:
+    """t (number or tensor, any shape) as a tensor on ``device``; floats become float64."""
+    t = torch.as_tensor(t, device=device)
+    return t.double() if t.is_floating_point() else t
+
+
+def lambda_at(alpha_bar: torch.Tensor, t) -> torch.Tensor:
+    """lambda(t) for integer or float t (any shape), piecewise linear in t between table entries."""
+    table = _table_for(alpha_bar, t)  # [T]
+    t = _time(t, table.device).double()
+    lo = t.floor().clamp(0, len(table) - 2)  # linear extrapolation outside [0, T-1]
+    frac = t - lo
+    lam_lo, lam_hi = lambdas(table[lo.long()]), lambdas(table[lo.long() + 1])
+    return lam_lo + frac * (lam_hi - lam_lo)  # shape of t
+
+
+def t_at_lambda(alpha_bar: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``lambda_at``: the float64 time t with lambda(t) = lam (any shape)."""
+    ab_up = _table_for(alpha_bar, lam).flip(0)  # [T] increasing; index j <-> t = T-1-j
+    lam = lam.to(ab_up)
+    j = torch.searchsorted(ab_up, torch.sigmoid(2 * lam).contiguous()).clamp(1, len(ab_up) - 1)
+    lam_lo, lam_hi = lambdas(ab_up[j - 1]), lambdas(ab_up[j])
+    frac = (lam - lam_lo) / (lam_hi - lam_lo)
+    return (len(ab_up) - 1) - (j - 1 + frac)  # shape of lam
+
+
+def alpha_sigma_from_lambda(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VP (alpha, sigma) with log(alpha/sigma) = lam: alpha = sqrt(sigmoid(2 lam)), sigma = sqrt(sigmoid(-2 lam))."""
+    return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
+
+
+def alpha_sigma_at(alpha_bar: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t), float64, shaped like t: table lookup for integer t, lambda interpolation for float t."""
+    alpha_bar = _table_for(alpha_bar, t)
+    t = _time(t, alpha_bar.device)
+    if t.is_floating_point():
+        return alpha_sigma_from_lambda(lambda_at(alpha_bar, t))
+    a = alpha_bar[t]
+    return a.sqrt(), (1 - a).sqrt()

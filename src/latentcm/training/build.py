@@ -42,7 +42,7 @@ DEFAULT_STAGES = {
     "vae": StageConfig(steps=2000, batch_size=32, lr=1e-3, data_count=20000),
     "clip": StageConfig(steps=1500, batch_size=128, lr=1e-3, data_count=20000),
     "judge": StageConfig(steps=1500, batch_size=64, lr=2e-3, data_count=20000),
-    "unet": StageConfig(steps=4500, batch_size=32, lr=1e-3, data_count=30000, warmup=200),
+    "unet": StageConfig(steps=7000, batch_size=32, lr=1e-3, data_count=30000, warmup=200),
 }
 MICRO_STAGES = {k: replace(v, steps=3, batch_size=4, data_count=16, warmup=1) for k, v in DEFAULT_STAGES.items()}
 
@@ -185,6 +185,16 @@ def export_teacher(out: Path, dest: Path | None = None) -> Path:
     return dest
 
 
+def _wall_minutes(rows: list[dict]) -> float:
+    """Training wall time from a metrics log; a resumed segment restarts or continues its clock."""
+    total, prev = 0.0, 0.0
+    for row in rows:
+        t = float(row["time_s"])
+        total += t - prev if t >= prev else t
+        prev = t
+    return total / 60
+
+
 def build_info(out: Path) -> dict:
     """Steps and wall time per stage, read from the metrics logs (for the model card)."""
     import csv
@@ -196,6 +206,7 @@ def build_info(out: Path) -> dict:
         if log.is_file():
             rows = list(csv.DictReader(open(log)))
             info["stages"][stage] = {"steps": int(rows[-1]["step"]), "last_loss": float(rows[-1]["loss"]),
+                                     "minutes": _wall_minutes(rows),
                                      "config": asdict(DEFAULT_STAGES[stage])}
     return info
 

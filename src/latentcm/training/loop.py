@@ -75,12 +75,13 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
             **metrics}
 
 
-def resume_step(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path) -> int:
-    """Load the newest checkpoint in ``ckpt_dir``; return the step to continue from."""
+def resume_state(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path) -> tuple[int, float]:
+    """Load the newest checkpoint in ``ckpt_dir``; return (step to continue from, seconds spent)."""
     found = list_checkpoints(ckpt_dir)
     if not found:
-        return 0
-    return int(load_checkpoint(found[-1], task.modules(), opt)["step"])
+        return 0, 0.0
+    meta = load_checkpoint(found[-1], task.modules(), opt)
+    return int(meta["step"]), float(meta.get("elapsed_s", 0.0))
 
 
 def _log_row(path: Path, row: dict) -> None:
@@ -99,15 +100,15 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False,
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     opt = make_optimizer(task, cfg)
-    step = resume_step(task, opt, ckpt_dir) if resume else 0
     if not resume and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --resume or use a new --out")
+    step, spent = resume_state(task, opt, ckpt_dir) if resume else (0, 0.0)
     start, t0 = step, time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, dynamic_ncols=True)
 
     def save(at: int) -> None:
         save_checkpoint(ckpt_dir / f"step-{at:07d}.safetensors", task.modules(), opt,
-                        {"step": at, **cfg.extra_meta})
+                        {"step": at, "elapsed_s": spent + time.time() - t0, **cfg.extra_meta})
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         if on_checkpoint:
             on_checkpoint(at)
@@ -117,7 +118,7 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False,
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        _log_row(out / "metrics.csv", {"step": step, "time_s": round(time.time() - t0, 2), **metrics})
+        _log_row(out / "metrics.csv", {"step": step, "time_s": round(spent + time.time() - t0, 2), **metrics})
         timed_out = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
             save(step)

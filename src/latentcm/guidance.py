@@ -1,0 +1,50 @@
+"""Guidance-scale conditioning of the LCM student (paper-spec §3, §6).
+
+Convention: the paper writes CFG as eps_w = (1 + w) eps_c - w eps_0, so w = 0 is unguided. The usual
+Stable Diffusion / Imagen guidance scale is g = 1 + w. The student is conditioned on the embedding of
+the paper's w; diffusers' LatentConsistencyModelPipeline converts its ``guidance_scale`` g to w = g - 1
+(the authors' original community pipeline embedded g directly). Paper "w = 8" is g = 9.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+GUIDANCE_EMBED_DIM = 256  # time_cond_proj_dim of LCM_Dreamshaper_v7 and the distillation scripts
+
+
+def omega_from_guidance(g):
+    """Paper guidance w from an SD/Imagen guidance scale g: w = g - 1 (paper-spec §3, §12.4)."""
+    return g - 1
+
+
+def guidance_from_omega(w):
+    """SD/Imagen guidance scale g from the paper's w: g = 1 + w."""
+    return w + 1
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of the paper's w (paper-spec §6; VDM ``get_timestep_embedding`` of 1000 w).
+
+    emb = [sin(1000 w f_j), cos(1000 w f_j)], f_j = exp(-j ln(10000) / (dim/2 - 1)), j < dim/2;
+    zero-padded to ``dim`` when dim is odd. Equals diffusers'
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``.
+
+    Args:
+        w: paper guidance values [B].
+        dim: embedding size (the UNet's ``time_cond_proj_dim``), >= 4.
+        dtype: output dtype (frequencies and products are computed in it).
+
+    Returns:
+        [B, dim] tensor on w's device.
+    """
+    if w.ndim != 1:
+        raise ValueError(f"w must be 1-D [B], got shape {tuple(w.shape)}")
+    half = dim // 2
+    log_step = torch.tensor(math.log(10000.0), dtype=torch.float32) / (half - 1)
+    freqs = torch.exp(-log_step * torch.arange(half, dtype=dtype)).to(w.device)  # [half]
+    angles = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]  # [B, half]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)  # [B, 2 half]
+    return torch.nn.functional.pad(emb, (0, dim - 2 * half))  # [B, dim]

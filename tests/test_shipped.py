@@ -1,0 +1,55 @@
+"""The shipped offline default: diffusers loads it with no code of ours, and it draws."""
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from latentcm import registry
+from latentcm.cli import main
+from latentcm.models.judge import Judge
+
+
+def test_shipped_models_are_listed():
+    found = registry.shipped_models()
+    assert {"teacher", "judge"} <= found.keys()
+
+
+def test_diffusers_pipeline_matches_lcm_generate_ddim(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from latentcm.sampling import initial_latents
+
+    prompt, seed = "a large yellow star on a blue background", 5
+    out = tmp_path / "ours.png"
+    main(["generate", prompt, "--sampler", "ddim", "--steps", "10", "--guidance", "7.5", "--seed", str(seed),
+          "--num-images", "1", "--out", str(out)])
+    pipe = StableDiffusionPipeline.from_pretrained(registry.shipped_models()["teacher"], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_latents([seed], (4, 16, 16))
+    ref = pipe(prompt, num_inference_steps=10, guidance_scale=7.5, latents=latents, output_type="np").images[0]
+    ours = np.asarray(Image.open(out)).astype(np.float32) / 255
+    assert np.abs(ours - ref).max() <= 1.5 / 255
+
+
+def test_shipped_teacher_follows_a_prompt():
+    """A cheap end-to-end check with the judge (the full evaluation is in the model card)."""
+    from latentcm.models.bundle import Bundle
+
+    bundle = Bundle.load(registry.shipped_models()["teacher"])
+    judge = Judge.load(registry.shipped_models()["judge"])
+    prompts = ["a red circle on a white background", "a blue square on a yellow background",
+               "a green triangle on a black background", "a white ring on a purple background"]
+    images = bundle.generate(prompts, [0, 1, 2, 3], "dpm-solver++", 20, 7.5)
+    got = judge.predict(images)
+    hits = sum(g["colour"] == w.split()[1] and g["background"] == w.split()[-2] for g, w in zip(got, prompts))
+    assert hits >= 3, got
+
+
+def test_teacher_card_numbers_come_from_the_committed_results():
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "reports" / "teacher" / "results.json").read_text())
+    card = (registry.WEIGHTS / "teacher" / "README.md").read_text()
+    for key in ("colour", "background", "shape"):
+        assert f"{100 * results['accuracy'][key]:.1f}%" in card
+    assert f"{results['vae_psnr_db']:.2f} dB" in card
