@@ -156,6 +156,71 @@ def world_export(out, split, count, seed):
     click.echo(str(world.export_imagefolder(out, seed, count, split)))
 
 
+def _command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("resume", "max_minutes")) -> str:
+    """The command with every option spelled out (for model cards); run-control options left out."""
+    import shlex
+
+    parts = ["lcm", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in leave_out or value is None or value is False:
+            continue
+        parts += [param.opts[0]] if value is True else [param.opts[0], shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+@cli.command()
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Shipped teacher name or diffusers SD folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
+@click.option("--solver", type=click.Choice(SAMPLER_CHOICES), default="ddim", help="ODE solver Psi of the target.")
+@click.option("--skip", type=click.IntRange(1, 1000), default=20, metavar="K", help="Skipping interval k (grid T // k).")
+@click.option("--omega-min", type=click.FloatRange(0, 50), default=2.0, help="Lowest paper guidance w (g = 1 + w).")
+@click.option("--omega-max", type=click.FloatRange(0, 50), default=14.0, help="Highest paper guidance w.")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.95,
+              help="EMA rate mu of the target network (the paper's: 0.999943).")
+@click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
+@click.option("--huber-c", type=click.FloatRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber.")
+@click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, help="Batch per process.")
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the training batches.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
+@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
+              help="Stop cleanly (with a checkpoint) after this long; continue later with --resume.")
+@click.option("--num-data", type=click.IntRange(1, 10**6), default=10000, help="Shapes-world images, encoded once.")
+@click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096), default=256, help="Size of the w embedding.")
+@click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
+@click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps.")
+def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
+            resume, max_minutes, num_data, time_cond_proj_dim, validate_every, checkpoint_every):
+    """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
+
+    OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
+    previews/). Runs on one process, or data-parallel under `accelerate launch` (--batch-size
+    is per process). Interrupted? Rerun the same command with --resume.
+
+    \b
+    Examples:
+      lcm distill --teacher teacher --out runs/lcm --max-steps 2000 --loss huber
+      ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
+          -m latentcm.cli distill --out runs/lcm2      # two CPU processes (gloo)
+    """
+    from dataclasses import asdict
+
+    from .training import lcd
+    from .training.loop import LoopConfig
+
+    _torch_threads()
+    cfg = lcd.LCDConfig(solver=solver, skip=skip, omega_min=omega_min, omega_max=omega_max, ema_decay=ema,
+                        loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
+                        time_cond_proj_dim=time_cond_proj_dim)
+    loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
+                          preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcd": asdict(cfg)})
+    done, folder = lcd.distill(registry.resolve(teacher), out, cfg, loop_cfg, num_data=num_data, resume=resume,
+                               command=_command_line(click.get_current_context()))
+    click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click errors and bad input become one line and exit code 2."""
     from .models.bundle import ModelError

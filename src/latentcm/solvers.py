@@ -98,7 +98,32 @@ def augmented_step(solver: Solver, x: torch.Tensor, s, t, fn_cond: X0EpsFn, fn_u
     """
     z_c = solver(x, s, t, fn_cond, alpha_bar=alpha_bar)  # [B, ...]
     z_0 = solver(x, s, t, fn_uncond, alpha_bar=alpha_bar)
-    return z_c + append_dims(omega, x) * (z_c - z_0)
+    return guide(z_c, z_0, omega)
+
+
+def guide(z_c: torch.Tensor, z_0: torch.Tensor, omega) -> torch.Tensor:
+    """The paper's CFG combination (1 + w) z_c - w z_0 = z_c + w (z_c - z_0)  (paper-spec §3; w number or [B])."""
+    return z_c + append_dims(omega, z_c) * (z_c - z_0)
+
+
+def _twice(s, batch: int):
+    """A per-sample time [B] repeated for a [cond; uncond] batch [2B]; numbers and 0-d tensors pass through."""
+    return torch.cat([s, s]) if isinstance(s, torch.Tensor) and s.ndim == 1 and len(s) == batch else s
+
+
+def augmented_step_batched(solver: Solver, x: torch.Tensor, s, t, fn_pair: X0EpsFn, omega, *,
+                           alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+    """``augmented_step`` with both branches in ONE solver run over a doubled batch (LCM Alg. 1 line 5).
+
+    ``fn_pair(x2, t2)`` evaluates the teacher on x2 = [x; x] [2B, ...] with the prompt on the first B rows
+    and the empty prompt on the last B, so each solver stage costs one batched forward (DDIM: one call;
+    the second-order solvers: two). Every solver here acts on each sample independently, so the result
+    equals ``augmented_step(solver, x, s, t, fn_cond, fn_uncond, omega)`` with the matching halves.
+    """
+    b = x.shape[0]
+    z_pair = solver(torch.cat([x, x]), _twice(s, b), _twice(t, b), fn_pair, alpha_bar=alpha_bar)  # [2B, ...]
+    z_c, z_0 = z_pair.chunk(2)
+    return guide(z_c, z_0, omega)
 
 
 SOLVERS: dict[str, Solver] = {

@@ -3,6 +3,10 @@
 ``train_step`` holds the update; ``fit`` holds the I/O: cadence, progress bar, metrics
 CSV, preview grids, atomic checkpoints and resume. Batches are a pure function of
 ``(seed, step)``, so a resumed run sees exactly the batches an uninterrupted run would.
+
+Both run through ``accelerate.Accelerator``: a single process by default, and unchanged under
+``accelerate launch`` with several processes (data parallel: process r of W draws batch index
+``step * W + r``; gradients are averaged; only the main process writes files).
 """
 from __future__ import annotations
 
@@ -20,11 +24,17 @@ from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, sa
 
 
 class Task(Protocol):
-    """What a stage supplies to the loop."""
+    """What a stage supplies to the loop.
+
+    Optional: ``prepare(accelerator)`` -- move the task's modules and cached tensors to
+    ``accelerator.device`` and route the trainable forward through ``accelerator.prepare`` (DDP with
+    several processes), keeping ``modules()`` the unwrapped ones. A task without it stays where it is,
+    and with several processes the loop averages its gradients itself.
+    """
 
     def modules(self) -> dict[str, torch.nn.Module]: ...          # everything checkpointed
     def parameters(self) -> list[torch.nn.Parameter]: ...         # what the optimizer trains
-    def batch(self, step: int) -> dict: ...                        # deterministic in step
+    def batch(self, step: int) -> dict: ...                        # deterministic in its index
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]: ...
     def after_update(self, step: int) -> None: ...                 # e.g. EMA
     def preview(self, step: int, out_dir: Path) -> None: ...       # sample grid
@@ -61,18 +71,45 @@ def make_optimizer(task: Task, cfg: LoopConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(task.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: int) -> dict:
+def make_accelerator():
+    """The default accelerator: one process on the best local device, or what ``accelerate launch`` set up."""
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def prepare(task: Task, cfg: LoopConfig, accelerator) -> torch.optim.Optimizer:
+    """Let the task place (and wrap) its modules, then build and prepare the optimizer."""
+    own = hasattr(task, "prepare")
+    if own:
+        task.prepare(accelerator)
+    opt = make_optimizer(task, cfg)
+    # A task that placed nothing keeps its optimizer state where its parameters are.
+    return accelerator.prepare(opt) if own else accelerator.prepare(opt, device_placement=[False])
+
+
+def _average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Data-parallel gradient mean for tasks whose modules are not DDP-wrapped."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, "mean")
+
+
+def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: int, accelerator=None) -> dict:
     """One optimizer update at ``step``; returns the step's metrics. No I/O."""
+    acc = accelerator if accelerator is not None else make_accelerator()
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
-    loss, metrics = task.loss(task.batch(step), step)
+    loss, metrics = task.loss(task.batch(step * acc.num_processes + acc.process_index), step)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
+    acc.backward(loss)
+    if acc.num_processes > 1 and not hasattr(task, "prepare"):
+        _average_gradients(task.parameters(), acc)
+    grad_norm = acc.clip_grad_norm_(task.parameters(), cfg.grad_clip)
     opt.step()
     task.after_update(step)
-    return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-            **metrics}
+    loss = loss.detach() if acc.num_processes == 1 else acc.reduce(loss.detach(), "mean")
+    return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics}
 
 
 def resume_state(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path) -> tuple[int, float]:
@@ -93,36 +130,59 @@ def _log_row(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False,
-        desc: str = "train", on_checkpoint: Callable[[int], None] | None = None) -> int:
-    """Train ``task`` to ``cfg.max_steps`` (or the time limit); returns the last step done."""
-    out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
-    opt = make_optimizer(task, cfg)
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any one (so all processes stop together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+def _save(task: Task, opt, accelerator, ckpt_dir: Path, keep: int, meta: dict) -> None:
+    """Checkpoint the unwrapped modules + optimizer, on the main process only."""
+    if accelerator.is_main_process:
+        modules = {k: accelerator.unwrap_model(m) for k, m in task.modules().items()}
+        save_checkpoint(ckpt_dir / f"step-{meta['step']:07d}.safetensors", modules, opt, meta)
+        prune_checkpoints(ckpt_dir, keep)
+    accelerator.wait_for_everyone()
+
+
+def check_fresh(out_dir: str | Path, resume: bool) -> None:
+    """Refuse to start over a run that already has checkpoints unless resuming."""
+    ckpt_dir = Path(out_dir) / "checkpoints"
     if not resume and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --resume or use a new --out")
+
+
+def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, desc: str = "train",
+        on_checkpoint: Callable[[int], None] | None = None, accelerator=None) -> int:
+    """Train ``task`` to ``cfg.max_steps`` (or the time limit); returns the last step done."""
+    acc = accelerator if accelerator is not None else make_accelerator()
+    out, main = Path(out_dir), acc.is_main_process
+    ckpt_dir = out / "checkpoints"
+    check_fresh(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    opt = prepare(task, cfg, acc)
     step, spent = resume_state(task, opt, ckpt_dir) if resume else (0, 0.0)
     start, t0 = step, time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, dynamic_ncols=True, disable=not main)
 
     def save(at: int) -> None:
-        save_checkpoint(ckpt_dir / f"step-{at:07d}.safetensors", task.modules(), opt,
-                        {"step": at, "elapsed_s": spent + time.time() - t0, **cfg.extra_meta})
-        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-        if on_checkpoint:
+        _save(task, opt, acc, ckpt_dir, cfg.keep_checkpoints,
+              {"step": at, "elapsed_s": spent + time.time() - t0, **cfg.extra_meta})
+        if on_checkpoint and main:
             on_checkpoint(at)
 
     while step < cfg.max_steps:
-        metrics = train_step(task, opt, cfg, step)
+        metrics = train_step(task, opt, cfg, step, acc)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        _log_row(out / "metrics.csv", {"step": step, "time_s": round(spent + time.time() - t0, 2), **metrics})
-        timed_out = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+        if main:
+            _log_row(out / "metrics.csv", {"step": step, "time_s": round(spent + time.time() - t0, 2), **metrics})
+        timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
             save(step)
-        if cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
+        if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
             task.preview(step, out / "previews")
         if timed_out:
             break

@@ -1,0 +1,131 @@
+"""Export a distilled LCM as a complete diffusers ``LatentConsistencyModelPipeline`` folder with a model card."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..models.denoiser import check_schedule
+from ..parameterization import TIMESTEP_SCALING
+
+# Teacher schedule keys the LCMScheduler shares (the betas and what the network predicts).
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+LCM_CARD = """---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [latent-consistency-model, lcm, latentcm, text-to-image]
+---
+
+# Latent Consistency Model distilled from `{teacher}`
+
+Latent Consistency Distillation (Luo et al. 2023, arXiv 2310.04378, Algorithm 1) of the teacher
+`{teacher}`, made with latentcm. The UNet takes the guidance w as a `timestep_cond` embedding
+(`time_cond_proj_dim` {dim}), so sampling needs one UNet pass per step and no negative prompt.
+
+## Command that made it
+
+```bash
+{command}
+```
+
+## Distillation settings
+
+| setting | value |
+|---|---|
+| ODE solver | {solver} |
+| skipping interval k / training grid | {skip} / `LCMScheduler` `original_inference_steps` {n_grid} (t = {grid_first}, ..., {grid_last}) |
+| guidance w ~ U[w_min, w_max] (paper convention; g = 1 + w) | [{omega_min}, {omega_max}] |
+| target EMA rate mu | {ema_decay} |
+| distance | {loss} |
+| steps x batch | {steps} x {batch} ({processes} process(es)) |
+| learning rate | {lr} |
+| seed | {seed} |
+
+## Use
+
+```python
+from diffusers import LatentConsistencyModelPipeline
+
+pipe = LatentConsistencyModelPipeline.from_pretrained("<this folder>")
+image = pipe("a large red circle on a blue background", num_inference_steps=4, guidance_scale=8.5).images[0]
+```
+
+`guidance_scale` g is the usual scale; the student was conditioned on the paper's w = g - 1.
+"""
+
+
+def lcm_scheduler_config(teacher_scheduler_config: dict, skip: int) -> dict:
+    """LCMScheduler config: the teacher's betas and prediction type, the training grid (N = T // k), s = 10."""
+    check_schedule(teacher_scheduler_config)
+    base = {k: teacher_scheduler_config[k] for k in SCHEDULE_KEYS if k in teacher_scheduler_config}
+    num_train = base.get("num_train_timesteps", 1000)
+    return {**base, "original_inference_steps": num_train // skip, "timestep_scaling": TIMESTEP_SCALING,
+            "clip_sample": False}
+
+
+def write_lcm_card(folder: Path, card_info: dict) -> Path:
+    """README.md with YAML front matter (library_name: diffusers) and the command that made the model."""
+    lcd, loop = card_info.get("lcd", {}), card_info.get("loop", {})
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    n, k = sched["original_inference_steps"], sched["num_train_timesteps"] // sched["original_inference_steps"]
+    text = LCM_CARD.format(
+        teacher=card_info.get("teacher", "?"), dim=unet["time_cond_proj_dim"], command=card_info.get("command") or "# made through the Python API: latentcm.training.lcd.distill",
+        solver=lcd.get("solver", "?"), skip=k, n_grid=n, grid_first=k - 1, grid_last=n * k - 1,
+        omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
+        loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
+        steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
+        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"))
+    path = folder / "README.md"
+    path.write_text(text)
+    return path
+
+
+def _move_into(src: Path, dest: Path) -> None:
+    """Move the written parts into ``dest``, replacing old ones; model_index.json last (it marks completion)."""
+    (dest / "model_index.json").unlink(missing_ok=True)
+    for item in sorted(src.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = dest / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    src.rmdir()
+
+
+def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path, card_info: dict, *,
+               skip: int = 20) -> Path:
+    """Write a complete diffusers LatentConsistencyModelPipeline folder into ``dest``.
+
+    Args:
+        student: the distilled UNet (with ``time_cond_proj_dim``).
+        bundle_or_teacher_dir: a ``Bundle`` or a teacher diffusers folder (for vae, text encoder, tokenizer, betas).
+        dest: output folder (other files in it, such as checkpoints, are left alone).
+        card_info: what the model card reports: command, teacher, steps, lcd (LCDConfig dict), loop (LoopConfig dict).
+        skip: the skipping interval k of the training grid (original_inference_steps = T // k).
+
+    Returns:
+        ``dest``.
+    """
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    from ..models.bundle import Bundle
+
+    bundle = bundle_or_teacher_dir if isinstance(bundle_or_teacher_dir, Bundle) else Bundle.load(bundle_or_teacher_dir)
+    if student.config.get("time_cond_proj_dim") is None:
+        raise ValueError("the student UNet has no time_cond_proj_dim; export the distilled student, not the teacher")
+    pipe = LatentConsistencyModelPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=student,
+        scheduler=LCMScheduler(**lcm_scheduler_config(bundle.scheduler_config, skip)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    dest = Path(dest)
+    tmp = dest / ".export.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    write_lcm_card(tmp, card_info)
+    _move_into(tmp, dest)
+    return dest

@@ -1,0 +1,261 @@
+"""Latent Consistency Distillation on micro models: student, task, solver target, loop, export, CLI."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentcm import world
+from latentcm.cli import main
+from latentcm.guidance import guidance_scale_embedding
+from latentcm.models.bundle import Bundle
+from latentcm.models.denoiser import COND_PROJ_KEY, make_student, sample_student
+from latentcm.solvers import SOLVERS, augmented_step
+from latentcm.training.checkpoint import list_checkpoints
+from latentcm.training.lcd import LCDConfig, LCDTask, distance, encode_pairs, training_grid
+from latentcm.training.loop import LoopConfig, fit
+
+
+@pytest.fixture(scope="module")
+def bundle(micro_teacher):
+    return Bundle.load(micro_teacher)
+
+
+@pytest.fixture(scope="module")
+def data(bundle):
+    pairs = [(s.image, s.text) for s in world.iter_samples(0, 6)]
+    return encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs)
+
+
+def _task(bundle, data, **kw):
+    return LCDTask(bundle.unet, bundle.scheduler_config, data, LCDConfig(**{"batch_size": 2, **kw}))
+
+
+def _count_calls(module):
+    """Batch sizes of every forward of ``module`` (and the hook's handle)."""
+    calls = []
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape[0]),
+                                              with_kwargs=True)
+    return calls, handle
+
+
+def test_zero_init_student_reproduces_the_teacher(bundle):
+    teacher = bundle.unet
+    student = make_student(teacher, time_cond_proj_dim=256)
+    assert student.config.time_cond_proj_dim == 256
+    assert torch.count_nonzero(student.time_embedding.cond_proj.weight) == 0
+    t_sd = teacher.state_dict()
+    assert all(torch.equal(v, t_sd[k]) for k, v in student.state_dict().items() if k != COND_PROJ_KEY)
+    g = torch.Generator().manual_seed(0)
+    z, text = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 32, 32, generator=g)
+    t = torch.tensor([19, 499, 999])
+    w_emb = guidance_scale_embedding(torch.tensor([2.0, 7.5, 14.0]))
+    with torch.no_grad():
+        assert torch.equal(student(z, t, text, timestep_cond=w_emb).sample, teacher(z, t, text).sample)
+    with pytest.raises(ValueError, match="already has time_cond_proj_dim"):
+        make_student(student)
+
+
+def test_batches_are_deterministic_per_step(bundle, data):
+    a, b = _task(bundle, data, seed=3), _task(bundle, data, seed=3)
+    b3, b3_again, b4 = a.batch(3), b.batch(3), a.batch(4)
+    assert b3.keys() == {"z0", "text", "noise", "t_start", "t_end", "omega"}
+    assert all(torch.equal(b3[k], b3_again[k]) for k in b3)
+    assert not torch.equal(b3["noise"], b4["noise"])
+    grid = training_grid(1000, 20)
+    assert torch.isin(b3["t_start"], grid).all()
+    assert torch.equal(b3["t_end"], (b3["t_start"] - 20).clamp(min=0))
+    assert ((b3["omega"] >= 2) & (b3["omega"] <= 14)).all()
+
+
+def test_training_grid_and_bad_skip():
+    assert training_grid(1000, 20).tolist()[:3] == [19, 39, 59] and len(training_grid(1000, 20)) == 50
+    assert training_grid(1000, 30)[-1] == 989
+    with pytest.raises(ValueError, match="nearest valid"):
+        training_grid(1000, 70)
+
+
+@pytest.mark.parametrize("solver, calls", [("ddim", 1), ("dpm-solver", 2), ("dpm-solver++", 2)])
+def test_teacher_cond_and_uncond_run_as_one_batched_forward(bundle, data, solver, calls):
+    task = _task(bundle, data, solver=solver)
+    seen, handle = _count_calls(task.teacher.unet)
+    try:
+        task.loss(task.batch(0), 0)
+    finally:
+        handle.remove()
+    assert seen == [4] * calls  # B = 2: [cond; uncond] in one forward per solver stage
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_batched_augmented_step_equals_two_branch_form(bundle, data, solver):
+    task = _task(bundle, data, solver=solver)
+    b = task.batch(1)
+    z = torch.randn_like(b["z0"])
+    uncond = data.uncond_states.expand_as(b["text"])
+    with torch.no_grad():
+        ours = task.solver_target(z, b["t_start"], b["t_end"], b["text"], b["omega"])
+        ref = augmented_step(SOLVERS[solver], z, b["t_start"], b["t_end"], lambda x, t: task.teacher(x, t, b["text"]),
+                             lambda x, t: task.teacher(x, t, uncond), b["omega"], alpha_bar=task.alpha_bar)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_target_equals_the_diffusers_script_form(bundle, data):
+    """CFG on x0 and eps, then one DDIM step to t_n (diffusers' train_lcm_distill_sd_wds.py)."""
+    from diffusers import DDIMScheduler
+
+    task = _task(bundle, data, solver="ddim", batch_size=4)
+    b = task.batch(5)
+    ab = DDIMScheduler.from_config(bundle.scheduler_config).alphas_cumprod.double()  # [T]
+    a_s = ab[b["t_start"]].view(-1, 1, 1, 1)
+    z_s = (a_s.sqrt() * b["z0"] + (1 - a_s).sqrt() * b["noise"]).float()
+    w = b["omega"].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        ours = task.solver_target(z_s, b["t_start"], b["t_end"], b["text"], b["omega"])
+        eps_c = bundle.unet(z_s, b["t_start"], b["text"]).sample
+        eps_u = bundle.unet(z_s, b["t_start"], data.uncond_states.expand_as(b["text"])).sample
+    x0_c, x0_u = [(z_s - (1 - a_s).sqrt() * e) / a_s.sqrt() for e in (eps_c, eps_u)]
+    x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+    a_prev = torch.stack([ab[t - 20] if t >= 20 else ab[0] for t in b["t_start"].tolist()]).view(-1, 1, 1, 1)
+    ref = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_loss_is_finite_and_gradients_reach_only_the_student(bundle, data):
+    for kind in ("l2", "huber"):
+        task = _task(bundle, data, loss=kind)
+        loss, _ = task.loss(task.batch(0), 0)
+        assert torch.isfinite(loss) and loss > 0
+        loss.backward()
+        assert all(p.grad is not None for p in task.student_unet.parameters())
+        assert task.student_unet.time_embedding.cond_proj.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in task.teacher.parameters())
+        assert all(p.grad is None for p in task.target_unet.parameters())
+    x, y = torch.zeros(3), torch.tensor([0.0, 1.0, -2.0])
+    assert distance(x, y, "l2") == pytest.approx(5 / 3)
+    assert distance(x, y, "huber", 0.001) == pytest.approx(((1 + 1e-6) ** 0.5 + (4 + 1e-6) ** 0.5 - 0.002) / 3)
+
+
+def test_ema_target_moves_toward_the_student(bundle, data):
+    task = _task(bundle, data, ema_decay=0.9)
+    before = [p.detach().clone() for p in task.target_unet.parameters()]
+    with torch.no_grad():
+        for p in task.student_unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+    def gap():
+        return sum(float((t - s).detach().pow(2).sum()) for t, s in zip(task.target_unet.parameters(),
+                                                                task.student_unet.parameters()))
+    gap_before = gap()
+    task.after_update(0)
+    assert gap() == pytest.approx(0.81 * gap_before, rel=1e-4)  # (mu)^2 of the squared gap
+    for t, old, s in zip(task.target_unet.parameters(), before, task.student_unet.parameters()):
+        torch.testing.assert_close(t, 0.9 * old + 0.1 * s)
+
+
+def test_distill_cli_writes_a_folder_diffusers_loads_and_samples_like_ours(micro_teacher, tmp_path, capsys):
+    from diffusers import LatentConsistencyModelPipeline
+
+    out = tmp_path / "lcm"
+    main(["distill", "--teacher", str(micro_teacher), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+          "--num-data", "4", "--validate-every", "0", "--lr", "1e-3", "--loss", "huber"])
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "LatentConsistencyModelPipeline" and index["scheduler"][1] == "LCMScheduler"
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["original_inference_steps"] == 50 and sched["timestep_scaling"] == 10.0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers") and "lcm distill --teacher" in card and "--loss huber" in card
+    pipe = LatentConsistencyModelPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.time_cond_proj_dim == 256 and pipe.safety_checker is None
+    prompt = "a red circle on a blue background"
+    states = pipe.encode_prompt(prompt, "cpu", 1, False)[0]  # [1, L, D]
+    for steps in (1, 4):
+        g = torch.Generator().manual_seed(5)
+        latents = torch.randn((1, 4, 16, 16), generator=g)  # draw 0; the pipeline's step noises are draws 1, 2, ...
+        ref = pipe(prompt, num_inference_steps=steps, guidance_scale=8.5, latents=latents, generator=g,
+                   output_type="latent").images
+        ours = sample_student(pipe.unet, dict(pipe.scheduler.config), states, [5], (4, 16, 16), steps=steps,
+                              omega=7.5, original_inference_steps=50)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--omega-min", "5", "--omega-max", "2"], "omega_min <= omega_max"),
+    (["--skip", "70"], "nearest valid"),
+    (["--solver", "euler"], "--solver"),
+])
+def test_distill_bad_input_is_one_line_and_exit_2(micro_teacher, tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--teacher", str(micro_teacher), "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("lcm: error:") and err.count("\n") == 1 and needle in err
+
+
+def test_two_step_resume_equals_an_uninterrupted_run(bundle, data, tmp_path):
+    cfg = LoopConfig(max_steps=2, lr=1e-3, warmup=0, schedule="constant", checkpoint_every=1)
+    full = _task(bundle, data, ema_decay=0.5)
+    assert fit(full, cfg, tmp_path / "a") == 2
+    assert fit(_task(bundle, data, ema_decay=0.5), LoopConfig(**{**cfg.__dict__, "max_minutes": 1e-9}),
+               tmp_path / "b") == 1
+    resumed = _task(bundle, data, ema_decay=0.5)
+    assert fit(resumed, cfg, tmp_path / "b", resume=True) == 2
+    for name in ("student_unet", "target_unet"):
+        a, b = getattr(full, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    last_a = load_file(str(list_checkpoints(tmp_path / "a" / "checkpoints")[-1]))
+    last_b = load_file(str(list_checkpoints(tmp_path / "b" / "checkpoints")[-1]))
+    assert last_a.keys() == last_b.keys() and any(k.startswith("optim.") for k in last_a)
+    assert any(k.startswith("module.target.") for k in last_a)
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+    assert not torch.equal(full.student_unet.time_embedding.cond_proj.weight,
+                           torch.zeros_like(full.student_unet.time_embedding.cond_proj.weight))
+
+
+MULTIPROCESS_SCRIPT = '''
+import hashlib, json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from latentcm.models.bundle import Bundle
+from latentcm.training.lcd import LCDConfig, LCDTask, world_data
+from latentcm.training.loop import LoopConfig, fit, make_accelerator
+acc = make_accelerator()
+bundle = Bundle.load(sys.argv[1])
+task = LCDTask(bundle.unet, bundle.scheduler_config, world_data(bundle, 8), LCDConfig(batch_size=2))
+out = Path(sys.argv[2])
+done = fit(task, LoopConfig(max_steps=3, lr=1e-4, warmup=0, checkpoint_every=2), out, accelerator=acc)
+def digest(m):
+    h = hashlib.sha256()
+    for k, v in sorted(m.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+(out / f"rank-{acc.process_index}.json").write_text(json.dumps({"world": acc.num_processes, "done": done,
+    "student": digest(task.student_unet), "target": digest(task.target_unet)}))
+'''
+
+
+def test_two_process_accelerate_run_keeps_identical_weights(micro_teacher, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): data parallel, identical student and target afterwards."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "run.py", tmp_path / "run"
+    script.write_text(MULTIPROCESS_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(script), str(micro_teacher), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["done"] == 3 for r in ranks)
+    assert ranks[0]["student"] == ranks[1]["student"] and ranks[0]["target"] == ranks[1]["target"]
+    assert (out / "metrics.csv").read_text().count("\n") == 4  # written by the main process only
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002.safetensors",
+                                                                        "step-0000003.safetensors"]
