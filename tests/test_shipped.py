@@ -22,8 +22,8 @@ def test_diffusers_pipeline_matches_lcm_generate_ddim(tmp_path, capsys):
 
     prompt, seed = "a large yellow star on a blue background", 5
     out = tmp_path / "ours.png"
-    main(["generate", prompt, "--sampler", "ddim", "--steps", "10", "--guidance", "7.5", "--seed", str(seed),
-          "--num-images", "1", "--out", str(out)])
+    main(["generate", prompt, "--model", "teacher", "--sampler", "ddim", "--steps", "10", "--guidance", "7.5",
+          "--seed", str(seed), "--num-images", "1", "--out", str(out)])
     pipe = StableDiffusionPipeline.from_pretrained(registry.shipped_models()["teacher"], local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     latents = initial_latents([seed], (4, 16, 16))

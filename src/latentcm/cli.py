@@ -14,10 +14,16 @@ from . import offline  # noqa: F401
 from . import registry
 
 SAMPLER_CHOICES = ("ddim", "dpm-solver", "dpm-solver++")
+GENERATE_SAMPLERS = (*SAMPLER_CHOICES, "lcm")
 
 
 class UserError(click.ClickException):
     exit_code = 2
+
+
+def default_model() -> str:
+    """The shipped LCM when this installation has one, else the shipped teacher."""
+    return "lcm" if "lcm" in registry.shipped_models() else "teacher"
 
 
 def _torch_threads() -> None:
@@ -34,10 +40,15 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--model", default="teacher", metavar="NAME|DIR", help="Shipped model name or diffusers folder.")
-@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default="ddim")
-@click.option("--steps", type=click.IntRange(1, 1000), default=50, help="Denoising steps.")
-@click.option("--guidance", type=click.FloatRange(0, 50), default=7.5, help="CFG scale g (1 = no guidance).")
+@click.option("--model", default=default_model, show_default="lcm if shipped, else teacher", metavar="NAME|DIR",
+              help="Shipped model name or diffusers folder (teacher or LCM).")
+@click.option("--sampler", type=click.Choice(GENERATE_SAMPLERS), default=None,
+              show_default="lcm for an LCM, ddim for a teacher", help="lcm for an LCM folder, else a teacher sampler.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, show_default="4 for an LCM, 50 for a teacher",
+              help="Sampling steps (LCM: 1-8 usual, at most its original_inference_steps).")
+@click.option("--guidance", type=click.FloatRange(0, 50), default=None,
+              show_default="8.5 for an LCM, 7.5 for a teacher",
+              help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1.")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the first image.")
 @click.option("--num-images", type=click.IntRange(1, 256), default=8, help="Images in the grid.")
 @click.option("--height", type=click.IntRange(8, 1024), default=None, help="Image height (default: model's).")
@@ -46,11 +57,13 @@ def cli() -> None:
 def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out):
     """Generate an image grid from a text prompt.
 
-    Image i uses seed SEED+i, so an image does not depend on --num-images.
+    Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
+    folder samples with --sampler lcm (one UNet pass per step), a teacher with CFG.
 
     \b
-    Example:
-      lcm generate "a large red circle on a blue background" --steps 50 --out red.png
+    Examples:
+      lcm generate "a large red circle on a blue background" --out red.png
+      lcm generate "a large red circle on a blue background" --model teacher --steps 50 --out red50.png
     """
     from .models.bundle import Bundle
     from .training.teacher import save_grid
@@ -62,6 +75,46 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
                              guidance, height, width)
     path = save_grid(images, Path(out), cols=min(8, num_images))
     click.echo(str(path))
+
+
+def _load_pair(lcm_model: str, teacher: str) -> tuple[dict, dict]:
+    """({"lcm": folder, "teacher": folder}, the loaded Bundles); UserError when the kinds are swapped."""
+    from .models.bundle import Bundle
+
+    dirs = {"lcm": registry.resolve(lcm_model), "teacher": registry.resolve(teacher)}
+    bundles = {name: Bundle.load(folder) for name, folder in dirs.items()}
+    for name, bundle in bundles.items():
+        if bundle.is_lcm != (name == "lcm"):
+            kind = "an LCM" if bundle.is_lcm else "a diffusion teacher"
+            raise UserError(f"--{name} {dirs[name]} is {kind}; swap --lcm and --teacher?")
+    return dirs, bundles
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--lcm", "lcm_model", default="lcm", metavar="NAME|DIR", help="Shipped LCM name or LCM folder.")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Shipped teacher name or teacher folder.")
+@click.option("--num-images", type=click.IntRange(1, 64), default=4, help="Images per row (seeds SEED..SEED+K-1).")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the first image.")
+@click.option("--out", type=click.Path(dir_okay=False), default="samples/compare.png", help="Output PNG.")
+def compare(prompt, lcm_model, teacher, num_images, seed, out):
+    """One PNG with labelled rows: LCM 1, 2, 4 steps and the teacher's DDIM 25 steps (CFG), same seeds.
+
+    Prints the PNG's path, then one line per row with its measured seconds per image.
+
+    \b
+    Example:
+      lcm compare "a small green triangle on a white background" --out compare.png
+    """
+    from .evaluation.compare import compare as compare_rows
+
+    if not prompt.strip():
+        raise UserError("the prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
+    _, bundles = _load_pair(lcm_model, teacher)
+    path, timings = compare_rows(bundles, prompt, out, num_images, seed)
+    click.echo(str(path))
+    for row, sec in timings:
+        click.echo(f"{row.label.replace(chr(10), ' ')}: {sec:.3f} s/image")
 
 
 @cli.command()
@@ -137,6 +190,39 @@ def evaluate_teacher(model, judge_dir, sampler, steps, guidance, num_samples, ou
         prompts = [p for p, _ in judge_eval.heldout_prompts(min(32, num_samples))]
         (Path(out) / "prompts.txt").write_text("\n".join(prompts) + "\n")
     click.echo(text)
+
+
+@cli.command("evaluate-lcm")
+@click.option("--lcm", "lcm_model", default="lcm", metavar="NAME|DIR", help="Shipped LCM name or LCM folder.")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Shipped teacher name or teacher folder.")
+@click.option("--judge", "judge_dir", default="judge", metavar="NAME|DIR", help="Judge folder.")
+@click.option("--num-samples", type=click.IntRange(1, 100000), default=256, help="Held-out prompts per row.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, help="Images per sampling batch.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the first image of each row.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/evaluate-lcm",
+              help="Writes results.json and results.md here.")
+def evaluate_lcm(lcm_model, teacher, judge_dir, num_samples, batch_size, seed, out):
+    """Judge the LCM at 1/2/4/8 steps (g 8.5) against the teacher's DDIM and DPM-Solver++ at 1/2/4 steps
+    and DDIM at 50 steps (g 7.5), on the same held-out prompts and seeds.
+
+    \b
+    Example:
+      lcm evaluate-lcm --num-samples 256 --out runs/evaluate-lcm
+    """
+    from .evaluation import judge_eval
+    from .models.judge import Judge
+
+    dirs, bundles = _load_pair(lcm_model, teacher)
+    judge = Judge.load(registry.resolve(judge_dir))
+    rows = judge_eval.evaluate_lcm_table(bundles, judge, num_samples, batch_size=batch_size, seed=seed)
+    result = {"lcm": str(dirs["lcm"]), "teacher": str(dirs["teacher"]), "judge": str(registry.resolve(judge_dir)),
+              "num_samples": num_samples, "seed": seed, "rows": rows}
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = judge_eval.markdown_table(rows)
+    (folder / "results.md").write_text(table)
+    click.echo(table + str(folder / "results.json"))
 
 
 @cli.group("world")

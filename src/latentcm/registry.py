@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
-SHIPPED = {"teacher": WEIGHTS / "teacher", "judge": WEIGHTS / "judge"}
+SHIPPED = {"teacher": WEIGHTS / "teacher", "judge": WEIGHTS / "judge", "lcm": WEIGHTS / "lcm"}
 
 
 def shipped_models() -> dict[str, str]:

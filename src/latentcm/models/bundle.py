@@ -1,4 +1,9 @@
-"""Load a diffusers-format Stable Diffusion folder (local only) and sample from it."""
+"""Load a diffusers-format Stable Diffusion or LCM folder (local only) and sample from it.
+
+A folder is an LCM when its scheduler is an ``LCMScheduler`` and its UNet takes the guidance embedding
+(``time_cond_proj_dim``); it is sampled with ``sampler="lcm"`` (one UNet pass per step, no CFG). A
+diffusion teacher is sampled with DDIM / DPM-Solver / DPM-Solver++ and classifier-free guidance.
+"""
 from __future__ import annotations
 
 import json
@@ -8,9 +13,14 @@ from pathlib import Path
 import torch
 
 from .. import offline  # noqa: F401
+from ..guidance import omega_from_guidance
 from ..sampling import initial_latents, sample_teacher
+from .denoiser import sample_student
 
-SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")
+SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")   # teacher samplers (CFG, two UNet passes per step)
+LCM_SAMPLER = "lcm"                                 # multistep consistency sampling (one UNet pass per step)
+TEACHER_DEFAULTS = ("ddim", 50, 7.5)                # (sampler, steps, guidance scale g)
+LCM_DEFAULTS = (LCM_SAMPLER, 4, 8.5)                # g = 8.5 is the paper's w = 7.5
 
 
 class ModelError(ValueError):
@@ -34,6 +44,7 @@ def make_scheduler(name: str, config: dict):
 
 
 def check_model_dir(path: str | Path) -> Path:
+    """The folder, if it holds a diffusers pipeline with every part sampling needs; else ModelError."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
@@ -67,7 +78,56 @@ class Bundle:
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).eval()
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        check_kind(dict(unet.config), sched, path)
         return cls(unet, vae, text_encoder, tokenizer, sched, path)
+
+    def to(self, device: str | torch.device) -> "Bundle":
+        """Move every network to ``device`` (in place); returns self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+    @property
+    def is_lcm(self) -> bool:
+        """True for a Latent Consistency Model folder (LCMScheduler + guidance-embedding UNet)."""
+        return self.scheduler_config.get("_class_name") == "LCMScheduler"
+
+    @property
+    def original_inference_steps(self) -> int | None:
+        """N of an LCM's skipping grid (the most sampling steps it supports); None for a teacher."""
+        return self.scheduler_config.get("original_inference_steps", 50) if self.is_lcm else None
+
+    @property
+    def defaults(self) -> tuple[str, int, float]:
+        """(sampler, steps, guidance scale) used when the caller gives none."""
+        return LCM_DEFAULTS if self.is_lcm else TEACHER_DEFAULTS
+
+    def resolve(self, sampler: str | None, steps: int | None, guidance: float | None) -> tuple[str, int, float]:
+        """The given (sampler, steps, guidance), each None replaced by this model's default."""
+        d_sampler, d_steps, d_guidance = self.defaults
+        return (d_sampler if sampler is None else sampler, d_steps if steps is None else steps,
+                d_guidance if guidance is None else guidance)
+
+    def unet_evals_per_image(self, sampler: str, steps: int) -> int:
+        """UNet passes one image costs: LCM one per step, a CFG teacher two (cond + uncond)."""
+        return steps if sampler == LCM_SAMPLER else 2 * steps
+
+    def check_sampling(self, sampler: str, steps: int) -> None:
+        """ModelError unless ``sampler`` suits this kind of model and ``steps`` fits it."""
+        name = self.path or "this model"
+        if self.is_lcm and sampler != LCM_SAMPLER:
+            raise ModelError(f"{name} is an LCM: sample it with --sampler {LCM_SAMPLER} (teacher samplers "
+                             f"would ignore its consistency training), not {sampler!r}")
+        if not self.is_lcm and sampler == LCM_SAMPLER:
+            raise ModelError(f"the {LCM_SAMPLER} sampler needs an LCM folder, but {name} is a diffusion teacher; "
+                             f"use --sampler {'|'.join(SAMPLERS)}")
+        if sampler not in (LCM_SAMPLER, *SAMPLERS):
+            raise ModelError(f"unknown sampler {sampler!r}; choose from {', '.join((LCM_SAMPLER, *SAMPLERS))}")
+        top = self.original_inference_steps or 1000
+        if not 1 <= steps <= top:
+            raise ModelError(f"steps must be in 1..{top} for {name}" + (
+                f" (its skipping grid has original_inference_steps={top}; 1-8 are the usual LCM range)"
+                if self.is_lcm else "") + f", got {steps}")
 
     @property
     def vae_factor(self) -> int:
@@ -77,7 +137,7 @@ class Bundle:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     def eps_fn(self, z: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.unet(z, t, encoder_hidden_states=text).sample
@@ -85,7 +145,8 @@ class Bundle:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(z).sample.clamp(-1, 1)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_factor
@@ -94,16 +155,52 @@ class Bundle:
         return (self.unet.config.in_channels, height // f, width // f)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], sampler: str = "ddim", steps: int = 50,
-                 guidance: float = 7.5, height: int | None = None, width: int | None = None,
-                 latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher sampling with CFG against the empty prompt; returns images [-1, 1]."""
+    def sample_latents(self, prompts: list[str], seeds: list[int], sampler: str | None = None,
+                       steps: int | None = None, guidance: float | None = None, height: int | None = None,
+                       width: int | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Final latents [B, C, h, w] (unscaled by the VAE factor); arguments as in ``generate``."""
+        sampler, steps, guidance = self.resolve(sampler, steps, guidance)
+        self.check_sampling(sampler, steps)
+        if len(prompts) != len(seeds):
+            raise ModelError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
         size = self.unet.config.sample_size * self.vae_factor
         shape = self.latent_shape(height or size, width or size)
+        cond = self.encode_prompts(prompts)  # [B, L, D]
+        if sampler == LCM_SAMPLER:
+            return sample_student(self.unet, self.scheduler_config, cond, seeds, shape, steps=steps,
+                                  omega=omega_from_guidance(guidance), latents=latents)
         if latents is None:
-            latents = initial_latents(seeds, shape)
-        cond = self.encode_prompts(prompts)
+            latents = initial_latents(seeds, shape, device=self.unet.device)
         uncond = self.encode_prompts([""] * len(prompts))
-        z = sample_teacher(self.eps_fn, make_scheduler(sampler, self.scheduler_config), latents,
-                           cond, uncond, guidance, steps)
-        return self.decode(z)
+        return sample_teacher(self.eps_fn, make_scheduler(sampler, self.scheduler_config), latents,
+                              cond, uncond, guidance, steps)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
+                 guidance: float | None = None, height: int | None = None, width: int | None = None,
+                 latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample images [B, 3, H, W] in [-1, 1], one per (prompt, seed).
+
+        Args:
+            prompts: one prompt per image.
+            seeds: one seed per image; image b depends on seeds[b] only, never on the batch.
+            sampler: "lcm" for an LCM folder; "ddim" | "dpm-solver" | "dpm-solver++" (CFG against the
+                empty prompt) for a teacher. Default: ``self.defaults``.
+            steps: sampling steps (LCM: 1..original_inference_steps, usually 1-8).
+            guidance: guidance scale g (1 = none); an LCM is conditioned on the paper's w = g - 1.
+            height, width: image size (default the model's).
+            latents: initial latents [B, C, h, w] instead of the seeds' first draws.
+        """
+        return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents))
+
+
+def check_kind(unet_config: dict, scheduler_config: dict, path: Path) -> None:
+    """ModelError for folders that are half LCM: an LCMScheduler needs a guidance-embedding UNet and vice versa."""
+    lcm_sched = scheduler_config.get("_class_name") == "LCMScheduler"
+    w_unet = unet_config.get("time_cond_proj_dim") is not None
+    if lcm_sched != w_unet:
+        raise ModelError(f"{path}: an LCM folder needs both an LCMScheduler and a UNet with time_cond_proj_dim "
+                         f"(found scheduler {scheduler_config.get('_class_name')}, time_cond_proj_dim "
+                         f"{unet_config.get('time_cond_proj_dim')}); LCM-LoRA folders are not supported")
+    if lcm_sched and (scheduler_config.get("thresholding") or scheduler_config.get("clip_sample")):
+        raise ModelError(f"{path}: LCMScheduler with thresholding or clip_sample is not supported")

@@ -100,26 +100,35 @@ def make_student(teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256) -
 @torch.no_grad()
 def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: torch.Tensor, seeds: list[int],
                    shape: tuple[int, int, int], *, steps: int = 4, omega: float = 7.5,
-                   original_inference_steps: int = 50) -> torch.Tensor:
+                   original_inference_steps: int | None = None, timestep_scaling: float | None = None,
+                   latents: torch.Tensor | None = None) -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
         unet: the student (with ``time_cond_proj_dim``).
-        scheduler_config: its schedule (betas, prediction_type).
+        scheduler_config: its schedule (betas, prediction_type; an LCMScheduler config also gives
+            ``original_inference_steps`` and ``timestep_scaling``).
         text_states: prompt encodings [B, L, D].
         seeds: one seed per image; seed b's stream gives the initial latents, then the step noises.
         shape: latent shape [C, h, w].
         steps: number of sampling steps, on the skipping grid of ``original_inference_steps`` points.
         omega: the paper's guidance w (= diffusers guidance_scale - 1).
+        original_inference_steps: N of the skipping grid; default the config's, else 50.
+        timestep_scaling: s of c_skip / c_out; default the config's, else ``parameterization.TIMESTEP_SCALING``.
+        latents: initial latents [B, C, h, w] replacing each stream's first draw (the step noises stay per seed).
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
     """
-    f = ConsistencyModel(Denoiser(unet, scheduler_config))
+    n_grid = original_inference_steps or scheduler_config.get("original_inference_steps", 50)
+    scaling = timestep_scaling if timestep_scaling is not None else scheduler_config.get(
+        "timestep_scaling", P.TIMESTEP_SCALING)
+    f = ConsistencyModel(Denoiser(unet, scheduler_config), timestep_scaling=scaling)
     p = next(unet.parameters())
     w = torch.full((len(seeds),), float(omega), device=p.device)
     w_emb = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(p.dtype)  # [B, d]
     noise_fn = per_image_noise(seeds, shape, dtype=p.dtype, device=p.device)
-    ts = lcm_timesteps(steps, len(f.denoiser.alpha_bar), original_inference_steps)
-    return sample_lcm(lambda x, t: f(x, t, text_states, w_emb), noise_fn(-1), ts, noise_fn=noise_fn,
+    x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
+    ts = lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid)
+    return sample_lcm(lambda x, t: f(x, t, text_states, w_emb), x_T, ts, noise_fn=noise_fn,
                       alpha_bar=f.denoiser.alpha_bar)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
@@ -182,6 +183,8 @@ def export_teacher(out: Path, dest: Path | None = None) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     dest = dest or out / "teacher"
     pipe.save_pretrained(dest, safe_serialization=True)
+    # The UNet is stored in fp16 to halve the shipped size; diffusers loads it back as fp32.
+    pipe.unet.half().save_pretrained(dest / "unet", safe_serialization=True)
     return dest
 
 
@@ -195,12 +198,21 @@ def _wall_minutes(rows: list[dict]) -> float:
     return total / 60
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def build_info(out: Path) -> dict:
     """Steps and wall time per stage, read from the metrics logs (for the model card)."""
     import csv
 
-    info = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "torch_threads": torch.get_num_threads(), "stages": {}}
+    info = {"machine": _cpu_name(), "cpu_cores": os.cpu_count(), "stages": {}}
     for stage in STAGES:
         log = out / stage / "metrics.csv"
         if log.is_file():

@@ -31,7 +31,7 @@ architecture and standard classes only (`AutoencoderKL`, `CLIPTextModel` + `CLIP
 {commands}
 ```
 
-Seed 0 (world seed 1234), {machine}, {threads} torch threads. Steps and wall time per stage:
+Seed 0 (world seed 1234); trained on {machine} ({cores} CPU cores, no GPU), fp32. Steps and wall time per stage:
 
 | stage | steps | batch | lr | wall time |
 |---|---|---|---|---|
@@ -94,7 +94,7 @@ def write_teacher_card(teacher: Path, results: dict, info: dict, commands: list[
     text = TEACHER_CARD.format(
         params_total=sum(sizes.values()), params_vae=sizes["vae"], params_text=sizes["text_encoder"],
         params_unet=sizes["unet"], scaling_factor=vae_cfg["scaling_factor"], text_hidden=te_cfg["hidden_size"],
-        commands="\n".join(commands), machine=info["machine"], threads=info["torch_threads"],
+        commands="\n".join(commands), machine=info["machine"], cores=info["cpu_cores"],
         stage_rows=stage_rows, num_samples=results["num_samples"], sampler=results["sampler"],
         steps=results["steps"], guidance=results["guidance"], acc_rows=acc_rows,
         vae_psnr=results["vae_psnr_db"], eval_command=eval_command, seconds=results["seconds"])

@@ -1,0 +1,53 @@
+"""Ship a finished teacher build into the package: export, copy, evaluate, write the model card.
+
+    python scripts/ship_teacher.py --build runs/build [--num-samples 256]
+
+Runs `lcm train-teacher export`, copies the teacher and judge into src/latentcm/weights/,
+runs `lcm evaluate-teacher` on the shipped copies (results in reports/teacher/) and writes
+the teacher's model card from those results and the build's logs.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from latentcm.training import build, card
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "src" / "latentcm" / "weights"
+BUILD_COMMANDS = [
+    "lcm train-teacher all --out runs/build --seed 0     # VAE -> tiny CLIP -> judge -> UNet; add --resume after an interruption",
+    "python scripts/ship_teacher.py --build runs/build  # export, copy into the package, evaluate, write this card",
+]
+
+
+def lcm(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "latentcm.cli", *args], check=True, cwd=ROOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="runs/build")
+    ap.add_argument("--num-samples", type=int, default=256)
+    args = ap.parse_args()
+    out = (ROOT / args.build).resolve()
+    lcm("train-teacher", "export", "--out", str(out))
+    shutil.rmtree(WEIGHTS / "teacher", ignore_errors=True)
+    shutil.copytree(out / "teacher", WEIGHTS / "teacher")
+    (WEIGHTS / "judge").mkdir(parents=True, exist_ok=True)
+    for name in ("judge.safetensors", "config.json"):
+        shutil.copy(out / "judge" / "final" / name, WEIGHTS / "judge" / name)
+    eval_args = ["evaluate-teacher", "--model", "teacher", "--judge", "judge", "--sampler", "ddim", "--steps", "50",
+                 "--guidance", "7.5", "--num-samples", str(args.num_samples), "--out", "reports/teacher"]
+    lcm(*eval_args)
+    results = json.loads((ROOT / "reports" / "teacher" / "results.json").read_text())
+    shutil.copy(ROOT / "reports" / "teacher" / "heldout-grid.png", WEIGHTS / "teacher" / "samples.png")
+    info = build.build_info(out)
+    (ROOT / "reports" / "teacher" / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(card.write_teacher_card(WEIGHTS / "teacher", results, info, BUILD_COMMANDS, "lcm " + " ".join(eval_args)))
+
+
+if __name__ == "__main__":
+    main()

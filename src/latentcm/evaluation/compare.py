@@ -1,0 +1,76 @@
+"""Side-by-side LCM vs teacher samples of one prompt: a labelled grid, one row per (model, sampler, steps)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..training.teacher import to_uint8_grid
+
+LABEL_MARGIN = 150  # px of left margin that holds each row's label
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison: which model, how it is sampled, and its label."""
+
+    model: str        # key into the bundles dict: "lcm" or "teacher"
+    sampler: str
+    steps: int
+    guidance: float
+
+    @property
+    def label(self) -> str:
+        if self.sampler == "lcm":
+            return f"LCM {self.steps} step{'s' if self.steps > 1 else ''}"
+        return f"teacher {self.sampler.upper()}\n{self.steps} steps, CFG {self.guidance:g}"
+
+
+COMPARE_ROWS = (Row("lcm", "lcm", 1, 8.5), Row("lcm", "lcm", 2, 8.5), Row("lcm", "lcm", 4, 8.5),
+                Row("teacher", "ddim", 25, 7.5))
+
+
+def timed_rows(bundles: dict, prompt: str, seeds: list[int],
+               rows=COMPARE_ROWS) -> list[tuple[Row, torch.Tensor, float]]:
+    """Sample every row with the same prompt and seeds.
+
+    Returns:
+        (row, images [K, 3, H, W] in [-1, 1], wall seconds per image of that row) per row.
+    """
+    out = []
+    for row in rows:
+        t0 = time.perf_counter()
+        images = bundles[row.model].generate([prompt] * len(seeds), seeds, row.sampler, row.steps, row.guidance)
+        out.append((row, images.cpu(), (time.perf_counter() - t0) / len(seeds)))
+    return out
+
+
+def labelled_grid(results: list[tuple[Row, torch.Tensor, float]]):
+    """One PIL image: each row's images side by side, its label and s/image on a left margin."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    strips = [to_uint8_grid(images, cols=len(images)) for _, images, _ in results]  # [H, K W, 3] each
+    height, width = strips[0].shape[0], max(s.shape[1] for s in strips)
+    canvas = Image.new("RGB", (LABEL_MARGIN + width, height * len(strips)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, ((row, _, sec), strip) in enumerate(zip(results, strips)):
+        canvas.paste(Image.fromarray(np.ascontiguousarray(strip)), (LABEL_MARGIN, i * height))
+        draw.multiline_text((4, i * height + 4), f"{row.label}\n{sec:.3f} s/image", fill="black", font=font)
+    return canvas
+
+
+def compare(bundles: dict, prompt: str, out: str | Path, num_images: int = 4, seed: int = 0,
+            rows=COMPARE_ROWS) -> tuple[Path, list[tuple[Row, float]]]:
+    """Write the labelled comparison PNG of ``prompt`` (seeds seed..seed+K-1 in every row).
+
+    Returns:
+        (path, [(row, seconds per image)]).
+    """
+    results = timed_rows(bundles, prompt, [seed + i for i in range(num_images)], rows)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(results).save(path)
+    return path, [(row, sec) for row, _, sec in results]
