@@ -171,7 +171,8 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--num-samples", type=click.IntRange(1, 100000), default=256)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json and a grid here.")
 def evaluate_teacher(model, judge_dir, sampler, steps, guidance, num_samples, out):
-    """Judge a teacher on held-out prompts; also VAE PSNR and the judge's ceiling."""
+    """Judge a teacher on held-out prompts (and on paraphrases with unseen words); also VAE PSNR
+    and the judge's ceiling on real images."""
     from .evaluation import judge_eval
     from .models.bundle import Bundle
     from .models.judge import Judge
@@ -180,6 +181,8 @@ def evaluate_teacher(model, judge_dir, sampler, steps, guidance, num_samples, ou
     bundle = Bundle.load(registry.resolve(model))
     judge = Judge.load(registry.resolve(judge_dir))
     result, images = judge_eval.evaluate_teacher(bundle, judge, num_samples, sampler, steps, guidance)
+    para, _ = judge_eval.evaluate(bundle, judge, sampler, steps, guidance, num_samples, split="paraphrase")
+    result["paraphrase_accuracy"] = para["accuracy"]
     result["vae_psnr_db"] = round(judge_eval.vae_psnr(bundle.vae), 2)
     result["judge_on_real_images"] = judge_eval.judge_on_real(judge)
     text = json.dumps(result, indent=2)
@@ -232,7 +235,7 @@ def world_group():
 
 @world_group.command("export")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--split", type=click.Choice(["train", "heldout"]), default="train")
+@click.option("--split", type=click.Choice(["train", "heldout", "paraphrase"]), default="train")
 @click.option("--count", type=click.IntRange(1, 10**6), default=1000)
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
 def world_export(out, split, count, seed):

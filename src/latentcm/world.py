@@ -6,8 +6,10 @@ templates with synonyms and may omit attributes; :func:`parse_caption` reads a
 caption back into the attributes it mentions.
 
 Splits:
-    ``train``    -- training templates, triples (shape, colour, background) not held out.
-    ``heldout``  -- held-out templates *and* held-out triples; reserved for evaluation.
+    ``train``      -- training templates, triples (shape, colour, background) not held out.
+    ``heldout``    -- held-out templates *and* held-out triples; reserved for evaluation.
+    ``paraphrase`` -- held-out triples in templates made of words no training caption has
+                      (a stress test of generalisation beyond the training vocabulary).
 """
 from __future__ import annotations
 
@@ -78,11 +80,21 @@ TRAIN_TEMPLATES = (
     "{bg} {bgword}, {colour} {shape}",
     "{shape}, {colour}, on {bg} {bgword}",
 )
+# Held-out templates put the training words in orders no training caption uses. They add no
+# new words: a word that never occurs in training has an untrained token embedding, and a
+# prompt built on it would measure that, not whether the model reads.
 HELDOUT_TEMPLATES = (
+    "{bg} {bgword}, a {size} {colour} {shape} in the {position}",
+    "on a {bg} {bgword}, a {colour} {shape}",
+    "{colour} {shape} on a {bg} {bgword}, {size}, {position}",
+)
+# A harder stress set: held-out triples described with words that never occur in training.
+PARAPHRASE_TEMPLATES = (
     "an image of a {colour} {shape} against a {bg} {bgword}",
     "{bg} {bgword} with a {size} {colour} {shape} at the {position}",
     "picture: {colour} {shape} in the {position}, {bg} {bgword}",
 )
+SPLITS = ("train", "heldout", "paraphrase")
 HELDOUT_TRIPLE_FRACTION = 0.1
 
 
@@ -113,14 +125,14 @@ def is_heldout_triple(shape: str, colour: str, background: str) -> bool:
 
 
 def _triples(split: str) -> list[tuple[str, str, str]]:
-    want = split == "heldout"
+    want = split != "train"
     return [(s, c, b) for s in SHAPES for c in COLOUR_NAMES for b in COLOUR_NAMES
             if c != b and is_heldout_triple(s, c, b) == want]
 
 
 def _check_split(split: str) -> None:
-    if split not in ("train", "heldout"):
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
 
 
 def sample_scene(rng: random.Random, split: str = "train") -> Scene:
@@ -187,7 +199,7 @@ def caption(scene: Scene, rng: random.Random, templates: tuple[str, ...]) -> str
 
 def templates_for(split: str) -> tuple[str, ...]:
     _check_split(split)
-    return TRAIN_TEMPLATES if split == "train" else HELDOUT_TEMPLATES
+    return {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES}[split]
 
 
 def _lookup(kind: str) -> list[tuple[str, str]]:
@@ -260,7 +272,7 @@ def export_imagefolder(out_dir: str | Path, seed: int, count: int, split: str = 
 def vocabulary_words() -> list[str]:
     """Every word a caption of the world can contain (for building the tokenizer)."""
     words = set(BACKGROUND_WORDS)
-    for template in TRAIN_TEMPLATES + HELDOUT_TEMPLATES:
+    for template in TRAIN_TEMPLATES + HELDOUT_TEMPLATES + PARAPHRASE_TEMPLATES:
         words.update(w for w in template.replace(",", " ").replace(":", " ").split() if "{" not in w)
     for table in SYNONYMS.values():
         for phrases in table.values():

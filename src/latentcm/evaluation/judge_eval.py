@@ -13,9 +13,9 @@ from ..models.judge import Judge
 SCORED = ("colour", "background", "shape", "size", "position")
 
 
-def heldout_prompts(count: int, seed: int = 99) -> list[tuple[str, dict[str, str]]]:
+def heldout_prompts(count: int, seed: int = 99, split: str = "heldout") -> list[tuple[str, dict[str, str]]]:
     """Held-out captions (held-out templates and attribute triples) with what they ask for."""
-    return [(s.text, world.parse_caption(s.text)) for s in world.iter_samples(seed, count, "heldout")]
+    return [(s.text, world.parse_caption(s.text)) for s in world.iter_samples(seed, count, split)]
 
 
 def attribute_accuracy(predicted: list[dict[str, str]], wanted: list[dict[str, str]]) -> dict[str, float]:
@@ -51,7 +51,8 @@ class _UNetCounter:
 
 
 def evaluate(bundle, judge: Judge, sampler: str, steps: int, guidance: float, num_samples: int = 256,
-             batch_size: int = 32, seed: int = 0, desc: str | None = None) -> tuple[dict, torch.Tensor]:
+             batch_size: int = 32, seed: int = 0, desc: str | None = None,
+             split: str = "heldout") -> tuple[dict, torch.Tensor]:
     """Generate one image per held-out prompt with any (model, sampler, steps, guidance) and judge it.
 
     Image i uses prompt i of ``heldout_prompts(num_samples)`` and seed ``seed + i`` (independent of
@@ -62,7 +63,7 @@ def evaluate(bundle, judge: Judge, sampler: str, steps: int, guidance: float, nu
         unet_evals_per_image, seconds (wall time of generation) and seconds_per_image; images [N, 3, H, W].
     """
     bundle.check_sampling(sampler, steps)
-    prompts = heldout_prompts(num_samples)
+    prompts = heldout_prompts(num_samples, split=split)
     images, counter, t0 = [], _UNetCounter(bundle.unet), time.perf_counter()
     try:
         for i in tqdm(range(0, num_samples, batch_size), desc=desc or f"{sampler} {steps} steps"):
@@ -75,7 +76,7 @@ def evaluate(bundle, judge: Judge, sampler: str, steps: int, guidance: float, nu
     images = torch.cat(images)
     acc = attribute_accuracy(judge_images(judge, images), [w for _, w in prompts])
     return {"sampler": sampler, "steps": steps, "guidance": guidance, "num_samples": num_samples,
-            "accuracy": acc, "unet_evals_per_image": counter.count / num_samples,
+            "split": split, "accuracy": acc, "unet_evals_per_image": counter.count / num_samples,
             "seconds": round(seconds, 2), "seconds_per_image": round(seconds / num_samples, 4)}, images
 
 
