@@ -1,6 +1,6 @@
 """Ship a finished teacher build into the package: export, copy, evaluate, write the model card.
 
-    python scripts/ship_teacher.py --build runs/build [--num-samples 256]
+    python scripts/ship_teacher.py --build runs/build [--num-samples 256] [--card-only]
 
 Runs `lcm train-teacher export`, copies the teacher and judge into src/latentcm/weights/,
 runs `lcm evaluate-teacher` on the shipped copies (results in reports/teacher/) and writes
@@ -31,22 +31,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="runs/build")
     ap.add_argument("--num-samples", type=int, default=256)
+    ap.add_argument("--card-only", action="store_true", help="Only rewrite the card from existing results.")
     args = ap.parse_args()
     out = (ROOT / args.build).resolve()
+    eval_args = ["evaluate-teacher", "--model", "teacher", "--judge", "judge", "--sampler", "ddim", "--steps", "50",
+                 "--guidance", "7.5", "--num-samples", str(args.num_samples), "--out", "reports/teacher"]
+    if not args.card_only:
+        ship_and_evaluate(out, eval_args)
+    results = json.loads((ROOT / "reports" / "teacher" / "results.json").read_text())
+    info = build.build_info(out)
+    (ROOT / "reports" / "teacher" / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(card.write_teacher_card(WEIGHTS / "teacher", results, info, BUILD_COMMANDS, "lcm " + " ".join(eval_args)))
+
+
+def ship_and_evaluate(out: Path, eval_args: list[str]) -> None:
     lcm("train-teacher", "export", "--out", str(out))
     shutil.rmtree(WEIGHTS / "teacher", ignore_errors=True)
     shutil.copytree(out / "teacher", WEIGHTS / "teacher")
     (WEIGHTS / "judge").mkdir(parents=True, exist_ok=True)
     for name in ("judge.safetensors", "config.json"):
         shutil.copy(out / "judge" / "final" / name, WEIGHTS / "judge" / name)
-    eval_args = ["evaluate-teacher", "--model", "teacher", "--judge", "judge", "--sampler", "ddim", "--steps", "50",
-                 "--guidance", "7.5", "--num-samples", str(args.num_samples), "--out", "reports/teacher"]
     lcm(*eval_args)
-    results = json.loads((ROOT / "reports" / "teacher" / "results.json").read_text())
     shutil.copy(ROOT / "reports" / "teacher" / "heldout-grid.png", WEIGHTS / "teacher" / "samples.png")
-    info = build.build_info(out)
-    (ROOT / "reports" / "teacher" / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(card.write_teacher_card(WEIGHTS / "teacher", results, info, BUILD_COMMANDS, "lcm " + " ".join(eval_args)))
 
 
 if __name__ == "__main__":
