@@ -66,7 +66,7 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
       lcm generate "a large red circle on a blue background" --model teacher --steps 50 --out red50.png
     """
     from .models.bundle import Bundle
-    from .training.teacher import save_grid
+    from .images import save_grid
 
     if not prompt.strip():
         raise UserError("the prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
@@ -176,7 +176,7 @@ def evaluate_teacher(model, judge_dir, sampler, steps, guidance, num_samples, ou
     from .evaluation import judge_eval
     from .models.bundle import Bundle
     from .models.judge import Judge
-    from .training.teacher import save_grid
+    from .images import save_grid
 
     bundle = Bundle.load(registry.resolve(model))
     judge = Judge.load(registry.resolve(judge_dir))

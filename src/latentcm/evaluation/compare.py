@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..training.teacher import to_uint8_grid
+from ..images import to_uint8_grid
 
 LABEL_MARGIN = 150  # px of left margin that holds each row's label
 

@@ -15,6 +15,7 @@ import torch
 from .. import offline  # noqa: F401
 from ..guidance import omega_from_guidance
 from ..sampling import initial_latents, sample_teacher
+from .components import encode_text
 from .denoiser import sample_student
 
 SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")   # teacher samplers (CFG, two UNet passes per step)
@@ -135,9 +136,7 @@ class Bundle:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return encode_text(self.text_encoder, self.tokenizer, prompts)
 
     def eps_fn(self, z: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.unet(z, t, encoder_hidden_states=text).sample

@@ -189,6 +189,16 @@ def noise_scheduler_config() -> dict:
                 set_alpha_to_one=False, steps_offset=1)
 
 
+def encode_text(text_encoder, tokenizer, prompts: list[str]):
+    """Prompts -> last hidden states [B, L, D], padded to the tokenizer's length, as SD conditions its UNet."""
+    import torch
+
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids.to(text_encoder.device))[0]
+
+
 def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

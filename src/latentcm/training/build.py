@@ -120,12 +120,9 @@ def run_judge(out: Path, preset: str, seed: int, resume: bool, steps=None, minut
     return True
 
 
-@torch.no_grad()
-def encode_latents(vae, data: T.WorldData, batch_size: int = 128) -> torch.Tensor:
+def encode_latents(vae, data: T.WorldData) -> torch.Tensor:
     """Posterior-mode latents times the VAE scaling factor, [N, 4, h, w]."""
-    zs = [vae.encode(data.pixels(torch.arange(i, min(i + batch_size, len(data.images))))).latent_dist.mode()
-          for i in range(0, len(data.images), batch_size)]
-    return torch.cat(zs) * vae.config.scaling_factor
+    return T.encode_mode(vae, data) * vae.config.scaling_factor
 
 
 def _unet_preview(vae, text_encoder, tok, sched_cfg):

@@ -21,7 +21,9 @@ from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser, make_student, sample_student
 from ..solvers import SOLVERS, augmented_step_batched
 from .loop import LoopConfig, check_fresh, fit, make_accelerator
-from .teacher import ema_update, encode_text, save_grid, step_generator
+from ..images import save_grid
+from ..models.components import encode_text
+from .teacher import ema_update, step_generator
 
 LOSSES = ("l2", "huber")
 DATA_WORLD_SEED = 1238          # shapes-world seed of the distillation data (the teacher stages use 1234..1237)

@@ -9,12 +9,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import schedules, world
 from ..models import components
+from ..models.components import encode_text
+from ..images import save_grid
 from ..models.judge import Judge, attribute_targets
 
 
@@ -38,25 +39,6 @@ class WorldData:
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 -> float in [-1, 1]."""
         return self.images[idx].float() / 127.5 - 1.0
-
-
-def to_uint8_grid(images: torch.Tensor, cols: int = 8) -> np.ndarray:
-    """images in [-1, 1], [B, 3, H, W] -> one uint8 grid [rows*H, cols*W, 3]."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    b, h, w, _ = x.shape
-    rows = -(-b // cols)
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
-    for i in range(b):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = x[i]
-    return grid
-
-
-def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8_grid(images, cols)).save(path)
-    return path
 
 
 def sample_captions(scenes: list[world.Scene], seed: int, step: int, offset: int = 0) -> list[str]:
@@ -112,11 +94,16 @@ class VAETask:
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae, data: WorldData, count: int = 2048, batch_size: int = 128) -> float:
+def encode_mode(vae, data: WorldData, count: int | None = None, batch_size: int = 128) -> torch.Tensor:
+    """Posterior-mode latents of the first ``count`` images, unscaled, [N, 4, h, w]."""
+    n = len(data.images) if count is None else min(count, len(data.images))
+    return torch.cat([vae.encode(data.pixels(torch.arange(i, min(i + batch_size, n)))).latent_dist.mode()
+                      for i in range(0, n, batch_size)])
+
+
+def measure_scaling_factor(vae, data: WorldData, count: int = 2048) -> float:
     """1 / std of the latents (posterior mode), so scaled latents have unit variance."""
-    zs = [vae.encode(data.pixels(torch.arange(i, min(i + batch_size, count)))).latent_dist.mode()
-          for i in range(0, count, batch_size)]
-    return float(1.0 / torch.cat(zs).std())
+    return float(1.0 / encode_mode(vae, data, count).std())
 
 
 # --- tiny CLIP -------------------------------------------------------------------
@@ -216,14 +203,6 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
     with torch.no_grad():
         for pt, po in zip(target.parameters(), online.parameters()):
             pt.lerp_(po, 1 - decay)
-
-
-@torch.no_grad()
-def encode_text(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> last hidden states [B, L, D], as Stable Diffusion conditions its UNet."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
 
 
 class UNetTask:
