@@ -26,3 +26,25 @@ def micro_teacher(tmp_path_factory):
     dest = tmp_path_factory.mktemp("micro") / "teacher"
     pipe.save_pretrained(dest, safe_serialization=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def micro_lcm(micro_teacher, tmp_path_factory):
+    """A micro LCM folder: two distillation steps of the micro teacher."""
+    from latentcm.cli import main
+
+    out = tmp_path_factory.mktemp("micro-lcm") / "lcm"
+    main(["distill", "--teacher", str(micro_teacher), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+          "--num-data", "4", "--validate-every", "0"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_judge(tmp_path_factory):
+    """An untrained narrow judge folder."""
+    from latentcm.models.judge import Judge
+
+    torch.manual_seed(0)
+    dest = tmp_path_factory.mktemp("judge") / "judge"
+    Judge(width=8).save(dest)
+    return dest

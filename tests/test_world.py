@@ -1,3 +1,4 @@
+import random
 import json
 
 import numpy as np
@@ -86,3 +87,14 @@ def test_export_imagefolder(tmp_path):
 def test_unknown_split_is_rejected():
     with pytest.raises(ValueError, match="unknown split"):
         world.make_sample(0, 0, "test")
+
+
+def test_training_captions_vary_phrase_order_but_never_use_a_heldout_template():
+    rng = random.Random(0)
+    drawn = [world.compose_template(rng) for _ in range(4000)]
+    assert set(drawn) <= set(world.TRAIN_TEMPLATES)
+    reserved = {t.replace(",", "") for t in world.HELDOUT_TEMPLATES + world.PARAPHRASE_TEMPLATES}
+    assert not {t.replace(",", "") for t in world.TRAIN_TEMPLATES} & reserved
+    with_bg = [t for t in drawn if "{bg}" in t]
+    bg_first = sum(t.index("{bg}") < t.index("{shape}") for t in with_bg) / len(with_bg)
+    assert 0.35 < bg_first < 0.65  # the background is named first about as often as the object

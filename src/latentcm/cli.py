@@ -228,6 +228,146 @@ def evaluate_lcm(lcm_model, teacher, judge_dir, num_samples, batch_size, seed, o
     click.echo(table + str(folder / "results.json"))
 
 
+def _int_list(text: str, lo: int, hi: int, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(not lo <= v <= hi for v in values):
+        raise UserError(f"{name} must be integers in {lo}..{hi}, got {text!r}")
+    return values
+
+
+def _choice_list(text: str, choices: tuple[str, ...], name: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in choices]
+    if not values or bad:
+        raise UserError(f"{name}: unknown {', '.join(bad) or 'empty list'}; choose from {','.join(choices)}")
+    return values
+
+
+def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
+    """{"lcm": ..., "teacher": ...} Bundles the requested samplers need."""
+    from .models.bundle import Bundle
+
+    main = Bundle.load(registry.resolve(model))
+    if not main.is_lcm:
+        if "lcm" in samplers:
+            raise UserError(f"--model {main.path} is a diffusion teacher: drop 'lcm' from --samplers or pass an LCM")
+        return {"teacher": main}
+    bundles = {"lcm": main}
+    if any(s != "lcm" for s in samplers):
+        bundles["teacher"] = Bundle.load(registry.resolve(teacher))
+        if bundles["teacher"].is_lcm:
+            raise UserError(f"--teacher {bundles['teacher'].path} is an LCM, not a diffusion teacher")
+    return bundles
+
+
+@cli.command()
+@click.option("--model", default=None, metavar="NAME|DIR", help="LCM (or teacher) to evaluate [default: lcm if shipped].")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Teacher for the DDIM/DPM rows.")
+@click.option("--judge", "judge_dir", default="judge", metavar="NAME|DIR", help="Judge folder (features and scores).")
+@click.option("--steps", "steps_text", default="1,2,4,8", help="Comma-separated step counts.")
+@click.option("--samplers", "samplers_text", default="lcm,ddim,dpm-solver,dpm-solver++", help="Comma-separated.")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=256, help="Held-out prompts per row.")
+@click.option("--guidance", type=click.FloatRange(0, 50), default=None,
+              help="Guidance scale g for every row [default: 8.5 for LCM, 7.5 for the teacher].")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of image 0 (image i: seed + i).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/evaluate", help="Results folder.")
+def evaluate(model, teacher, judge_dir, steps_text, samplers_text, num_samples, guidance, batch_size, seed, out):
+    """FID, caption score and exact accuracy of the LCM and the teacher's solvers at each step count
+    (the paper's Table 1): results.json, table1.md, table1.png, grids/. Samples are cached in OUT/samples,
+    so rerunning with one more sampler only samples that one.
+
+    \b
+    Example:
+      lcm evaluate --steps 1,2,4,8 --num-samples 256 --out reports/table1
+    """
+    from .evaluation import harness
+    from .evaluation.extractors import JudgeExtractor
+
+    _torch_threads()
+    steps = _int_list(steps_text, 1, 1000, "--steps")
+    samplers = _choice_list(samplers_text, GENERATE_SAMPLERS, "--samplers")
+    bundles = _evaluation_bundles(model or default_model(), teacher, samplers)
+    extractor = JudgeExtractor.load(registry.resolve(judge_dir))
+    rows = harness.table_rows(samplers, steps, guidance)
+    results = harness.run(bundles, rows, extractor, Path(out), num_samples, seed, batch_size)
+    click.echo(harness.table1_markdown(results["records"]) + str(Path(out) / "results.json"))
+
+
+@cli.group()
+def ablate():
+    """The paper's ablations: solver x skipping step (Fig. 3) and guidance scale (Fig. 4)."""
+
+
+@ablate.command("solver-skip")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Teacher to distil.")
+@click.option("--judge", "judge_dir", default="judge", metavar="NAME|DIR", help="Judge folder.")
+@click.option("--solvers", "solvers_text", default="ddim,dpm-solver,dpm-solver++", help="Comma-separated.")
+@click.option("--skips", "skips_text", default="1,5,10,20,50", help="Comma-separated skipping steps k.")
+@click.option("--iterations", type=click.IntRange(1, 10**6), default=600, help="Distillation steps per run.")
+@click.option("--eval-every", type=click.IntRange(1, 10**6), default=150, help="Probe 4-step FID every N steps.")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=128, help="Held-out prompts per probe.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16)
+@click.option("--num-data", type=click.IntRange(1, 10**6), default=4000, help="World images (encoded once, shared).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate-solver-skip")
+def ablate_solver_skip(teacher, judge_dir, solvers_text, skips_text, iterations, eval_every, num_samples,
+                       batch_size, num_data, out):
+    """Short distillations per (solver, k), 4-step FID over iterations: results.json, results.md,
+    solver-skip.png. Interrupted? Rerun the same command: finished runs are kept, the others resume.
+
+    \b
+    Example:
+      lcm ablate solver-skip --iterations 600 --eval-every 150 --out reports/ablate-solver-skip
+    """
+    from .evaluation import ablate as A
+    from .evaluation.extractors import JudgeExtractor
+
+    _torch_threads()
+    solvers = _choice_list(solvers_text, SAMPLER_CHOICES, "--solvers")
+    skips = _int_list(skips_text, 1, 1000, "--skips")
+    from .training.lcd import training_grid
+    for k in skips:
+        training_grid(1000, k)  # a bad k fails before the first run starts
+    results = A.solver_skip(registry.resolve(teacher), Path(out), solvers, skips, iterations, eval_every,
+                            JudgeExtractor.load(registry.resolve(judge_dir)), num_samples, batch_size, num_data)
+    click.echo(A.solver_skip_markdown(results["records"]) + str(Path(out) / "results.json"))
+
+
+@ablate.command("guidance")
+@click.option("--model", default="lcm", metavar="NAME|DIR", help="LCM to sample.")
+@click.option("--judge", "judge_dir", default="judge", metavar="NAME|DIR", help="Judge folder.")
+@click.option("--omegas", "omegas_text", default="2,4,8,12", help="Comma-separated paper guidance w (g = w + 1).")
+@click.option("--steps", "steps_text", default="1,2,4,8", help="Comma-separated step counts.")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=256)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate-guidance")
+def ablate_guidance(model, judge_dir, omegas_text, steps_text, num_samples, batch_size, out):
+    """FID and caption score of the LCM against w at each step count: results.json, results.md, guidance.png.
+
+    \b
+    Example:
+      lcm ablate guidance --omegas 2,4,8,12 --steps 1,2,4,8 --out reports/ablate-guidance
+    """
+    from .evaluation import ablate as A
+    from .evaluation.extractors import JudgeExtractor
+
+    _torch_threads()
+    try:
+        omegas = [float(v) for v in omegas_text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--omegas must be comma-separated numbers, got {omegas_text!r}") from None
+    if not omegas or any(not 0 <= w <= 49 for w in omegas):
+        raise UserError(f"--omegas must be numbers in 0..49, got {omegas_text!r}")
+    steps = _int_list(steps_text, 1, 1000, "--steps")
+    bundles = _evaluation_bundles(model, "teacher", ["lcm"])
+    results = A.guidance(bundles, JudgeExtractor.load(registry.resolve(judge_dir)), Path(out), omegas, steps,
+                         num_samples, batch_size)
+    click.echo(A.guidance_markdown(results["records"]) + str(Path(out) / "results.json"))
+
+
 @cli.group("world")
 def world_group():
     """The procedural shapes world."""

@@ -13,6 +13,7 @@ Splits:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -67,19 +68,17 @@ SYNONYMS = {
 }
 BACKGROUND_WORDS = ("background", "backdrop")
 
-# Caption templates. {bg} is always followed by a background word, which is how the
-# parser tells the background colour from the object colour.
-TRAIN_TEMPLATES = (
-    "a {colour} {shape}",
-    "a {colour} {shape} on a {bg} {bgword}",
-    "a {size} {colour} {shape}",
-    "a {size} {colour} {shape} on a {bg} {bgword}",
-    "a {colour} {shape} in the {position}",
-    "a {size} {colour} {shape} in the {position} on a {bg} {bgword}",
-    "{colour} {shape}, {size}, {position}, {bg} {bgword}",
-    "{bg} {bgword}, {colour} {shape}",
-    "{shape}, {colour}, on {bg} {bgword}",
-)
+# Training captions are composed from phrases in a random order (the object first as often as
+# the background or the position first), so that the text encoder learns to read each phrase
+# rather than a fixed word order. {bg} is always followed by a background word, which is how
+# the parser tells the background colour from the object colour.
+OBJECT_FORMS = ("a {colour} {shape}", "{colour} {shape}", "{shape}, {colour}")
+SIZED_OBJECT_FORMS = ("a {size} {colour} {shape}", "{size} {colour} {shape}")
+SIZE_FORMS = ("{size}",)
+POSITION_FORMS = ("in the {position}", "{position}")
+BACKGROUND_FORMS = ("on a {bg} {bgword}", "on {bg} {bgword}", "{bg} {bgword}")
+# Probability that a training caption mentions each optional attribute.
+MENTION = {"size": 0.5, "position": 0.5, "background": 0.75}
 # Held-out templates put the training words in orders no training caption uses. They add no
 # new words: a word that never occurs in training has an untrained token embedding, and a
 # prompt built on it would measure that, not whether the model reads.
@@ -95,6 +94,65 @@ PARAPHRASE_TEMPLATES = (
     "picture: {colour} {shape} in the {position}, {bg} {bgword}",
 )
 SPLITS = ("train", "heldout", "paraphrase")
+
+def _unpunctuated(template: str) -> str:
+    return template.replace(",", "")
+
+
+def _join(phrases: list[str], spaced: list[bool]) -> str:
+    """Join phrases with ", " or (before an "on"/"in" phrase, where ``spaced``) a plain space."""
+    out = phrases[0]
+    for phrase, space in zip(phrases[1:], spaced):
+        out += (" " if space and phrase.startswith(("on ", "in ")) else ", ") + phrase
+    return out
+
+
+def _is_reserved(template: str) -> bool:
+    """Held-out and paraphrase templates never occur in training, whatever the punctuation."""
+    return _unpunctuated(template) in {_unpunctuated(t) for t in HELDOUT_TEMPLATES + PARAPHRASE_TEMPLATES}
+
+
+def _phrase_sets() -> Iterator[list[str]]:
+    for size_mode in ("none", "sized", "separate"):
+        objects = SIZED_OBJECT_FORMS if size_mode == "sized" else OBJECT_FORMS
+        for obj in objects:
+            for pos in (None,) + POSITION_FORMS:
+                for bg in (None,) + BACKGROUND_FORMS:
+                    phrases = [obj] + (["{size}"] if size_mode == "separate" else [])
+                    yield phrases + [p for p in (pos, bg) if p]
+
+
+def _all_training_templates() -> tuple[str, ...]:
+    found: set[str] = set()
+    for phrases in _phrase_sets():
+        for order in itertools.permutations(phrases):
+            for spaced in itertools.product((False, True), repeat=len(order) - 1):
+                found.add(_join(list(order), list(spaced)))
+    return tuple(sorted(t for t in found if not _is_reserved(t)))
+
+
+# Every template compose_template can return (for tests, the vocabulary and diagnostics).
+TRAIN_TEMPLATES = _all_training_templates()
+
+
+def compose_template(rng: random.Random) -> str:
+    """Draw a training caption template: which attributes to mention, their phrasing and order."""
+    while True:
+        phrases = []
+        size = rng.random() < MENTION["size"]
+        if size and rng.random() < 0.5:
+            phrases.append(rng.choice(SIZED_OBJECT_FORMS))
+        else:
+            phrases.append(rng.choices(OBJECT_FORMS, weights=(0.45, 0.4, 0.15))[0])
+            phrases += ["{size}"] if size else []
+        if rng.random() < MENTION["position"]:
+            phrases.append(rng.choice(POSITION_FORMS))
+        if rng.random() < MENTION["background"]:
+            phrases.append(rng.choice(BACKGROUND_FORMS))
+        rng.shuffle(phrases)
+        template = _join(phrases, [rng.random() < 0.6 for _ in phrases[1:]])
+        if not _is_reserved(template):
+            return template
 HELDOUT_TRIPLE_FRACTION = 0.1
 
 
@@ -187,9 +245,10 @@ def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     return img.resize((resolution, resolution), Image.BOX)
 
 
-def caption(scene: Scene, rng: random.Random, templates: tuple[str, ...]) -> str:
-    """Describe a scene with a random template and random synonyms."""
-    template = rng.choice(templates)
+def caption(scene: Scene, rng: random.Random, templates: tuple[str, ...] | None = None) -> str:
+    """Describe a scene with random synonyms and a template drawn from ``templates``, or
+    composed by :func:`compose_template` when ``templates`` is None (training captions)."""
+    template = compose_template(rng) if templates is None else rng.choice(templates)
     words = {key: rng.choice(SYNONYMS[key][getattr(scene, key)])
              for key in ("shape", "colour", "size", "position")}
     words["bg"] = rng.choice(SYNONYMS["colour"][scene.background])
@@ -197,9 +256,10 @@ def caption(scene: Scene, rng: random.Random, templates: tuple[str, ...]) -> str
     return template.format(**words)
 
 
-def templates_for(split: str) -> tuple[str, ...]:
+def templates_for(split: str) -> tuple[str, ...] | None:
+    """The caption templates of a split; None for training, whose captions are composed."""
     _check_split(split)
-    return {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES}[split]
+    return {"train": None, "heldout": HELDOUT_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES}[split]
 
 
 def _lookup(kind: str) -> list[tuple[str, str]]:

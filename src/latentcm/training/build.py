@@ -41,7 +41,7 @@ class StageConfig:
 # Budgets measured on the 2-core CPU machine (see the model card for wall times).
 DEFAULT_STAGES = {
     "vae": StageConfig(steps=2000, batch_size=32, lr=1e-3, data_count=20000),
-    "clip": StageConfig(steps=1500, batch_size=128, lr=1e-3, data_count=20000),
+    "clip": StageConfig(steps=3000, batch_size=128, lr=1e-3, data_count=20000),
     "judge": StageConfig(steps=1500, batch_size=64, lr=2e-3, data_count=20000),
     "unet": StageConfig(steps=7000, batch_size=32, lr=1e-3, data_count=30000, warmup=200),
 }

@@ -265,8 +265,12 @@ def make_preview(bundle, original_inference_steps: int, num: int = 8):
 
 
 def distill(teacher_dir: str | Path, out: str | Path, cfg: LCDConfig, loop_cfg: LoopConfig, *, num_data: int,
-            resume: bool = False, command: str = "", accelerator=None) -> tuple[int, Path | None]:
+            resume: bool = False, command: str = "", accelerator=None, preview_fn=None, export: bool = True,
+            data_cache: Path | None = None) -> tuple[int, Path | None]:
     """Distil the teacher folder into an LCM: train with ``fit``, then export a diffusers folder into ``out``.
+
+    ``preview_fn(student_unet, step, out_dir)`` replaces the validation grid (``make_preview``);
+    ablations pass a metric probe, ``export=False`` and a ``data_cache`` shared between runs.
 
     Returns:
         (steps done, ``out`` once the run finished, or None when a time limit stopped it first).
@@ -280,11 +284,11 @@ def distill(teacher_dir: str | Path, out: str | Path, cfg: LCDConfig, loop_cfg: 
     bundle = Bundle.load(teacher_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = training_grid(bundle.scheduler_config.get("num_train_timesteps", 1000), cfg.skip)  # fail early
-    data = world_data(bundle, num_data, out / "data-cache.safetensors", write=acc.is_main_process)
-    preview = make_preview(bundle, original_inference_steps=len(grid))
+    data = world_data(bundle, num_data, data_cache or out / "data-cache.safetensors", write=acc.is_main_process)
+    preview = preview_fn or make_preview(bundle, original_inference_steps=len(grid))
     task = LCDTask(bundle.unet, bundle.scheduler_config, data, cfg, preview_fn=preview)
     done = fit(task, loop_cfg, out, resume, desc="distill", accelerator=acc)
-    if done < loop_cfg.max_steps:
+    if done < loop_cfg.max_steps or not export:
         return done, None
     if acc.is_main_process:
         info = {"command": command, "teacher": str(teacher_dir), "steps": done, "num_data": num_data,

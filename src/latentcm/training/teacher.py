@@ -43,7 +43,7 @@ class WorldData:
 
 def sample_captions(scenes: list[world.Scene], seed: int, step: int, offset: int = 0) -> list[str]:
     """A fresh training caption per scene and step (templates and synonyms vary)."""
-    return [world.caption(s, random.Random(hash((seed, step, offset + i)) & 0xFFFFFFFF), world.TRAIN_TEMPLATES)
+    return [world.caption(s, random.Random(hash((seed, step, offset + i)) & 0xFFFFFFFF))
             for i, s in enumerate(scenes)]
 
 

@@ -1,0 +1,165 @@
+"""The paper's ablations on the offline world (LCM Fig. 3 and Fig. 4).
+
+* ``solver_skip``: short distillations for each ODE solver x skipping step k, the 4-step FID of the
+  student probed every ``eval_every`` iterations (Fig. 3: does k > 1 converge faster than k = 1?).
+* ``guidance``: a distilled LCM sampled at several w (= g - 1) and step counts, FID against the
+  caption score (Fig. 4: how w trades sample fidelity for text agreement).
+
+Each writes results.json, a Markdown table and a PNG into its folder; runs resume.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import world
+from ..models.denoiser import sample_student
+from . import harness, metrics
+from .extractors import JudgeExtractor, wanted_indices
+from .judge_eval import heldout_prompts
+
+PROBE_STEPS, PROBE_OMEGA = 4, 7.5  # Fig. 3 tracks 4-step FID; w = 7.5 is the shipped default (g = 8.5)
+
+
+def fid_probe(bundle, extractor: JudgeExtractor, reference: tuple, num_samples: int, original_inference_steps: int,
+              log_path: Path, batch_size: int = 64, seed: int = 0):
+    """A ``preview_fn`` for ``lcd.distill`` that appends {iteration, fid, clip_score, accuracy} of the
+    student's PROBE_STEPS-step samples (w = PROBE_OMEGA) on held-out prompts to ``log_path`` (JSON lines)."""
+    prompts = [p for p, _ in heldout_prompts(num_samples)]
+    states = bundle.encode_prompts(prompts)  # [N, L, D]
+    size = bundle.unet.config.sample_size * bundle.vae_factor
+    wanted = [world.parse_caption(p) for p in prompts]
+
+    @torch.no_grad()
+    def probe(student_unet, step: int, out_dir: Path) -> None:
+        p = next(student_unet.parameters())
+        images = []
+        for i in range(0, num_samples, batch_size):
+            z = sample_student(student_unet, bundle.scheduler_config, states[i:i + batch_size].to(p.device, p.dtype),
+                               [seed + j for j in range(i, min(i + batch_size, num_samples))],
+                               bundle.latent_shape(size, size), steps=PROBE_STEPS, omega=PROBE_OMEGA,
+                               original_inference_steps=original_inference_steps)
+            images.append(bundle.decode(z.to(bundle.vae.device, bundle.vae.dtype)).float().cpu())
+        x = torch.cat(images)
+        probs = extractor.probabilities(x)
+        predicted = [{k: world.ATTRIBUTES[k][int(probs[k][i].argmax())] for k in probs} for i in range(len(x))]
+        record = {"iteration": step,
+                  "fid": round(metrics.frechet_distance(*metrics.gaussian_stats(extractor.features(x)), *reference), 3),
+                  "clip_score": round(metrics.attribute_agreement(probs, wanted_indices(prompts)), 3),
+                  "accuracy": round(metrics.exact_accuracy(predicted, wanted), 4)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return probe
+
+
+def read_probe_log(path: Path) -> list[dict]:
+    """Probe records, the last one per iteration (a resumed run may probe an iteration twice)."""
+    if not path.is_file():
+        return []
+    by_iter = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_iter[r["iteration"]] = r
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def solver_skip(teacher_dir: Path, out: Path, solvers: list[str], skips: list[int], iterations: int,
+                eval_every: int, extractor: JudgeExtractor, num_samples: int = 128, batch_size: int = 16,
+                num_data: int = 4000, lr: float = 1e-4, seed: int = 0, loss: str = "huber") -> dict:
+    """Fig. 3: distil every (solver, k) for ``iterations`` steps, probing 4-step FID every ``eval_every``."""
+    from ..models.bundle import Bundle
+    from ..training import lcd
+    from ..training.loop import LoopConfig
+
+    out = Path(out)
+    bundle = Bundle.load(teacher_dir)
+    mu, sigma, _ = harness.reference_stats(extractor)
+    records = []
+    for solver in solvers:
+        for k in skips:
+            run_dir = out / "runs" / f"{solver}-k{k}"
+            log = run_dir / "probe.jsonl"
+            n_grid = len(lcd.training_grid(bundle.scheduler_config.get("num_train_timesteps", 1000), k))
+            if not (read_probe_log(log) and read_probe_log(log)[-1]["iteration"] >= iterations):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cfg = lcd.LCDConfig(solver=solver, skip=k, loss=loss, batch_size=batch_size, seed=seed)
+                loop_cfg = LoopConfig(max_steps=iterations, lr=lr, warmup=0, schedule="constant",
+                                      checkpoint_every=eval_every, preview_every=eval_every, keep_checkpoints=1)
+                probe = fid_probe(bundle, extractor, (mu, sigma), num_samples, n_grid, log)
+                lcd.distill(teacher_dir, run_dir, cfg, loop_cfg, num_data=num_data, resume=(run_dir / "checkpoints").exists(),
+                            preview_fn=probe, export=False, data_cache=out / "data-cache.safetensors")
+            records += [{"solver": solver, "skip": k, **r} for r in read_probe_log(log)]
+    results = {"iterations": iterations, "eval_every": eval_every, "num_samples": num_samples,
+               "probe": {"steps": PROBE_STEPS, "omega": PROBE_OMEGA}, "batch_size": batch_size, "records": records}
+    _write(out, results, solver_skip_markdown(records), plot_solver_skip(records, out / "solver-skip.png"))
+    return results
+
+
+def solver_skip_markdown(records: list[dict]) -> str:
+    """FID at every probed iteration, a row per (solver, k)."""
+    iters = sorted({r["iteration"] for r in records})
+    lines = ["| solver | k | " + " | ".join(f"FID @{i}" for i in iters) + " |", "|" + "---|" * (2 + len(iters))]
+    for solver in dict.fromkeys(r["solver"] for r in records):
+        for k in sorted({r["skip"] for r in records if r["solver"] == solver}):
+            fids = {r["iteration"]: r["fid"] for r in records if r["solver"] == solver and r["skip"] == k}
+            lines.append(f"| {solver} | {k} | " + " | ".join(f"{fids[i]:.2f}" if i in fids else "-" for i in iters) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_solver_skip(records: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    solvers = list(dict.fromkeys(r["solver"] for r in records))
+    fig, axes = plt.subplots(1, len(solvers), figsize=(4 * len(solvers), 3.4), sharey=True, squeeze=False)
+    for ax, solver in zip(axes[0], solvers):
+        for k in sorted({r["skip"] for r in records if r["solver"] == solver}):
+            rs = [r for r in records if r["solver"] == solver and r["skip"] == k]
+            ax.plot([r["iteration"] for r in rs], [r["fid"] for r in rs], marker="o", label=f"k = {k}")
+        ax.set_title(f"{harness.SAMPLER_LABELS.get(solver, solver)}: 4-step FID", fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("FID (judge features)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def guidance(bundles: dict, extractor: JudgeExtractor, out: Path, omegas: list[float], steps: list[int],
+             num_samples: int = 256, batch_size: int = 32, seed: int = 0) -> dict:
+    """Fig. 4: the LCM at each w and step count; records carry ``omega`` (= guidance - 1)."""
+    rows = [harness.Row("lcm", "lcm", n, 1.0 + w) for w in omegas for n in steps]
+    results = harness.score_rows(bundles, rows, extractor, Path(out), num_samples, seed, batch_size)
+    for r in results["records"]:
+        r["omega"] = round(r["guidance"] - 1.0, 6)
+    path = harness.plot_against_steps(results["records"], Path(out) / "guidance.png", x_key="omega",
+                                      series_key="steps", label=lambda n: f"{n} steps", log_x=False)
+    _write(Path(out), results, guidance_markdown(results["records"]), path)
+    return results
+
+
+def guidance_markdown(records: list[dict]) -> str:
+    steps = sorted({r["steps"] for r in records})
+    head = ["w (g = w + 1)"] + [f"FID {n}" for n in steps] + [f"score {n}" for n in steps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w in sorted({r["omega"] for r in records}):
+        by = {r["steps"]: r for r in records if r["omega"] == w}
+        lines.append(f"| {w:g} | " + " | ".join(f"{by[n]['fid']:.2f}" for n in steps) + " | "
+                     + " | ".join(f"{by[n]['clip_score']:.1f}" for n in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, results: dict, table: str, plot: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table)
+
+
+__all__ = ["solver_skip", "guidance", "fid_probe", "read_probe_log"]

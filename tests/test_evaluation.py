@@ -1,0 +1,180 @@
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from latentcm import registry, world
+from latentcm.cli import main
+from latentcm.evaluation import harness, metrics
+from latentcm.evaluation.extractors import HFClipScorer, InceptionExtractor, JudgeExtractor, wanted_indices
+
+
+def _features(n=400, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+
+
+def test_fid_is_zero_on_itself_symmetric_and_grows_with_noise():
+    a, b = _features(seed=0), _features(seed=1)
+    assert metrics.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.fid(a, b) == pytest.approx(metrics.fid(b, a), rel=1e-6)
+    rng = np.random.default_rng(2)
+    noise = rng.normal(size=a.shape)
+    values = [metrics.fid(a, a + s * noise) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    assert all(x < y for x, y in zip(values, values[1:])), values
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([1.0, 1.0])
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 1.0])
+    # |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2 for diagonal covariances
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(1.0 + 1.0 + 1.0)
+
+
+def test_fid_survives_fewer_samples_than_dimensions():
+    a, b = _features(n=20, d=64, seed=3), _features(n=20, d=64, seed=4)
+    assert np.isfinite(metrics.fid(a, b)) and metrics.fid(a, b) > 0
+
+
+def test_clip_score_prefers_matched_pairs():
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(64, 32))
+    image = text + 0.3 * rng.normal(size=text.shape)
+    assert metrics.clip_score(image, text) > 80 > 20 > metrics.clip_score(image, np.roll(text, 1, axis=0))
+
+
+def test_judge_caption_score_separates_matched_from_shuffled_captions():
+    extractor = JudgeExtractor.load(registry.resolve("judge"))
+    samples = list(world.iter_samples(3, 96, "heldout"))
+    images = torch.from_numpy(world.images_array(samples)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    captions = [s.text for s in samples]
+    probs = extractor.probabilities(images)
+    matched = metrics.attribute_agreement(probs, wanted_indices(captions))
+    shuffled = metrics.attribute_agreement(probs, wanted_indices(captions[1:] + captions[:1]))
+    assert matched > 90 and shuffled < 50, (matched, shuffled)
+    predicted = extractor.predict(images)
+    wanted = [world.parse_caption(c) for c in captions]
+    assert metrics.exact_accuracy(predicted, wanted) > 0.9
+    assert metrics.exact_accuracy(predicted, wanted[1:] + wanted[:1]) < 0.2
+
+
+def test_hf_clip_scorer_on_a_tiny_random_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from latentcm.models.components import build_tokenizer
+
+    tok = build_tokenizer(16)
+    cfg = CLIPConfig(text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    scorer = HFClipScorer(tmp_path / "clip")
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    img, txt = scorer.image_embeds(images), scorer.text_embeds(["a red circle", "blue square", "star"])
+    assert img.shape == (3, 16) and txt.shape == (3, 16)
+    assert 0 <= metrics.clip_score(img, txt) <= 100
+    with pytest.raises(FileNotFoundError, match="no CLIP model"):
+        HFClipScorer(tmp_path / "missing")
+
+
+def test_inception_backend_loads_or_says_why_not():
+    try:
+        import torchvision  # noqa: F401
+        available = True
+    except Exception:
+        available = False
+    if available:  # a machine with torchvision and torchmetrics: real 2048-d features
+        pytest.importorskip("torchmetrics")
+        assert InceptionExtractor().features(torch.zeros(2, 3, 64, 64)).shape == (2, 2048)
+    else:  # this machine's CPU torch build: a clear ImportError
+        with pytest.raises(ImportError, match="Inception FID needs"):
+            InceptionExtractor()
+
+
+def test_reference_stats_are_cached_per_judge_version(micro_judge, tmp_path):
+    extractor = JudgeExtractor.load(micro_judge)
+    mu, sigma, path = harness.reference_stats(extractor, count=40, cache_dir=tmp_path)
+    assert extractor.version in path.name and path.is_file() and mu.shape == (256,) and sigma.shape == (256, 256)
+    extractor.features = None  # a second call must not recompute
+    mu2, _, _ = harness.reference_stats(extractor, count=40, cache_dir=tmp_path)
+    np.testing.assert_array_equal(mu, mu2)
+
+
+def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, micro_teacher, micro_judge,
+                                                                      tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness, "REFERENCE_COUNT", 40)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
+            "--steps", "1,2", "--num-samples", "6", "--batch-size", "4", "--out", str(out)]
+    main([*args, "--samplers", "lcm,ddim"])
+    results = json.loads((out / "results.json").read_text())
+    harness.validate_results(results)
+    assert [(r["sampler"], r["steps"]) for r in results["records"]] == [("lcm", 1), ("lcm", 2), ("ddim", 1), ("ddim", 2)]
+    assert [r["unet_evals"] for r in results["records"]] == [1, 2, 2, 4]  # counted: the teacher's CFG costs two
+    table = (out / "table1.md").read_text()
+    assert "| LCM |" in table and "| DDIM |" in table and (out / "table1.png").is_file()
+    assert (out / "grids" / "lcm-lcm-2-g8.5.png").is_file()
+    cached = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
+    main([*args, "--samplers", "lcm,ddim,dpm-solver++"])
+    again = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
+    assert {k: again[k] for k in cached} == cached and len(again) == len(cached) + 2
+    rerun = json.loads((out / "results.json").read_text())["records"]
+    assert rerun[:4] == [{**r, "seconds": r["seconds"]} for r in results["records"]]
+    bad = {**results, "records": [{**results["records"][0], "fid": -1.0}]}
+    with pytest.raises(jsonschema.ValidationError):
+        harness.validate_results(bad)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "0,2"], "--steps must be integers in 1..1000"),
+    (["--samplers", "lcm,euler"], "unknown euler"),
+])
+def test_evaluate_bad_input_is_one_line_and_exit_2(micro_lcm, args, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--model", str(micro_lcm), *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and needle in err
+
+
+def test_evaluate_refuses_the_lcm_sampler_on_a_teacher(micro_teacher, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--model", str(micro_teacher), "--samplers", "lcm,ddim"])
+    assert exc.value.code == 2 and "drop 'lcm'" in capsys.readouterr().err
+
+
+def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher, micro_judge, tmp_path,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness, "REFERENCE_COUNT", 40)
+    out = tmp_path / "ablate"
+    args = ["ablate", "solver-skip", "--teacher", str(micro_teacher), "--judge", str(micro_judge),
+            "--solvers", "ddim,dpm-solver++", "--skips", "20,50", "--iterations", "2", "--eval-every", "1",
+            "--num-samples", "4", "--batch-size", "2", "--num-data", "4", "--out", str(out)]
+    main(args)
+    results = json.loads((out / "results.json").read_text())
+    keys = [(r["solver"], r["skip"], r["iteration"]) for r in results["records"]]
+    assert keys == [(s, k, i) for s in ("ddim", "dpm-solver++") for k in (20, 50) for i in (1, 2)]
+    assert all(r["fid"] >= 0 and 0 <= r["clip_score"] <= 100 for r in results["records"])
+    assert "| ddim | 20 |" in (out / "results.md").read_text() and (out / "solver-skip.png").is_file()
+    log = out / "runs" / "ddim-k20" / "probe.jsonl"
+    before = log.read_text()
+    main(args)  # finished runs are not trained again
+    assert log.read_text() == before
+
+
+def test_ablate_guidance_records_omega(micro_lcm, micro_judge, tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness, "REFERENCE_COUNT", 40)
+    out = tmp_path / "guidance"
+    main(["ablate", "guidance", "--model", str(micro_lcm), "--judge", str(micro_judge), "--omegas", "2,8",
+          "--steps", "1,2", "--num-samples", "4", "--out", str(out)])
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert [(r["omega"], r["steps"]) for r in records] == [(2, 1), (2, 2), (8, 1), (8, 2)]
+    assert [r["guidance"] for r in records] == [3, 3, 9, 9]
+    assert "| 8 |" in (out / "results.md").read_text() and (out / "guidance.png").is_file()
