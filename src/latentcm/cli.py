@@ -378,11 +378,23 @@ def world_group():
 @click.option("--split", type=click.Choice(["train", "heldout", "paraphrase"]), default="train")
 @click.option("--count", type=click.IntRange(1, 10**6), default=1000)
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
-def world_export(out, split, count, seed):
-    """Write PNGs + metadata.jsonl (Hugging Face imagefolder layout)."""
-    from . import world
+@click.option("--style", type=click.Choice(["none", "striped"]), default="none",
+              help="striped: the fine-tuning set (striped objects, captions with 'striped'; splits train|heldout).")
+def world_export(out, split, count, seed, style):
+    """Write PNGs + metadata.jsonl (Hugging Face imagefolder layout).
 
-    click.echo(str(world.export_imagefolder(out, seed, count, split)))
+    \b
+    Example (a custom set for `lcm finetune`):
+      lcm world export data/striped-train --style striped --split train --count 4000
+    """
+    from . import styles, world
+
+    if style == "none":
+        click.echo(str(world.export_imagefolder(out, seed, count, split)))
+    elif split not in styles.STYLE_SPLITS:
+        raise UserError(f"the striped set has splits {', '.join(styles.STYLE_SPLITS)}, not {split!r}")
+    else:
+        click.echo(str(styles.export_styled(out, seed, count, split)))
 
 
 def _command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("resume", "max_minutes")) -> str:
@@ -447,6 +459,60 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
                           preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcd": asdict(cfg)})
     done, folder = lcd.distill(registry.resolve(teacher), out, cfg, loop_cfg, num_data=num_data, resume=resume,
                                command=_command_line(click.get_current_context()))
+    click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
+
+
+@cli.command()
+@click.option("--model", default="lcm", metavar="NAME|DIR", help="The LCM to adapt.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Image folder: metadata.jsonl (file_name, text) or <image>.txt captions.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
+@click.option("--skip", type=click.IntRange(1, 1000), default=None, metavar="K",
+              help="Skipping interval k [default: the LCM's own grid, T // original_inference_steps].")
+@click.option("--omega-min", type=click.FloatRange(0, 50), default=2.0, help="Lowest paper guidance w (g = 1 + w).")
+@click.option("--omega-max", type=click.FloatRange(0, 50), default=14.0, help="Highest paper guidance w.")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.95, help="EMA rate mu of the target.")
+@click.option("--loss", type=click.Choice(["l2", "huber"]), default="huber", help="Distance d (huber: pseudo-Huber).")
+@click.option("--huber-c", type=click.FloatRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber.")
+@click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, help="Batch per process.")
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the training batches.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
+@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
+              help="Stop cleanly (with a checkpoint) after this long; continue later with --resume.")
+@click.option("--validate-every", type=click.IntRange(0, 10**7), default=250, help="Validation grid every N steps (0: off).")
+@click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps.")
+def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
+             resume, max_minutes, validate_every, checkpoint_every):
+    """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
+
+    Unreadable images and images without a caption are skipped, counted and reported at the end.
+    OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv, previews/).
+
+    \b
+    Example:
+      lcm world export data/striped --style striped --count 4000
+      lcm finetune --model lcm --data data/striped --out runs/lcf --max-steps 1000
+    """
+    from dataclasses import asdict
+
+    from .models.bundle import Bundle
+    from .training import lcd, lcf
+    from .training.loop import LoopConfig
+
+    _torch_threads()
+    model_dir = registry.resolve(model)
+    k = skip if skip is not None else lcf.default_skip(Bundle.load(model_dir))
+    cfg = lcd.LCDConfig(skip=k, omega_min=omega_min, omega_max=omega_max, ema_decay=ema, loss=loss, huber_c=huber_c,
+                        batch_size=batch_size, seed=seed, target="same-noise")
+    loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
+                          preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcf": asdict(cfg)})
+    done, folder, report = lcf.finetune(model_dir, data_dir, out, cfg, loop_cfg, resume=resume,
+                                        command=_command_line(click.get_current_context()))
+    click.echo(report.summary())
+    for reason, names in sorted(report.skipped.items()):
+        click.echo(f"  {reason}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
     click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
 
 

@@ -227,13 +227,14 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
 
 
-def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
-    """Render a scene as an anti-aliased RGB image (supersampled, box-filtered)."""
+def render(scene: Scene, resolution: int = RESOLUTION, fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """Render a scene as an anti-aliased RGB image (supersampled, box-filtered); ``fill``
+    overrides the object's RGB colour."""
     side = resolution * SUPERSAMPLE
     img = Image.new("RGB", (side, side), COLOURS[scene.background])
     draw = ImageDraw.Draw(img)
     cx, cy, r = scene.cx * side, scene.cy * side, SIZES[scene.size] * side
-    fill = COLOURS[scene.colour]
+    fill = COLOURS[scene.colour] if fill is None else fill
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif scene.shape == "ring":

@@ -20,10 +20,9 @@ pipeline_tag: text-to-image
 tags: [latent-consistency-model, lcm, latentcm, text-to-image]
 ---
 
-# Latent Consistency Model distilled from `{teacher}`
+# {title}
 
-Latent Consistency Distillation (Luo et al. 2023, arXiv 2310.04378, Algorithm 1) of the teacher
-`{teacher}`, made with latentcm. The UNet takes the guidance w as a `timestep_cond` embedding
+{intro} The UNet takes the guidance w as a `timestep_cond` embedding
 (`time_cond_proj_dim` {dim}), so sampling needs one UNet pass per step and no negative prompt.
 
 ## Command that made it
@@ -73,8 +72,11 @@ def write_lcm_card(folder: Path, card_info: dict) -> Path:
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
     n, k = sched["original_inference_steps"], sched["num_train_timesteps"] // sched["original_inference_steps"]
+    teacher = card_info.get("teacher", "?")
     text = LCM_CARD.format(
-        teacher=card_info.get("teacher", "?"), dim=unet["time_cond_proj_dim"], command=card_info.get("command") or "# made through the Python API: latentcm.training.lcd.distill",
+        title=card_info.get("title", f"Latent Consistency Model distilled from `{teacher}`"),
+        intro=card_info.get("intro", "Latent Consistency Distillation (Luo et al. 2023, arXiv 2310.04378, Algorithm 1) "
+                                     f"of the teacher `{teacher}`, made with latentcm."), dim=unet["time_cond_proj_dim"], command=card_info.get("command") or "# made through the Python API: latentcm.training.lcd.distill",
         solver=lcd.get("solver", "?"), skip=k, n_grid=n, grid_first=k - 1, grid_last=n * k - 1,
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),

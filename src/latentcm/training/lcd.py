@@ -26,6 +26,9 @@ from ..models.components import encode_text
 from .teacher import ema_update, step_generator
 
 LOSSES = ("l2", "huber")
+# How the less-noisy point z_{t_n} is made: "solver" = LCD (Algorithm 1 line 5, teacher + ODE solver);
+# "same-noise" = LCF (paper-spec §9): alpha(t_n) z + sigma(t_n) eps with the SAME z and eps as z_{t_{n+k}}.
+TARGETS = ("solver", "same-noise")
 DATA_WORLD_SEED = 1238          # shapes-world seed of the distillation data (the teacher stages use 1234..1237)
 PREVIEW_OMEGA = 7.5             # paper w of the validation grid (diffusers guidance_scale 8.5)
 PREVIEW_STEPS = 4
@@ -45,10 +48,13 @@ class LCDConfig:
     batch_size: int = 16               # per process
     seed: int = 0                      # batch seed
     time_cond_proj_dim: int = 256      # size of the w embedding fed as timestep_cond
+    target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if not 0 <= self.omega_min <= self.omega_max:
@@ -159,9 +165,11 @@ def world_data(bundle, num_data: int, cache: Path | None = None, seed: int = DAT
 
 class LCDTask:
     """LCM Algorithm 1 as a loop Task: online student, EMA target, frozen teacher, solver target.
+    With ``cfg.target == "same-noise"`` it is LCF instead (no teacher, no solver; paper-spec §9).
 
     Args:
-        teacher_unet: the frozen diffusion UNet (eps, v or sample prediction).
+        teacher_unet: the frozen diffusion UNet (eps, v or sample prediction); None for LCF, where
+            ``student`` (an LCM's UNet, with ``time_cond_proj_dim``) must be given.
         scheduler_config: its diffusers scheduler config (betas, prediction_type).
         data: cached latents and prompt encodings.
         cfg: the variant.
@@ -172,12 +180,17 @@ class LCDTask:
     def __init__(self, teacher_unet, scheduler_config: dict, data: LCDData, cfg: LCDConfig, *,
                  student=None, preview_fn=None):
         self.cfg, self.data, self.preview_fn = cfg, data, preview_fn
+        if (teacher_unet is None) != (cfg.target == "same-noise"):
+            raise ValueError("LCD (target 'solver') needs a teacher UNet; LCF (target 'same-noise') takes none")
+        if student is None and teacher_unet is None:
+            raise ValueError("LCF needs the LCM's UNet as student")
         self.student_unet = student if student is not None else make_student(teacher_unet, cfg.time_cond_proj_dim)
         self.target_unet = copy.deepcopy(self.student_unet).requires_grad_(False).eval()  # theta^- <- theta
-        self.teacher = Denoiser(teacher_unet.requires_grad_(False).eval(), scheduler_config)
+        self.teacher = (Denoiser(teacher_unet.requires_grad_(False).eval(), scheduler_config)
+                        if teacher_unet is not None else None)
         self.student = ConsistencyModel(Denoiser(self.student_unet, scheduler_config))
         self.target = ConsistencyModel(Denoiser(self.target_unet, scheduler_config))
-        self.alpha_bar = self.teacher.alpha_bar  # [T] float64
+        self.alpha_bar = Denoiser(self.target_unet, scheduler_config).alpha_bar  # [T] float64
         self.grid = training_grid(len(self.alpha_bar), cfg.skip)  # [N]
         self.solver = SOLVERS[cfg.solver]
         self.device = self.alpha_bar.device
@@ -191,7 +204,8 @@ class LCDTask:
     def prepare(self, accelerator) -> None:
         """Everything on the accelerator's device; the student's forward through ``accelerator.prepare``."""
         self.device = accelerator.device
-        self.teacher.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         self.target.to(self.device)
         self.data = self.data.to(self.device)
         self.alpha_bar = self.alpha_bar.to(self.device)
@@ -219,6 +233,10 @@ class LCDTask:
             return self.teacher(x2, t2, text_pair)
         return augmented_step_batched(self.solver, z_s, t_start, t_end, fn_pair, omega, alpha_bar=self.alpha_bar)
 
+    def same_noise_target(self, z0: torch.Tensor, noise: torch.Tensor, t_end: torch.Tensor) -> torch.Tensor:
+        """LCF: z_{t_n} = alpha(t_n) z + sigma(t_n) eps, the same latent and noise as z_{t_{n+k}} (paper-spec §9)."""
+        return schedules.add_noise(z0, noise, self.alpha_bar[t_end])
+
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         """Algorithm 1 lines 4-6 on one batch."""
         t_start, t_end, omega, text = batch["t_start"], batch["t_end"], batch["omega"], batch["text"]
@@ -230,7 +248,8 @@ class LCDTask:
         pred = self.student(z_s, t_start, text, w_emb)  # [B, C, h, w]
         with torch.no_grad():
             # 4. guided solver target z_hat_{t_n} from the teacher (line 5)
-            z_hat = self.solver_target(z_s, t_start, t_end, text, omega)
+            z_hat = (self.solver_target(z_s, t_start, t_end, text, omega) if self.cfg.target == "solver"
+                     else self.same_noise_target(batch["z0"], batch["noise"], t_end))
             # 5. target network f_theta^-(z_hat_{t_n}, w, c, t_n)
             target = self.target(z_hat, t_end, text, w_emb)
         # 6. distance d (line 6); the update (line 7) is the loop's, the EMA (line 8) is after_update
@@ -248,9 +267,11 @@ class LCDTask:
 
 # --- a whole run ---------------------------------------------------------------------------------
 
-def make_preview(bundle, original_inference_steps: int, num: int = 8):
-    """A validation-grid writer: PREVIEW_STEPS-step LCM samples of held-out prompts at w = PREVIEW_OMEGA."""
-    prompts = [s.text for s in world.iter_samples(7, num, "heldout")]
+def make_preview(bundle, original_inference_steps: int, num: int = 8, prompts: list[str] | None = None):
+    """A validation-grid writer: PREVIEW_STEPS-step LCM samples at w = PREVIEW_OMEGA of ``prompts``
+    (default: ``num`` held-out world prompts)."""
+    prompts = prompts[:num] if prompts else [s.text for s in world.iter_samples(7, num, "heldout")]
+    num = len(prompts)
     states = bundle.encode_prompts(prompts)  # [num, L, D]
     size = bundle.unet.config.sample_size * bundle.vae_factor
 

@@ -1,0 +1,106 @@
+"""User image-caption folders: the Hugging Face imagefolder convention or sidecar .txt captions.
+
+``load_pairs(folder, resolution)`` returns (image, caption) pairs resized (shorter side) and
+centre-cropped to ``resolution``, plus a ``LoadReport``. Nothing bad stops the load and nothing is
+lost silently: an unreadable or corrupt image, a missing caption, a bad metadata line or a listed
+file that does not exist is skipped, counted by reason and named in the report.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_KEYS = ("text", "caption")
+MAX_PIXELS = 64_000_000  # refuse decompression bombs rather than exhausting memory
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped.setdefault(reason, []).append(name)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def summary(self) -> str:
+        """One line, e.g. 'loaded 98 image-caption pairs; skipped 2 (unreadable image: 1, missing caption: 1)'."""
+        parts = ", ".join(f"{reason}: {len(names)}" for reason, names in sorted(self.skipped.items()))
+        return f"loaded {self.loaded} image-caption pairs; skipped {self.num_skipped}" + (f" ({parts})" if parts else "")
+
+
+def fit_square(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to ``resolution`` (bicubic), then centre-crop to a square."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def _read_image(path: Path, resolution: int) -> Image.Image | None:
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                return None
+            im.load()
+            return fit_square(im, resolution)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _metadata_captions(folder: Path, report: LoadReport) -> dict[str, str]:
+    captions = {}
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return captions
+    for n, line in enumerate(meta.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            report.skip("bad metadata line", f"metadata.jsonl:{n}")
+            continue
+        text = next((row[k] for k in CAPTION_KEYS if isinstance(row.get(k), str)), "")
+        captions[str(name)] = text
+    return captions
+
+
+def load_pairs(folder: str | Path, resolution: int) -> tuple[list[tuple[Image.Image, str]], LoadReport]:
+    """(image, caption) pairs of ``folder``; captions from metadata.jsonl, else ``<image>.txt``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no image folder at {folder}")
+    report = LoadReport()
+    captions = _metadata_captions(folder, report)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    names = {p.relative_to(folder).as_posix(): p for p in files}
+    for listed in sorted(set(captions) - set(names)):
+        report.skip("listed file missing", listed)
+    pairs = []
+    for name, path in names.items():
+        text = captions.get(name)
+        if text is None and path.with_suffix(".txt").is_file():
+            text = path.with_suffix(".txt").read_text(errors="replace")
+        text = (text or "").strip()
+        if not text:
+            report.skip("missing caption", name)
+            continue
+        image = _read_image(path, resolution)
+        if image is None:
+            report.skip("unreadable image", name)
+            continue
+        pairs.append((image, text))
+    report.loaded = len(pairs)
+    return pairs, report
