@@ -127,3 +127,18 @@ def test_finetune_on_a_folder_with_nothing_usable_is_one_line(micro_lcm, tmp_pat
         main(["finetune", "--model", str(micro_lcm), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "no usable image-caption pairs" in err
+
+
+def test_fine_tune_then_distil_baseline_runs_on_a_folder(micro_teacher, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    data = _folder(tmp_path)
+    main(["finetune-teacher", "--teacher", str(micro_teacher), "--data", str(data), "--out", str(tmp_path / "t"),
+          "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3"])
+    assert "loaded 4 image-caption pairs" in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "t", local_files_only=True)
+    before, after = Bundle.load(micro_teacher).unet.state_dict(), pipe.unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    main(["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--out", str(tmp_path / "l"),
+          "--max-steps", "1", "--batch-size", "2", "--validate-every", "0"])
+    assert Bundle.load(tmp_path / "l").is_lcm

@@ -54,7 +54,9 @@ def cli() -> None:
 @click.option("--height", type=click.IntRange(8, 1024), default=None, help="Image height (default: model's).")
 @click.option("--width", type=click.IntRange(8, 1024), default=None, help="Image width (default: model's).")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples/grid.png", help="Output PNG.")
-def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out):
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:WEIGHT]",
+              help="LCM-LoRA (folder or .safetensors) on a teacher --model; repeat to stack, weight default 1.")
+def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out, loras):
     """Generate an image grid from a text prompt.
 
     Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
@@ -64,6 +66,7 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
     Examples:
       lcm generate "a large red circle on a blue background" --out red.png
       lcm generate "a large red circle on a blue background" --model teacher --steps 50 --out red50.png
+      lcm generate "a large red circle on a blue background" --model teacher --lora runs/lcm-lora --out lora.png
     """
     from .models.bundle import Bundle
     from .images import save_grid
@@ -71,6 +74,12 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
     if not prompt.strip():
         raise UserError("the prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
     bundle = Bundle.load(registry.resolve(model))
+    if loras:
+        from .models.lora_io import apply_loras, parse_lora_spec
+
+        if guidance is not None:
+            raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
+        apply_loras(bundle, [parse_lora_spec(spec) for spec in loras])
     images = bundle.generate([prompt] * num_images, [seed + i for i in range(num_images)], sampler, steps,
                              guidance, height, width)
     path = save_grid(images, Path(out), cols=min(8, num_images))
@@ -415,10 +424,12 @@ def _command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("resume", "m
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
 @click.option("--solver", type=click.Choice(SAMPLER_CHOICES), default="ddim", help="ODE solver Psi of the target.")
 @click.option("--skip", type=click.IntRange(1, 1000), default=20, metavar="K", help="Skipping interval k (grid T // k).")
-@click.option("--omega-min", type=click.FloatRange(0, 50), default=2.0, help="Lowest paper guidance w (g = 1 + w).")
-@click.option("--omega-max", type=click.FloatRange(0, 50), default=14.0, help="Highest paper guidance w.")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.95,
-              help="EMA rate mu of the target network (the paper's: 0.999943).")
+@click.option("--omega-min", type=click.FloatRange(0, 50), default=None, show_default="2; 7.5 with --lora",
+              help="Lowest paper guidance w (g = 1 + w).")
+@click.option("--omega-max", type=click.FloatRange(0, 50), default=None, show_default="14; 7.5 with --lora",
+              help="Highest paper guidance w (--lora: the paper's fixed w = 7.5, no w embedding).")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
+              help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
 @click.option("--huber-c", type=click.FloatRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber.")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
@@ -429,20 +440,32 @@ def _command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("resume", "m
 @click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
               help="Stop cleanly (with a checkpoint) after this long; continue later with --resume.")
 @click.option("--num-data", type=click.IntRange(1, 10**6), default=10000, help="Shapes-world images, encoded once.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Distil on this image folder (metadata.jsonl or .txt captions) instead of the shapes world.")
 @click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096), default=256, help="Size of the w embedding.")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
 @click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps.")
+@click.option("--lora", "lora_rank", type=click.IntRange(1, 4096), default=None, metavar="RANK",
+              help="LCM-LoRA: train a rank-RANK LoRA on the teacher's UNet (paper 64; 16 for the tiny teacher).")
+@click.option("--lora-alpha", type=click.FloatRange(0, None, min_open=True), default=None,
+              show_default="RANK (scale 1)", help="LoRA alpha (scale alpha / RANK).")
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
-            resume, max_minutes, num_data, time_cond_proj_dim, validate_every, checkpoint_every):
+            resume, max_minutes, num_data, data_dir, time_cond_proj_dim, validate_every, checkpoint_every,
+            lora_rank, lora_alpha):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
     previews/). Runs on one process, or data-parallel under `accelerate launch` (--batch-size
     is per process). Interrupted? Rerun the same command with --resume.
 
+    With --lora RANK it is LCM-LoRA (arXiv 2311.05556): only a LoRA adapter on the teacher's
+    UNet trains, with no w embedding; OUT receives pytorch_lora_weights.safetensors (diffusers),
+    lcm_lora_kohya.safetensors (kohya-ss keys), scheduler_config.json and README.md.
+
     \b
     Examples:
       lcm distill --teacher teacher --out runs/lcm --max-steps 2000 --loss huber
+      lcm distill --teacher teacher --out runs/lcm-lora --lora 16 --loss huber
       ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
           -m latentcm.cli distill --out runs/lcm2      # two CPU processes (gloo)
     """
@@ -452,13 +475,24 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
     from .training.loop import LoopConfig
 
     _torch_threads()
-    cfg = lcd.LCDConfig(solver=solver, skip=skip, omega_min=omega_min, omega_max=omega_max, ema_decay=ema,
+    lora = None
+    if lora_rank is not None:
+        from .training.lora import LORA_OMEGA, LoRAConfig
+
+        lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, seed=seed)
+    elif lora_alpha is not None:
+        raise UserError("--lora-alpha needs --lora RANK")
+    w_default = (LORA_OMEGA, LORA_OMEGA) if lora else (2.0, 14.0)
+    cfg = lcd.LCDConfig(solver=solver, skip=skip, omega_min=w_default[0] if omega_min is None else omega_min,
+                        omega_max=w_default[1] if omega_max is None else omega_max,
+                        ema_decay=(0.0 if lora else 0.95) if ema is None else ema,
                         loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
                         time_cond_proj_dim=time_cond_proj_dim)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
-                          preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcd": asdict(cfg)})
+                          preview_every=validate_every, max_minutes=max_minutes,
+                          extra_meta={"lcd": asdict(cfg), **({"lora": asdict(lora)} if lora else {})})
     done, folder = lcd.distill(registry.resolve(teacher), out, cfg, loop_cfg, num_data=num_data, resume=resume,
-                               command=_command_line(click.get_current_context()))
+                               command=_command_line(click.get_current_context()), data_dir=data_dir, lora=lora)
     click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
 
 
@@ -513,6 +547,36 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
     click.echo(report.summary())
     for reason, names in sorted(report.skipped.items()):
         click.echo(f"  {reason}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+    click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
+
+
+@cli.command("finetune-teacher")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Diffusion teacher to fine-tune.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="Image folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; becomes a teacher folder.")
+@click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
+@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None, help="Stop cleanly after this long.")
+def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, resume, max_minutes):
+    """Plain diffusion fine-tuning of a teacher on an image folder (then `lcm distill --data` it again):
+    the baseline LCF is measured against.
+
+    \b
+    Example:
+      lcm finetune-teacher --data data/striped --out runs/teacher-striped --max-steps 1000
+      lcm distill --teacher runs/teacher-striped --data data/striped --out runs/lcm-striped
+    """
+    from .training.diffusion_finetune import finetune_teacher as run
+    from .training.loop import LoopConfig
+
+    _torch_threads()
+    loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", max_minutes=max_minutes)
+    done, folder, summary = run(registry.resolve(teacher), data_dir, out, loop_cfg, batch_size=batch_size, seed=seed,
+                                resume=resume, command=_command_line(click.get_current_context()))
+    click.echo(summary)
     click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
 
 

@@ -105,7 +105,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
-        unet: the student (with ``time_cond_proj_dim``).
+        unet: the student (with ``time_cond_proj_dim``), or a teacher UNet carrying an LCM-LoRA (without).
         scheduler_config: its schedule (betas, prediction_type; an LCMScheduler config also gives
             ``original_inference_steps`` and ``timestep_scaling``).
         text_states: prompt encodings [B, L, D].
@@ -126,7 +126,9 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     f = ConsistencyModel(Denoiser(unet, scheduler_config), timestep_scaling=scaling)
     p = next(unet.parameters())
     w = torch.full((len(seeds),), float(omega), device=p.device)
-    w_emb = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(p.dtype)  # [B, d]
+    d = unet.config.get("time_cond_proj_dim")
+    # An LCM-LoRA'd teacher has no w input: its guidance is distilled in (paper-spec §11), omega is unused.
+    w_emb = guidance_scale_embedding(w, d).to(p.dtype) if d is not None else None  # [B, d]
     noise_fn = per_image_noise(seeds, shape, dtype=p.dtype, device=p.device)
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
     ts = lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid)

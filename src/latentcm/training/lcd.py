@@ -144,7 +144,8 @@ def encode_pairs(vae, text_encoder, tokenizer, pairs, batch_size: int = 64) -> L
         latents.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)  # [b, C, h, w]
         states.append(encode_text(text_encoder, tokenizer, list(captions)))  # [b, L, D]
     uncond = encode_text(text_encoder, tokenizer, [""])  # [1, L, D]
-    return LCDData(torch.cat(latents).float().cpu(), torch.cat(states).float().cpu(), uncond.float().cpu())
+    # contiguous: the in-memory data must match the cached file bit for bit (a resumed run reads the cache)
+    return LCDData(torch.cat(latents).float().cpu().contiguous(), torch.cat(states).float().cpu(), uncond.float().cpu())
 
 
 def world_data(bundle, num_data: int, cache: Path | None = None, seed: int = DATA_WORLD_SEED,
@@ -243,7 +244,7 @@ class LCDTask:
         # 1. z_{t_{n+k}} ~ N(alpha(t_{n+k}) z, sigma^2(t_{n+k}) I) from the cached latent (line 4)
         z_s = schedules.add_noise(batch["z0"], batch["noise"], self.alpha_bar[t_start])  # [B, C, h, w]
         # 2. the w embedding, fed to student and target as timestep_cond (paper-spec §6)
-        w_emb = guidance_scale_embedding(omega, self.cfg.time_cond_proj_dim).to(z_s.dtype)  # [B, d]
+        w_emb = self.w_embedding(omega, z_s.dtype)  # [B, d], or None (LCM-LoRA)
         # 3. online prediction f_theta(z_{t_{n+k}}, w, c, t_{n+k})
         pred = self.student(z_s, t_start, text, w_emb)  # [B, C, h, w]
         with torch.no_grad():
@@ -255,6 +256,10 @@ class LCDTask:
         # 6. distance d (line 6); the update (line 7) is the loop's, the EMA (line 8) is after_update
         loss = distance(pred.float(), target.float(), self.cfg.loss, self.cfg.huber_c)
         return loss, {"omega_mean": float(omega.mean())}
+
+    def w_embedding(self, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The w embedding [B, d] fed as timestep_cond (paper-spec §6); LCM-LoRA has none (``lora.LoRATask``)."""
+        return guidance_scale_embedding(omega, self.cfg.time_cond_proj_dim).to(dtype)
 
     def after_update(self, step: int) -> None:
         """Algorithm 1 line 8: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)."""
@@ -287,9 +292,12 @@ def make_preview(bundle, original_inference_steps: int, num: int = 8, prompts: l
 
 def distill(teacher_dir: str | Path, out: str | Path, cfg: LCDConfig, loop_cfg: LoopConfig, *, num_data: int,
             resume: bool = False, command: str = "", accelerator=None, preview_fn=None, export: bool = True,
-            data_cache: Path | None = None) -> tuple[int, Path | None]:
+            data_cache: Path | None = None, data_dir: Path | None = None,
+            lora=None) -> tuple[int, Path | None]:
     """Distil the teacher folder into an LCM: train with ``fit``, then export a diffusers folder into ``out``.
 
+    ``data_dir``: a user image folder to distil on instead of ``num_data`` shapes-world images.
+    ``lora``: a ``lora.LoRAConfig`` makes it LCM-LoRA (``lora.LoRATask``; ``out`` receives LoRA files instead).
     ``preview_fn(student_unet, step, out_dir)`` replaces the validation grid (``make_preview``);
     ablations pass a metric probe, ``export=False`` and a ``data_cache`` shared between runs.
 
@@ -305,16 +313,34 @@ def distill(teacher_dir: str | Path, out: str | Path, cfg: LCDConfig, loop_cfg: 
     bundle = Bundle.load(teacher_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = training_grid(bundle.scheduler_config.get("num_train_timesteps", 1000), cfg.skip)  # fail early
-    data = world_data(bundle, num_data, data_cache or out / "data-cache.safetensors", write=acc.is_main_process)
+    cache = data_cache or out / "data-cache.safetensors"
+    if data_dir is not None:
+        from .lcf import folder_data
+
+        data, _, _ = folder_data(bundle, Path(data_dir), cache, write=acc.is_main_process)
+    else:
+        data = world_data(bundle, num_data, cache, write=acc.is_main_process)
     preview = preview_fn or make_preview(bundle, original_inference_steps=len(grid))
-    task = LCDTask(bundle.unet, bundle.scheduler_config, data, cfg, preview_fn=preview)
+    if lora is None:
+        task = LCDTask(bundle.unet, bundle.scheduler_config, data, cfg, preview_fn=preview)
+    else:
+        from .lora import LoRATask
+
+        task = LoRATask(bundle.unet, bundle.scheduler_config, data, cfg, lora, preview_fn=preview)
     done = fit(task, loop_cfg, out, resume, desc="distill", accelerator=acc)
     if done < loop_cfg.max_steps or not export:
         return done, None
     if acc.is_main_process:
-        info = {"command": command, "teacher": str(teacher_dir), "steps": done, "num_data": num_data,
+        info = {"command": command, "teacher": str(teacher_dir), "steps": done,
+                "num_data": num_data if data_dir is None else str(data_dir),
                 "lcd": asdict(cfg), "loop": {k: v for k, v in asdict(loop_cfg).items() if k != "extra_meta"},
                 "minutes_this_session": round((time.time() - t0) / 60, 2), "processes": acc.num_processes}
-        export_lcm(task.student_unet, bundle, out, info, skip=cfg.skip)
+        if lora is None:
+            export_lcm(task.student_unet, bundle, out, info, skip=cfg.skip)
+        else:
+            from .lora import export_lcm_lora
+
+            export_lcm_lora(task.student_unet, bundle.scheduler_config, out, {**info, "lora": asdict(lora)},
+                            skip=cfg.skip)
     acc.wait_for_everyone()
     return done, out

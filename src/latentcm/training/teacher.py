@@ -209,11 +209,16 @@ class UNetTask:
     """epsilon-prediction diffusion on VAE latents, min-SNR-gamma weighting, caption
     dropout for classifier-free guidance, EMA weights for sampling."""
 
-    def __init__(self, unet, ema, text_encoder, tokenizer, latents: torch.Tensor, scenes: list[world.Scene],
+    def __init__(self, unet, ema, text_encoder, tokenizer, latents: torch.Tensor, scenes: list[world.Scene] | None,
                  seed: int, batch_size: int, caption_dropout: float = 0.1, snr_gamma: float = 5.0,
-                 ema_decay: float = 0.999, preview_fn=None):
+                 ema_decay: float = 0.999, preview_fn=None, captions: list[str] | None = None):
+        """``scenes``: world scenes, captioned afresh each step; or ``captions``: one fixed caption per latent
+        (a user's folder)."""
+        if (scenes is None) == (captions is None):
+            raise ValueError("give either scenes (world data) or captions (fixed), not both")
         self.unet, self.ema, self.text_encoder, self.tok = unet, ema, text_encoder, tokenizer
         self.latents, self.scenes, self.seed, self.bs = latents, scenes, seed, batch_size
+        self.captions = captions
         self.caption_dropout, self.snr_gamma, self.ema_decay = caption_dropout, snr_gamma, ema_decay
         self.alpha_bar = schedules.alphas_cumprod_from_config(components.noise_scheduler_config()).float()
         self.preview_fn = preview_fn
@@ -227,7 +232,8 @@ class UNetTask:
     def batch(self, step):
         g = step_generator(self.seed, step)
         idx = torch.randint(len(self.latents), (self.bs,), generator=g)
-        captions = sample_captions([self.scenes[i] for i in idx.tolist()], self.seed, step)
+        captions = (sample_captions([self.scenes[i] for i in idx.tolist()], self.seed, step) if self.captions is None
+                    else [self.captions[i] for i in idx.tolist()])
         drop = (torch.rand(self.bs, generator=g) < self.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]
         return {"z0": self.latents[idx], "text": encode_text(self.text_encoder, self.tok, captions),

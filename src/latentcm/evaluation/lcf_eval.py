@@ -1,0 +1,80 @@
+"""Adaptation measured with the harness: models sampled on the striped set's held-out captions.
+
+Per model and step count: FID to real held-out striped images (judge features), style accuracy
+(the style judge), exact attribute accuracy and the caption score (the judge). Samples are
+cached like ``lcm evaluate``'s.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import styles
+from ..images import save_grid
+from . import harness, metrics
+from .extractors import JudgeExtractor
+from .style import StyleJudge
+
+REFERENCE_SEED = 99
+
+
+def striped_prompts(count: int, seed: int = REFERENCE_SEED) -> list[str]:
+    return [styles.make_styled_sample(seed, i, "heldout").text for i in range(count)]
+
+
+def striped_reference(extractor: JudgeExtractor, count: int, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(cache_dir) / f"reference-striped-heldout-{extractor.name}-{extractor.version}-n{count}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+    x = np.stack([np.asarray(styles.make_styled_sample(REFERENCE_SEED + 1, i, "heldout").image) for i in range(count)])
+    mu, sigma = metrics.gaussian_stats(extractor.features(harness._pixels(x)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma)
+    return mu, sigma
+
+
+def evaluate_models(bundles: dict, extractor: JudgeExtractor, style_judge: StyleJudge, out: Path,
+                    steps: tuple[int, ...] = (1, 2, 4), num_samples: int = 256, guidance: float = 8.5, seed: int = 0,
+                    reference_count: int = 1000, cache_dir: Path | None = None) -> dict[str, list[dict]]:
+    """{model name: [one record per step count]} with steps, fid, style_accuracy, accuracy, clip_score, seconds."""
+    out = Path(out)
+    prompts = striped_prompts(num_samples)
+    reference = striped_reference(extractor, reference_count, cache_dir or harness.default_cache_dir())
+    results = {}
+    for name, bundle in bundles.items():
+        records = []
+        for n in steps:
+            row = harness.Row(name, "lcm", n, guidance)
+            images, timing = harness.generate_cached(bundle, row, prompts, seed, out / "samples")
+            x = harness._pixels(images)
+            save_grid(x[:32], out / "grids" / f"{row.key}.png")
+            scored = harness.score(images, prompts, extractor, reference)
+            records.append({"steps": n, "fid": scored["fid"],
+                            "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
+                            "accuracy": scored["accuracy"], "clip_score": scored["clip_score"],
+                            "attribute_accuracy": scored["attribute_accuracy"], **timing})
+        results[name] = records
+    return results
+
+
+def markdown(results: dict[str, list[dict]], labels: dict[str, str] | None = None) -> str:
+    labels = labels or {}
+    lines = ["| model | steps | FID to striped held-out | style accuracy | exact attribute accuracy | caption score |",
+             "|---|---|---|---|---|---|"]
+    for name, records in results.items():
+        for r in records:
+            lines.append(f"| {labels.get(name, name)} | {r['steps']} | {r['fid']:.2f} | {r['style_accuracy']:.1%} | "
+                         f"{r['accuracy']:.1%} | {r['clip_score']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, results: dict, extra: dict, labels: dict[str, str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({**results, **extra}, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results, labels))
+
+
+__all__ = ["evaluate_models", "markdown", "write", "striped_prompts"]

@@ -1,0 +1,85 @@
+"""Style accuracy for the fine-tuning experiment: a tiny CNN that tells striped objects from plain ones.
+
+Trained on real images only (half base world, half the striped set, training parts), with a fixed
+seed, in about a minute on a CPU; cached by its settings. Like the judge it never trains or
+conditions a generator.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import styles, world
+
+VERSION = "v1"
+
+
+class StyleJudge(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+        layers, cin = [], 3
+        for cout, stride in ((w, 1), (2 * w, 2), (2 * w, 2), (4 * w, 2)):
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(4, cout), nn.SiLU()]
+            cin = cout
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> logit of "striped" [B]."""
+        return self.net(images).squeeze(-1)
+
+    @torch.no_grad()
+    def is_striped(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        return torch.cat([self(images[i:i + batch_size].float()) > 0
+                          for i in range(0, len(images), batch_size)]).numpy()
+
+
+def labelled_images(count: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` plain and ``count`` striped images of ``split`` (train | heldout), and 0/1 labels."""
+    plain_split = "train" if split == "train" else "heldout"
+    plain = [world.make_sample(seed, i, plain_split).image for i in range(count)]
+    striped = [styles.make_styled_sample(seed, i, split).image for i in range(count)]
+    x = np.stack([np.asarray(im) for im in plain + striped])
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, torch.cat([torch.zeros(count), torch.ones(count)])
+
+
+def train_style_judge(steps: int = 400, batch_size: int = 64, count: int = 2000, seed: int = 0) -> StyleJudge:
+    torch.manual_seed(seed)
+    images, labels = labelled_images(count, seed + 1, "train")
+    judge = StyleJudge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=g)
+        loss = nn.functional.binary_cross_entropy_with_logits(judge(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return judge.eval().requires_grad_(False)
+
+
+def load_or_train(cache_dir: Path, steps: int = 400, seed: int = 0) -> tuple[StyleJudge, str]:
+    """The style judge cached in ``cache_dir`` (trained on first use); returns it and its version tag."""
+    tag = f"style-judge-{VERSION}-s{seed}-n{steps}"
+    path = Path(cache_dir) / f"{tag}.safetensors"
+    judge = StyleJudge()
+    if path.is_file():
+        judge.load_state_dict(load_file(str(path)))
+        return judge.eval().requires_grad_(False), tag
+    judge = train_style_judge(steps, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(judge.state_dict(), str(tmp))
+    tmp.replace(path)
+    return judge, tag
+
+
+def heldout_accuracy(judge: StyleJudge, count: int = 500, seed: int = 99) -> float:
+    """The style judge's accuracy on real held-out images (its ceiling)."""
+    images, labels = labelled_images(count, seed, "heldout")
+    return float((judge.is_striped(images) == labels.numpy().astype(bool)).mean())
