@@ -56,7 +56,12 @@ def cli() -> None:
 @click.option("--out", type=click.Path(dir_okay=False), default="samples/grid.png", help="Output PNG.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:WEIGHT]",
               help="LCM-LoRA (folder or .safetensors) on a teacher --model; repeat to stack, weight default 1.")
-def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out, loras):
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="img2img: start from this image, fitted to the output size (LCM or --lora only).")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
+              show_default="0.5 with --init-image", help="img2img: how much of the image to redo (1 = all).")
+def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out, loras, init_image,
+             strength):
     """Generate an image grid from a text prompt.
 
     Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
@@ -67,12 +72,15 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
       lcm generate "a large red circle on a blue background" --out red.png
       lcm generate "a large red circle on a blue background" --model teacher --steps 50 --out red50.png
       lcm generate "a large red circle on a blue background" --model teacher --lora runs/lcm-lora --out lora.png
+      lcm generate "a large red circle on a green background" --init-image red.png --strength 0.5 --out i2i.png
     """
     from .models.bundle import Bundle
     from .images import save_grid
 
     if not prompt.strip():
         raise UserError("the prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
+    if strength is not None and init_image is None:
+        raise UserError("--strength needs --init-image (img2img)")
     bundle = Bundle.load(registry.resolve(model))
     if loras:
         from .models.lora_io import apply_loras, parse_lora_spec
@@ -80,8 +88,14 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
         if guidance is not None:
             raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
         apply_loras(bundle, [parse_lora_spec(spec) for spec in loras])
-    images = bundle.generate([prompt] * num_images, [seed + i for i in range(num_images)], sampler, steps,
-                             guidance, height, width)
+    prompts, seeds = [prompt] * num_images, [seed + i for i in range(num_images)]
+    if init_image is not None:
+        from .img2img import DEFAULT_STRENGTH, img2img
+
+        strength = DEFAULT_STRENGTH if strength is None else strength
+        images = img2img(bundle, prompts, seeds, init_image, strength, sampler, steps, guidance, height, width)
+    else:
+        images = bundle.generate(prompts, seeds, sampler, steps, guidance, height, width)
     path = save_grid(images, Path(out), cols=min(8, num_images))
     click.echo(str(path))
 
@@ -578,6 +592,30 @@ def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, re
                                 resume=resume, command=_command_line(click.get_current_context()))
     click.echo(summary)
     click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
+
+
+@cli.command("export")
+@click.option("--model", default="lcm", metavar="NAME|DIR", help="Shipped LCM name or LCM folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder for the pipeline.")
+@click.option("--fp16", is_flag=True, help='Also write float16 weights (diffusers variant="fp16").')
+@click.option("--single-file", is_flag=True, help="Also write OUT/<name>.safetensors: all weights (latentcm layout).")
+@click.option("--base-model", default=None, metavar="TEXT",
+              show_default="the source card's base_model, else its folder name", help="Model card base_model.")
+def export_model(model, out, fp16, single_file, base_model):
+    """Export an LCM as a complete diffusers LatentConsistencyModelPipeline folder with a model card.
+
+    The card's YAML front matter names library_name, base_model, tags, pipeline_tag and the
+    recommended 4 steps at guidance 8.5. Prints the folder.
+
+    \b
+    Examples:
+      lcm export --model lcm --out release/lcm --fp16
+      lcm export --model runs/lcm --out release/my-lcm --single-file --base-model my-org/my-teacher
+    """
+    from .training.release import export_release
+
+    click.echo(str(export_release(registry.resolve(model), out, fp16=fp16, single_file=single_file,
+                                  base_model=base_model)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from .. import parameterization as P
 from ..guidance import guidance_scale_embedding
-from ..lcm_sampling import per_image_noise, sample_lcm
+from ..lcm_sampling import per_image_noise, renoise, sample_lcm
 from ..schedules import alpha_sigma_at, alphas_cumprod_from_config, lcm_timesteps
 
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"  # the omega-embedding projection (paper-spec §6)
@@ -101,7 +101,8 @@ def make_student(teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256) -
 def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: torch.Tensor, seeds: list[int],
                    shape: tuple[int, int, int], *, steps: int = 4, omega: float = 7.5,
                    original_inference_steps: int | None = None, timestep_scaling: float | None = None,
-                   latents: torch.Tensor | None = None) -> torch.Tensor:
+                   latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
+                   strength: float = 1.0) -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
@@ -116,6 +117,9 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         original_inference_steps: N of the skipping grid; default the config's, else 50.
         timestep_scaling: s of c_skip / c_out; default the config's, else ``parameterization.TIMESTEP_SCALING``.
         latents: initial latents [B, C, h, w] replacing each stream's first draw (the step noises stay per seed).
+        image_latents: img2img: clean latents x0 [B, C, h, w] (VAE mode x scaling_factor), noised to the first
+            timestep with each stream's first draw, as diffusers' LatentConsistencyModelImg2ImgPipeline does.
+        strength: img2img strength in (0, 1]: the skipping grid is truncated to its first N * strength points.
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -130,7 +134,13 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     # An LCM-LoRA'd teacher has no w input: its guidance is distilled in (paper-spec §11), omega is unused.
     w_emb = guidance_scale_embedding(w, d).to(p.dtype) if d is not None else None  # [B, d]
     noise_fn = per_image_noise(seeds, shape, dtype=p.dtype, device=p.device)
+    if image_latents is None and strength != 1.0:
+        raise ValueError("strength < 1 needs image_latents (img2img)")
+    if image_latents is not None and latents is not None:
+        raise ValueError("pass latents (text-to-image) or image_latents (img2img), not both")
+    ts = lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid, strength)
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
-    ts = lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid)
+    if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
+        x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
     return sample_lcm(lambda x, t: f(x, t, text_states, w_emb), x_T, ts, noise_fn=noise_fn,
                       alpha_bar=f.denoiser.alpha_bar)

@@ -1,0 +1,176 @@
+"""Package an LCM folder for release: a clean diffusers pipeline folder, an optional fp16 variant and
+single file, and a model card whose YAML front matter the Hugging Face Hub reads."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..models.bundle import LCM_DEFAULTS, Bundle, ModelError
+from ..models.single_file import save_single_file
+
+CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
+_, RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = LCM_DEFAULTS  # 4 steps, guidance scale g = 8.5 (w = 7.5)
+
+RELEASE_CARD = """---
+library_name: diffusers
+base_model: {base_model}
+pipeline_tag: text-to-image
+tags:
+{tags}
+inference:
+  parameters:
+    num_inference_steps: {steps}
+    guidance_scale: {guidance}
+---
+
+# {title}
+
+A Latent Consistency Model (Luo et al. 2023, arXiv 2310.04378) in diffusers'
+`LatentConsistencyModelPipeline` layout, derived from `{base_name}`. It samples in 1-8 steps with
+one UNet pass per step and no negative prompt; {steps} steps at guidance scale {guidance} is the
+recommended setting (the UNet is conditioned on the paper's w = g - 1).
+
+## Files
+
+{files}
+
+## Use
+
+```python
+{imports}from diffusers import LatentConsistencyModelPipeline
+
+pipe = LatentConsistencyModelPipeline.from_pretrained("<this folder>"{variant_kw})
+image = pipe("a large red circle on a blue background", num_inference_steps={steps},
+             guidance_scale={guidance}).images[0]
+```
+
+or with latentcm: `lcm generate "a large red circle on a blue background" --model <this folder>`.
+{source_card}"""
+
+
+def yaml_str(text: str) -> str:
+    """A YAML double-quoted scalar (JSON strings are valid YAML)."""
+    return json.dumps(str(text))
+
+
+def split_front_matter(card: str) -> tuple[dict[str, str], str]:
+    """(top-level 'key: value' pairs of a card's YAML front matter, the body after it); ({}, card) if none."""
+    match = re.match(r"---\n(.*?)\n---\n", card, flags=re.S)
+    if not match:
+        return {}, card
+    pairs = dict(re.findall(r"^([A-Za-z_][\w-]*):[ \t]*(\S.*)$", match.group(1), flags=re.M))
+    return {k: v.strip().strip("'\"") for k, v in pairs.items()}, card[match.end():]
+
+
+def demote_headings(markdown: str) -> str:
+    """Every Markdown heading one level deeper (outside code fences), to nest a card inside another."""
+    lines, in_code = [], False
+    for line in markdown.splitlines():
+        in_code ^= line.startswith("```")
+        lines.append("#" + line if not in_code and line.startswith("#") else line)
+    return "\n".join(lines)
+
+
+def _files_section(name: str, fp16: bool, single_file: bool) -> str:
+    rows = ["- `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` (LCMScheduler): "
+            "float32 weights (`*.safetensors`)."]
+    if fp16:
+        rows.append('- `*.fp16.safetensors`: float16 weights, loaded with `variant="fp16", torch_dtype=torch.float16`.')
+    if single_file:
+        rows.append(f"- `{name}.safetensors`: every float32 weight in one file, keys `unet.*`, `vae.*`, "
+                    "`text_encoder.*` (diffusers/transformers names) with the configs and tokenizer in its metadata; "
+                    "load it with `latentcm.models.single_file.load_single_file`. This is latentcm's own layout, not "
+                    "the A1111/ComfyUI checkpoint layout.")
+    return "\n".join(rows)
+
+
+def write_release_card(folder: Path, name: str, source: Path, base_model: str, fp16: bool,
+                       single_file: bool) -> Path:
+    """README.md: YAML front matter (library_name, base_model, tags, pipeline_tag, recommended settings) + usage,
+    followed by the source folder's own card body, if it has one."""
+    old = source / "README.md"
+    _, old_body = split_front_matter(old.read_text()) if old.is_file() else ({}, "")
+    text = RELEASE_CARD.format(
+        base_model=yaml_str(base_model), base_name=base_model, tags="\n".join(f"- {t}" for t in CARD_TAGS),
+        steps=RECOMMENDED_STEPS, guidance=RECOMMENDED_GUIDANCE, title=f"{name}: a Latent Consistency Model",
+        files=_files_section(name, fp16, single_file), imports="import torch\n" if fp16 else "",
+        variant_kw=', variant="fp16", torch_dtype=torch.float16' if fp16 else "",
+        source_card=f"\n## Source model card\n\n{demote_headings(old_body.strip())}\n" if old_body.strip() else "")
+    path = folder / "README.md"
+    path.write_text(text)
+    return path
+
+
+def lcm_pipeline(bundle: Bundle):
+    """A diffusers ``LatentConsistencyModelPipeline`` over the bundle's modules (LCMScheduler from its config)."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    base = {k: v for k, v in bundle.scheduler_config.items() if not k.startswith("_")}
+    return LatentConsistencyModelPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
+        scheduler=LCMScheduler.from_config(base), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def save_fp16_variant(pipe, folder: Path) -> None:
+    """Add diffusers' ``variant="fp16"`` weight files (``*.fp16.safetensors``) to a saved pipeline folder.
+
+    Saved beside, then only the weight files are moved in: the folder's configs keep saying float32
+    (transformers loads a text encoder in its config's dtype by default). Casts ``pipe`` to float16.
+    """
+    side = folder.parent / f"{folder.name}.fp16"
+    shutil.rmtree(side, ignore_errors=True)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(side, safe_serialization=True, variant="fp16")
+    for weights in side.glob("*/*fp16*"):  # also shards and their index, for large models
+        weights.replace(folder / weights.parent.name / weights.name)
+    shutil.rmtree(side)
+
+
+def _check_dest(source: Path, dest: Path) -> None:
+    if dest.resolve() == source.resolve():
+        raise ModelError(f"--out {dest} is the source folder; export into a new folder")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"--out {dest} exists and is not empty; choose a new folder")
+
+
+def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, single_file: bool = False,
+                   base_model: str | None = None) -> Path:
+    """Write a complete diffusers LatentConsistencyModelPipeline folder for an LCM folder ``source``.
+
+    Args:
+        source: an LCM folder (LCMScheduler + UNet with ``time_cond_proj_dim``); extra files in it
+            (checkpoints, metrics) are not copied.
+        dest: a new (or empty) folder; written via a temporary sibling, so it appears complete or not at all.
+        fp16: also write diffusers' ``variant="fp16"`` weight files (``*.fp16.safetensors``).
+        single_file: also write ``<dest name>.safetensors`` (layout in ``models.single_file``).
+        base_model: the card's ``base_model``; default the source card's, else the source folder's name.
+
+    Returns:
+        ``dest``.
+    """
+    source, dest = Path(source), Path(dest)
+    bundle = Bundle.load(source)
+    if not bundle.is_lcm:
+        raise ModelError(f"{source} is a diffusion teacher, not an LCM; distil it first (lcm distill)")
+    _check_dest(source, dest)
+    old = source / "README.md"
+    base_model = base_model or split_front_matter(old.read_text() if old.is_file() else "")[0].get(
+        "base_model") or source.resolve().name
+    tmp = dest.parent / f".{dest.name}.export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = lcm_pipeline(bundle)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if single_file:
+        save_single_file(bundle, tmp / f"{dest.name}.safetensors")
+    if fp16:
+        save_fp16_variant(pipe, tmp)
+    write_release_card(tmp, dest.name, source, base_model, fp16, single_file)
+    if dest.exists():
+        dest.rmdir()
+    tmp.replace(dest)
+    return dest
