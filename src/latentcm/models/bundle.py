@@ -17,6 +17,7 @@ from ..guidance import omega_from_guidance
 from ..sampling import initial_latents, sample_teacher
 from .components import encode_text
 from .denoiser import sample_student
+from . import sdxl
 
 SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")   # teacher samplers (CFG, two UNet passes per step)
 LCM_SAMPLER = "lcm"                                 # multistep consistency sampling (one UNet pass per step)
@@ -65,6 +66,9 @@ class Bundle:
     tokenizer: object
     scheduler_config: dict
     path: Path | None = None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (pooled embedding)
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = True       # SDXL: zero uncond embeddings (pipeline config)
 
     @classmethod
     def load(cls, path: str | Path) -> "Bundle":
@@ -80,12 +84,23 @@ class Bundle:
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         check_kind(dict(unet.config), sched, path)
-        return cls(unet, vae, text_encoder, tokenizer, sched, path)
+        if not sdxl.is_text_time(unet.config):
+            return cls(unet, vae, text_encoder, tokenizer, sched, path)
+        from transformers import CLIPTextModelWithProjection
+
+        if not (path / "text_encoder_2").is_dir() or not (path / "tokenizer_2").is_dir():
+            raise ModelError(f"{path} has an SDXL UNet (text_time) but lacks text_encoder_2/ or tokenizer_2/")
+        index = json.loads((path / "model_index.json").read_text())
+        return cls(unet, vae, text_encoder, tokenizer, sched, path,
+                   CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw).eval(),
+                   CLIPTokenizer.from_pretrained(path / "tokenizer_2", **kw),
+                   bool(index.get("force_zeros_for_empty_prompt", True)))
 
     def to(self, device: str | torch.device) -> "Bundle":
         """Move every network to ``device`` (in place); returns self."""
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device)
         return self
 
     @property
@@ -134,11 +149,37 @@ class Bundle:
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def is_sdxl(self) -> bool:
+        """True for an SDXL-family model (two text encoders; pooled text and time_ids as added conditions)."""
+        return self.text_encoder_2 is not None
+
+    def _time_ids(self, size: tuple[int, int] | None) -> torch.Tensor:
+        """SDXL time_ids [1, 6] for an image size (default: the UNet's, as the diffusers pipeline)."""
+        side = self.unet.config.sample_size * self.vae_factor
+        return sdxl.time_ids(*(size or (side, side)))
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Conditioning [B, L, D] (SDXL: packed [B, L + 1, D], see ``sdxl``; ``size`` = (h, w) for its time_ids)."""
+        if self.is_sdxl:
+            return sdxl.encode_prompts((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2),
+                                       prompts, self._time_ids(size))
         return encode_text(self.text_encoder, self.tokenizer, prompts)
 
+    @torch.no_grad()
+    def encode_uncond(self, n: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The unconditional branch of CFG for n images: the empty prompt (SDXL: zeros when
+        force_zeros_for_empty_prompt, as StableDiffusionXLPipeline)."""
+        if self.is_sdxl:
+            return sdxl.encode_uncond((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2),
+                                      n, self._time_ids(size), self.force_zeros_for_empty_prompt)
+        return self.encode_prompts([""] * n)
+
     def eps_fn(self, z: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The teacher's raw output (eps, v or x0, per scheduler_config) for a batch."""
+        if self.is_sdxl:
+            return sdxl.unet_forward(self.unet, z, t, text).sample
         return self.unet(z, t, encoder_hidden_states=text).sample
 
     @torch.no_grad()
@@ -164,13 +205,14 @@ class Bundle:
             raise ModelError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
         size = self.unet.config.sample_size * self.vae_factor
         shape = self.latent_shape(height or size, width or size)
-        cond = self.encode_prompts(prompts)  # [B, L, D]
+        image_size = (shape[1] * self.vae_factor, shape[2] * self.vae_factor)  # SDXL time_ids
+        cond = self.encode_prompts(prompts, image_size)  # [B, L, D]
         if sampler == LCM_SAMPLER:
             return sample_student(self.unet, self.scheduler_config, cond, seeds, shape, steps=steps,
                                   omega=omega_from_guidance(guidance), latents=latents)
         if latents is None:
             latents = initial_latents(seeds, shape, device=self.unet.device)
-        uncond = self.encode_prompts([""] * len(prompts))
+        uncond = self.encode_uncond(len(prompts), image_size)
         return sample_teacher(self.eps_fn, make_scheduler(sampler, self.scheduler_config), latents,
                               cond, uncond, guidance, steps)
 

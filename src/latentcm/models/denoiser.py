@@ -14,6 +14,7 @@ from .. import parameterization as P
 from ..guidance import guidance_scale_embedding
 from ..lcm_sampling import per_image_noise, renoise, sample_lcm
 from ..schedules import alpha_sigma_at, alphas_cumprod_from_config, lcm_timesteps
+from .sdxl import unet_forward
 
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"  # the omega-embedding projection (paper-spec §6)
 
@@ -43,9 +44,10 @@ class Denoiser(torch.nn.Module):
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, text_states: torch.Tensor,
                 w_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """z_t [B, C, H, W], t [B] (long on the grid, float64 off it), text_states [B, L, D], w_emb [B, d] or None."""
+        """z_t [B, C, H, W], t [B] (long on the grid, float64 off it), text_states [B, L, D] (SDXL: the packed
+        conditioning of ``sdxl.pack_condition``), w_emb [B, d] or None."""
         t_net = t.float() if t.is_floating_point() else t  # the UNet embeds t in float32 anyway
-        out = self.unet(z_t, t_net, encoder_hidden_states=text_states, timestep_cond=w_emb).sample  # [B, C, H, W]
+        out = unet_forward(self.unet, z_t, t_net, text_states, w_emb).sample  # [B, C, H, W]; SDXL: packed cond
         alpha_t, sigma_t = alpha_sigma_at(self.alpha_bar, t)  # float64 [B]
         return P.x0_eps_from_output(out, z_t, alpha_t, sigma_t, self.prediction_type)
 

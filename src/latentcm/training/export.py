@@ -1,4 +1,5 @@
-"""Export a distilled LCM as a complete diffusers ``LatentConsistencyModelPipeline`` folder with a model card."""
+"""Export a distilled LCM as a complete diffusers ``LatentConsistencyModelPipeline`` folder with a model card
+(SDXL teachers: a ``StableDiffusionXLPipeline`` folder with an ``LCMScheduler``)."""
 from __future__ import annotations
 
 import json
@@ -119,15 +120,31 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
     bundle = bundle_or_teacher_dir if isinstance(bundle_or_teacher_dir, Bundle) else Bundle.load(bundle_or_teacher_dir)
     if student.config.get("time_cond_proj_dim") is None:
         raise ValueError("the student UNet has no time_cond_proj_dim; export the distilled student, not the teacher")
-    pipe = LatentConsistencyModelPipeline(
-        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=student,
-        scheduler=LCMScheduler(**lcm_scheduler_config(bundle.scheduler_config, skip)),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = LCMScheduler(**lcm_scheduler_config(bundle.scheduler_config, skip))
+    if getattr(bundle, "is_sdxl", False):
+        pipe = sdxl_pipeline(bundle, student, scheduler)
+    else:
+        pipe = LatentConsistencyModelPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=student,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     dest = Path(dest)
     tmp = dest / ".export.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    write_lcm_card(tmp, card_info)
+    card = write_lcm_card(tmp, card_info)
+    if getattr(bundle, "is_sdxl", False):  # diffusers has no SDXL LCM pipeline class: SDXL pipeline + LCMScheduler
+        card.write_text(card.read_text().replace("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline"))
     _move_into(tmp, dest)
     return dest
+
+
+def sdxl_pipeline(bundle, student: torch.nn.Module, scheduler):
+    """An SDXL LCM folder is diffusers' ``StableDiffusionXLPipeline`` with an ``LCMScheduler``: the pipeline
+    feeds the w embedding (guidance_scale - 1) as timestep_cond and skips CFG when the UNet has time_cond_proj_dim."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, text_encoder_2=bundle.text_encoder_2,
+        tokenizer=bundle.tokenizer, tokenizer_2=bundle.tokenizer_2, unet=student, scheduler=scheduler,
+        force_zeros_for_empty_prompt=bundle.force_zeros_for_empty_prompt)

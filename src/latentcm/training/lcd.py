@@ -134,18 +134,36 @@ def _pixels(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_pairs(vae, text_encoder, tokenizer, pairs, batch_size: int = 64) -> LCDData:
-    """Encode (image, caption) pairs once: latents = mode of q(z | x) * scaling_factor, and text states."""
+def encode_pairs(vae, text_encoder, tokenizer, pairs, batch_size: int = 64, *, text_fn=None,
+                 uncond_fn=None) -> LCDData:
+    """Encode (image, caption) pairs once: latents = mode of q(z | x) * scaling_factor, and text states.
+
+    ``text_fn(captions)`` / ``uncond_fn()`` replace the single-encoder encoding (SDXL: ``Bundle.encode_prompts``
+    and ``Bundle.encode_uncond(1)``, the packed two-encoder conditioning with zero uncond embeddings).
+    """
     pairs = list(pairs)
+    if text_fn is None:
+        def text_fn(captions):
+            return encode_text(text_encoder, tokenizer, captions)
+    if uncond_fn is None:
+        def uncond_fn():
+            return encode_text(text_encoder, tokenizer, [""])
     latents, states = [], []
     for i in range(0, len(pairs), batch_size):
         images, captions = zip(*pairs[i:i + batch_size])
         x = _pixels(images).to(vae.device, vae.dtype)
         latents.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)  # [b, C, h, w]
-        states.append(encode_text(text_encoder, tokenizer, list(captions)))  # [b, L, D]
-    uncond = encode_text(text_encoder, tokenizer, [""])  # [1, L, D]
+        states.append(text_fn(list(captions)))  # [b, L, D]
+    uncond = uncond_fn()  # [1, L, D]
     # contiguous: the in-memory data must match the cached file bit for bit (a resumed run reads the cache)
     return LCDData(torch.cat(latents).float().cpu().contiguous(), torch.cat(states).float().cpu(), uncond.float().cpu())
+
+
+def bundle_text_fns(bundle) -> dict:
+    """``encode_pairs`` keywords for a bundle whose conditioning is not a single encoder's (SDXL); else {}."""
+    if not getattr(bundle, "is_sdxl", False):
+        return {}
+    return {"text_fn": bundle.encode_prompts, "uncond_fn": lambda: bundle.encode_uncond(1)}
 
 
 def world_data(bundle, num_data: int, cache: Path | None = None, seed: int = DATA_WORLD_SEED,
@@ -156,7 +174,7 @@ def world_data(bundle, num_data: int, cache: Path | None = None, seed: int = DAT
     if found is not None:
         return found
     pairs = ((s.image, s.text) for s in world.iter_samples(seed, num_data, "train"))
-    data = encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs)
+    data = encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs, **bundle_text_fns(bundle))
     if cache is not None and write:
         data.save(cache, meta)
     return data

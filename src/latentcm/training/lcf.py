@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..imagefolder import LoadReport, load_pairs
-from .lcd import LCDConfig, LCDData, LCDTask, encode_pairs, make_preview
+from .lcd import LCDConfig, LCDData, LCDTask, bundle_text_fns, encode_pairs, make_preview
 from .loop import LoopConfig, check_fresh, fit, make_accelerator
 
 
@@ -41,7 +41,7 @@ def folder_data(bundle, folder: Path, cache: Path | None, write: bool = True) ->
     meta = {"folder": str(folder), "pairs": digest.hexdigest()[:16], "model": str(bundle.path)}
     found = LCDData.load(cache, meta) if cache is not None else None
     if found is None:
-        found = encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs)
+        found = encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs, **bundle_text_fns(bundle))
         if cache is not None and write:
             found.save(cache, meta)
     return found, report, [text for _, text in pairs]
