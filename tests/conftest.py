@@ -11,18 +11,9 @@ torch.set_num_threads(1 if os.nice(0) > 0 else 2)
 @pytest.fixture(scope="session")
 def micro_teacher(tmp_path_factory):
     """An untrained micro Stable Diffusion folder built from configs (seconds)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from latentcm.models.components import tiny_sd_pipeline
 
-    from latentcm.models import components as C
-
-    p = C.get_preset("micro")
-    clip, tok = C.build_text_and_vision(p, seed=0)
-    vae = C.build_vae(p, seed=0)
-    vae.register_to_config(scaling_factor=0.5)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=C.text_encoder_from_clip(clip), tokenizer=tok, unet=C.build_unet(p, seed=0),
-        scheduler=DDIMScheduler(**C.noise_scheduler_config()), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    pipe = tiny_sd_pipeline()
     dest = tmp_path_factory.mktemp("micro") / "teacher"
     pipe.save_pretrained(dest, safe_serialization=True)
     return dest

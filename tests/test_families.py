@@ -217,16 +217,7 @@ def test_micro_v_unet_student_one_step_is_the_teachers_x0_not_noise():
 @pytest.fixture(scope="module")
 def micro_v_teacher(tmp_path_factory):
     """The micro SD folder with a v-prediction scheduler (SD 2.x 768 style)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    p = C.get_preset("micro")
-    clip, tok = C.build_text_and_vision(p, seed=0)
-    vae = C.build_vae(p, seed=0)
-    vae.register_to_config(scaling_factor=0.5)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=C.text_encoder_from_clip(clip), tokenizer=tok, unet=C.build_unet(p, seed=0),
-        scheduler=DDIMScheduler(**_sched("v_prediction")), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    pipe = C.tiny_sd_pipeline(prediction_type="v_prediction")
     dest = tmp_path_factory.mktemp("micro-v") / "teacher"
     pipe.save_pretrained(dest, safe_serialization=True)
     return dest

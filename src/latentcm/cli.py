@@ -159,8 +159,6 @@ def models(as_json):
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Initialisation/batch seed.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint; skip finished stages.")
 @click.option("--steps", type=click.IntRange(1, 10**7), default=None, help="Override the stage's step count.")
-@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
-              help="Stop cleanly (with a checkpoint) after this long; continue later with --resume.")
 def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
     """Build the offline default teacher from scratch: VAE, tiny CLIP, judge, UNet.
 
@@ -433,6 +431,21 @@ def _command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("resume", "m
     return " ".join(parts)
 
 
+def _run_options(command):
+    """Options the consistency-training commands (distill, finetune) share."""
+    for option in reversed([
+        click.option("--huber-c", type=click.FloatRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber."),
+        click.option("--batch-size", type=click.IntRange(1, 4096), default=16, help="Batch per process."),
+        click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the training batches."),
+        click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT."),
+        click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
+                     help="Stop cleanly (with a checkpoint) after this long; continue later with --resume."),
+        click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps."),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Shipped teacher name or diffusers SD folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
@@ -445,24 +458,18 @@ def _command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("resume", "m
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
               help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
-@click.option("--huber-c", type=click.FloatRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber.")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, help="Batch per process.")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the training batches.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
-@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
-              help="Stop cleanly (with a checkpoint) after this long; continue later with --resume.")
 @click.option("--num-data", type=click.IntRange(1, 10**6), default=10000, help="Shapes-world images, encoded once.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Distil on this image folder (metadata.jsonl or .txt captions) instead of the shapes world.")
 @click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096), default=256, help="Size of the w embedding.")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
-@click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps.")
 @click.option("--lora", "lora_rank", type=click.IntRange(1, 4096), default=None, metavar="RANK",
               help="LCM-LoRA: train a rank-RANK LoRA on the teacher's UNet (paper 64; 16 for the tiny teacher).")
 @click.option("--lora-alpha", type=click.FloatRange(0, None, min_open=True), default=None,
               show_default="RANK (scale 1)", help="LoRA alpha (scale alpha / RANK).")
+@_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
             resume, max_minutes, num_data, data_dir, time_cond_proj_dim, validate_every, checkpoint_every,
             lora_rank, lora_alpha):
@@ -521,16 +528,10 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
 @click.option("--omega-max", type=click.FloatRange(0, 50), default=14.0, help="Highest paper guidance w.")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.95, help="EMA rate mu of the target.")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="huber", help="Distance d (huber: pseudo-Huber).")
-@click.option("--huber-c", type=click.FloatRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber.")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000, help="Optimizer steps.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, help="Batch per process.")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the training batches.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
-@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
-              help="Stop cleanly (with a checkpoint) after this long; continue later with --resume.")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=250, help="Validation grid every N steps (0: off).")
-@click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps.")
+@_run_options
 def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
              resume, max_minutes, validate_every, checkpoint_every):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
@@ -572,7 +573,6 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
 @click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None, help="Stop cleanly after this long.")
 def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, resume, max_minutes):
     """Plain diffusion fine-tuning of a teacher on an image folder (then `lcm distill --data` it again):

@@ -189,6 +189,21 @@ def noise_scheduler_config() -> dict:
                 set_alpha_to_one=False, steps_offset=1)
 
 
+def tiny_sd_pipeline(preset: str = "micro", prediction_type: str = "epsilon", seed: int = 0):
+    """An untrained StableDiffusionPipeline built from configs (tests, smoke runs): our components
+    with a DDIM scheduler predicting ``prediction_type`` (epsilon | v_prediction | sample)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    p = get_preset(preset)
+    clip, tok = build_text_and_vision(p, seed=seed)
+    vae = build_vae(p, seed=seed)
+    vae.register_to_config(scaling_factor=0.5)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder_from_clip(clip), tokenizer=tok, unet=build_unet(p, seed=seed),
+        scheduler=DDIMScheduler(**{**noise_scheduler_config(), "prediction_type": prediction_type}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def encode_text(text_encoder, tokenizer, prompts: list[str]):
     """Prompts -> last hidden states [B, L, D], padded to the tokenizer's length, as SD conditions its UNet."""
     import torch
