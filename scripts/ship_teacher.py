@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--build", default="runs/build")
     ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--card-only", action="store_true", help="Only rewrite the card from existing results.")
+    ap.add_argument("--note", default="", help="A paragraph about this build for the card's Limits section.")
     args = ap.parse_args()
     out = (ROOT / args.build).resolve()
     eval_args = ["evaluate-teacher", "--model", "teacher", "--judge", "judge", "--sampler", "ddim", "--steps", "50",
@@ -41,7 +42,10 @@ def main() -> None:
     results = json.loads((ROOT / "reports" / "teacher" / "results.json").read_text())
     info = build.build_info(out)
     (ROOT / "reports" / "teacher" / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(card.write_teacher_card(WEIGHTS / "teacher", results, info, BUILD_COMMANDS, "lcm " + " ".join(eval_args)))
+    templates = ROOT / "reports" / "teacher" / "templates.md"
+    extra = {"templates": templates.read_text()} if templates.is_file() else {}
+    print(card.write_teacher_card(WEIGHTS / "teacher", results, info, BUILD_COMMANDS, "lcm " + " ".join(eval_args),
+                                  build_note=args.note, **extra))
 
 
 def ship_and_evaluate(out: Path, eval_args: list[str]) -> None:

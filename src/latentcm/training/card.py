@@ -70,15 +70,18 @@ Prompts of the grid, row by row, are listed in `reports/teacher/prompts.txt` of 
 A toy: 64x64 images of one object on a flat background, captions in a tiny language. It exists
 so that distillation, evaluation and fine-tuning can run offline and be measured.
 
-**It reads word order, not words.** Per caption family (`reports/teacher/templates.md`, from
-`python scripts/diagnose_templates.py`): on held-out attribute triples written with the
-*training* templates it gets colour, background and shape almost always right, so it does
-compose unseen combinations; but captions that name the background *first* ("on a purple
-background, a yellow diamond") mostly come out with the two colours swapped, because 8 of the 9
-training templates name the object first. Position and size are followed weakly. This misses
-the project's bar (colour and background >= 90%, shape >= 80% on held-out prompts); a
-retrained teacher with order-varied training captions is the planned fix.
-"""
+Training captions name their phrases (object, size, position, background) in random orders,
+so the model reads which colour word belongs to the object and which to the background; the
+held-out templates' exact orders never occur in training. Per caption family, on held-out
+attribute triples (`reports/teacher/templates.md`, from `python scripts/diagnose_templates.py`,
+DPM-Solver++ 20 steps, 48 prompts per row):
+
+{templates}
+**Position is barely followed and size only partly**, in every caption family. A likely cause
+is the UNet layout: cross-attention (where the text reaches the image) sits only at the 8x8 and
+4x4 feature maps; adding it at 16x16 costs more compute per step (measure it with
+`python benchmarks/bench_unet_configs.py`) and is the next thing to try.
+{build_note}"""
 
 
 def _params(folder: Path) -> float:
@@ -98,7 +101,9 @@ def _numel(shape) -> int:
     return n
 
 
-def write_teacher_card(teacher: Path, results: dict, info: dict, commands: list[str], eval_command: str) -> Path:
+def write_teacher_card(teacher: Path, results: dict, info: dict, commands: list[str], eval_command: str,
+                       templates: str = "(run scripts/diagnose_templates.py for the per-template table)\n",
+                       build_note: str = "") -> Path:
     vae_cfg = json.loads((teacher / "vae" / "config.json").read_text())
     te_cfg = json.loads((teacher / "text_encoder" / "config.json").read_text())
     sizes = {k: _params(teacher / k) for k in ("vae", "text_encoder", "unet")}
@@ -115,7 +120,8 @@ def write_teacher_card(teacher: Path, results: dict, info: dict, commands: list[
         commands="\n".join(commands), machine=info["machine"], cores=info["cpu_cores"],
         stage_rows=stage_rows, num_samples=results["num_samples"], sampler=results["sampler"],
         steps=results["steps"], guidance=results["guidance"], acc_rows=acc_rows,
-        vae_psnr=results["vae_psnr_db"], eval_command=eval_command, seconds=results["seconds"])
+        vae_psnr=results["vae_psnr_db"], eval_command=eval_command, seconds=results["seconds"],
+        templates=templates, build_note=build_note)
     path = teacher / "README.md"
     path.write_text(text)
     return path
