@@ -180,8 +180,8 @@ def run(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: Path, nu
     out = Path(out)
     results = score_rows(bundles, rows, extractor, out, num_samples, seed, batch_size, split, cache_dir)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "table1.md").write_text(table1_markdown(records))
-    plot_against_steps(records, out / "table1.png")
+    (out / "table1.md").write_text(table1_markdown(results["records"]))
+    plot_against_steps(results["records"], out / "table1.png")
     return results
 
 
