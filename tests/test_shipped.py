@@ -12,7 +12,7 @@ from latentcm.models.judge import Judge
 
 def test_shipped_models_are_listed():
     found = registry.shipped_models()
-    assert {"teacher", "judge"} <= found.keys()
+    assert {"teacher", "judge", "lcm"} <= found.keys()
 
 
 def test_diffusers_pipeline_matches_lcm_generate_ddim(tmp_path, capsys):
@@ -53,3 +53,43 @@ def test_teacher_card_numbers_come_from_the_committed_results():
     for key in ("colour", "background", "shape"):
         assert f"{100 * results['accuracy'][key]:.1f}%" in card
     assert f"{results['vae_psnr_db']:.2f} dB" in card
+
+
+def test_shipped_lcm_loads_in_diffusers_and_matches_our_sampler():
+    import torch
+    from diffusers import LatentConsistencyModelPipeline
+
+    from latentcm.models.denoiser import sample_student
+
+    folder = registry.shipped_models()["lcm"]
+    pipe = LatentConsistencyModelPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a large red star on a blue background"
+    states = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn((1, 4, 16, 16), generator=g)
+    ref = pipe(prompt, num_inference_steps=4, guidance_scale=8.5, latents=latents, generator=g,
+               output_type="latent").images
+    ours = sample_student(pipe.unet, dict(pipe.scheduler.config), states, [3], (4, 16, 16), steps=4, omega=7.5)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_shipped_lcm_follows_a_prompt_in_four_steps():
+    from latentcm.models.bundle import Bundle
+
+    bundle = Bundle.load(registry.shipped_models()["lcm"])
+    judge = Judge.load(registry.shipped_models()["judge"])
+    prompts = ["a red circle on a white background", "a blue square on a yellow background",
+               "a green triangle on a black background", "a white ring on a purple background"]
+    got = judge.predict(bundle.generate(prompts, [0, 1, 2, 3]))  # defaults: lcm sampler, 4 steps, g 8.5
+    hits = sum(g["colour"] == w.split()[1] and g["background"] == w.split()[-2] for g, w in zip(got, prompts))
+    assert bundle.defaults == ("lcm", 4, 8.5) and hits >= 3, got
+
+
+def test_lcm_card_table_comes_from_the_committed_results():
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "reports" / "lcm" / "results.md").read_text()
+    assert table in (registry.WEIGHTS / "lcm" / "README.md").read_text()
+    results = json.loads((root / "reports" / "lcm" / "results.json").read_text())
+    lcm4 = next(r for r in results["rows"] if r["model"] == "lcm" and r["steps"] == 4)
+    assert f"| lcm | lcm | 4 | 8.5 | {100 * lcm4['accuracy']['colour']:.1f} |" in table

@@ -67,13 +67,24 @@ def lcm_scheduler_config(teacher_scheduler_config: dict, skip: int) -> dict:
             "clip_sample": False}
 
 
+def shipped_name(path: str) -> str:
+    """A model folder for a card: the shipped model's name when it is one (absolute paths of this
+    machine mean nothing to a reader), else the path as given."""
+    from ..registry import SHIPPED
+
+    for name, folder in SHIPPED.items():
+        if folder.is_dir() and Path(path).is_dir() and Path(path).resolve() == folder.resolve():
+            return name
+    return path
+
+
 def write_lcm_card(folder: Path, card_info: dict) -> Path:
     """README.md with YAML front matter (library_name: diffusers) and the command that made the model."""
     lcd, loop = card_info.get("lcd", {}), card_info.get("loop", {})
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
     n, k = sched["original_inference_steps"], sched["num_train_timesteps"] // sched["original_inference_steps"]
-    teacher = card_info.get("teacher", "?")
+    teacher = shipped_name(card_info.get("teacher", "?"))
     text = LCM_CARD.format(
         title=card_info.get("title", f"Latent Consistency Model distilled from `{teacher}`"),
         intro=card_info.get("intro", "Latent Consistency Distillation (Luo et al. 2023, arXiv 2310.04378, Algorithm 1) "
