@@ -573,6 +573,7 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
 @click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None, help="Stop cleanly after this long.")
 def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, resume, max_minutes):
     """Plain diffusion fine-tuning of a teacher on an image folder (then `lcm distill --data` it again):
