@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .. import world
 from ..models.denoiser import sample_student
-from . import harness, metrics
-from .extractors import JudgeExtractor, wanted_indices
+from . import harness
+from .extractors import JudgeExtractor
 from .judge_eval import heldout_prompts
 
 PROBE_STEPS, PROBE_OMEGA = 4, 7.5  # Fig. 3 tracks 4-step FID; w = 7.5 is the shipped default (g = 8.5)
@@ -30,7 +29,6 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: tuple, num_samples: 
     prompts = [p for p, _ in heldout_prompts(num_samples)]
     states = bundle.encode_prompts(prompts)  # [N, L, D]
     size = bundle.unet.config.sample_size * bundle.vae_factor
-    wanted = [world.parse_caption(p) for p in prompts]
 
     @torch.no_grad()
     def probe(student_unet, step: int, out_dir: Path) -> None:
@@ -42,13 +40,8 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: tuple, num_samples: 
                                bundle.latent_shape(size, size), steps=PROBE_STEPS, omega=PROBE_OMEGA,
                                original_inference_steps=original_inference_steps)
             images.append(bundle.decode(z.to(bundle.vae.device, bundle.vae.dtype)).float().cpu())
-        x = torch.cat(images)
-        probs = extractor.probabilities(x)
-        predicted = [{k: world.ATTRIBUTES[k][int(probs[k][i].argmax())] for k in probs} for i in range(len(x))]
-        record = {"iteration": step,
-                  "fid": round(metrics.frechet_distance(*metrics.gaussian_stats(extractor.features(x)), *reference), 3),
-                  "clip_score": round(metrics.attribute_agreement(probs, wanted_indices(prompts)), 3),
-                  "accuracy": round(metrics.exact_accuracy(predicted, wanted), 4)}
+        scored = harness.score_pixels(torch.cat(images), prompts, extractor, reference)
+        record = {"iteration": step, **{k: scored[k] for k in ("fid", "clip_score", "accuracy")}}
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
     return probe

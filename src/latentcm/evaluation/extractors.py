@@ -62,8 +62,13 @@ class JudgeExtractor:
         return {k: torch.cat([p[k] for p in parts]).numpy() for k in world.ATTRIBUTES}
 
     def predict(self, images: torch.Tensor) -> list[dict[str, str]]:
-        probs = self.probabilities(images)
-        return [{k: world.ATTRIBUTES[k][int(probs[k][i].argmax())] for k in probs} for i in range(len(images))]
+        return self.predict_from(self.probabilities(images))
+
+    @staticmethod
+    def predict_from(probs: dict[str, np.ndarray]) -> list[dict[str, str]]:
+        """Per image, attribute -> the most probable value."""
+        n = len(next(iter(probs.values())))
+        return [{k: world.ATTRIBUTES[k][int(probs[k][i].argmax())] for k in probs} for i in range(n)]
 
 
 def wanted_indices(captions: list[str]) -> list[dict[str, int]]:

@@ -75,22 +75,30 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LATENTCM_CACHE", Path.home() / ".cache" / "latentcm"))
 
 
+def cached_stats(path: Path, pixels_fn) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) stored at ``path`` (.npz), computed once from ``pixels_fn()`` -> features when missing."""
+    if path.is_file():
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+    mu, sigma = metrics.gaussian_stats(pixels_fn())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma)
+    tmp.replace(path)
+    return mu, sigma
+
+
 def reference_stats(extractor, count: int = REFERENCE_COUNT, seed: int = 99, split: str = "heldout",
                     cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, Path]:
     """(mu, sigma, path) of the extractor's features of ``count`` real images of ``split``, cached as
     .npz named after the extractor and its version, so a retrained judge never reuses stale statistics."""
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"reference-{split}-{extractor.name}-{extractor.version}-n{count}-s{seed}.npz"
-    if path.is_file():
-        with np.load(path) as f:
-            return f["mu"], f["sigma"], path
-    samples = list(world.iter_samples(seed, count, split))
-    mu, sigma = metrics.gaussian_stats(extractor.features(_pixels(world.images_array(samples))))
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    tmp.replace(path)
-    return mu, sigma, path
+
+    def features():
+        samples = list(world.iter_samples(seed, count, split))
+        return extractor.features(_pixels(world.images_array(samples)))
+    return (*cached_stats(path, features), path)
 
 
 @dataclass(frozen=True)
@@ -143,11 +151,16 @@ def _sha(prompts: list[str]) -> str:
 
 
 def score(images: np.ndarray, prompts: list[str], extractor: JudgeExtractor, reference: tuple) -> dict:
-    """FID to the reference, the caption score, exact and per-attribute accuracy of one row's images."""
-    x = _pixels(images)
+    """``score_pixels`` of uint8 images [N, H, W, 3]."""
+    return score_pixels(_pixels(images), prompts, extractor, reference)
+
+
+def score_pixels(x: torch.Tensor, prompts: list[str], extractor: JudgeExtractor, reference: tuple) -> dict:
+    """FID to the reference (mu, sigma), the caption score, exact and per-attribute accuracy of
+    images [N, 3, H, W] in [-1, 1] drawn for ``prompts``."""
     mu, sigma = metrics.gaussian_stats(extractor.features(x))
     probs = extractor.probabilities(x)
-    predicted = [{k: world.ATTRIBUTES[k][int(probs[k][i].argmax())] for k in probs} for i in range(len(x))]
+    predicted = extractor.predict_from(probs)
     wanted = [world.parse_caption(p) for p in prompts]
     return {"fid": round(metrics.frechet_distance(mu, sigma, reference[0], reference[1]), 3),
             "clip_score": round(metrics.attribute_agreement(probs, wanted_indices(prompts)), 3),
@@ -238,5 +251,5 @@ def table_rows(samplers: list[str], steps: list[int], guidance: float | None,
     return rows
 
 
-__all__ = ["Row", "run", "score_rows", "score", "reference_stats", "generate_cached", "table1_markdown", "plot_against_steps",
+__all__ = ["Row", "run", "score_rows", "score", "score_pixels", "cached_stats", "reference_stats", "generate_cached", "table1_markdown", "plot_against_steps",
            "validate_results", "RESULTS_SCHEMA", "SCORED", "table_rows"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import styles
 from ..images import save_grid
-from . import harness, metrics
+from . import harness
 from .extractors import JudgeExtractor
 from .style import StyleJudge
 
@@ -26,14 +26,12 @@ def striped_prompts(count: int, seed: int = REFERENCE_SEED) -> list[str]:
 
 def striped_reference(extractor: JudgeExtractor, count: int, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(cache_dir) / f"reference-striped-heldout-{extractor.name}-{extractor.version}-n{count}.npz"
-    if path.is_file():
-        with np.load(path) as f:
-            return f["mu"], f["sigma"]
-    x = np.stack([np.asarray(styles.make_styled_sample(REFERENCE_SEED + 1, i, "heldout").image) for i in range(count)])
-    mu, sigma = metrics.gaussian_stats(extractor.features(harness._pixels(x)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
-    return mu, sigma
+
+    def features():
+        x = np.stack([np.asarray(styles.make_styled_sample(REFERENCE_SEED + 1, i, "heldout").image)
+                      for i in range(count)])
+        return extractor.features(harness._pixels(x))
+    return harness.cached_stats(path, features)
 
 
 def evaluate_models(bundles: dict, extractor: JudgeExtractor, style_judge: StyleJudge, out: Path,
@@ -51,7 +49,7 @@ def evaluate_models(bundles: dict, extractor: JudgeExtractor, style_judge: Style
             images, timing = harness.generate_cached(bundle, row, prompts, seed, out / "samples")
             x = harness._pixels(images)
             save_grid(x[:32], out / "grids" / f"{row.key}.png")
-            scored = harness.score(images, prompts, extractor, reference)
+            scored = harness.score_pixels(x, prompts, extractor, reference)
             records.append({"steps": n, "fid": scored["fid"],
                             "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
                             "accuracy": scored["accuracy"], "clip_score": scored["clip_score"],
