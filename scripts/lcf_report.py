@@ -1,9 +1,9 @@
 """The fine-tuning experiment (issue: LCF) end to end, resumable: writes reports/lcf/.
 
-    python scripts/lcf_report.py [--work runs/lcf] [--out reports/lcf] [--lcf-steps 600] ...
+    python scripts/lcf_report.py [--work runs/lcf] [--out reports/lcf] [--lcf-steps 600] [--lcf K:LR ...]
 
 1. export the striped set (train part) as an image folder;
-2. LCF of the shipped LCM on it (`lcm finetune`), timed;
+2. LCF of the shipped LCM on it (`lcm finetune`), once per --lcf setting (the first is "after"), timed;
 3. the usual alternative: plain diffusion fine-tuning of the shipped teacher (`lcm finetune-teacher`),
    then distilling it again on the same folder (`lcm distill --data`), both timed;
 4. the harness on the striped held-out captions at 1, 2 and 4 steps: before (the shipped LCM), after
@@ -16,26 +16,29 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from latentcm import registry
 from latentcm.evaluation import lcf_eval, style
-from latentcm.evaluation.extractors import JudgeExtractor
+from latentcm.evaluation.extractors import JudgeExtractor, file_version
 from latentcm.evaluation.harness import default_cache_dir
 from latentcm.models.bundle import Bundle
+from latentcm.training.loop import training_minutes
 
 
-def run_timed(args: list[str], done: Path, timings: dict, key: str, resume_dir: Path | None = None) -> None:
-    """Run ``lcm args`` unless ``done`` exists; add its wall minutes to ``timings[key]``."""
+def run_once(args: list[str], done: Path, resume_dir: Path | None = None) -> None:
+    """Run ``lcm args`` unless ``done`` exists (resuming from ``resume_dir``'s checkpoints when it has some)."""
     if done.exists():
         return
     if resume_dir is not None and (resume_dir / "checkpoints").exists():
         args = [*args, "--resume"]
     print("$ lcm " + " ".join(args), flush=True)
-    t0 = time.time()
     subprocess.run([sys.executable, "-m", "latentcm.cli", *args], check=True)
-    timings[key] = round(timings.get(key, 0.0) + (time.time() - t0) / 60, 2)
+
+
+def _label(name: str) -> str:
+    k, lr = name.removeprefix("lcf-k").split("-lr")
+    return f"k = {k}, lr {lr}"
 
 
 def main() -> None:
@@ -44,6 +47,9 @@ def main() -> None:
     ap.add_argument("--out", default="reports/lcf")
     ap.add_argument("--count", type=int, default=3000, help="training images of the striped set")
     ap.add_argument("--lcf-steps", type=int, default=600)
+    ap.add_argument("--lcf", action="append", metavar="K:LR",
+                    help="LCF settings (skipping interval k : learning rate), repeatable; the first is reported as "
+                         "'after', the others as a sweep [default: 20:1e-4 (the LCM's own grid)]")
     ap.add_argument("--teacher-steps", type=int, default=600)
     ap.add_argument("--distill-steps", type=int, default=800)
     ap.add_argument("--num-samples", type=int, default=256)
@@ -51,41 +57,47 @@ def main() -> None:
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    tpath = work / "timings.json"
-    timings = json.loads(tpath.read_text()) if tpath.is_file() else {}
     data = work / "striped-train"
+    settings = [tuple(v.split(":")) for v in (args.lcf or ["20:1e-4"])]
+    lcf_dirs = {f"lcf-k{k}-lr{lr}": work / f"lcf-k{k}-lr{lr}-n{args.lcf_steps}" for k, lr in settings}
     commands = {
         "export": ["world", "export", str(data), "--style", "striped", "--split", "train", "--count", str(args.count)],
-        "lcf": ["finetune", "--model", "lcm", "--data", str(data), "--out", str(work / "lcf"),
-                "--max-steps", str(args.lcf_steps), "--lr", "1e-4"],
+        **{name: ["finetune", "--model", "lcm", "--data", str(data), "--out", str(d), "--skip", k,
+                  "--max-steps", str(args.lcf_steps), "--lr", lr]
+           for (name, d), (k, lr) in zip(lcf_dirs.items(), settings)},
         "teacher_finetune": ["finetune-teacher", "--teacher", "teacher", "--data", str(data), "--out",
                              str(work / "teacher-ft"), "--max-steps", str(args.teacher_steps), "--lr", "1e-4"],
         "distill": ["distill", "--teacher", str(work / "teacher-ft"), "--data", str(data), "--out",
                     str(work / "lcm-ft"), "--max-steps", str(args.distill_steps), "--loss", "huber"],
     }
-    run_timed(commands["export"], data / "metadata.jsonl", timings, "export")
-    run_timed(commands["lcf"], work / "lcf" / "model_index.json", timings, "lcf", work / "lcf")
-    tpath.write_text(json.dumps(timings, indent=2))
+    run_once(commands["export"], data / "metadata.jsonl")
+    for name, d in lcf_dirs.items():
+        run_once(commands[name], d / "model_index.json", d)
+    timings = {name: training_minutes(d) for name, d in lcf_dirs.items()}
     if not args.no_baseline:
-        run_timed(commands["teacher_finetune"], work / "teacher-ft" / "model_index.json", timings,
-                  "teacher_finetune", work / "teacher-ft")
-        tpath.write_text(json.dumps(timings, indent=2))
-        run_timed(commands["distill"], work / "lcm-ft" / "model_index.json", timings, "distill", work / "lcm-ft")
-        tpath.write_text(json.dumps(timings, indent=2))
+        run_once(commands["teacher_finetune"], work / "teacher-ft" / "model_index.json", work / "teacher-ft")
+        run_once(commands["distill"], work / "lcm-ft" / "model_index.json", work / "lcm-ft")
+        timings.update(teacher_finetune=training_minutes(work / "teacher-ft"), distill=training_minutes(work / "lcm-ft"))
 
-    bundles = {"before": Bundle.load(registry.resolve("lcm")), "after": Bundle.load(work / "lcf")}
+    names = list(lcf_dirs)
+    bundles = {"before": Bundle.load(registry.resolve("lcm")), "after": Bundle.load(lcf_dirs[names[0]])}
     if not args.no_baseline:
         bundles["baseline"] = Bundle.load(work / "lcm-ft")
+    bundles.update({name: Bundle.load(lcf_dirs[name]) for name in names[1:]})
     extractor = JudgeExtractor.load(registry.resolve("judge"))
-    style_judge, tag = style.load_or_train(default_cache_dir(), steps=800)
+    vae = bundles["before"].vae
+    vae_tag = file_version(registry.resolve("lcm") / "vae" / "diffusion_pytorch_model.safetensors")
+    style_judge, tag = style.load_or_train(default_cache_dir(), steps=800, vae=vae, vae_tag=vae_tag)
     results = lcf_eval.evaluate_models(bundles, extractor, style_judge, out, num_samples=args.num_samples)
-    extra = {"commands": {k: "lcm " + " ".join(v) for k, v in commands.items()}, "wall_minutes": timings,
-             "style_judge": {"tag": tag, "heldout_accuracy": style.heldout_accuracy(style_judge)},
+    ceiling = lcf_eval.ceilings(extractor, style_judge, vae, num_samples=args.num_samples)
+    extra = {"ceilings": ceiling, "commands": {k: "lcm " + " ".join(v) for k, v in commands.items()},
+             "training_minutes": timings,
+             "style_judge": {"tag": tag, **style.heldout_accuracy(style_judge, vae=vae)},
              "num_samples": args.num_samples, "guidance": 8.5}
-    labels = {"before": "shipped LCM (before)", "after": "after LCF",
-              "baseline": "fine-tune teacher, distil again"}
+    labels = {"before": "shipped LCM (before)", "after": f"after LCF ({_label(names[0])})",
+              "baseline": "fine-tune teacher, distil again", **{n: f"LCF {_label(n)}" for n in names[1:]}}
     lcf_eval.write(out, results, extra, labels)
-    print(lcf_eval.markdown(results, labels))
+    print(lcf_eval.markdown(results, labels, ceiling))
     print(json.dumps(extra, indent=2))
 
 

@@ -178,3 +178,43 @@ def test_ablate_guidance_records_omega(micro_lcm, micro_judge, tmp_path, monkeyp
     assert [(r["omega"], r["steps"]) for r in records] == [(2, 1), (2, 2), (8, 1), (8, 2)]
     assert [r["guidance"] for r in records] == [3, 3, 9, 9]
     assert "| 8 |" in (out / "results.md").read_text() and (out / "guidance.png").is_file()
+
+
+def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path):
+    import os
+    import shutil
+
+    from latentcm.models.bundle import Bundle
+
+    model = shutil.copytree(micro_lcm, tmp_path / "lcm")
+    row, prompts = harness.Row("m", "lcm", 1, 8.5), ["a red circle on a blue background"] * 2
+    first, _ = harness.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    again, _ = harness.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    assert np.array_equal(first, again)
+    retrained = Bundle.load(model)
+    with torch.no_grad():
+        for p in retrained.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    retrained.unet.save_pretrained(model / "unet")  # a new run exported into the same folder
+    weights = next((model / "unet").glob("*.safetensors"))
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))
+    fresh, _ = harness.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    assert not np.array_equal(first, fresh)
+
+
+def test_style_judge_trains_on_vae_round_trips_and_reports_both_ceilings(micro_teacher, tmp_path):
+    from latentcm.evaluation import style
+    from latentcm.models.bundle import Bundle
+
+    vae = Bundle.load(micro_teacher).vae
+    x, labels = style.labelled_images(3, seed=0, split="heldout")
+    assert x.shape == (6, 3, 64, 64) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    rt = style.round_trip(vae, x, batch_size=4)
+    assert rt.shape == x.shape and not torch.equal(rt, x) and rt.abs().max() <= 1
+    judge, tag = style.load_or_train(tmp_path, steps=2, vae=vae, vae_tag="abc", count=4)
+    assert tag.endswith("-vae-abc") and (tmp_path / f"{tag}.safetensors").is_file()
+    plain_judge, plain_tag = style.load_or_train(tmp_path, steps=2, count=4)
+    assert plain_tag != tag and plain_tag.endswith("-vae-none")
+    acc = style.heldout_accuracy(judge, count=4, vae=vae)
+    assert set(acc) == {"real_accuracy", "real_striped_recall", "vae_round_trip_accuracy",
+                        "vae_round_trip_striped_recall"} and all(0 <= v <= 1 for v in acc.values())

@@ -225,3 +225,30 @@ def test_lora_on_an_lcm_folder_is_refused(micro_teacher, data):
         add_lora(make_student(Bundle.load(micro_teacher).unet), LoRAConfig(rank=2))
     with pytest.raises(ValueError, match="rank"):
         LoRAConfig(rank=0)
+
+
+def test_style_lora_trains_only_the_adapter_and_stacks_with_an_lcm_lora(lora_run, micro_teacher, tmp_path, capsys):
+    """`finetune-teacher --lora`: a diffusion style LoRA, loadable by diffusers, combined with the LCM-LoRA."""
+    from diffusers import StableDiffusionPipeline
+
+    from latentcm import styles
+
+    data = styles.export_styled(tmp_path / "data", seed=0, count=4)
+    style = tmp_path / "style"
+    main(["finetune-teacher", "--teacher", str(micro_teacher), "--data", str(data), "--out", str(style),
+          "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--lora", "4"])
+    assert not (style / "unet").exists() and "rank-4 LoRA" in (style / "README.md").read_text()
+    sd = load_file(str(style / lora_io.DIFFUSERS_NAME))
+    assert sd and all("lora_A" in k or "lora_B" in k for k in sd)
+    assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k)  # B started at 0: it trained
+    pipe = StableDiffusionPipeline.from_pretrained(micro_teacher, local_files_only=True, safety_checker=None)
+    z, t, text = _inputs()
+    with torch.no_grad():
+        before = pipe.unet(z, t, encoder_hidden_states=text).sample
+        pipe.load_lora_weights(str(style))
+        assert not torch.allclose(before, pipe.unet(z, t, encoder_hidden_states=text).sample)
+    lcm_only = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run), 1.0)])
+    both = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run), 1.0), (str(style), 0.8)])
+    assert both.scheduler_config["_class_name"] == "LCMScheduler"  # the LCM-LoRA's grid, listed first
+    a, b = (m.sample_latents([PROMPT], [1], steps=2) for m in (lcm_only, both))
+    assert not torch.allclose(a, b)  # the style adapter changes the 2-step LCM sample

@@ -575,22 +575,37 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
 @click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None, help="Stop cleanly after this long.")
-def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, resume, max_minutes):
+@click.option("--lora", "lora_rank", type=click.IntRange(1, 4096), default=None, metavar="RANK",
+              help="Train only a LoRA adapter of this rank: OUT becomes a style-LoRA folder.")
+@click.option("--lora-alpha", type=click.FloatRange(0, None, min_open=True), default=None,
+              show_default="RANK", help="LoRA alpha (scale alpha / rank).")
+def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, resume, max_minutes, lora_rank,
+                     lora_alpha):
     """Plain diffusion fine-tuning of a teacher on an image folder (then `lcm distill --data` it again):
-    the baseline LCF is measured against.
+    the baseline LCF is measured against. With --lora RANK only a LoRA adapter trains and OUT
+    becomes a style LoRA that stacks with an LCM-LoRA in `lcm generate --lora`.
 
     \b
-    Example:
+    Examples:
       lcm finetune-teacher --data data/striped --out runs/teacher-striped --max-steps 1000
       lcm distill --teacher runs/teacher-striped --data data/striped --out runs/lcm-striped
+      lcm finetune-teacher --data data/striped --out runs/style-lora --lora 16 --lr 5e-4
+      lcm generate "a red striped star" --model teacher --lora runs/lcm-lora --lora runs/style-lora:0.8
     """
     from .training.diffusion_finetune import finetune_teacher as run
     from .training.loop import LoopConfig
 
     _torch_threads()
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", max_minutes=max_minutes)
+    lora = None
+    if lora_rank is not None:
+        from .training.lora import LoRAConfig
+
+        lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, seed=seed)
+    elif lora_alpha is not None:
+        raise UserError("--lora-alpha needs --lora RANK")
     done, folder, summary = run(registry.resolve(teacher), data_dir, out, loop_cfg, batch_size=batch_size, seed=seed,
-                                resume=resume, command=_command_line(click.get_current_context()))
+                                resume=resume, command=_command_line(click.get_current_context()), lora=lora)
     click.echo(summary)
     click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
 

@@ -115,12 +115,25 @@ class Row:
         return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}"
 
 
+def _weights_stamp(model_dir) -> list:
+    """Size and mtime of the UNet weights: a retrained model in the same folder is not mistaken for the old."""
+    files = sorted(Path(model_dir).glob("unet/*.safetensors")) if model_dir else []
+    return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+
+
+def _file_stamp(path) -> list:
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+    return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files if f.is_file()]
+
+
 def generate_cached(bundle, row: Row, prompts: list[str], seed: int, folder: Path,
                     batch_size: int = 32) -> tuple[np.ndarray, dict]:
     """uint8 images [N, H, W, 3] of one row, plus {"seconds", "unet_evals"}; reused from
     ``folder`` when the same model folder, prompts and seeds made them before."""
-    identity = {"model_path": str(bundle.path), "row": row.key, "num": len(prompts), "seed": seed,
-                "prompts_sha": _sha(prompts)}
+    identity = {"model_path": str(bundle.path), "weights": _weights_stamp(bundle.path),
+                "loras": [[p, w, _weights_stamp(p) or _file_stamp(p)] for p, w in getattr(bundle, "applied_loras", [])],
+                "row": row.key,
+                "num": len(prompts), "seed": seed, "prompts_sha": _sha(prompts)}
     path = folder / f"{row.key}-n{len(prompts)}-s{seed}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:

@@ -58,10 +58,33 @@ def evaluate_models(bundles: dict, extractor: JudgeExtractor, style_judge: Style
     return results
 
 
-def markdown(results: dict[str, list[dict]], labels: dict[str, str] | None = None) -> str:
+def ceilings(extractor: JudgeExtractor, style_judge: StyleJudge, vae, num_samples: int = 256,
+             reference_count: int = 1000, cache_dir: Path | None = None) -> dict[str, dict]:
+    """The same metrics on real held-out striped images (other seeds than the FID reference) and on their
+    VAE round trips: what a perfect model scores, and what one whose images leave through this VAE can."""
+    from .style import round_trip
+
+    reference = striped_reference(extractor, reference_count, cache_dir or harness.default_cache_dir())
+    samples = [styles.make_styled_sample(REFERENCE_SEED, i, "heldout") for i in range(num_samples)]
+    real = harness._pixels(np.stack([np.asarray(s.image) for s in samples]))
+    prompts = [s.text for s in samples]
+    out = {}
+    for name, x in (("real", real), ("vae_round_trip", round_trip(vae, real))):
+        scored = harness.score_pixels(x, prompts, extractor, reference)
+        out[name] = {"fid": scored["fid"], "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
+                     "accuracy": scored["accuracy"], "clip_score": scored["clip_score"]}
+    return out
+
+
+def markdown(results: dict[str, list[dict]], labels: dict[str, str] | None = None,
+             ceiling: dict[str, dict] | None = None) -> str:
     labels = labels or {}
     lines = ["| model | steps | FID to striped held-out | style accuracy | exact attribute accuracy | caption score |",
              "|---|---|---|---|---|---|"]
+    names = {"real": "real held-out striped images", "vae_round_trip": "their VAE round trips"}
+    for name, r in (ceiling or {}).items():
+        lines.append(f"| *{names.get(name, name)}* | - | {r['fid']:.2f} | {r['style_accuracy']:.1%} | "
+                     f"{r['accuracy']:.1%} | {r['clip_score']:.1f} |")
     for name, records in results.items():
         for r in records:
             lines.append(f"| {labels.get(name, name)} | {r['steps']} | {r['fid']:.2f} | {r['style_accuracy']:.1%} | "
@@ -72,7 +95,7 @@ def markdown(results: dict[str, list[dict]], labels: dict[str, str] | None = Non
 def write(out: Path, results: dict, extra: dict, labels: dict[str, str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**results, **extra}, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results, labels))
+    (out / "results.md").write_text(markdown(results, labels, extra.get("ceilings")))
 
 
-__all__ = ["evaluate_models", "markdown", "write", "striped_prompts"]
+__all__ = ["ceilings", "evaluate_models", "markdown", "write", "striped_prompts"]

@@ -140,4 +140,5 @@ def apply_loras(bundle, loras: list[tuple[str, float]]):
     if sched.get("_class_name") != "LCMScheduler":
         raise ModelError(f"{sched_file} is not an LCMScheduler config")
     bundle.scheduler_config = sched
+    bundle.applied_loras = [(str(Path(path).resolve()), float(w)) for path, w in loras]  # names sample caches
     return bundle

@@ -130,6 +130,15 @@ def _log_row(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def training_minutes(out_dir: str | Path) -> float:
+    """Wall minutes of a run's optimizer steps: time_s of the last row of OUT/metrics.csv (carried over resumes)."""
+    with open(Path(out_dir) / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{out_dir}/metrics.csv has no rows")
+    return round(float(rows[-1]["time_s"]) / 60, 2)
+
+
 def _any_process(accelerator, flag: bool) -> bool:
     """True on every process when ``flag`` is true on any one (so all processes stop together)."""
     if accelerator.num_processes == 1:

@@ -227,7 +227,7 @@ class UNetTask:
         return {"unet": self.unet, "ema": self.ema}
 
     def parameters(self):
-        return list(self.unet.parameters())
+        return [p for p in self.unet.parameters() if p.requires_grad]  # all, or a LoRA adapter's only
 
     def batch(self, step):
         g = step_generator(self.seed, step)

@@ -1,0 +1,117 @@
+"""LCM-LoRA on the offline world (issue: LoRA), end to end and resumable: writes reports/lora/.
+
+    python scripts/lora_report.py [--lcm-lora runs/lcm-lora] [--style-data runs/lcf/striped-train] [--out reports/lora]
+
+1. the LCM-LoRA must exist (it is the long step, run it first):
+       lcm distill --teacher teacher --out runs/lcm-lora --lora 16 --loss huber --max-steps 1500 \\
+           --batch-size 16 --lr 5e-4 --seed 0 --validate-every 500
+2. a style LoRA: plain diffusion LoRA of the teacher on the striped set (`lcm finetune-teacher --lora`), timed;
+3. the harness on the base world's held-out prompts: LCM-LoRA (1/2/4 steps) against the shipped full LCM
+   (1/2/4 steps) and the teacher (DDIM 50 with CFG), with trainable parameters and distillation wall time;
+4. the combination lambda1 * style + lambda2 * LCM-LoRA (0.8 / 1.0, and 1.0 / 1.0) on the striped set's
+   held-out captions at 1/2/4 steps: FID to real striped images, style accuracy, attribute accuracy.
+
+Writes results.json, results.md, grids/ (and samples/, not committed). Rerunning reuses finished stages
+and cached samples.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from latentcm import registry
+from latentcm.evaluation import harness, lcf_eval, style
+from latentcm.evaluation.extractors import JudgeExtractor, file_version
+from latentcm.models import lora_io
+from latentcm.models.bundle import Bundle
+from latentcm.training.loop import training_minutes
+
+LAMBDAS = ((0.8, 1.0), (1.0, 1.0))  # (style, LCM-LoRA), the LCM-LoRA report's default first
+
+
+def lora_parameters(folder: Path) -> int:
+    """Trainable parameters of a LoRA folder: the elements of its A and B matrices."""
+    return sum(t.numel() for t in load_file(str(folder / lora_io.DIFFUSERS_NAME)).values())
+
+
+def with_loras(teacher: str, loras: list[tuple[Path, float]]) -> Bundle:
+    return lora_io.apply_loras(Bundle.load(registry.resolve(teacher)), [(str(p), w) for p, w in loras])
+
+
+def base_world_table(lcm_lora: Path, teacher: str, extractor, out: Path, num_samples: int) -> list[dict]:
+    bundles = {"lcm-lora": with_loras(teacher, [(lcm_lora, 1.0)]), "lcm": Bundle.load(registry.resolve("lcm")),
+               "teacher": Bundle.load(registry.resolve(teacher))}
+    rows = ([harness.Row("lcm-lora", "lcm", n, 1.0) for n in (1, 2, 4)]
+            + [harness.Row("lcm", "lcm", n, 8.5) for n in (1, 2, 4)] + [harness.Row("teacher", "ddim", 50, 7.5)])
+    return harness.score_rows(bundles, rows, extractor, out, num_samples)["records"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lcm-lora", default="runs/lcm-lora")
+    ap.add_argument("--full-lcm-run", default="runs/lcm2", help="run folder of the shipped LCM (for its wall time)")
+    ap.add_argument("--teacher", default="teacher")
+    ap.add_argument("--style-data", default="runs/lcf/striped-train")
+    ap.add_argument("--style-lora", default="runs/style-lora")
+    ap.add_argument("--style-steps", type=int, default=600)
+    ap.add_argument("--out", default="reports/lora")
+    ap.add_argument("--num-samples", type=int, default=256)
+    args = ap.parse_args()
+    lcm_lora, style_dir, out = Path(args.lcm_lora), Path(args.style_lora), Path(args.out)
+    if not (lcm_lora / lora_io.DIFFUSERS_NAME).is_file():
+        sys.exit(f"lora_report: {lcm_lora} has no finished LCM-LoRA; run the `lcm distill --lora` line in this "
+                 "script's docstring first")
+    style_cmd = ["finetune-teacher", "--teacher", args.teacher, "--data", args.style_data, "--out", str(style_dir),
+                 "--lora", "16", "--max-steps", str(args.style_steps), "--lr", "5e-4"]
+    if not (style_dir / lora_io.DIFFUSERS_NAME).is_file():
+        resume = ["--resume"] if (style_dir / "checkpoints").exists() else []
+        print("$ lcm " + " ".join(style_cmd + resume), flush=True)
+        subprocess.run([sys.executable, "-m", "latentcm.cli", *style_cmd, *resume], check=True)
+
+    extractor = JudgeExtractor.load(registry.resolve("judge"))
+    base = base_world_table(lcm_lora, args.teacher, extractor, out, args.num_samples)
+    full_params = sum(p.numel() for p in Bundle.load(registry.resolve("lcm")).unet.parameters())
+    cost = {"lcm-lora": {"trainable_parameters": lora_parameters(lcm_lora), "minutes": training_minutes(lcm_lora)},
+            "lcm": {"trainable_parameters": full_params, "minutes": training_minutes(Path(args.full_lcm_run))}}
+
+    vae = Bundle.load(registry.resolve("lcm")).vae
+    vae_tag = file_version(registry.resolve("lcm") / "vae" / "diffusion_pytorch_model.safetensors")
+    style_judge, tag = style.load_or_train(harness.default_cache_dir(), steps=800, vae=vae, vae_tag=vae_tag)
+    combos = {"lcm-lora": with_loras(args.teacher, [(lcm_lora, 1.0)])}
+    for lam_style, lam_lcm in LAMBDAS:
+        combos[f"lcm-lora{lam_lcm:g}+style{lam_style:g}"] = with_loras(
+            args.teacher, [(lcm_lora, lam_lcm), (style_dir, lam_style)])
+    styled = lcf_eval.evaluate_models(combos, extractor, style_judge, out / "style", guidance=1.0,
+                                      num_samples=args.num_samples)
+    results = {"base_world": base, "cost": cost, "style_combination": styled,
+               "style_lora": {"command": "lcm " + " ".join(style_cmd), "minutes": training_minutes(style_dir),
+                              "trainable_parameters": lora_parameters(style_dir)},
+               "style_judge": tag, "num_samples": args.num_samples, "machine": "2-core CPU (see README)",
+               "written": time.strftime("%Y-%m-%d")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    cost = results["cost"]
+    lines = ["| model | sampler | steps | FID | caption score | exact acc. | trainable parameters | distillation |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["base_world"]:
+        c = cost.get(r["model"], {})
+        params = f"{c['trainable_parameters']:,}" if c else "-"
+        minutes = f"{c['minutes']:.1f} min" if c else "-"
+        name = {"lcm-lora": "LCM-LoRA (r = 16)", "lcm": "full LCM (shipped)", "teacher": "teacher"}[r["model"]]
+        lines.append(f"| {name} | {r['sampler']} | {r['steps']} | {r['fid']:.1f} | {r['clip_score']:.1f} | "
+                     f"{r['accuracy']:.1%} | {params} | {minutes} |")
+    lines += ["", lcf_eval.markdown(results["style_combination"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
