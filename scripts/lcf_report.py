@@ -37,8 +37,10 @@ def run_once(args: list[str], done: Path, resume_dir: Path | None = None) -> Non
 
 
 def _label(name: str) -> str:
-    k, lr = name.removeprefix("lcf-k").split("-lr")
-    return f"k = {k}, lr {lr}"
+    """lcf-k20-lr1e-4[-t499] -> "k = 20, lr 1e-4, t <= 499" (or "all t")."""
+    k, rest = name.removeprefix("lcf-k").split("-lr")
+    lr, _, t = rest.partition("-t")
+    return f"k = {k}, lr {lr}, " + (f"t <= {t}" if t else "all t")
 
 
 def main() -> None:
@@ -47,9 +49,10 @@ def main() -> None:
     ap.add_argument("--out", default="reports/lcf")
     ap.add_argument("--count", type=int, default=3000, help="training images of the striped set")
     ap.add_argument("--lcf-steps", type=int, default=600)
-    ap.add_argument("--lcf", action="append", metavar="K:LR",
-                    help="LCF settings (skipping interval k : learning rate), repeatable; the first is reported as "
-                         "'after', the others as a sweep [default: 20:1e-4 (the LCM's own grid)]")
+    ap.add_argument("--lcf", action="append", metavar="K:LR[:TMAX]",
+                    help="LCF settings (skipping interval k : learning rate [: --max-timestep, default all]), "
+                         "repeatable; the first is reported as 'after', the others as a sweep "
+                         "[default: 20:1e-4:499 (the LCM's own grid, low-noise half)]")
     ap.add_argument("--teacher-steps", type=int, default=600)
     ap.add_argument("--distill-steps", type=int, default=800)
     ap.add_argument("--num-samples", type=int, default=256)
@@ -58,13 +61,15 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "striped-train"
-    settings = [tuple(v.split(":")) for v in (args.lcf or ["20:1e-4"])]
-    lcf_dirs = {f"lcf-k{k}-lr{lr}": work / f"lcf-k{k}-lr{lr}-n{args.lcf_steps}" for k, lr in settings}
+    settings = [v.split(":") for v in (args.lcf or ["20:1e-4:499"])]
+    names = ["lcf-" + "-".join(f"{key}{v}" for key, v in zip(("k", "lr", "t"), parts)) for parts in settings]
+    lcf_dirs = {name: work / f"{name}-n{args.lcf_steps}" for name in names}
     commands = {
         "export": ["world", "export", str(data), "--style", "striped", "--split", "train", "--count", str(args.count)],
-        **{name: ["finetune", "--model", "lcm", "--data", str(data), "--out", str(d), "--skip", k,
-                  "--max-steps", str(args.lcf_steps), "--lr", lr]
-           for (name, d), (k, lr) in zip(lcf_dirs.items(), settings)},
+        **{name: ["finetune", "--model", "lcm", "--data", str(data), "--out", str(lcf_dirs[name]), "--skip", parts[0],
+                  "--max-steps", str(args.lcf_steps), "--lr", parts[1],
+                  "--max-timestep", parts[2] if len(parts) > 2 else "999"]
+           for name, parts in zip(names, settings)},
         "teacher_finetune": ["finetune-teacher", "--teacher", "teacher", "--data", str(data), "--out",
                              str(work / "teacher-ft"), "--max-steps", str(args.teacher_steps), "--lr", "1e-4"],
         "distill": ["distill", "--teacher", str(work / "teacher-ft"), "--data", str(data), "--out",
@@ -77,9 +82,9 @@ def main() -> None:
     if not args.no_baseline:
         run_once(commands["teacher_finetune"], work / "teacher-ft" / "model_index.json", work / "teacher-ft")
         run_once(commands["distill"], work / "lcm-ft" / "model_index.json", work / "lcm-ft")
-        timings.update(teacher_finetune=training_minutes(work / "teacher-ft"), distill=training_minutes(work / "lcm-ft"))
+        timings.update(teacher_finetune=training_minutes(work / "teacher-ft"),
+                       distill=training_minutes(work / "lcm-ft"))
 
-    names = list(lcf_dirs)
     bundles = {"before": Bundle.load(registry.resolve("lcm")), "after": Bundle.load(lcf_dirs[names[0]])}
     if not args.no_baseline:
         bundles["baseline"] = Bundle.load(work / "lcm-ft")

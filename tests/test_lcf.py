@@ -88,6 +88,21 @@ def test_lcf_target_uses_the_same_latent_and_noise_for_both_points(lcm_bundle):
     torch.testing.assert_close(z_n, schedules.add_noise(batch["z0"], batch["noise"], task.alpha_bar[t_n]))
 
 
+def test_max_timestep_draws_only_low_noise_points(lcm_bundle):
+    data = encode_pairs(lcm_bundle.vae, lcm_bundle.text_encoder, lcm_bundle.tokenizer,
+                        [(s.image, s.text) for s in world.iter_samples(0, 2)])
+    cfg = LCDConfig(batch_size=64, target="same-noise", skip=100, max_timestep=499)
+    task = LCDTask(None, lcm_bundle.scheduler_config, data, cfg, student=lcm_bundle.unet)
+    assert task.grid.tolist() == [99, 199, 299, 399, 499]
+    drawn = torch.cat([task.batch(step)["t_start"] for step in range(4)])
+    assert drawn.max() <= 499 and set(drawn.tolist()) == {99, 199, 299, 399, 499}
+    full = LCDTask(None, lcm_bundle.scheduler_config, data, LCDConfig(batch_size=64, target="same-noise", skip=100),
+                   student=lcm_bundle.unet)
+    assert torch.cat([full.batch(step)["t_start"] for step in range(4)]).max() > 499
+    with pytest.raises(ValueError, match="leaves no grid point"):
+        LCDConfig(skip=20, max_timestep=5)
+
+
 def test_lcf_takes_no_teacher_and_lcd_needs_one(lcm_bundle, micro_teacher):
     data = encode_pairs(lcm_bundle.vae, lcm_bundle.text_encoder, lcm_bundle.tokenizer,
                         [(s.image, s.text) for s in world.iter_samples(0, 2)])

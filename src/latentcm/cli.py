@@ -531,9 +531,12 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000, help="Optimizer steps.")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=250, help="Validation grid every N steps (0: off).")
+@click.option("--max-timestep", type=click.IntRange(0, 100000), default=499,
+              help="Train only grid points t <= this: adapt the low-noise end (texture, style) and leave the "
+                   "high-noise end (layout, attributes) alone; the number of train timesteps - 1 trains all.")
 @_run_options
 def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
-             resume, max_minutes, validate_every, checkpoint_every):
+             resume, max_minutes, validate_every, checkpoint_every, max_timestep):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
 
     Unreadable images and images without a caption are skipped, counted and reported at the end.
@@ -554,7 +557,7 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
     model_dir = registry.resolve(model)
     k = skip if skip is not None else lcf.default_skip(Bundle.load(model_dir))
     cfg = lcd.LCDConfig(skip=k, omega_min=omega_min, omega_max=omega_max, ema_decay=ema, loss=loss, huber_c=huber_c,
-                        batch_size=batch_size, seed=seed, target="same-noise")
+                        batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcf": asdict(cfg)})
     done, folder, report = lcf.finetune(model_dir, data_dir, out, cfg, loop_cfg, resume=resume,

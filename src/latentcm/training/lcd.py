@@ -49,6 +49,7 @@ class LCDConfig:
     seed: int = 0                      # batch seed
     time_cond_proj_dim: int = 256      # size of the w embedding fed as timestep_cond
     target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
+    max_timestep: int | None = None    # train only t_{n+k} <= this (LCF: texture lives at low noise); None: all
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -63,6 +64,9 @@ class LCDConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
             raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
+        if self.max_timestep is not None and self.max_timestep < self.skip - 1:
+            raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point "
+                             f"(the lowest is k - 1 = {self.skip - 1})")
 
 
 def training_grid(num_train_timesteps: int, skip: int) -> torch.Tensor:
@@ -211,6 +215,8 @@ class LCDTask:
         self.target = ConsistencyModel(Denoiser(self.target_unet, scheduler_config))
         self.alpha_bar = Denoiser(self.target_unet, scheduler_config).alpha_bar  # [T] float64
         self.grid = training_grid(len(self.alpha_bar), cfg.skip)  # [N]
+        if cfg.max_timestep is not None:
+            self.grid = self.grid[self.grid <= cfg.max_timestep]  # t_{n+k} drawn from the low-noise end only
         self.solver = SOLVERS[cfg.solver]
         self.device = self.alpha_bar.device
 
