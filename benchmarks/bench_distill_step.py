@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"| distillation | trainable parameters | s/step (batch {args.batch_size}) | step time vs full |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | {r['trainable']:,} | {r['s_per_step']:.3f} | {r['s_per_step'] / base['s_per_step']:.2f}x |")
+        ratio = r["s_per_step"] / base["s_per_step"]
+        print(f"| {r['row']} | {r['trainable']:,} | {r['s_per_step']:.3f} | {ratio:.2f}x |")
     return rows
 
 
