@@ -135,6 +135,17 @@ def test_loss_is_finite_and_gradients_reach_only_the_student(bundle, data):
     assert distance(x, y, "huber", 0.001) == pytest.approx(((1 + 1e-6) ** 0.5 + (4 + 1e-6) ** 0.5 - 0.002) / 3)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(bundle, data):
+    grads = []
+    for flag in (False, True):
+        task = _task(bundle, data, gradient_checkpointing=flag)
+        assert task.student_unet.is_gradient_checkpointing == flag
+        loss, _ = task.loss(task.batch(0), 0)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in task.student_unet.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_ema_target_moves_toward_the_student(bundle, data):
     task = _task(bundle, data, ema_decay=0.9)
     before = [p.detach().clone() for p in task.target_unet.parameters()]

@@ -25,7 +25,8 @@ def data(micro_teacher):
     return encode_pairs(b.vae, b.text_encoder, b.tokenizer, pairs)
 
 
-RUN_ARGS = ["--lora", "4", "--lora-alpha", "8", "--batch-size", "2", "--num-data", "4", "--lr", "1e-2"]
+RUN_ARGS = ["--lora", "4", "--lora-alpha", "8", "--batch-size", "2", "--num-data", "4", "--lr", "1e-2",
+            "--gradient-checkpointing"]  # exact recomputation: the exports and resume checks hold with it
 
 
 @pytest.fixture(scope="module")

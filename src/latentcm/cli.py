@@ -441,6 +441,8 @@ def _run_options(command):
         click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
                      help="Stop cleanly (with a checkpoint) after this long; continue later with --resume."),
         click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps."),
+        click.option("--gradient-checkpointing", is_flag=True,
+                     help="Recompute the student's activations in the backward pass: less memory, same result."),
     ]):
         command = option(command)
     return command
@@ -472,7 +474,7 @@ def _run_options(command):
 @_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
             resume, max_minutes, num_data, data_dir, time_cond_proj_dim, validate_every, checkpoint_every,
-            lora_rank, lora_alpha):
+            lora_rank, lora_alpha, gradient_checkpointing):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -508,7 +510,7 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
                         omega_max=w_default[1] if omega_max is None else omega_max,
                         ema_decay=(0.0 if lora else 0.95) if ema is None else ema,
                         loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
-                        time_cond_proj_dim=time_cond_proj_dim)
+                        time_cond_proj_dim=time_cond_proj_dim, gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes,
                           extra_meta={"lcd": asdict(cfg), **({"lora": asdict(lora)} if lora else {})})
@@ -536,7 +538,7 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
                    "high-noise end (layout, attributes) alone; the number of train timesteps - 1 trains all.")
 @_run_options
 def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
-             resume, max_minutes, validate_every, checkpoint_every, max_timestep):
+             resume, max_minutes, validate_every, checkpoint_every, max_timestep, gradient_checkpointing):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
 
     Unreadable images and images without a caption are skipped, counted and reported at the end.
@@ -557,7 +559,8 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
     model_dir = registry.resolve(model)
     k = skip if skip is not None else lcf.default_skip(Bundle.load(model_dir))
     cfg = lcd.LCDConfig(skip=k, omega_min=omega_min, omega_max=omega_max, ema_decay=ema, loss=loss, huber_c=huber_c,
-                        batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep)
+                        batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep,
+                        gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcf": asdict(cfg)})
     done, folder, report = lcf.finetune(model_dir, data_dir, out, cfg, loop_cfg, resume=resume,

@@ -50,6 +50,7 @@ class LCDConfig:
     time_cond_proj_dim: int = 256      # size of the w embedding fed as timestep_cond
     target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
     max_timestep: int | None = None    # train only t_{n+k} <= this (LCF: texture lives at low noise); None: all
+    gradient_checkpointing: bool = False  # memory, not math: the student recomputes activations in backward
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -208,6 +209,8 @@ class LCDTask:
         if student is None and teacher_unet is None:
             raise ValueError("LCF needs the LCM's UNet as student")
         self.student_unet = student if student is not None else make_student(teacher_unet, cfg.time_cond_proj_dim)
+        if cfg.gradient_checkpointing:
+            self.student_unet.enable_gradient_checkpointing()
         self.target_unet = copy.deepcopy(self.student_unet).requires_grad_(False).eval()  # theta^- <- theta
         self.teacher = (Denoiser(teacher_unet.requires_grad_(False).eval(), scheduler_config)
                         if teacher_unet is not None else None)

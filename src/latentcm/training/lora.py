@@ -163,6 +163,8 @@ class LoRATask(LCDTask):
             raise ValueError("LCM-LoRA distils a teacher: LCDConfig.target must be 'solver'")
         self.cfg, self.lora_cfg, self.data, self.preview_fn = cfg, lora, data, preview_fn
         unet = add_lora(teacher_unet, lora).train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         self.student_unet = unet
         self.teacher = Denoiser(AdapterView(unet, None), scheduler_config)  # adapters off: the frozen teacher
         self.student = ConsistencyModel(Denoiser(unet, scheduler_config))
