@@ -20,7 +20,7 @@ from pathlib import Path
 
 from latentcm import registry
 from latentcm.evaluation import lcf_eval, style
-from latentcm.evaluation.extractors import JudgeExtractor, file_version
+from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.evaluation.harness import default_cache_dir
 from latentcm.models.bundle import Bundle
 from latentcm.training.loop import training_minutes
@@ -90,9 +90,7 @@ def main() -> None:
         bundles["baseline"] = Bundle.load(work / "lcm-ft")
     bundles.update({name: Bundle.load(lcf_dirs[name]) for name in names[1:]})
     extractor = JudgeExtractor.load(registry.resolve("judge"))
-    vae = bundles["before"].vae
-    vae_tag = file_version(registry.resolve("lcm") / "vae" / "diffusion_pytorch_model.safetensors")
-    style_judge, tag = style.load_or_train(default_cache_dir(), steps=800, vae=vae, vae_tag=vae_tag)
+    style_judge, tag, vae = style.load_or_train_for(registry.resolve("lcm"), default_cache_dir())
     results = lcf_eval.evaluate_models(bundles, extractor, style_judge, out, num_samples=args.num_samples)
     ceiling = lcf_eval.ceilings(extractor, style_judge, vae, num_samples=args.num_samples)
     extra = {"ceilings": ceiling, "commands": {k: "lcm " + " ".join(v) for k, v in commands.items()},

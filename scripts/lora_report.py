@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from latentcm import registry
 from latentcm.evaluation import harness, lcf_eval, style
-from latentcm.evaluation.extractors import JudgeExtractor, file_version
+from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.models import lora_io
 from latentcm.models.bundle import Bundle
 from latentcm.training.loop import training_minutes
@@ -42,8 +42,8 @@ def with_loras(teacher: str, loras: list[tuple[Path, float]]) -> Bundle:
     return lora_io.apply_loras(Bundle.load(registry.resolve(teacher)), [(str(p), w) for p, w in loras])
 
 
-def base_world_table(lcm_lora: Path, teacher: str, extractor, out: Path, num_samples: int) -> list[dict]:
-    bundles = {"lcm-lora": with_loras(teacher, [(lcm_lora, 1.0)]), "lcm": Bundle.load(registry.resolve("lcm")),
+def base_world_table(lcm_lora: Bundle, teacher: str, extractor, out: Path, num_samples: int) -> list[dict]:
+    bundles = {"lcm-lora": lcm_lora, "lcm": Bundle.load(registry.resolve("lcm")),
                "teacher": Bundle.load(registry.resolve(teacher))}
     rows = ([harness.Row("lcm-lora", "lcm", n, 1.0) for n in (1, 2, 4)]
             + [harness.Row("lcm", "lcm", n, 8.5) for n in (1, 2, 4)] + [harness.Row("teacher", "ddim", 50, 7.5)])
@@ -73,15 +73,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "latentcm.cli", *style_cmd, *resume], check=True)
 
     extractor = JudgeExtractor.load(registry.resolve("judge"))
-    base = base_world_table(lcm_lora, args.teacher, extractor, out, args.num_samples)
+    lcm_lora_only = with_loras(args.teacher, [(lcm_lora, 1.0)])
+    base = base_world_table(lcm_lora_only, args.teacher, extractor, out, args.num_samples)
     full_params = sum(p.numel() for p in Bundle.load(registry.resolve("lcm")).unet.parameters())
     cost = {"lcm-lora": {"trainable_parameters": lora_parameters(lcm_lora), "minutes": training_minutes(lcm_lora)},
             "lcm": {"trainable_parameters": full_params, "minutes": training_minutes(Path(args.full_lcm_run))}}
 
-    vae = Bundle.load(registry.resolve("lcm")).vae
-    vae_tag = file_version(registry.resolve("lcm") / "vae" / "diffusion_pytorch_model.safetensors")
-    style_judge, tag = style.load_or_train(harness.default_cache_dir(), steps=800, vae=vae, vae_tag=vae_tag)
-    combos = {"lcm-lora": with_loras(args.teacher, [(lcm_lora, 1.0)])}
+    style_judge, tag, _ = style.load_or_train_for(registry.resolve("lcm"), harness.default_cache_dir())
+    combos = {"lcm-lora": lcm_lora_only}
     for lam_style, lam_lcm in LAMBDAS:
         combos[f"lcm-lora{lam_lcm:g}+style{lam_style:g}"] = with_loras(
             args.teacher, [(lcm_lora, lam_lcm), (style_dir, lam_style)])

@@ -204,12 +204,13 @@ def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path
 
 def test_style_judge_trains_on_vae_round_trips_and_reports_both_ceilings(micro_teacher, tmp_path):
     from latentcm.evaluation import style
+    from latentcm.images import vae_round_trip
     from latentcm.models.bundle import Bundle
 
     vae = Bundle.load(micro_teacher).vae
     x, labels = style.labelled_images(3, seed=0, split="heldout")
     assert x.shape == (6, 3, 64, 64) and labels.tolist() == [0, 0, 0, 1, 1, 1]
-    rt = style.round_trip(vae, x, batch_size=4)
+    rt = vae_round_trip(vae, x, batch_size=4)
     assert rt.shape == x.shape and not torch.equal(rt, x) and rt.abs().max() <= 1
     judge, tag = style.load_or_train(tmp_path, steps=2, vae=vae, vae_tag="abc", count=4)
     assert tag.endswith("-vae-abc") and (tmp_path / f"{tag}.safetensors").is_file()

@@ -431,6 +431,17 @@ def _command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("resume", "m
     return " ".join(parts)
 
 
+def _lora_config(rank: int | None, alpha: float | None, seed: int):
+    """--lora RANK [--lora-alpha A] -> a LoRAConfig, or None without --lora."""
+    if rank is None:
+        if alpha is not None:
+            raise UserError("--lora-alpha needs --lora RANK")
+        return None
+    from .training.lora import LoRAConfig
+
+    return LoRAConfig(rank=rank, alpha=alpha, seed=seed)
+
+
 def _run_options(command):
     """Options the consistency-training commands (distill, finetune) share."""
     for option in reversed([
@@ -497,14 +508,10 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
     from .training import lcd
     from .training.loop import LoopConfig
 
-    _torch_threads()
-    lora = None
-    if lora_rank is not None:
-        from .training.lora import LORA_OMEGA, LoRAConfig
+    from .training.lora import LORA_OMEGA
 
-        lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, seed=seed)
-    elif lora_alpha is not None:
-        raise UserError("--lora-alpha needs --lora RANK")
+    _torch_threads()
+    lora = _lora_config(lora_rank, lora_alpha, seed)
     w_default = (LORA_OMEGA, LORA_OMEGA) if lora else (2.0, 14.0)
     cfg = lcd.LCDConfig(solver=solver, skip=skip, omega_min=w_default[0] if omega_min is None else omega_min,
                         omega_max=w_default[1] if omega_max is None else omega_max,
@@ -603,13 +610,7 @@ def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, re
 
     _torch_threads()
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", max_minutes=max_minutes)
-    lora = None
-    if lora_rank is not None:
-        from .training.lora import LoRAConfig
-
-        lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, seed=seed)
-    elif lora_alpha is not None:
-        raise UserError("--lora-alpha needs --lora RANK")
+    lora = _lora_config(lora_rank, lora_alpha, seed)
     done, folder, summary = run(registry.resolve(teacher), data_dir, out, loop_cfg, batch_size=batch_size, seed=seed,
                                 resume=resume, command=_command_line(click.get_current_context()), lora=lora)
     click.echo(summary)

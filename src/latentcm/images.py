@@ -1,4 +1,4 @@
-"""Image grids: tensors in [-1, 1] -> PNG files."""
+"""Image grids: tensors in [-1, 1] -> PNG files; VAE round trips."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,3 +24,12 @@ def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8_grid(images, cols)).save(path)
     return path
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """images [N, 3, H, W] in [-1, 1] -> decode(mode of encode(images)): the best a latent model using
+    this VAE can draw them."""
+    parts = [vae.decode(vae.encode(images[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mode())
+             .sample.clamp(-1, 1).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(parts)

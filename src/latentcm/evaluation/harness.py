@@ -115,14 +115,11 @@ class Row:
         return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}"
 
 
-def _weights_stamp(model_dir) -> list:
-    """Size and mtime of the UNet weights: a retrained model in the same folder is not mistaken for the old."""
-    files = sorted(Path(model_dir).glob("unet/*.safetensors")) if model_dir else []
-    return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
-
-
-def _file_stamp(path) -> list:
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+def _stamp(path) -> list:
+    """Name, size and mtime of the safetensors in a folder (or of one file): retrained weights written
+    into the same place are not mistaken for the old ones."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files if f.is_file()]
 
 
@@ -130,10 +127,9 @@ def generate_cached(bundle, row: Row, prompts: list[str], seed: int, folder: Pat
                     batch_size: int = 32) -> tuple[np.ndarray, dict]:
     """uint8 images [N, H, W, 3] of one row, plus {"seconds", "unet_evals"}; reused from
     ``folder`` when the same model folder, prompts and seeds made them before."""
-    identity = {"model_path": str(bundle.path), "weights": _weights_stamp(bundle.path),
-                "loras": [[p, w, _weights_stamp(p) or _file_stamp(p)] for p, w in getattr(bundle, "applied_loras", [])],
-                "row": row.key,
-                "num": len(prompts), "seed": seed, "prompts_sha": _sha(prompts)}
+    identity = {"model_path": str(bundle.path), "weights": _stamp(Path(bundle.path) / "unet"),
+                "loras": [[p, w, _stamp(p)] for p, w in getattr(bundle, "applied_loras", [])],
+                "row": row.key, "num": len(prompts), "seed": seed, "prompts_sha": _sha(prompts)}
     path = folder / f"{row.key}-n{len(prompts)}-s{seed}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
@@ -264,5 +260,5 @@ def table_rows(samplers: list[str], steps: list[int], guidance: float | None,
     return rows
 
 
-__all__ = ["Row", "run", "score_rows", "score", "score_pixels", "cached_stats", "reference_stats", "generate_cached", "table1_markdown", "plot_against_steps",
-           "validate_results", "RESULTS_SCHEMA", "SCORED", "table_rows"]
+__all__ = ["Row", "run", "score_rows", "score", "score_pixels", "cached_stats", "reference_stats", "generate_cached",
+           "table1_markdown", "plot_against_steps", "validate_results", "RESULTS_SCHEMA", "SCORED", "table_rows"]

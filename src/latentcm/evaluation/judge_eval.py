@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import world
+from ..images import vae_round_trip
 from ..models.judge import Judge
 
 SCORED = ("colour", "background", "shape", "size", "position")
@@ -137,11 +138,6 @@ def vae_psnr(vae, count: int = 512, seed: int = 99, batch_size: int = 128) -> fl
     """Mean reconstruction PSNR (dB, 8-bit images) on held-out world images."""
     samples = list(world.iter_samples(seed, count, "heldout"))
     x = torch.from_numpy(world.images_array(samples)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    psnrs = []
-    for i in range(0, count, batch_size):
-        xb = x[i:i + batch_size]
-        rec = vae.decode(vae.encode(xb).latent_dist.mode()).sample.clamp(-1, 1)
-        rec8 = ((rec + 1) * 127.5).round()
-        mse = (rec8 - (xb + 1) * 127.5).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-        psnrs.append(10 * torch.log10(255.0 ** 2 / mse))
-    return float(torch.cat(psnrs).mean())
+    rec8 = ((vae_round_trip(vae, x, batch_size) + 1) * 127.5).round()
+    mse = (rec8 - (x + 1) * 127.5).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(255.0 ** 2 / mse)).mean())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import styles
-from ..images import save_grid
+from ..images import save_grid, vae_round_trip
 from . import harness
 from .extractors import JudgeExtractor
 from .style import StyleJudge
@@ -34,6 +34,13 @@ def striped_reference(extractor: JudgeExtractor, count: int, cache_dir: Path) ->
     return harness.cached_stats(path, features)
 
 
+def _scores(x, prompts: list[str], extractor: JudgeExtractor, reference: tuple, style_judge: StyleJudge) -> dict:
+    """fid, style_accuracy, accuracy, clip_score and attribute_accuracy of images [N, 3, H, W] in [-1, 1]."""
+    scored = harness.score_pixels(x, prompts, extractor, reference)
+    return {"fid": scored["fid"], "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
+            **{k: scored[k] for k in ("accuracy", "clip_score", "attribute_accuracy")}}
+
+
 def evaluate_models(bundles: dict, extractor: JudgeExtractor, style_judge: StyleJudge, out: Path,
                     steps: tuple[int, ...] = (1, 2, 4), num_samples: int = 256, guidance: float = 8.5, seed: int = 0,
                     reference_count: int = 1000, cache_dir: Path | None = None) -> dict[str, list[dict]]:
@@ -49,11 +56,7 @@ def evaluate_models(bundles: dict, extractor: JudgeExtractor, style_judge: Style
             images, timing = harness.generate_cached(bundle, row, prompts, seed, out / "samples")
             x = harness._pixels(images)
             save_grid(x[:32], out / "grids" / f"{row.key}.png")
-            scored = harness.score_pixels(x, prompts, extractor, reference)
-            records.append({"steps": n, "fid": scored["fid"],
-                            "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
-                            "accuracy": scored["accuracy"], "clip_score": scored["clip_score"],
-                            "attribute_accuracy": scored["attribute_accuracy"], **timing})
+            records.append({"steps": n, **_scores(x, prompts, extractor, reference, style_judge), **timing})
         results[name] = records
     return results
 
@@ -62,18 +65,12 @@ def ceilings(extractor: JudgeExtractor, style_judge: StyleJudge, vae, num_sample
              reference_count: int = 1000, cache_dir: Path | None = None) -> dict[str, dict]:
     """The same metrics on real held-out striped images (other seeds than the FID reference) and on their
     VAE round trips: what a perfect model scores, and what one whose images leave through this VAE can."""
-    from .style import round_trip
-
     reference = striped_reference(extractor, reference_count, cache_dir or harness.default_cache_dir())
     samples = [styles.make_styled_sample(REFERENCE_SEED, i, "heldout") for i in range(num_samples)]
     real = harness._pixels(np.stack([np.asarray(s.image) for s in samples]))
     prompts = [s.text for s in samples]
-    out = {}
-    for name, x in (("real", real), ("vae_round_trip", round_trip(vae, real))):
-        scored = harness.score_pixels(x, prompts, extractor, reference)
-        out[name] = {"fid": scored["fid"], "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
-                     "accuracy": scored["accuracy"], "clip_score": scored["clip_score"]}
-    return out
+    return {name: _scores(x, prompts, extractor, reference, style_judge)
+            for name, x in (("real", real), ("vae_round_trip", vae_round_trip(vae, real)))}
 
 
 def markdown(results: dict[str, list[dict]], labels: dict[str, str] | None = None,

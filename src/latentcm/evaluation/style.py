@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import styles, world
+from ..images import vae_round_trip
 
 VERSION = "v2"  # v2: trained on real images and their VAE round trips
 
@@ -51,21 +52,13 @@ def labelled_images(count: int, seed: int, split: str) -> tuple[torch.Tensor, to
     return images, torch.cat([torch.zeros(count), torch.ones(count)])
 
 
-@torch.no_grad()
-def round_trip(vae, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
-    """images [N, 3, H, W] in [-1, 1] -> decode(encode(images)), what a generator can draw at best."""
-    parts = [vae.decode(vae.encode(images[i:i + batch_size]).latent_dist.mode()).sample.clamp(-1, 1)
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(parts).float()
-
-
 def train_style_judge(steps: int = 400, batch_size: int = 64, count: int = 2000, seed: int = 0,
                       vae=None) -> StyleJudge:
     """A StyleJudge fit to real labelled images, plus their VAE round trips when ``vae`` is given."""
     torch.manual_seed(seed)
     images, labels = labelled_images(count, seed + 1, "train")
     if vae is not None:
-        images, labels = torch.cat([images, round_trip(vae, images)]), torch.cat([labels, labels])
+        images, labels = torch.cat([images, vae_round_trip(vae, images)]), torch.cat([labels, labels])
     judge = StyleJudge()
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
@@ -97,12 +90,26 @@ def load_or_train(cache_dir: Path, steps: int = 400, seed: int = 0, vae=None, va
     return judge, tag
 
 
+def load_or_train_for(model_dir: str | Path, cache_dir: Path, steps: int = 800) -> tuple[StyleJudge, str, object]:
+    """The style judge for images decoded by ``model_dir``'s VAE (trained on first use, cached under the
+    VAE's content hash): (judge, version tag, that VAE)."""
+    from diffusers import AutoencoderKL
+
+    from .extractors import file_version
+
+    vae_dir = Path(model_dir) / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    judge, tag = load_or_train(cache_dir, steps=steps, vae=vae,
+                               vae_tag=file_version(vae_dir / "diffusion_pytorch_model.safetensors"))
+    return judge, tag, vae
+
+
 def heldout_accuracy(judge: StyleJudge, count: int = 500, seed: int = 99, vae=None) -> dict[str, float]:
     """The style judge on held-out images: accuracy on real ones and, with ``vae``, on their round
     trips, plus the striped recall of each (the ceiling a generator's style accuracy is read against)."""
     images, labels = labelled_images(count, seed, "heldout")
     truth = labels.numpy().astype(bool)
-    sets = {"real": images, **({"vae_round_trip": round_trip(vae, images)} if vae is not None else {})}
+    sets = {"real": images, **({"vae_round_trip": vae_round_trip(vae, images)} if vae is not None else {})}
     out = {}
     for name, x in sets.items():
         pred = judge.is_striped(x)

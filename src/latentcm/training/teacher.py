@@ -199,10 +199,12 @@ class JudgeTask:
 # --- UNet (the diffusion teacher) ------------------------------------------------
 
 def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta."""
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, over the parameters that train (a frozen
+    base under a LoRA adapter is equal in both and is skipped)."""
     with torch.no_grad():
         for pt, po in zip(target.parameters(), online.parameters()):
-            pt.lerp_(po, 1 - decay)
+            if po.requires_grad:
+                pt.lerp_(po, 1 - decay)
 
 
 class UNetTask:
