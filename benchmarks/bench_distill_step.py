@@ -15,10 +15,13 @@ import time
 import torch
 
 from latentcm import registry
-from latentcm.models.bundle import Bundle
-from latentcm.training.lcd import LCDConfig, LCDTask, world_data
+from latentcm.bundle import Bundle
+from latentcm.training.consistency import LCDConfig, LCDTask
+from latentcm.training.data.shapes import world_data
 from latentcm.training.loop import LoopConfig, make_accelerator, prepare, train_step
-from latentcm.training.lora import LORA_OMEGA, LoRAConfig, LoRATask
+from latentcm.defaults import LORA_OMEGA
+from latentcm.models.lora import LoRAConfig
+from latentcm.training.consistency import LoRATask
 
 
 def make_task(kind: str, teacher: str, data, batch_size: int, rank: int):

@@ -15,7 +15,7 @@ import torch
 
 from latentcm import registry
 from latentcm.evaluation.compare import Row
-from latentcm.models.bundle import Bundle
+from latentcm.bundle import Bundle
 
 PROMPT = "a large red circle on a blue background"
 ROWS = (Row("lcm", "lcm", 1, 8.5), Row("lcm", "lcm", 2, 8.5), Row("lcm", "lcm", 4, 8.5),

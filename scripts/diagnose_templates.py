@@ -11,7 +11,7 @@ import random
 
 from latentcm import registry, world
 from latentcm.evaluation.judge_eval import attribute_accuracy
-from latentcm.models.bundle import Bundle
+from latentcm.bundle import Bundle
 from latentcm.models.judge import Judge
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from latentcm import registry
 from latentcm.evaluation import lcf_eval, style
 from latentcm.evaluation.extractors import JudgeExtractor
-from latentcm.evaluation.harness import default_cache_dir
-from latentcm.models.bundle import Bundle
+from latentcm.evaluation.pipeline import default_cache_dir
+from latentcm.bundle import Bundle
 from latentcm.training.loop import training_minutes
 
 

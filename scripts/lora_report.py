@@ -24,10 +24,10 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from latentcm import registry
-from latentcm.evaluation import harness, lcf_eval, style
+from latentcm.evaluation import pipeline as harness, lcf_eval, style
 from latentcm.evaluation.extractors import JudgeExtractor
-from latentcm.models import lora_io
-from latentcm.models.bundle import Bundle
+from latentcm.models import lora as lora_io
+from latentcm.bundle import Bundle
 from latentcm.training.loop import training_minutes
 
 LAMBDAS = ((0.8, 1.0), (1.0, 1.0))  # (style, LCM-LoRA), the LCM-LoRA report's default first
@@ -39,7 +39,7 @@ def lora_parameters(folder: Path) -> int:
 
 
 def with_loras(teacher: str, loras: list[tuple[Path, float]]) -> Bundle:
-    return lora_io.apply_loras(Bundle.load(registry.resolve(teacher)), [(str(p), w) for p, w in loras])
+    return Bundle.load(registry.resolve(teacher), loras=[(str(p), w) for p, w in loras])
 
 
 def base_world_table(lcm_lora: Bundle, teacher: str, extractor, out: Path, num_samples: int) -> list[dict]:

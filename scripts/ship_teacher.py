@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from latentcm.training import build, card
+from latentcm.teacher_build import card
+from latentcm.teacher_build import stages as build
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "src" / "latentcm" / "weights"

@@ -57,7 +57,7 @@ def test_cli_generate_equals_diffusers_pipeline_on_micro_teacher(micro_teacher, 
     """Our CFG sampling loop (per-image seeds) reproduces diffusers' own pipeline."""
     from diffusers import StableDiffusionPipeline
 
-    from latentcm.sampling import initial_latents
+    from latentcm.sampling.teacher import initial_latents
 
     out = tmp_path / "ours.png"
     main(["generate", "a blue star on a white background", "--model", str(micro_teacher), "--steps", "5",

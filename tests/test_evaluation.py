@@ -7,7 +7,7 @@ import torch
 
 from latentcm import registry, world
 from latentcm.cli import main
-from latentcm.evaluation import harness, metrics
+from latentcm.evaluation import pipeline as harness, metrics
 from latentcm.evaluation.extractors import HFClipScorer, InceptionExtractor, JudgeExtractor, wanted_indices
 
 
@@ -184,7 +184,7 @@ def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path
     import os
     import shutil
 
-    from latentcm.models.bundle import Bundle
+    from latentcm.bundle import Bundle
 
     model = shutil.copytree(micro_lcm, tmp_path / "lcm")
     row, prompts = harness.Row("m", "lcm", 1, 8.5), ["a red circle on a blue background"] * 2
@@ -205,7 +205,7 @@ def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path
 def test_style_judge_trains_on_vae_round_trips_and_reports_both_ceilings(micro_teacher, tmp_path):
     from latentcm.evaluation import style
     from latentcm.images import vae_round_trip
-    from latentcm.models.bundle import Bundle
+    from latentcm.bundle import Bundle
 
     vae = Bundle.load(micro_teacher).vae
     x, labels = style.labelled_images(3, seed=0, split="heldout")

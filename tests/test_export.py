@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from latentcm.cli import main
-from latentcm.models.bundle import Bundle
-from latentcm.models.single_file import FORMAT, load_single_file, save_single_file
-from latentcm.training.release import split_front_matter
+from latentcm.bundle import Bundle
+from latentcm.export.single_file import FORMAT, load_single_file, save_single_file
+from latentcm.export.release import split_front_matter
 
 PROMPT = "a red circle on a blue background"
 

@@ -1,7 +1,7 @@
 """Teacher families through the one Denoiser / LCD code path (issue "every Stable Diffusion family", item 3).
 
-(a) v-prediction teachers (SD 2.x 768 style): x0 and eps both derived from v (paper-spec §2.1, §13;
-    anchors §b.7 / §d.4, luosiallen#65) -- checked against diffusers, on an analytic teacher and on a micro UNet.
+(a) v-prediction teachers (SD 2.x 768 style): x0 and eps both derived from v (LCM Sec. 4.1;
+   luosiallen/latent-consistency-model#65) -- checked against diffusers, on an analytic teacher and on a micro UNet.
 (b) SDXL: two text encoders, pooled text + time_ids as added conditions, zero unconditional embeddings,
     the w embedding on a text_time UNet, distil + export to StableDiffusionXLPipeline + LCMScheduler.
 """
@@ -15,15 +15,18 @@ import torch
 from latentcm import parameterization as P
 from latentcm.cli import main
 from latentcm.guidance import guidance_scale_embedding
-from latentcm.lcm_sampling import lcm_step
+from latentcm.sampling.lcm import lcm_step
 from latentcm.models import components as C
 from latentcm.models import sdxl
-from latentcm.models.bundle import Bundle
-from latentcm.models.denoiser import COND_PROJ_KEY, Denoiser, make_student, sample_student
+from latentcm.bundle import Bundle
+from latentcm.models.denoiser import COND_PROJ_KEY, Denoiser, make_student
+from latentcm.sampling.student import sample_student
 from latentcm.schedules import alpha_sigma_at, alphas_cumprod_from_config
 from latentcm.solvers import SOLVERS, ddim_step
-from latentcm.training.export import lcm_scheduler_config
-from latentcm.training.lcd import LCDConfig, LCDData, LCDTask, world_data
+from latentcm.schedules import lcm_scheduler_config
+from latentcm.training.consistency import LCDConfig, LCDTask
+from latentcm.training.data.tensors import LCDData
+from latentcm.training.data.shapes import world_data
 
 
 def _sched(prediction_type: str) -> dict:
@@ -291,8 +294,8 @@ def test_sdxl_teacher_sampling_matches_diffusers(tiny_sdxl, sdxl_bundle, sampler
     """CFG sampling of the tiny SDXL teacher: ours (packed conditioning through eps_fn) == StableDiffusionXLPipeline."""
     from diffusers import StableDiffusionXLPipeline
 
-    from latentcm.models.bundle import make_scheduler
-    from latentcm.sampling import initial_latents
+    from latentcm.sampling.teacher import make_scheduler
+    from latentcm.sampling.teacher import initial_latents
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
     pipe.scheduler = make_scheduler(sampler, sdxl_bundle.scheduler_config)

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from latentcm.cli import main
-from latentcm.img2img import encode_images, fit_cover, img2img_latents, load_image
-from latentcm.models.bundle import Bundle, ModelError
+from latentcm.images import fit_cover, load_image
+from latentcm.bundle import Bundle, ModelError
 from latentcm.schedules import lcm_timesteps
 
 PROMPT = "a red circle on a blue background"
@@ -62,7 +62,7 @@ def test_encoding_matches_diffusers_preprocess_and_posterior_mode(micro_lcm, lcm
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     with torch.no_grad():
         z_ref = retrieve_latents(pipe.vae.encode(ref), sample_mode="argmax") * pipe.vae.config.scaling_factor
-    torch.testing.assert_close(encode_images(lcm_bundle, ours), z_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lcm_bundle.encode_images(ours), z_ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("steps, strength", [(1, 0.5), (2, 0.3), (4, 0.5), (4, 0.8), (3, 1.0)])
@@ -74,10 +74,10 @@ def test_img2img_latents_equal_diffusers_pipeline(micro_lcm, lcm_bundle, init_pn
     size = lcm_bundle.unet.config.sample_size * lcm_bundle.vae_factor
     images = load_image(init_png, size, size)  # [1, 3, H, W]
     seeds = [3, 7]
-    ours = img2img_latents(lcm_bundle, [PROMPT] * 2, seeds, images, strength, steps=steps, guidance=8.5)
+    ours = lcm_bundle.img2img_latents([PROMPT] * 2, seeds, images, strength, steps=steps, guidance=8.5)
     # Given 4-channel latents the pipeline skips its VAE posterior draw, so each generator's draw 0 noises
     # the image latent and draws 1, 2, ... are the step noises -- our per-seed stream.
-    x0 = encode_images(lcm_bundle, images).expand(2, -1, -1, -1)
+    x0 = lcm_bundle.encode_images(images).expand(2, -1, -1, -1)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     ref = pipe([PROMPT] * 2, image=x0, num_inference_steps=steps, strength=strength, guidance_scale=8.5,
                generator=gens, output_type="latent").images
@@ -87,17 +87,17 @@ def test_img2img_latents_equal_diffusers_pipeline(micro_lcm, lcm_bundle, init_pn
 def test_img2img_image_b_depends_on_its_seed_only(lcm_bundle, init_png):
     size = lcm_bundle.unet.config.sample_size * lcm_bundle.vae_factor
     images = load_image(init_png, size, size)
-    both = img2img_latents(lcm_bundle, [PROMPT] * 2, [1, 2], images, 0.6, steps=2)
-    one = img2img_latents(lcm_bundle, [PROMPT], [2], images, 0.6, steps=2)
+    both = lcm_bundle.img2img_latents([PROMPT] * 2, [1, 2], images, 0.6, steps=2)
+    one = lcm_bundle.img2img_latents([PROMPT], [2], images, 0.6, steps=2)
     torch.testing.assert_close(both[1:], one, rtol=0, atol=1e-5)
 
 
 def test_img2img_refuses_teacher_and_bad_strength(micro_teacher, lcm_bundle):
     images = torch.zeros(1, 3, 16, 16)
     with pytest.raises(ModelError, match="needs an LCM"):
-        img2img_latents(Bundle.load(micro_teacher), [PROMPT], [0], images, 0.5)
+        Bundle.load(micro_teacher).img2img_latents([PROMPT], [0], images, 0.5)
     with pytest.raises(ModelError, match="strength"):
-        img2img_latents(lcm_bundle, [PROMPT], [0], images, 0.0)
+        lcm_bundle.img2img_latents([PROMPT], [0], images, 0.0)
 
 
 def test_generate_cli_init_image_writes_a_grid(micro_lcm, init_png, tmp_path, capsys):

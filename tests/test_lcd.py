@@ -8,11 +8,14 @@ from safetensors.torch import load_file
 from latentcm import world
 from latentcm.cli import main
 from latentcm.guidance import guidance_scale_embedding
-from latentcm.models.bundle import Bundle
-from latentcm.models.denoiser import COND_PROJ_KEY, make_student, sample_student
+from latentcm.bundle import Bundle
+from latentcm.models.denoiser import COND_PROJ_KEY, make_student
+from latentcm.sampling.student import sample_student
 from latentcm.solvers import SOLVERS, augmented_step
 from latentcm.training.checkpoint import list_checkpoints
-from latentcm.training.lcd import LCDConfig, LCDTask, distance, encode_pairs, training_grid
+from latentcm.training.consistency import LCDConfig, LCDTask, distance
+from latentcm.training.data.tensors import encode_pairs
+from latentcm.schedules import training_grid
 from latentcm.training.loop import LoopConfig, fit
 
 
@@ -228,8 +231,9 @@ import hashlib, json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from latentcm.models.bundle import Bundle
-from latentcm.training.lcd import LCDConfig, LCDTask, world_data
+from latentcm.bundle import Bundle
+from latentcm.training.consistency import LCDConfig, LCDTask
+from latentcm.training.data.shapes import world_data
 from latentcm.training.loop import LoopConfig, fit, make_accelerator
 acc = make_accelerator()
 bundle = Bundle.load(sys.argv[1])

@@ -7,9 +7,10 @@ import torch
 
 from latentcm import schedules, styles, world
 from latentcm.cli import main
-from latentcm.imagefolder import fit_square, load_pairs
-from latentcm.models.bundle import Bundle
-from latentcm.training.lcd import LCDConfig, LCDTask, encode_pairs
+from latentcm.training.data.folders import fit_square, load_pairs
+from latentcm.bundle import Bundle
+from latentcm.training.consistency import LCDConfig, LCDTask
+from latentcm.training.data.tensors import encode_pairs
 
 
 def test_striped_set_is_deterministic_captioned_and_striped():

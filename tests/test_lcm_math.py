@@ -10,8 +10,8 @@ from diffusers import LCMScheduler
 
 from latentcm import parameterization as P
 from latentcm.guidance import guidance_from_omega, guidance_scale_embedding, omega_from_guidance
-from latentcm.lcm_sampling import lcm_step, per_image_noise, sample_lcm
-from latentcm.sampling import initial_latents
+from latentcm.sampling.lcm import lcm_step, per_image_noise, sample_lcm
+from latentcm.sampling.teacher import initial_latents
 from latentcm.schedules import (alpha_sigma_at, alphas_cumprod, betas_for, lambda_at, lcm_timesteps,
                                 skipping_grid, t_at_lambda, validate_timesteps)
 from latentcm.solvers import SOLVERS, augmented_step, ddim_step
@@ -41,7 +41,7 @@ def exact_flow(x_from, t_from, t_to, s2, table=TABLE):
 
 def test_math_modules_import_no_heavy_subpackages():
     banned = ("training", "cli", "models", "world")
-    for name in ("schedules", "parameterization", "solvers", "guidance", "lcm_sampling"):
+    for name in ("schedules", "parameterization", "solvers", "guidance", "sampling/lcm"):
         tree = ast.parse((SRC / f"{name}.py").read_text())
         for node in ast.walk(tree):
             mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -262,7 +262,7 @@ def test_ddim_step_is_paper_formula():
     (a_s, sg_s), (a_t, sg_t) = alpha_sigma_at(TABLE, s), alpha_sigma_at(TABLE, t)
     eps = fn(x, s)[1]
     c = lambda v: P.append_dims(v, x)  # noqa: E731
-    psi = c(a_t / a_s) * x - c(sg_t) * c(sg_s * a_t / (a_s * sg_t) - 1) * eps - x  # paper-spec §4.2 increment
+    psi = c(a_t / a_s) * x - c(sg_t) * c(sg_s * a_t / (a_s * sg_t) - 1) * eps - x  # LCM Sec. 4.3, DDIM increment
     torch.testing.assert_close(ddim_step(x, s, t, fn, alpha_bar=TABLE), x + psi)
 
 
@@ -281,7 +281,7 @@ def test_augmented_ddim_equals_cfg_combined_step():
     w = torch.tensor([3.0, 7.5])
     s, t = torch.tensor([519, 999]), torch.tensor([499, 979])
 
-    def f_cfg(x, t):  # diffusers' form: CFG on both x0 and eps (paper-spec §4.2)
+    def f_cfg(x, t):  # diffusers' form: CFG on both x0 and eps (LCM Sec. 4.3, DDIM)
         (x0c, ec), (x0u, eu) = fc(x, t), fu(x, t)
         wb = P.append_dims(w, x)
         return x0c + wb * (x0c - x0u), ec + wb * (ec - eu)

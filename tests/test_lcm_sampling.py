@@ -11,10 +11,10 @@ from latentcm import registry
 from latentcm.cli import default_model, main
 from latentcm.evaluation.compare import LABEL_MARGIN
 from latentcm.evaluation.judge_eval import LCM_TABLE_ROWS, SCORED, evaluate_teacher
-from latentcm.models.bundle import LCM_DEFAULTS, Bundle, ModelError, check_kind
+from latentcm.bundle import LCM_DEFAULTS, Bundle, ModelError, check_kind
 from latentcm.models.denoiser import make_student
 from latentcm.models.judge import Judge
-from latentcm.training.export import export_lcm
+from latentcm.export.pipeline import export_lcm
 
 ROOT = Path(__file__).resolve().parents[1]
 

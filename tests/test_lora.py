@@ -1,4 +1,4 @@
-"""LCM-LoRA (paper-spec §11): a LoRA strategy of the one loop, and files diffusers and kohya tools load."""
+"""LCM-LoRA (LCM-LoRA, arXiv 2311.05556): a LoRA strategy of the one loop, and files diffusers and kohya tools load."""
 import json
 
 import pytest
@@ -7,13 +7,16 @@ from safetensors.torch import load_file
 
 from latentcm import world
 from latentcm.cli import main
-from latentcm.models import lora_io
-from latentcm.models.bundle import Bundle
-from latentcm.models.denoiser import Denoiser, sample_student
+from latentcm.models import lora as lora_io
+from latentcm.bundle import Bundle
+from latentcm.models.denoiser import Denoiser
+from latentcm.sampling.student import sample_student
 from latentcm.training.checkpoint import list_checkpoints
-from latentcm.training.lcd import LCDConfig, encode_pairs
+from latentcm.training.consistency import LCDConfig
+from latentcm.training.data.tensors import encode_pairs
 from latentcm.training.loop import LoopConfig, fit
-from latentcm.training.lora import ADAPTER, TARGET_ADAPTER, LoRAConfig, LoRATask
+from latentcm.models.lora import ADAPTER, TARGET_ADAPTER, LoRAConfig
+from latentcm.training.consistency import LoRATask
 
 PROMPT = "a red circle on a blue background"
 
@@ -153,7 +156,7 @@ def test_diffusers_loads_the_lora_and_samples_like_ours(lora_run, micro_teacher)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(lora_run)
     pipe.scheduler = LCMScheduler.from_pretrained(lora_run)
-    ours = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run), 1.0)])
+    ours = Bundle.load(micro_teacher, loras=[(str(lora_run), 1.0)])
     assert ours.is_lcm and ours.unet.config.time_cond_proj_dim is None
     for steps in (1, 4):
         g = torch.Generator().manual_seed(5)
@@ -187,16 +190,16 @@ def test_kohya_file_keys_count_and_round_trip(lora_run, micro_teacher):
 
 
 def test_diffusers_loads_the_kohya_file_to_the_same_unet(lora_run, micro_teacher):
-    a = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run / lora_io.DIFFUSERS_NAME), 1.0)])
-    b = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run / lora_io.KOHYA_NAME), 1.0)])
+    a = Bundle.load(micro_teacher, loras=[(str(lora_run / lora_io.DIFFUSERS_NAME), 1.0)])
+    b = Bundle.load(micro_teacher, loras=[(str(lora_run / lora_io.KOHYA_NAME), 1.0)])
     z, t, text = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(b.unet(z, t, text).sample, a.unet(z, t, text).sample, rtol=0, atol=1e-5)
 
 
 def test_generate_stacks_loras_with_weights(lora_run, micro_teacher, tmp_path, capsys):
-    half = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run), 0.5)])
-    split = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run), 0.25), (str(lora_run), 0.25)])
+    half = Bundle.load(micro_teacher, loras=[(str(lora_run), 0.5)])
+    split = Bundle.load(micro_teacher, loras=[(str(lora_run), 0.25), (str(lora_run), 0.25)])
     a, b = (m.sample_latents([PROMPT], [1], steps=2) for m in (split, half))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # 0.25 B A + 0.25 B A vs 0.5 B A: float rounding only
     assert lora_io.parse_lora_spec("runs/x:0.8") == ("runs/x", 0.8)
@@ -219,7 +222,7 @@ def test_distill_lora_bad_input_is_one_line_and_exit_2(micro_teacher, tmp_path, 
 
 
 def test_lora_on_an_lcm_folder_is_refused(micro_teacher, data):
-    from latentcm.training.lora import add_lora
+    from latentcm.models.lora import add_lora
     from latentcm.models.denoiser import make_student
 
     with pytest.raises(ValueError, match="already has a w embedding"):
@@ -248,8 +251,8 @@ def test_style_lora_trains_only_the_adapter_and_stacks_with_an_lcm_lora(lora_run
         before = pipe.unet(z, t, encoder_hidden_states=text).sample
         pipe.load_lora_weights(str(style))
         assert not torch.allclose(before, pipe.unet(z, t, encoder_hidden_states=text).sample)
-    lcm_only = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run), 1.0)])
-    both = lora_io.apply_loras(Bundle.load(micro_teacher), [(str(lora_run), 1.0), (str(style), 0.8)])
+    lcm_only = Bundle.load(micro_teacher, loras=[(str(lora_run), 1.0)])
+    both = Bundle.load(micro_teacher, loras=[(str(lora_run), 1.0), (str(style), 0.8)])
     assert both.scheduler_config["_class_name"] == "LCMScheduler"  # the LCM-LoRA's grid, listed first
     a, b = (m.sample_latents([PROMPT], [1], steps=2) for m in (lcm_only, both))
     assert not torch.allclose(a, b)  # the style adapter changes the 2-step LCM sample

@@ -1,7 +1,7 @@
 import torch
 
-from latentcm.models.bundle import Bundle
-from latentcm.sampling import cfg_combine, initial_latents
+from latentcm.bundle import Bundle
+from latentcm.sampling.teacher import cfg_combine, initial_latents
 
 
 def test_initial_latents_do_not_depend_on_batch_size():

@@ -18,7 +18,7 @@ def test_shipped_models_are_listed():
 def test_diffusers_pipeline_matches_lcm_generate_ddim(tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
-    from latentcm.sampling import initial_latents
+    from latentcm.sampling.teacher import initial_latents
 
     prompt, seed = "a large yellow star on a blue background", 5
     out = tmp_path / "ours.png"
@@ -34,7 +34,7 @@ def test_diffusers_pipeline_matches_lcm_generate_ddim(tmp_path, capsys):
 
 def test_shipped_teacher_follows_a_prompt():
     """A cheap end-to-end check with the judge (the full evaluation is in the model card)."""
-    from latentcm.models.bundle import Bundle
+    from latentcm.bundle import Bundle
 
     bundle = Bundle.load(registry.shipped_models()["teacher"])
     judge = Judge.load(registry.shipped_models()["judge"])
@@ -59,7 +59,7 @@ def test_shipped_lcm_loads_in_diffusers_and_matches_our_sampler():
     import torch
     from diffusers import LatentConsistencyModelPipeline
 
-    from latentcm.models.denoiser import sample_student
+    from latentcm.sampling.student import sample_student
 
     folder = registry.shipped_models()["lcm"]
     pipe = LatentConsistencyModelPipeline.from_pretrained(folder, local_files_only=True)
@@ -75,7 +75,7 @@ def test_shipped_lcm_loads_in_diffusers_and_matches_our_sampler():
 
 
 def test_shipped_lcm_follows_a_prompt_in_four_steps():
-    from latentcm.models.bundle import Bundle
+    from latentcm.bundle import Bundle
 
     bundle = Bundle.load(registry.shipped_models()["lcm"])
     judge = Judge.load(registry.shipped_models()["judge"])

@@ -1,10 +1,11 @@
 import torch
 from safetensors.torch import load_file
 
-from latentcm.training import build
+from latentcm.teacher_build import stages as build
 from latentcm.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from latentcm.training.loop import LoopConfig, fit, lr_at
-from latentcm.training.teacher import VAETask, WorldData, compatibility
+from latentcm.teacher_build.tasks import VAETask, compatibility
+from latentcm.training.data.shapes import WorldData
 from latentcm.models import components as C
 
 

@@ -13,12 +13,29 @@ import click
 from . import offline  # noqa: F401
 from . import registry
 
-SAMPLER_CHOICES = ("ddim", "dpm-solver", "dpm-solver++")
-GENERATE_SAMPLERS = (*SAMPLER_CHOICES, "lcm")
+from .defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS, LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_GUIDANCE
+from .defaults import TEACHER_SAMPLERS as SAMPLER_CHOICES
+from .defaults import TEACHER_STEPS
+
+GENERATE_SAMPLERS = (*SAMPLER_CHOICES, LCM_SAMPLER)
 
 
 class UserError(click.ClickException):
     exit_code = 2
+
+
+class FiniteRange(click.FloatRange):
+    """A float option in a range that also refuses NaN and +-inf (NaN passes every comparison)."""
+
+    name = "float range"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def default_model() -> str:
@@ -44,10 +61,10 @@ def cli() -> None:
               help="Shipped model name or diffusers folder (teacher or LCM).")
 @click.option("--sampler", type=click.Choice(GENERATE_SAMPLERS), default=None,
               show_default="lcm for an LCM, ddim for a teacher", help="lcm for an LCM folder, else a teacher sampler.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None, show_default="4 for an LCM, 50 for a teacher",
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, show_default=f"{LCM_STEPS} for an LCM, {TEACHER_STEPS} for a teacher",
               help="Sampling steps (LCM: 1-8 usual, at most its original_inference_steps).")
-@click.option("--guidance", type=click.FloatRange(0, 50), default=None,
-              show_default="8.5 for an LCM, 7.5 for a teacher",
+@click.option("--guidance", type=FiniteRange(0, 50), default=None,
+              show_default=f"{LCM_GUIDANCE} for an LCM, {TEACHER_GUIDANCE} for a teacher",
               help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1.")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the first image.")
 @click.option("--num-images", type=click.IntRange(1, 256), default=8, help="Images in the grid.")
@@ -58,7 +75,7 @@ def cli() -> None:
               help="LCM-LoRA (folder or .safetensors) on a teacher --model; repeat to stack, weight default 1.")
 @click.option("--init-image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="img2img: start from this image, fitted to the output size (LCM or --lora only).")
-@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--strength", type=FiniteRange(0, 1, min_open=True), default=None,
               show_default="0.5 with --init-image", help="img2img: how much of the image to redo (1 = all).")
 def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out, loras, init_image,
              strength):
@@ -74,26 +91,22 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
       lcm generate "a large red circle on a blue background" --model teacher --lora runs/lcm-lora --out lora.png
       lcm generate "a large red circle on a green background" --init-image red.png --strength 0.5 --out i2i.png
     """
-    from .models.bundle import Bundle
+    from .bundle import Bundle
+    from .models.lora import parse_lora_spec
+    from .defaults import IMG2IMG_STRENGTH
     from .images import save_grid
 
     if not prompt.strip():
         raise UserError("the prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
     if strength is not None and init_image is None:
         raise UserError("--strength needs --init-image (img2img)")
-    bundle = Bundle.load(registry.resolve(model))
-    if loras:
-        from .models.lora_io import apply_loras, parse_lora_spec
-
-        if guidance is not None:
-            raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
-        apply_loras(bundle, [parse_lora_spec(spec) for spec in loras])
+    if loras and guidance is not None:
+        raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
+    bundle = Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
     prompts, seeds = [prompt] * num_images, [seed + i for i in range(num_images)]
     if init_image is not None:
-        from .img2img import DEFAULT_STRENGTH, img2img
-
-        strength = DEFAULT_STRENGTH if strength is None else strength
-        images = img2img(bundle, prompts, seeds, init_image, strength, sampler, steps, guidance, height, width)
+        strength = IMG2IMG_STRENGTH if strength is None else strength
+        images = bundle.img2img(prompts, seeds, init_image, strength, sampler, steps, guidance, height, width)
     else:
         images = bundle.generate(prompts, seeds, sampler, steps, guidance, height, width)
     path = save_grid(images, Path(out), cols=min(8, num_images))
@@ -102,7 +115,7 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
 
 def _load_pair(lcm_model: str, teacher: str) -> tuple[dict, dict]:
     """({"lcm": folder, "teacher": folder}, the loaded Bundles); UserError when the kinds are swapped."""
-    from .models.bundle import Bundle
+    from .bundle import Bundle
 
     dirs = {"lcm": registry.resolve(lcm_model), "teacher": registry.resolve(teacher)}
     bundles = {name: Bundle.load(folder) for name, folder in dirs.items()}
@@ -158,7 +171,10 @@ def models(as_json):
 @click.option("--preset", type=click.Choice(["default", "micro"]), default="default", help="Component sizes.")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Initialisation/batch seed.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint; skip finished stages.")
-@click.option("--steps", type=click.IntRange(1, 10**7), default=None, help="Override the stage's step count.")
+@click.option("--steps", "--max-steps", "steps", type=click.IntRange(1, 10**7), default=None,
+              help="Override the stage's step count.")
+@click.option("--max-minutes", type=FiniteRange(0.1, None), default=None,
+              help="Stop cleanly (with a checkpoint) after this long in all; continue later with --resume.")
 def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
     """Build the offline default teacher from scratch: VAE, tiny CLIP, judge, UNet.
 
@@ -171,7 +187,7 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
       lcm train-teacher all --out runs/build --resume     # after an interruption
       lcm train-teacher export --out runs/build
     """
-    from .training import build
+    from .teacher_build import stages as build
 
     _torch_threads()
     out_dir = Path(out)
@@ -188,14 +204,14 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--judge", "judge_dir", default="judge", metavar="NAME|DIR", help="Judge folder.")
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default="ddim")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50)
-@click.option("--guidance", type=click.FloatRange(0, 50), default=7.5)
+@click.option("--guidance", type=FiniteRange(0, 50), default=7.5)
 @click.option("--num-samples", type=click.IntRange(1, 100000), default=256)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json and a grid here.")
 def evaluate_teacher(model, judge_dir, sampler, steps, guidance, num_samples, out):
     """Judge a teacher on held-out prompts (and on paraphrases with unseen words); also VAE PSNR
     and the judge's ceiling on real images."""
     from .evaluation import judge_eval
-    from .models.bundle import Bundle
+    from .bundle import Bundle
     from .models.judge import Judge
     from .images import save_grid
 
@@ -269,7 +285,7 @@ def _choice_list(text: str, choices: tuple[str, ...], name: str) -> list[str]:
 
 def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
     """{"lcm": ..., "teacher": ...} Bundles the requested samplers need."""
-    from .models.bundle import Bundle
+    from .bundle import Bundle
 
     main = Bundle.load(registry.resolve(model))
     if not main.is_lcm:
@@ -291,7 +307,7 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--steps", "steps_text", default="1,2,4,8", help="Comma-separated step counts.")
 @click.option("--samplers", "samplers_text", default="lcm,ddim,dpm-solver,dpm-solver++", help="Comma-separated.")
 @click.option("--num-samples", type=click.IntRange(2, 100000), default=256, help="Held-out prompts per row.")
-@click.option("--guidance", type=click.FloatRange(0, 50), default=None,
+@click.option("--guidance", type=FiniteRange(0, 50), default=None,
               help="Guidance scale g for every row [default: 8.5 for LCM, 7.5 for the teacher].")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of image 0 (image i: seed + i).")
@@ -305,7 +321,7 @@ def evaluate(model, teacher, judge_dir, steps_text, samplers_text, num_samples, 
     Example:
       lcm evaluate --steps 1,2,4,8 --num-samples 256 --out reports/table1
     """
-    from .evaluation import harness
+    from .evaluation import pipeline as harness
     from .evaluation.extractors import JudgeExtractor
 
     _torch_threads()
@@ -349,9 +365,9 @@ def ablate_solver_skip(teacher, judge_dir, solvers_text, skips_text, iterations,
     _torch_threads()
     solvers = _choice_list(solvers_text, SAMPLER_CHOICES, "--solvers")
     skips = _int_list(skips_text, 1, 1000, "--skips")
-    from .training.lcd import training_grid
+    from .schedules import training_grid
     for k in skips:
-        training_grid(1000, k)  # a bad k fails before the first run starts
+        training_grid(1000, k)  # a bad k fails before the first run starts (the teacher's T is checked too)
     results = A.solver_skip(registry.resolve(teacher), Path(out), solvers, skips, iterations, eval_every,
                             JudgeExtractor.load(registry.resolve(judge_dir)), num_samples, batch_size, num_data)
     click.echo(A.solver_skip_markdown(results["records"]) + str(Path(out) / "results.json"))
@@ -437,7 +453,7 @@ def _lora_config(rank: int | None, alpha: float | None, seed: int):
         if alpha is not None:
             raise UserError("--lora-alpha needs --lora RANK")
         return None
-    from .training.lora import LoRAConfig
+    from .models.lora import LoRAConfig
 
     return LoRAConfig(rank=rank, alpha=alpha, seed=seed)
 
@@ -445,11 +461,11 @@ def _lora_config(rank: int | None, alpha: float | None, seed: int):
 def _run_options(command):
     """Options the consistency-training commands (distill, finetune) share."""
     for option in reversed([
-        click.option("--huber-c", type=click.FloatRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber."),
+        click.option("--huber-c", type=FiniteRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber."),
         click.option("--batch-size", type=click.IntRange(1, 4096), default=16, help="Batch per process."),
         click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the training batches."),
         click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT."),
-        click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None,
+        click.option("--max-minutes", type=FiniteRange(0.1, None), default=None,
                      help="Stop cleanly (with a checkpoint) after this long; continue later with --resume."),
         click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps."),
         click.option("--gradient-checkpointing", is_flag=True,
@@ -463,29 +479,32 @@ def _run_options(command):
 @click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Shipped teacher name or diffusers SD folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
 @click.option("--solver", type=click.Choice(SAMPLER_CHOICES), default="ddim", help="ODE solver Psi of the target.")
-@click.option("--skip", type=click.IntRange(1, 1000), default=20, metavar="K", help="Skipping interval k (grid T // k).")
-@click.option("--omega-min", type=click.FloatRange(0, 50), default=None, show_default="2; 7.5 with --lora",
+@click.option("--skip", type=click.IntRange(1, 1000), default=SKIP, metavar="K", help="Skipping interval k (grid T // k).")
+@click.option("--omega-min", type=FiniteRange(0, 50), default=None, show_default="2; 7.5 with --lora",
               help="Lowest paper guidance w (g = 1 + w).")
-@click.option("--omega-max", type=click.FloatRange(0, 50), default=None, show_default="14; 7.5 with --lora",
+@click.option("--omega-max", type=FiniteRange(0, 50), default=None, show_default="14; 7.5 with --lora",
               help="Highest paper guidance w (--lora: the paper's fixed w = 7.5, no w embedding).")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
+@click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
               help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
+@click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
 @click.option("--num-data", type=click.IntRange(1, 10**6), default=10000, help="Shapes-world images, encoded once.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Distil on this image folder (metadata.jsonl or .txt captions) instead of the shapes world.")
 @click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096), default=256, help="Size of the w embedding.")
+@click.option("--cond-proj-init", type=click.Choice(["zero", "default"]), default="zero",
+              help="Init of the w projection: zero (the student starts as the teacher) or PyTorch's default "
+                   "(as diffusers' scripts).")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
 @click.option("--lora", "lora_rank", type=click.IntRange(1, 4096), default=None, metavar="RANK",
               help="LCM-LoRA: train a rank-RANK LoRA on the teacher's UNet (paper 64; 16 for the tiny teacher).")
-@click.option("--lora-alpha", type=click.FloatRange(0, None, min_open=True), default=None,
+@click.option("--lora-alpha", type=FiniteRange(0, None, min_open=True), default=None,
               show_default="RANK (scale 1)", help="LoRA alpha (scale alpha / RANK).")
 @_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
-            resume, max_minutes, num_data, data_dir, time_cond_proj_dim, validate_every, checkpoint_every,
-            lora_rank, lora_alpha, gradient_checkpointing):
+            resume, max_minutes, num_data, data_dir, time_cond_proj_dim, cond_proj_init, validate_every,
+            checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -505,24 +524,27 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
     """
     from dataclasses import asdict
 
-    from .training import lcd
+    from .training import recipes
+    from .training.consistency import LCDConfig
     from .training.loop import LoopConfig
-
-    from .training.lora import LORA_OMEGA
 
     _torch_threads()
     lora = _lora_config(lora_rank, lora_alpha, seed)
-    w_default = (LORA_OMEGA, LORA_OMEGA) if lora else (2.0, 14.0)
-    cfg = lcd.LCDConfig(solver=solver, skip=skip, omega_min=w_default[0] if omega_min is None else omega_min,
-                        omega_max=w_default[1] if omega_max is None else omega_max,
-                        ema_decay=(0.0 if lora else 0.95) if ema is None else ema,
-                        loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
-                        time_cond_proj_dim=time_cond_proj_dim, gradient_checkpointing=gradient_checkpointing)
+    w_default = (LORA_OMEGA, LORA_OMEGA) if lora else OMEGA_RANGE
+    cfg = LCDConfig(solver=solver, skip=skip, omega_min=w_default[0] if omega_min is None else omega_min,
+                    omega_max=w_default[1] if omega_max is None else omega_max,
+                    ema_decay=(0.0 if lora else 0.95) if ema is None else ema,
+                    loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
+                    time_cond_proj_dim=time_cond_proj_dim, cond_proj_init=cond_proj_init,
+                    gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes,
                           extra_meta={"lcd": asdict(cfg), **({"lora": asdict(lora)} if lora else {})})
-    done, folder = lcd.distill(registry.resolve(teacher), out, cfg, loop_cfg, num_data=num_data, resume=resume,
-                               command=_command_line(click.get_current_context()), data_dir=data_dir, lora=lora)
+    job = recipes.Job(registry.resolve(teacher), Path(out), loop_cfg, lcd=cfg, lora=lora,
+                      data_dir=Path(data_dir) if data_dir else None, num_data=num_data, resume=resume,
+                      command=_command_line(click.get_current_context()))
+    result = recipes.run("distill-lora" if lora else "distill", job)
+    done, folder = result.steps, result.folder
     click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
 
 
@@ -533,12 +555,12 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
 @click.option("--skip", type=click.IntRange(1, 1000), default=None, metavar="K",
               help="Skipping interval k [default: the LCM's own grid, T // original_inference_steps].")
-@click.option("--omega-min", type=click.FloatRange(0, 50), default=2.0, help="Lowest paper guidance w (g = 1 + w).")
-@click.option("--omega-max", type=click.FloatRange(0, 50), default=14.0, help="Highest paper guidance w.")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.95, help="EMA rate mu of the target.")
+@click.option("--omega-min", type=FiniteRange(0, 50), default=OMEGA_RANGE[0], help="Lowest paper guidance w (g = 1 + w).")
+@click.option("--omega-max", type=FiniteRange(0, 50), default=OMEGA_RANGE[1], help="Highest paper guidance w.")
+@click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=0.95, help="EMA rate mu of the target.")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="huber", help="Distance d (huber: pseudo-Huber).")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000, help="Optimizer steps.")
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
+@click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=250, help="Validation grid every N steps (0: off).")
 @click.option("--max-timestep", type=click.IntRange(0, 100000), default=499,
               help="Train only grid points t <= this: adapt the low-noise end (texture, style) and leave the "
@@ -558,20 +580,21 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
     """
     from dataclasses import asdict
 
-    from .models.bundle import Bundle
-    from .training import lcd, lcf
+    from .training import recipes
+    from .training.consistency import LCDConfig
     from .training.loop import LoopConfig
 
     _torch_threads()
     model_dir = registry.resolve(model)
-    k = skip if skip is not None else lcf.default_skip(Bundle.load(model_dir))
-    cfg = lcd.LCDConfig(skip=k, omega_min=omega_min, omega_max=omega_max, ema_decay=ema, loss=loss, huber_c=huber_c,
-                        batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep,
-                        gradient_checkpointing=gradient_checkpointing)
+    k = skip if skip is not None else recipes.lcm_skip(recipes.load_source(model_dir, "lcm"))
+    cfg = LCDConfig(skip=k, omega_min=omega_min, omega_max=omega_max, ema_decay=ema, loss=loss, huber_c=huber_c,
+                    batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep,
+                    gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcf": asdict(cfg)})
-    done, folder, report = lcf.finetune(model_dir, data_dir, out, cfg, loop_cfg, resume=resume,
-                                        command=_command_line(click.get_current_context()))
+    result = recipes.run("finetune", recipes.Job(model_dir, Path(out), loop_cfg, lcd=cfg, data_dir=Path(data_dir),
+                                                 resume=resume, command=_command_line(click.get_current_context())))
+    done, folder, report = result.steps, result.folder, result.report
     click.echo(report.summary())
     for reason, names in sorted(report.skipped.items()):
         click.echo(f"  {reason}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
@@ -584,13 +607,13 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; becomes a teacher folder.")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
+@click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
-@click.option("--max-minutes", type=click.FloatRange(0.1, None), default=None, help="Stop cleanly after this long.")
+@click.option("--max-minutes", type=FiniteRange(0.1, None), default=None, help="Stop cleanly after this long.")
 @click.option("--lora", "lora_rank", type=click.IntRange(1, 4096), default=None, metavar="RANK",
               help="Train only a LoRA adapter of this rank: OUT becomes a style-LoRA folder.")
-@click.option("--lora-alpha", type=click.FloatRange(0, None, min_open=True), default=None,
+@click.option("--lora-alpha", type=FiniteRange(0, None, min_open=True), default=None,
               show_default="RANK", help="LoRA alpha (scale alpha / rank).")
 def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, resume, max_minutes, lora_rank,
                      lora_alpha):
@@ -605,16 +628,18 @@ def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, re
       lcm finetune-teacher --data data/striped --out runs/style-lora --lora 16 --lr 5e-4
       lcm generate "a red striped star" --model teacher --lora runs/lcm-lora --lora runs/style-lora:0.8
     """
-    from .training.diffusion_finetune import finetune_teacher as run
+    from .training import recipes
     from .training.loop import LoopConfig
 
     _torch_threads()
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", max_minutes=max_minutes)
-    lora = _lora_config(lora_rank, lora_alpha, seed)
-    done, folder, summary = run(registry.resolve(teacher), data_dir, out, loop_cfg, batch_size=batch_size, seed=seed,
-                                resume=resume, command=_command_line(click.get_current_context()), lora=lora)
-    click.echo(summary)
-    click.echo(str(folder) if folder else f"stopped at step {done} (time limit); continue with --resume")
+    job = recipes.Job(registry.resolve(teacher), Path(out), loop_cfg, lora=_lora_config(lora_rank, lora_alpha, seed),
+                      data_dir=Path(data_dir), diffusion={"batch_size": batch_size, "seed": seed}, resume=resume,
+                      command=_command_line(click.get_current_context()))
+    result = recipes.run("finetune-teacher", job)
+    click.echo(result.report.summary())
+    click.echo(str(result.folder) if result.folder else
+               f"stopped at step {result.steps} (time limit); continue with --resume")
 
 
 @cli.command("export")
@@ -635,7 +660,7 @@ def export_model(model, out, fp16, single_file, base_model):
       lcm export --model lcm --out release/lcm --fp16
       lcm export --model runs/lcm --out release/my-lcm --single-file --base-model my-org/my-teacher
     """
-    from .training.release import export_release
+    from .export.release import export_release
 
     click.echo(str(export_release(registry.resolve(model), out, fp16=fp16, single_file=single_file,
                                   base_model=base_model)))
@@ -643,7 +668,7 @@ def export_model(model, out, fp16, single_file, base_model):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click errors and bad input become one line and exit code 2."""
-    from .models.bundle import ModelError
+    from .errors import ModelError
 
     try:
         cli.main(args=argv, prog_name="lcm", standalone_mode=False)

@@ -1,4 +1,4 @@
-"""Guidance-scale conditioning of the LCM student (paper-spec §3, §6).
+"""Guidance-scale conditioning of the LCM student (LCM Sec. 4.2, Eq. 6).
 
 Convention: the paper writes CFG as eps_w = (1 + w) eps_c - w eps_0, so w = 0 is unguided. The usual
 Stable Diffusion / Imagen guidance scale is g = 1 + w. The student is conditioned on the embedding of
@@ -15,7 +15,7 @@ GUIDANCE_EMBED_DIM = 256  # time_cond_proj_dim of LCM_Dreamshaper_v7 and the dis
 
 
 def omega_from_guidance(g):
-    """Paper guidance w from an SD/Imagen guidance scale g: w = g - 1 (paper-spec §3, §12.4)."""
+    """Paper guidance w from an SD/Imagen guidance scale g: w = g - 1 (LCM Eq. 6)."""
     return g - 1
 
 
@@ -26,7 +26,7 @@ def guidance_from_omega(w):
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM,
                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sinusoidal embedding of the paper's w (paper-spec §6; VDM ``get_timestep_embedding`` of 1000 w).
+    """Sinusoidal embedding of the paper's w (LCM Sec. 4.2, following Meng et al.; VDM ``get_timestep_embedding`` of 1000 w).
 
     emb = [sin(1000 w f_j), cos(1000 w f_j)], f_j = exp(-j ln(10000) / (dim/2 - 1)), j < dim/2;
     zero-padded to ``dim`` when dim is odd. Equals diffusers'

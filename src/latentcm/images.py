@@ -1,10 +1,13 @@
-"""Image grids: tensors in [-1, 1] -> PNG files; VAE round trips."""
+"""Images: files -> tensors in [-1, 1] (init images), tensors -> PNG grids, VAE round trips."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ModelError
 
 
 def to_uint8_grid(images: torch.Tensor, cols: int = 8) -> np.ndarray:
@@ -33,3 +36,28 @@ def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 100) -> torch.Te
     parts = [vae.decode(vae.encode(images[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mode())
              .sample.clamp(-1, 1).float().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(parts)
+
+
+def fit_cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize (bicubic) so the image covers width x height, then centre-crop to exactly that size."""
+    image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    nw, nh = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
+    """An image file -> [1, 3, height, width] in [-1, 1] (fitted by ``fit_cover``); ModelError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"init image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = fit_cover(im, width, height)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise ModelError(f"cannot read init image {path}: {exc}") from None
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
+    return x.permute(2, 0, 1)[None]  # [1, 3, H, W]

@@ -1,4 +1,4 @@
-"""The LCM consistency parameterization, written once (paper-spec §2; style rule 3).
+"""The LCM consistency parameterization, written once (LCM Sec. 4.1).
 
 f_theta(z_t, t) = c_skip(t) z_t + c_out(t) x0_pred(z_t, t)   (LCM Sec. 4.1)
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-SIGMA_DATA = 0.5          # sigma_d in c_skip / c_out (paper-spec §2.2)
+SIGMA_DATA = 0.5          # sigma_d in c_skip / c_out (LCM Sec. 4.1, Eq. 5)
 TIMESTEP_SCALING = 10.0   # s: c_skip/c_out use s*t ("t / 0.1" in the authors' code)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -25,7 +25,7 @@ def append_dims(c, x: torch.Tensor) -> torch.Tensor:
 
 def boundary_scalings(t, *, sigma_data: float = SIGMA_DATA,
                       timestep_scaling: float = TIMESTEP_SCALING) -> tuple[torch.Tensor, torch.Tensor]:
-    """c_skip(t) = sd^2 / ((s t)^2 + sd^2), c_out(t) = s t / sqrt((s t)^2 + sd^2)  (paper-spec §2.2).
+    """c_skip(t) = sd^2 / ((s t)^2 + sd^2), c_out(t) = s t / sqrt((s t)^2 + sd^2)  (LCM Sec. 4.1, Eq. 5).
 
     Args:
         t: integer timestep(s), number or tensor of any shape.
@@ -49,7 +49,7 @@ def consistency_fn(x_t: torch.Tensor, x0_pred: torch.Tensor, t, *, sigma_data: f
 
 def x0_eps_from_output(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t, sigma_t,
                        prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
-    """Data and noise estimates (x0_pred, eps_pred) from a network output (paper-spec §2.1).
+    """Data and noise estimates (x0_pred, eps_pred) from a network output (LCM Sec. 4.1).
 
     epsilon: x0 = (x - sigma eps) / alpha;  sample: eps = (x - alpha x0) / sigma;
     v_prediction: x0 = alpha x - sigma v, eps = alpha v + sigma x.
@@ -72,7 +72,7 @@ def x0_eps_from_output(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t, s
 
 def x0_from_output(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t, sigma_t,
                    prediction_type: str = "epsilon") -> torch.Tensor:
-    """x0_pred only (LCM Sec. 4.1 / paper-spec §2.1); see ``x0_eps_from_output``."""
+    """x0_pred only (LCM Sec. 4.1 / LCM Sec. 4.1); see ``x0_eps_from_output``."""
     return x0_eps_from_output(model_output, x_t, alpha_t, sigma_t, prediction_type)[0]
 
 

@@ -39,11 +39,11 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) 
 
 
 # ---------------------------------------------------------------------------------------------
-# LCM timestep grids (paper-spec §4.1 skipping step k, §8 inference timestep selection)
+# LCM timestep grids (LCM Sec. 4.3 skipping step k; Algorithm 3 inference timesteps)
 # ---------------------------------------------------------------------------------------------
 
 def skipping_grid(num_train_timesteps: int = 1000, original_inference_steps: int = 50) -> torch.Tensor:
-    """The skipping-step training grid t_i = k*i - 1, i = 1..N, k = T // N (paper-spec §4.1, §12.2).
+    """The skipping-step training grid t_i = k*i - 1, i = 1..N, k = T // N (LCM Sec. 4.3; diffusers' LCMScheduler).
 
     Args:
         num_train_timesteps: T, length of the discrete DDPM schedule.
@@ -55,13 +55,38 @@ def skipping_grid(num_train_timesteps: int = 1000, original_inference_steps: int
     if not 1 <= original_inference_steps <= num_train_timesteps:
         raise ValueError(f"original_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], "
                          f"got {original_inference_steps}")
-    k = num_train_timesteps // original_inference_steps
+    k = skip_of(num_train_timesteps, original_inference_steps)
     return torch.arange(1, original_inference_steps + 1, dtype=torch.long) * k - 1  # [N]
+
+
+def grid_size(num_train_timesteps: int, skip: int) -> int:
+    """N = T // k, the number of skipping-grid points for interval k (Sec. 4.3); the exported
+    ``LCMScheduler`` stores it as ``original_inference_steps``.
+
+    k must satisfy T // (T // k) == k, so that the scheduler rebuilds exactly the training grid;
+    ValueError otherwise, naming the nearest valid k.
+    """
+    n = num_train_timesteps // skip if skip >= 1 else 0
+    if n < 1 or num_train_timesteps // n != skip:
+        ok = sorted({num_train_timesteps // m for m in range(1, num_train_timesteps + 1)}, key=lambda v: abs(v - skip))
+        raise ValueError(f"skip k={skip} does not give a grid that LCMScheduler can rebuild "
+                         f"(T // (T // k) != k for T={num_train_timesteps}); nearest valid: {sorted(ok[:2])}")
+    return n
+
+
+def skip_of(num_train_timesteps: int, original_inference_steps: int) -> int:
+    """k = T // N, the skipping interval of an N-point grid (the inverse of ``grid_size``)."""
+    return num_train_timesteps // original_inference_steps
+
+
+def training_grid(num_train_timesteps: int, skip: int) -> torch.Tensor:
+    """The skipping grid [k - 1, 2k - 1, ..., N k - 1] for interval k (N = ``grid_size``)."""
+    return skipping_grid(num_train_timesteps, grid_size(num_train_timesteps, skip))  # [N]
 
 
 def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, original_inference_steps: int = 50,
                   strength: float = 1.0) -> torch.Tensor:
-    """Descending inference timesteps, selected from the skipping grid as diffusers' LCMScheduler does (§8).
+    """Descending inference timesteps, selected from the skipping grid as diffusers' LCMScheduler does (Algorithm 3).
 
     The grid is truncated to its first int(N * strength) points (img2img), reversed, and indexed at
     floor(linspace(0, len, n, endpoint=False)).
@@ -120,7 +145,7 @@ def validate_timesteps(timesteps, num_train_timesteps: int = 1000,
 
 
 # ---------------------------------------------------------------------------------------------
-# Continuous-time VP schedule from the discrete table (paper-spec §4.3: midpoints are off-grid)
+# Continuous-time VP schedule from the discrete table (LCM Sec. 4.3 and Appendix, DPM-Solver: midpoints are off-grid)
 # lambda_t = log(alpha_t / sigma_t) is interpolated linearly in t between integer timesteps;
 # alpha_t^2 = sigmoid(2 lambda_t), sigma_t^2 = sigmoid(-2 lambda_t), so alpha_t^2 + sigma_t^2 = 1.
 # ---------------------------------------------------------------------------------------------
@@ -184,3 +209,28 @@ def alpha_sigma_at(alpha_bar: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tens
         return alpha_sigma_from_lambda(lambda_at(alpha_bar, t))
     a = alpha_bar[t]
     return a.sqrt(), (1 - a).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler configs: what a teacher's config means, and the LCMScheduler an LCM is exported with
+# ---------------------------------------------------------------------------------------------
+
+# Teacher schedule keys the LCMScheduler shares (the betas and what the network predicts).
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+
+
+def check_schedule(scheduler_config: dict) -> None:
+    """Refuse schedules that ``schedules.alphas_cumprod_from_config`` would silently misread."""
+    if scheduler_config.get("trained_betas") is not None or scheduler_config.get("rescale_betas_zero_snr"):
+        raise ValueError("teachers with trained_betas or rescale_betas_zero_snr are not supported")
+
+
+def lcm_scheduler_config(teacher_scheduler_config: dict, skip: int) -> dict:
+    """LCMScheduler config: the teacher's betas and prediction type, the training grid (N = T // k), s = 10."""
+    from .parameterization import TIMESTEP_SCALING
+
+    check_schedule(teacher_scheduler_config)
+    base = {k: teacher_scheduler_config[k] for k in SCHEDULE_KEYS if k in teacher_scheduler_config}
+    num_train = base.get("num_train_timesteps", 1000)
+    return {**base, "original_inference_steps": grid_size(num_train, skip), "timestep_scaling": TIMESTEP_SCALING,
+            "clip_sample": False}

@@ -1,4 +1,4 @@
-"""Teacher ODE solvers Psi for latent consistency distillation (paper-spec §4.2-4.3), next-state form.
+"""Teacher ODE solvers Psi for latent consistency distillation (LCM Sec. 4.3, DDIM-4.3), next-state form.
 
 A solver maps z_s at s = t_{n+k} to an estimate of z_t at t = t_n along the (teacher) PF-ODE:
 
@@ -26,7 +26,7 @@ Solver = Callable[..., torch.Tensor]
 
 
 def ddim_step(x: torch.Tensor, s, t, x0_eps_fn: X0EpsFn, *, alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
-    """Psi_DDIM (paper-spec §4.2), first order: z_t = alpha_t x0(z_s, s) + sigma_t eps(z_s, s).
+    """Psi_DDIM (LCM Sec. 4.3, DDIM), first order: z_t = alpha_t x0(z_s, s) + sigma_t eps(z_s, s).
 
     Equals the paper's (alpha_t/alpha_s) z_s - sigma_t (sigma_s alpha_t / (alpha_s sigma_t) - 1) eps + z_s
     whenever x0 = (z_s - sigma_s eps) / alpha_s.
@@ -45,7 +45,7 @@ def _midpoint(table: torch.Tensor, s, t) -> tuple[torch.Tensor, torch.Tensor, to
 
 def dpm_solver_2_step(x: torch.Tensor, s, t, x0_eps_fn: X0EpsFn, *,
                       alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
-    """DPM-Solver-2 (noise prediction, midpoint r = 1/2 in lambda; paper-spec §4.3, Lu et al. 2022 Alg. 4).
+    """DPM-Solver-2 (noise prediction, midpoint r = 1/2 in lambda; LCM Sec. 4.3 and Appendix, DPM-Solver, Lu et al. 2022 Alg. 4).
 
     z_u = (alpha_u / alpha_s) z_s - sigma_u (e^{h/2} - 1) eps(z_s, s)
     z_t = (alpha_t / alpha_s) z_s - sigma_t (e^{h} - 1) eps(z_u, u)
@@ -63,7 +63,7 @@ def dpm_solver_2_step(x: torch.Tensor, s, t, x0_eps_fn: X0EpsFn, *,
 
 def dpm_solver_pp_2s_step(x: torch.Tensor, s, t, x0_eps_fn: X0EpsFn, *,
                           alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
-    """DPM-Solver++(2S) (data prediction, r = 1/2; paper-spec §4.3, Lu et al. 2022b Alg. 1).
+    """DPM-Solver++(2S) (data prediction, r = 1/2; LCM Sec. 4.3 and Appendix, DPM-Solver, Lu et al. 2022b Alg. 1).
 
     z_u = (sigma_u / sigma_s) z_s - alpha_u (e^{-h/2} - 1) x0(z_s, s)
     z_t = (sigma_t / sigma_s) z_s - alpha_t (e^{-h} - 1) x0(z_u, u)
@@ -81,7 +81,7 @@ def dpm_solver_pp_2s_step(x: torch.Tensor, s, t, x0_eps_fn: X0EpsFn, *,
 
 def augmented_step(solver: Solver, x: torch.Tensor, s, t, fn_cond: X0EpsFn, fn_uncond: X0EpsFn, omega, *,
                    alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
-    """Guided solver target z_hat_{t_n} = (1 + w) z'_c - w z'_0  (LCM Alg. 1 line 5, paper-spec §3, §13).
+    """Guided solver target z_hat_{t_n} = (1 + w) z'_c - w z'_0  (LCM Algorithm 1 line 5; Eq. 7).
 
     Next-state form of the paper's increment form z_s + (1 + w) Psi_c - w Psi_0 with Psi = z' - z_s; the two
     are identical for any solver. For DDIM (affine in (x0, eps) at fixed z_s) it also equals ONE DDIM step
@@ -102,7 +102,7 @@ def augmented_step(solver: Solver, x: torch.Tensor, s, t, fn_cond: X0EpsFn, fn_u
 
 
 def guide(z_c: torch.Tensor, z_0: torch.Tensor, omega) -> torch.Tensor:
-    """The paper's CFG combination (1 + w) z_c - w z_0 = z_c + w (z_c - z_0)  (paper-spec §3; w number or [B])."""
+    """The paper's CFG combination (1 + w) z_c - w z_0 = z_c + w (z_c - z_0)  (LCM Eq. 6; w number or [B])."""
     return z_c + append_dims(omega, z_c) * (z_c - z_0)
 
 

@@ -14,17 +14,23 @@ from pathlib import Path
 
 import torch
 
-from ..models.denoiser import sample_student
-from . import harness
+from ..bundle import Bundle
+from ..defaults import LCM_OMEGA, LCM_SAMPLER, LCM_STEPS
+from ..sampling.latents import sample_latents
+from ..schedules import grid_size
+from ..training import recipes
+from ..training.consistency import LCDConfig
+from ..training.loop import LoopConfig
+from . import pipeline as harness
 from .extractors import JudgeExtractor
 from .judge_eval import heldout_prompts
 
-PROBE_STEPS, PROBE_OMEGA = 4, 7.5  # Fig. 3 tracks 4-step FID; w = 7.5 is the shipped default (g = 8.5)
+PROBE_STEPS, PROBE_OMEGA = LCM_STEPS, LCM_OMEGA  # Fig. 3 tracks 4-step FID at the shipped default w
 
 
 def fid_probe(bundle, extractor: JudgeExtractor, reference: tuple, num_samples: int, original_inference_steps: int,
               log_path: Path, batch_size: int = 64, seed: int = 0):
-    """A ``preview_fn`` for ``lcd.distill`` that appends {iteration, fid, clip_score, accuracy} of the
+    """A ``preview_fn`` for ``recipes.run`` that appends {iteration, fid, clip_score, accuracy} of the
     student's PROBE_STEPS-step samples (w = PROBE_OMEGA) on held-out prompts to ``log_path`` (JSON lines)."""
     prompts = [p for p, _ in heldout_prompts(num_samples)]
     states = bundle.encode_prompts(prompts)  # [N, L, D]
@@ -35,9 +41,10 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: tuple, num_samples: 
         p = next(student_unet.parameters())
         images = []
         for i in range(0, num_samples, batch_size):
-            z = sample_student(student_unet, bundle.scheduler_config, states[i:i + batch_size].to(p.device, p.dtype),
+            z = sample_latents(student_unet, bundle.scheduler_config, LCM_SAMPLER,
+                               states[i:i + batch_size].to(p.device, p.dtype),
                                [seed + j for j in range(i, min(i + batch_size, num_samples))],
-                               bundle.latent_shape(size, size), steps=PROBE_STEPS, omega=PROBE_OMEGA,
+                               bundle.latent_shape(size, size), steps=PROBE_STEPS, guidance=1.0 + PROBE_OMEGA,
                                original_inference_steps=original_inference_steps)
             images.append(bundle.decode(z.to(bundle.vae.device, bundle.vae.dtype)).float().cpu())
         scored = harness.score_pixels(torch.cat(images), prompts, extractor, reference)
@@ -63,10 +70,6 @@ def solver_skip(teacher_dir: Path, out: Path, solvers: list[str], skips: list[in
                 eval_every: int, extractor: JudgeExtractor, num_samples: int = 128, batch_size: int = 16,
                 num_data: int = 4000, lr: float = 1e-4, seed: int = 0, loss: str = "huber") -> dict:
     """Fig. 3: distil every (solver, k) for ``iterations`` steps, probing 4-step FID every ``eval_every``."""
-    from ..models.bundle import Bundle
-    from ..training import lcd
-    from ..training.loop import LoopConfig
-
     out = Path(out)
     bundle = Bundle.load(teacher_dir)
     mu, sigma, _ = harness.reference_stats(extractor)
@@ -75,15 +78,17 @@ def solver_skip(teacher_dir: Path, out: Path, solvers: list[str], skips: list[in
         for k in skips:
             run_dir = out / "runs" / f"{solver}-k{k}"
             log = run_dir / "probe.jsonl"
-            n_grid = len(lcd.training_grid(bundle.scheduler_config.get("num_train_timesteps", 1000), k))
+            n_grid = grid_size(bundle.scheduler_config.get("num_train_timesteps", 1000), k)
             if not (read_probe_log(log) and read_probe_log(log)[-1]["iteration"] >= iterations):
                 run_dir.mkdir(parents=True, exist_ok=True)
-                cfg = lcd.LCDConfig(solver=solver, skip=k, loss=loss, batch_size=batch_size, seed=seed)
+                cfg = LCDConfig(solver=solver, skip=k, loss=loss, batch_size=batch_size, seed=seed)
                 loop_cfg = LoopConfig(max_steps=iterations, lr=lr, warmup=0, schedule="constant",
                                       checkpoint_every=eval_every, preview_every=eval_every, keep_checkpoints=1)
                 probe = fid_probe(bundle, extractor, (mu, sigma), num_samples, n_grid, log)
-                lcd.distill(teacher_dir, run_dir, cfg, loop_cfg, num_data=num_data, resume=(run_dir / "checkpoints").exists(),
-                            preview_fn=probe, export=False, data_cache=out / "data-cache.safetensors")
+                recipes.run("distill", recipes.Job(
+                    Path(teacher_dir), run_dir, loop_cfg, lcd=cfg, num_data=num_data,
+                    resume=(run_dir / "checkpoints").exists(), preview_fn=probe, export=False,
+                    data_cache=out / "data-cache.safetensors"))
             records += [{"solver": solver, "skip": k, **r} for r in read_probe_log(log)]
     results = {"iterations": iterations, "eval_every": eval_every, "num_samples": num_samples,
                "probe": {"steps": PROBE_STEPS, "omega": PROBE_OMEGA}, "batch_size": batch_size, "records": records}

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import styles
 from ..images import save_grid, vae_round_trip
-from . import harness
+from . import pipeline as harness
 from .extractors import JudgeExtractor
 from .style import StyleJudge
 

@@ -1,4 +1,4 @@
-"""SDXL as a conditioning adapter of the one denoiser interface (style rule 6; anchors §b.6, §d.1, §d.8).
+"""SDXL as a conditioning adapter of the one denoiser interface.
 
 An SDXL UNet (``addition_embed_type="text_time"``) takes, besides the prompt states, two added
 conditions: the pooled prompt embedding of the second text encoder (``text_embeds`` [B, P]) and the

@@ -40,6 +40,20 @@ class Task(Protocol):
     def preview(self, step: int, out_dir: Path) -> None: ...       # sample grid
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of batch ``step`` of a run seeded ``seed``: batches are a pure function of both."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta (LCM Algorithm 1 line 8), over the parameters that
+    train (a frozen base under a LoRA adapter is equal in both and is skipped)."""
+    with torch.no_grad():
+        for pt, po in zip(target.parameters(), online.parameters()):
+            if po.requires_grad:
+                pt.lerp_(po, 1 - decay)
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     max_steps: int

@@ -7,11 +7,14 @@ file that does not exist is skipped, counted by reason and named in the report.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from .tensors import LCDData, bundle_text_fns, encode_pairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption")
@@ -104,3 +107,29 @@ def load_pairs(folder: str | Path, resolution: int) -> tuple[list[tuple[Image.Im
         pairs.append((image, text))
     report.loaded = len(pairs)
     return pairs, report
+
+
+def folder_data(bundle, folder: Path, cache: Path | None, write: bool = True) -> tuple[LCDData, LoadReport, list[str]]:
+    """Encode a user folder once (latents and caption states; reused while the folder is unchanged).
+    Returns the data, the load report and the captions."""
+    resolution = bundle.unet.config.sample_size * bundle.vae_factor
+    pairs, report = load_pairs(folder, resolution)
+    if not pairs:
+        raise ValueError(f"no usable image-caption pairs in {folder}: {report.summary()}")
+    digest = hashlib.sha256()
+    for image, text in pairs:
+        digest.update(image.tobytes())
+        digest.update(text.encode())
+    meta = {"folder": str(folder), "pairs": digest.hexdigest()[:16], "model": str(bundle.path)}
+    found = LCDData.load(cache, meta) if cache is not None else None
+    if found is None:
+        found = encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs, **bundle_text_fns(bundle))
+        if cache is not None and write:
+            found.save(cache, meta)
+    return found, report, [text for _, text in pairs]
+
+
+def folder_latents_and_captions(bundle, folder: Path):
+    """(latents [N, C, h, w], captions, report) of a user folder, for plain diffusion training."""
+    data, report, captions = folder_data(bundle, folder, None)
+    return data.latents, captions, report

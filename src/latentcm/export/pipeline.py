@@ -8,11 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..models.denoiser import check_schedule
-from ..parameterization import TIMESTEP_SCALING
-
-# Teacher schedule keys the LCMScheduler shares (the betas and what the network predicts).
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+from ..bundle import Bundle
+from ..defaults import SKIP
+from ..schedules import lcm_scheduler_config, skip_of
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 LCM_CARD = """---
@@ -58,15 +56,6 @@ image = pipe("a large red circle on a blue background", num_inference_steps=4, g
 """
 
 
-def lcm_scheduler_config(teacher_scheduler_config: dict, skip: int) -> dict:
-    """LCMScheduler config: the teacher's betas and prediction type, the training grid (N = T // k), s = 10."""
-    check_schedule(teacher_scheduler_config)
-    base = {k: teacher_scheduler_config[k] for k in SCHEDULE_KEYS if k in teacher_scheduler_config}
-    num_train = base.get("num_train_timesteps", 1000)
-    return {**base, "original_inference_steps": num_train // skip, "timestep_scaling": TIMESTEP_SCALING,
-            "clip_sample": False}
-
-
 def shipped_name(path: str) -> str:
     """A model folder for a card: the shipped model's name when it is one (absolute paths of this
     machine mean nothing to a reader), else the path as given."""
@@ -83,12 +72,12 @@ def write_lcm_card(folder: Path, card_info: dict) -> Path:
     lcd, loop = card_info.get("lcd", {}), card_info.get("loop", {})
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
-    n, k = sched["original_inference_steps"], sched["num_train_timesteps"] // sched["original_inference_steps"]
+    n, k = sched["original_inference_steps"], skip_of(sched["num_train_timesteps"], sched["original_inference_steps"])
     teacher = shipped_name(card_info.get("teacher", "?"))
     text = LCM_CARD.format(
         title=card_info.get("title", f"Latent Consistency Model distilled from `{teacher}`"),
         intro=card_info.get("intro", "Latent Consistency Distillation (Luo et al. 2023, arXiv 2310.04378, Algorithm 1) "
-                                     f"of the teacher `{teacher}`, made with latentcm."), dim=unet["time_cond_proj_dim"], command=card_info.get("command") or "# made through the Python API: latentcm.training.lcd.distill",
+                                     f"of the teacher `{teacher}`, made with latentcm."), dim=unet["time_cond_proj_dim"], command=card_info.get("command") or "# made through the Python API: latentcm.training.recipes.run",
         solver=lcd.get("solver", "?"), skip=k, n_grid=n, grid_first=k - 1, grid_last=n * k - 1,
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
@@ -111,7 +100,7 @@ def _move_into(src: Path, dest: Path) -> None:
 
 
 def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path, card_info: dict, *,
-               skip: int = 20) -> Path:
+               skip: int = SKIP) -> Path:
     """Write a complete diffusers LatentConsistencyModelPipeline folder into ``dest``.
 
     Args:
@@ -125,8 +114,6 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
         ``dest``.
     """
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
-
-    from ..models.bundle import Bundle
 
     bundle = bundle_or_teacher_dir if isinstance(bundle_or_teacher_dir, Bundle) else Bundle.load(bundle_or_teacher_dir)
     if student.config.get("time_cond_proj_dim") is None:
@@ -159,3 +146,18 @@ def sdxl_pipeline(bundle, student: torch.nn.Module, scheduler):
         vae=bundle.vae, text_encoder=bundle.text_encoder, text_encoder_2=bundle.text_encoder_2,
         tokenizer=bundle.tokenizer, tokenizer_2=bundle.tokenizer_2, unet=student, scheduler=scheduler,
         force_zeros_for_empty_prompt=bundle.force_zeros_for_empty_prompt)
+
+
+TEACHER_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
+
+
+def export_finetuned_teacher(unet: torch.nn.Module, bundle: Bundle, dest: str | Path, info: dict) -> Path:
+    """A fine-tuned teacher as a StableDiffusionPipeline folder: the new UNet, every other part copied from
+    the source folder, and ``finetune.json`` (the command, data and steps that made it)."""
+    dest = Path(dest)
+    unet.save_pretrained(dest / "unet")
+    for part in TEACHER_PARTS:
+        src = Path(bundle.path) / part
+        (shutil.copytree(src, dest / part, dirs_exist_ok=True) if src.is_dir() else shutil.copy2(src, dest / part))
+    (dest / "finetune.json").write_text(json.dumps(info, indent=2))
+    return dest

@@ -7,42 +7,23 @@ diffusion teacher is sampled with DDIM / DPM-Solver / DPM-Solver++ and classifie
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import offline  # noqa: F401
-from ..guidance import omega_from_guidance
-from ..sampling import initial_latents, sample_teacher
-from .components import encode_text
-from .denoiser import sample_student
-from . import sdxl
+from . import offline  # noqa: F401
+from .defaults import IMG2IMG_STRENGTH, LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS
+from .defaults import TEACHER_SAMPLERS as SAMPLERS
+from .errors import ModelError
+from .images import load_image
+from .models import sdxl
+from .models.components import encode_text
+from .sampling.latents import sample_latents
+from .schedules import lcm_scheduler_config, skip_of
 
-SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")   # teacher samplers (CFG, two UNet passes per step)
-LCM_SAMPLER = "lcm"                                 # multistep consistency sampling (one UNet pass per step)
-TEACHER_DEFAULTS = ("ddim", 50, 7.5)                # (sampler, steps, guidance scale g)
-LCM_DEFAULTS = (LCM_SAMPLER, 4, 8.5)                # g = 8.5 is the paper's w = 7.5
-
-
-class ModelError(ValueError):
-    """A model folder is missing or malformed (reported as a one-line CLI error)."""
-
-
-def make_scheduler(name: str, config: dict):
-    """A diffusers scheduler for teacher sampling, built from the teacher's config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    base = {k: v for k, v in config.items() if not k.startswith("_")}
-    if name == "ddim":
-        return DDIMScheduler.from_config(base)
-    if name in ("dpm-solver", "dpm-solver++"):
-        algo = "dpmsolver" if name == "dpm-solver" else "dpmsolver++"
-        # DPM-Solver (noise prediction) cannot step to sigma = 0; diffusers ends it at sigma_min.
-        final = "zero" if algo == "dpmsolver++" else "sigma_min"
-        return DPMSolverMultistepScheduler.from_config(base, algorithm_type=algo, solver_order=2,
-                                                       final_sigmas_type=final)
-    raise ModelError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+__all__ = ["Bundle", "ModelError", "check_kind", "check_model_dir", "LCM_DEFAULTS", "TEACHER_DEFAULTS", "SAMPLERS"]
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -69,9 +50,16 @@ class Bundle:
     text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (pooled embedding)
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = True       # SDXL: zero uncond embeddings (pipeline config)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # LoRA files loaded into the UNet (``add_loras``)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Bundle":
+    def load(cls, path: str | Path, loras: list[tuple[str, float]] | None = None) -> "Bundle":
+        """Load a local diffusers folder; ``loras`` [(file or folder, weight), ...] are stacked onto its UNet."""
+        bundle = cls._load(path)
+        return bundle.add_loras(loras) if loras else bundle
+
+    @classmethod
+    def _load(cls, path: str | Path) -> "Bundle":
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -176,12 +164,6 @@ class Bundle:
                                       n, self._time_ids(size), self.force_zeros_for_empty_prompt)
         return self.encode_prompts([""] * n)
 
-    def eps_fn(self, z: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The teacher's raw output (eps, v or x0, per scheduler_config) for a batch."""
-        if self.is_sdxl:
-            return sdxl.unet_forward(self.unet, z, t, text).sample
-        return self.unet(z, t, encoder_hidden_states=text).sample
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]."""
@@ -207,14 +189,9 @@ class Bundle:
         shape = self.latent_shape(height or size, width or size)
         image_size = (shape[1] * self.vae_factor, shape[2] * self.vae_factor)  # SDXL time_ids
         cond = self.encode_prompts(prompts, image_size)  # [B, L, D]
-        if sampler == LCM_SAMPLER:
-            return sample_student(self.unet, self.scheduler_config, cond, seeds, shape, steps=steps,
-                                  omega=omega_from_guidance(guidance), latents=latents)
-        if latents is None:
-            latents = initial_latents(seeds, shape, device=self.unet.device)
-        uncond = self.encode_uncond(len(prompts), image_size)
-        return sample_teacher(self.eps_fn, make_scheduler(sampler, self.scheduler_config), latents,
-                              cond, uncond, guidance, steps)
+        uncond = None if sampler == LCM_SAMPLER else self.encode_uncond(len(prompts), image_size)
+        return sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, shape, steps=steps,
+                              guidance=guidance, uncond=uncond, latents=latents)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
@@ -233,6 +210,99 @@ class Bundle:
             latents: initial latents [B, C, h, w] instead of the seeds' first draws.
         """
         return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents))
+
+
+    # --- img2img (LCM only) -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents [B, C, h, w]: VAE posterior mode x scaling_factor."""
+        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mode()  # [B, C, h, w]
+        return z * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def img2img_latents(self, prompts: list[str], seeds: list[int], images: torch.Tensor,
+                        strength: float = IMG2IMG_STRENGTH, sampler: str | None = None, steps: int | None = None,
+                        guidance: float | None = None) -> torch.Tensor:
+        """Final latents [B, C, h, w] of LCM img2img, as diffusers' ``LatentConsistencyModelImg2ImgPipeline``:
+        the VAE latent of ``images`` ([1 or B, 3, H, W] in [-1, 1]; they set the size) is noised to the first
+        timestep of the skipping grid truncated to N * strength points with draw 0 of each seed's stream,
+        then sampled as usual with draws 1, 2, ... as step noises."""
+        if not self.is_lcm:
+            raise ModelError("--init-image (img2img) needs an LCM folder or --lora; teacher samplers do not support it")
+        sampler, steps, guidance = self.resolve(sampler, steps, guidance)
+        self.check_sampling(sampler, steps)
+        strength = check_strength(strength)
+        if len(prompts) != len(seeds) or images.shape[0] not in (1, len(seeds)):
+            raise ModelError(f"need one seed per prompt and 1 or {len(seeds)} images, got {len(prompts)} prompts, "
+                             f"{len(seeds)} seeds, {images.shape[0]} images")
+        x0 = self.encode_images(images).expand(len(seeds), -1, -1, -1)  # [B, C, h, w]
+        size = (images.shape[2], images.shape[3])  # SDXL time_ids of the image's size
+        cond = self.encode_prompts(prompts, size)  # [B, L, D]
+        return sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, tuple(x0.shape[1:]),
+                              steps=steps, guidance=guidance, image_latents=x0, strength=strength)
+
+    def img2img(self, prompts: list[str], seeds: list[int], image_path: str | Path,
+                strength: float = IMG2IMG_STRENGTH, sampler: str | None = None, steps: int | None = None,
+                guidance: float | None = None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] from an init image file (fitted to height x width, default the model's)."""
+        size = self.unet.config.sample_size * self.vae_factor
+        height, width = height or size, width or size
+        self.latent_shape(height, width)  # ModelError unless divisible by the VAE factor
+        images = load_image(image_path, width, height)
+        return self.decode(self.img2img_latents(prompts, seeds, images, strength, sampler, steps, guidance))
+
+    # --- LoRA -------------------------------------------------------------------------------------
+
+    def add_loras(self, loras: list[tuple[str, float]]) -> "Bundle":
+        """Load LoRA files (diffusers or kohya keys; a folder or a .safetensors file) into this teacher's UNet,
+        stacked with their weights, and make it an LCM for ``sampler="lcm"`` (in place; returns self).
+
+        The LCMScheduler config is the first LoRA folder's ``scheduler_config.json`` when it has one (the
+        training grid), else the teacher's betas with ``original_inference_steps`` 50. A UNet without a w
+        embedding samples with ``timestep_cond=None``: an LCM-LoRA's guidance is distilled in.
+        """
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        if self.is_lcm:
+            raise ModelError(f"{self.path} is already an LCM; load an LCM-LoRA onto a diffusion teacher folder")
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=DDIMScheduler.from_config(self.scheduler_config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        names = []
+        for i, (path, _) in enumerate(loras):
+            path = Path(path)
+            if not path.exists():
+                raise ModelError(f"LoRA {path} does not exist")
+            kw = {"weight_name": path.name} if path.is_file() else {}
+            with warnings.catch_warnings():  # peft warns on every adapter after the first: stacking is intended
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=f"lora{i}", **kw)
+            names.append(f"lora{i}")
+        pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+        self.scheduler_config = _lora_scheduler_config(Path(loras[0][0]), self.scheduler_config)
+        self.loras = [*self.loras, *((str(Path(p).resolve()), float(w)) for p, w in loras)]  # names sample caches
+        return self
+
+
+def _lora_scheduler_config(first: Path, teacher_config: dict) -> dict:
+    """The LCMScheduler config of a LoRA stack: its first folder's, else the teacher's betas on a 50-point grid."""
+    sched_file = first / "scheduler_config.json"
+    if first.is_dir() and sched_file.is_file():
+        sched = json.loads(sched_file.read_text())
+    else:
+        num_train = teacher_config.get("num_train_timesteps", 1000)
+        sched = {"_class_name": "LCMScheduler", **lcm_scheduler_config(teacher_config, skip_of(num_train, 50))}
+    if sched.get("_class_name") != "LCMScheduler":
+        raise ModelError(f"{sched_file} is not an LCMScheduler config")
+    return sched
+
+
+def check_strength(strength: float) -> float:
+    """``strength`` as a float, or ModelError unless it lies in (0, 1]."""
+    if not 0.0 < strength <= 1.0:
+        raise ModelError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength}")
+    return float(strength)
 
 
 def check_kind(unet_config: dict, scheduler_config: dict, path: Path) -> None:

@@ -21,10 +21,15 @@ from pathlib import Path
 import torch
 
 from .. import world
+from ..bundle import Bundle
+from ..defaults import TEACHER_GUIDANCE
+from ..images import save_grid
 from ..models import components
 from ..models.judge import Judge
-from . import teacher as T
-from .loop import LoopConfig, fit
+from ..training.data.shapes import WorldData
+from ..training.diffusion import UNetTask
+from ..training.loop import LoopConfig, fit
+from . import tasks as T
 
 STAGES = ("vae", "clip", "judge", "unet")
 
@@ -79,7 +84,7 @@ def _require(out: Path, stage: str) -> Path:
 def run_vae(out: Path, preset: str, seed: int, resume: bool, steps=None, minutes=None) -> bool:
     p, sc = components.get_preset(preset), stage_configs(preset)["vae"]
     vae = components.build_vae(p, seed)
-    data = T.WorldData.make(WORLD_SEED, sc.data_count)
+    data = WorldData.make(WORLD_SEED, sc.data_count)
     cfg = _loop_cfg(sc, steps, minutes, preview_every=200, checkpoint_every=100)
     task = T.VAETask(vae, data, seed, sc.batch_size, cfg.max_steps)
     done = fit(task, cfg, out / "vae", resume, desc="vae")
@@ -95,7 +100,7 @@ def run_vae(out: Path, preset: str, seed: int, resume: bool, steps=None, minutes
 def run_clip(out: Path, preset: str, seed: int, resume: bool, steps=None, minutes=None) -> bool:
     p, sc = components.get_preset(preset), stage_configs(preset)["clip"]
     clip, tok = components.build_text_and_vision(p, seed)
-    data = T.WorldData.make(WORLD_SEED + 1, sc.data_count)
+    data = WorldData.make(WORLD_SEED + 1, sc.data_count)
     cfg = _loop_cfg(sc, steps, minutes, preview_every=0, checkpoint_every=200)
     done = fit(T.CLIPTask(clip, tok, data, seed, sc.batch_size), cfg, out / "clip", resume, desc="clip")
     if done < cfg.max_steps:
@@ -110,7 +115,7 @@ def run_judge(out: Path, preset: str, seed: int, resume: bool, steps=None, minut
     p, sc = components.get_preset(preset), stage_configs(preset)["judge"]
     torch.manual_seed(seed)
     judge = Judge(p.judge_width)
-    data = T.WorldData.make(WORLD_SEED + 2, sc.data_count)
+    data = WorldData.make(WORLD_SEED + 2, sc.data_count)
     cfg = _loop_cfg(sc, steps, minutes, preview_every=0, checkpoint_every=200)
     done = fit(T.JudgeTask(judge, data, seed, sc.batch_size), cfg, out / "judge", resume, desc="judge")
     if done < cfg.max_steps:
@@ -120,20 +125,18 @@ def run_judge(out: Path, preset: str, seed: int, resume: bool, steps=None, minut
     return True
 
 
-def encode_latents(vae, data: T.WorldData) -> torch.Tensor:
+def encode_latents(vae, data: WorldData) -> torch.Tensor:
     """Posterior-mode latents times the VAE scaling factor, [N, 4, h, w]."""
     return T.encode_mode(vae, data) * vae.config.scaling_factor
 
 
 def _unet_preview(vae, text_encoder, tok, sched_cfg):
-    from ..models.bundle import Bundle
-
     prompts = [s.text for s in world.iter_samples(7, 8, "heldout")]
 
     def preview(ema, step, out_dir):
         bundle = Bundle(ema, vae, text_encoder, tok, sched_cfg)
-        imgs = bundle.generate(prompts, list(range(8)), "ddim", 25, 7.5)
-        T.save_grid(imgs, out_dir / f"unet-{step:07d}.png")
+        imgs = bundle.generate(prompts, list(range(8)), "ddim", 25, TEACHER_GUIDANCE)
+        save_grid(imgs, out_dir / f"unet-{step:07d}.png")
     return preview
 
 
@@ -146,13 +149,14 @@ def run_unet(out: Path, preset: str, seed: int, resume: bool, steps=None, minute
     clip_dir = _require(out, "clip")
     text_encoder = CLIPTextModel.from_pretrained(clip_dir / "text_encoder").eval().requires_grad_(False)
     tok = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
-    data = T.WorldData.make(WORLD_SEED + 3, sc.data_count)
+    data = WorldData.make(WORLD_SEED + 3, sc.data_count)
     latents = encode_latents(vae, data)
     unet = components.build_unet(p, seed)
     ema = copy.deepcopy(unet).requires_grad_(False)
     preview = _unet_preview(vae, text_encoder, tok, components.noise_scheduler_config())
-    task = T.UNetTask(unet, ema, text_encoder, tok, latents, data.scenes, seed, sc.batch_size,
-                      preview_fn=preview if preset != "micro" else None)
+    task = UNetTask(unet, ema, text_encoder, tok, latents, data.scenes, seed, sc.batch_size,
+                    scheduler_config=components.noise_scheduler_config(),
+                    preview_fn=preview if preset != "micro" else None)
     cfg = _loop_cfg(sc, steps, minutes, preview_every=500 if preset != "micro" else 0, checkpoint_every=100)
     done = fit(task, cfg, out / "unet", resume, desc="unet")
     if done < cfg.max_steps:

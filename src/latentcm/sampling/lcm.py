@@ -1,12 +1,12 @@
-"""Multistep latent consistency sampling (LCM "Algorithm 3", paper-spec §8). Randomness is injected."""
+"""Multistep latent consistency sampling (LCM Algorithm 3). Randomness is injected."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
 
-from . import parameterization as P
-from .schedules import alpha_sigma_at, table_or_default
+from .. import parameterization as P
+from ..schedules import alpha_sigma_at, table_or_default
 
 ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # f(x [B, ...], t [B] long) -> x0 [B, ...]
 NoiseFn = Callable[[int], torch.Tensor]  # noise_fn(i) -> N(0, I) noise [B, ...] for re-noising after step i
@@ -14,7 +14,7 @@ NoiseFn = Callable[[int], torch.Tensor]  # noise_fn(i) -> N(0, I) noise [B, ...]
 
 def renoise(denoised: torch.Tensor, t_next, noise: torch.Tensor,
             alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
-    """z_{t_next} = alpha_{t_next} z + sigma_{t_next} noise, with FRESH noise (Algorithm 3; paper-spec §8, §13)."""
+    """z_{t_next} = alpha_{t_next} z + sigma_{t_next} noise, with FRESH noise (LCM Algorithm 3)."""
     alpha, sigma = alpha_sigma_at(table_or_default(alpha_bar).to(denoised.device), t_next)
     return P.append_dims(alpha, denoised) * denoised + P.append_dims(sigma, denoised) * noise  # [B, ...]
 
@@ -23,7 +23,7 @@ def lcm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, t_next: int 
              *, alpha_bar: torch.Tensor | None = None, prediction_type: str = "epsilon",
              sigma_data: float = P.SIGMA_DATA,
              timestep_scaling: float = P.TIMESTEP_SCALING) -> tuple[torch.Tensor, torch.Tensor]:
-    """One multistep-sampling step from a raw network output, as diffusers' ``LCMScheduler.step`` (paper-spec §8).
+    """One multistep-sampling step from a raw network output, as diffusers' ``LCMScheduler.step`` (LCM Algorithm 3).
 
     Args:
         model_output: network output at (x_t, t) [B, ...] of kind ``prediction_type``.

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..models.bundle import LCM_DEFAULTS, Bundle, ModelError
-from ..models.single_file import save_single_file
+from ..bundle import Bundle
+from ..defaults import LCM_DEFAULTS
+from ..errors import ModelError
+from .single_file import save_single_file
 
 CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
 _, RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = LCM_DEFAULTS  # 4 steps, guidance scale g = 8.5 (w = 7.5)
@@ -83,7 +85,7 @@ def _files_section(name: str, fp16: bool, single_file: bool) -> str:
     if single_file:
         rows.append(f"- `{name}.safetensors`: every float32 weight in one file, keys `unet.*`, `vae.*`, "
                     "`text_encoder.*` (diffusers/transformers names) with the configs and tokenizer in its metadata; "
-                    "load it with `latentcm.models.single_file.load_single_file`. This is latentcm's own layout, not "
+                    "load it with `latentcm.export.single_file.load_single_file`. This is latentcm's own layout, not "
                     "the A1111/ComfyUI checkpoint layout.")
     return "\n".join(rows)
 
@@ -147,7 +149,7 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
             (checkpoints, metrics) are not copied.
         dest: a new (or empty) folder; written via a temporary sibling, so it appears complete or not at all.
         fp16: also write diffusers' ``variant="fp16"`` weight files (``*.fp16.safetensors``).
-        single_file: also write ``<dest name>.safetensors`` (layout in ``models.single_file``).
+        single_file: also write ``<dest name>.safetensors`` (layout in ``export.single_file``).
         base_model: the card's ``base_model``; default the source card's, else the source folder's name.
 
     Returns:

@@ -128,7 +128,7 @@ def generate_cached(bundle, row: Row, prompts: list[str], seed: int, folder: Pat
     """uint8 images [N, H, W, 3] of one row, plus {"seconds", "unet_evals"}; reused from
     ``folder`` when the same model folder, prompts and seeds made them before."""
     identity = {"model_path": str(bundle.path), "weights": _stamp(Path(bundle.path) / "unet"),
-                "loras": [[p, w, _stamp(p)] for p, w in getattr(bundle, "applied_loras", [])],
+                "loras": [[p, w, _stamp(p)] for p, w in bundle.loras],
                 "row": row.key, "num": len(prompts), "seed": seed, "prompts_sha": _sha(prompts)}
     path = folder / f"{row.key}-n{len(prompts)}-s{seed}.npz"
     if path.is_file():

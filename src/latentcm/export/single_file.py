@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..bundle import Bundle, ModelError, check_kind
+
 FORMAT = "latentcm.single_file/1"
 PARTS = ("unet", "vae", "text_encoder")
 
@@ -69,8 +71,6 @@ def load_single_file(path: str | Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from .bundle import Bundle, ModelError, check_kind
 
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:

@@ -1,9 +1,13 @@
-"""Samplers. Pure functions over (model, latents, timesteps); randomness is injected."""
+"""Classifier-free-guided sampling of a diffusion teacher with diffusers' schedulers (DDIM, DPM-Solver,
+DPM-Solver++): the baselines of LCM Table 1. Randomness is injected (initial latents from per-image seeds)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from ..defaults import TEACHER_SAMPLERS
+from ..errors import ModelError
 
 # eps_fn(z, t, text_states) -> eps prediction; one UNet call on a whole batch.
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,3 +42,19 @@ def sample_teacher(eps_fn: EpsFn, scheduler, latents: torch.Tensor, cond: torch.
         if callback is not None:
             callback(i, z)
     return z
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler for teacher sampling, built from the teacher's config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    base = {k: v for k, v in config.items() if not k.startswith("_")}
+    if name == "ddim":
+        return DDIMScheduler.from_config(base)
+    if name in ("dpm-solver", "dpm-solver++"):
+        algo = "dpmsolver" if name == "dpm-solver" else "dpmsolver++"
+        # DPM-Solver (noise prediction) cannot step to sigma = 0; diffusers ends it at sigma_min.
+        final = "zero" if algo == "dpmsolver++" else "sigma_min"
+        return DPMSolverMultistepScheduler.from_config(base, algorithm_type=algo, solver_order=2,
+                                                       final_sigmas_type=final)
+    raise ModelError(f"unknown sampler {name!r}; choose from {', '.join(TEACHER_SAMPLERS)}")

@@ -1,50 +1,17 @@
-"""Stages that build the offline default teacher: VAE, tiny CLIP, judge, UNet.
-
-Each stage is a :class:`~latentcm.training.loop.Task` run by the one loop in
-``loop.py``. Batches are drawn from a generator seeded by ``(seed, step)``.
-"""
+"""Tasks of the teacher build that are not diffusion: the VAE, the tiny CLIP and the judge (the UNet stage
+is ``training.diffusion.UNetTask``). Each is a ``training.loop.Task``; batches come from a generator seeded
+by ``(seed, step)``."""
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .. import schedules, world
-from ..models import components
-from ..models.components import encode_text
+from .. import world
 from ..images import save_grid
 from ..models.judge import Judge, attribute_targets
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-@dataclass
-class WorldData:
-    """Rendered training images [N, 3, 64, 64] uint8 and their scenes."""
-
-    images: torch.Tensor
-    scenes: list[world.Scene]
-
-    @classmethod
-    def make(cls, seed: int, count: int, split: str = "train") -> "WorldData":
-        samples = list(world.iter_samples(seed, count, split))
-        arr = world.images_array(samples)
-        return cls(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [s.scene for s in samples])
-
-    def pixels(self, idx: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float in [-1, 1]."""
-        return self.images[idx].float() / 127.5 - 1.0
-
-
-def sample_captions(scenes: list[world.Scene], seed: int, step: int, offset: int = 0) -> list[str]:
-    """A fresh training caption per scene and step (templates and synonyms vary)."""
-    return [world.caption(s, random.Random(hash((seed, step, offset + i)) & 0xFFFFFFFF))
-            for i, s in enumerate(scenes)]
+from ..training.data.shapes import WorldData, sample_captions
+from ..training.loop import step_generator
 
 
 # --- VAE -------------------------------------------------------------------------
@@ -194,66 +161,3 @@ class JudgeTask:
 
     def preview(self, step, out_dir):
         pass
-
-
-# --- UNet (the diffusion teacher) ------------------------------------------------
-
-def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, over the parameters that train (a frozen
-    base under a LoRA adapter is equal in both and is skipped)."""
-    with torch.no_grad():
-        for pt, po in zip(target.parameters(), online.parameters()):
-            if po.requires_grad:
-                pt.lerp_(po, 1 - decay)
-
-
-class UNetTask:
-    """epsilon-prediction diffusion on VAE latents, min-SNR-gamma weighting, caption
-    dropout for classifier-free guidance, EMA weights for sampling."""
-
-    def __init__(self, unet, ema, text_encoder, tokenizer, latents: torch.Tensor, scenes: list[world.Scene] | None,
-                 seed: int, batch_size: int, caption_dropout: float = 0.1, snr_gamma: float = 5.0,
-                 ema_decay: float = 0.999, preview_fn=None, captions: list[str] | None = None):
-        """``scenes``: world scenes, captioned afresh each step; or ``captions``: one fixed caption per latent
-        (a user's folder)."""
-        if (scenes is None) == (captions is None):
-            raise ValueError("give either scenes (world data) or captions (fixed), not both")
-        self.unet, self.ema, self.text_encoder, self.tok = unet, ema, text_encoder, tokenizer
-        self.latents, self.scenes, self.seed, self.bs = latents, scenes, seed, batch_size
-        self.captions = captions
-        self.caption_dropout, self.snr_gamma, self.ema_decay = caption_dropout, snr_gamma, ema_decay
-        self.alpha_bar = schedules.alphas_cumprod_from_config(components.noise_scheduler_config()).float()
-        self.preview_fn = preview_fn
-
-    def modules(self):
-        return {"unet": self.unet, "ema": self.ema}
-
-    def parameters(self):
-        return [p for p in self.unet.parameters() if p.requires_grad]  # all, or a LoRA adapter's only
-
-    def batch(self, step):
-        g = step_generator(self.seed, step)
-        idx = torch.randint(len(self.latents), (self.bs,), generator=g)
-        captions = (sample_captions([self.scenes[i] for i in idx.tolist()], self.seed, step) if self.captions is None
-                    else [self.captions[i] for i in idx.tolist()])
-        drop = (torch.rand(self.bs, generator=g) < self.caption_dropout).tolist()
-        captions = ["" if d else c for c, d in zip(captions, drop)]
-        return {"z0": self.latents[idx], "text": encode_text(self.text_encoder, self.tok, captions),
-                "noise": torch.randn(self.latents[idx].shape, generator=g),
-                "t": torch.randint(0, len(self.alpha_bar), (self.bs,), generator=g)}
-
-    def loss(self, batch, step):
-        a = self.alpha_bar[batch["t"]]
-        z_t = schedules.add_noise(batch["z0"], batch["noise"], a)
-        eps = self.unet(z_t, batch["t"], batch["text"]).sample
-        per_sample = (eps - batch["noise"]).pow(2).mean(dim=(1, 2, 3))
-        s = schedules.snr(a)
-        weight = torch.clamp(s, max=self.snr_gamma) / s  # min-SNR-gamma for eps-prediction
-        return (weight * per_sample).mean(), {"mse": float(per_sample.detach().mean())}
-
-    def after_update(self, step):
-        ema_update(self.ema, self.unet, min(self.ema_decay, (1 + step) / (10 + step)))
-
-    def preview(self, step, out_dir):
-        if self.preview_fn is not None:
-            self.preview_fn(self.ema, step, out_dir)

@@ -1,0 +1,21 @@
+"""Defaults with one definition each: samplers, step counts, guidance, skipping interval.
+
+Guidance convention: g is the usual classifier-free guidance scale of diffusers (g = 1 turns it off);
+the LCM paper's w is g - 1 (arXiv 2310.04378, Eq. 6 writes CFG as (1 + w) eps_c - w eps_u).
+"""
+TEACHER_SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")  # CFG sampling, two UNet passes per step
+LCM_SAMPLER = "lcm"                                        # multistep consistency sampling (Algorithm 3)
+
+LCM_OMEGA = 7.5                   # paper w of the shipped LCM's default and of training previews
+LCM_GUIDANCE = 1.0 + LCM_OMEGA    # g = 8.5
+LCM_STEPS = 4                     # the usual few-step setting (Table 1's 4-step column)
+TEACHER_GUIDANCE = 7.5            # g of the teacher's samplers (Stable Diffusion's usual default)
+TEACHER_STEPS = 50
+
+TEACHER_DEFAULTS = ("ddim", TEACHER_STEPS, TEACHER_GUIDANCE)   # (sampler, steps, guidance scale g)
+LCM_DEFAULTS = (LCM_SAMPLER, LCM_STEPS, LCM_GUIDANCE)
+
+SKIP = 20                         # k of the skipping-step grid (Sec. 4.3); N = T // k = 50 for T = 1000
+OMEGA_RANGE = (2.0, 14.0)         # w ~ U[w_min, w_max] in LCD training (Sec. 5.1: [2, 14])
+LORA_OMEGA = 7.5                  # the fixed w of LCM-LoRA distillation (arXiv 2311.05556)
+IMG2IMG_STRENGTH = 0.5            # fraction of the skipping grid kept: 1 ignores the image's layout

@@ -1,0 +1,65 @@
+"""Few-step sampling of an LCM (or a teacher carrying an LCM-LoRA): text-to-image and img2img latents.
+
+The consistency function is ``models.denoiser.ConsistencyModel``; the loop is ``sampling.lcm.sample_lcm``
+(LCM Algorithm 3). img2img follows diffusers' ``LatentConsistencyModelImg2ImgPipeline``: the clean latent is
+noised to the first timestep of the truncated skipping grid with draw 0 of the image's seed stream.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import parameterization as P
+from ..defaults import LCM_OMEGA, LCM_STEPS
+from ..guidance import guidance_scale_embedding
+from ..models.denoiser import ConsistencyModel, Denoiser
+from ..schedules import lcm_timesteps
+from .lcm import per_image_noise, renoise, sample_lcm
+
+
+@torch.no_grad()
+def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: torch.Tensor, seeds: list[int],
+                   shape: tuple[int, int, int], *, steps: int = LCM_STEPS, omega: float = LCM_OMEGA,
+                   original_inference_steps: int | None = None, timestep_scaling: float | None = None,
+                   latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
+                   strength: float = 1.0) -> torch.Tensor:
+    """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
+
+    Args:
+        unet: the student (with ``time_cond_proj_dim``), or a teacher UNet carrying an LCM-LoRA (without).
+        scheduler_config: its schedule (betas, prediction_type; an LCMScheduler config also gives
+            ``original_inference_steps`` and ``timestep_scaling``).
+        text_states: prompt encodings [B, L, D].
+        seeds: one seed per image; seed b's stream gives the initial latents, then the step noises.
+        shape: latent shape [C, h, w].
+        steps: number of sampling steps, on the skipping grid of ``original_inference_steps`` points.
+        omega: the paper's guidance w (= diffusers guidance_scale - 1).
+        original_inference_steps: N of the skipping grid; default the config's, else 50.
+        timestep_scaling: s of c_skip / c_out; default the config's, else ``parameterization.TIMESTEP_SCALING``.
+        latents: initial latents [B, C, h, w] replacing each stream's first draw (the step noises stay per seed).
+        image_latents: img2img: clean latents x0 [B, C, h, w] (VAE mode x scaling_factor), noised to the first
+            timestep with each stream's first draw, as diffusers' LatentConsistencyModelImg2ImgPipeline does.
+        strength: img2img strength in (0, 1]: the skipping grid is truncated to its first N * strength points.
+
+    Returns:
+        Denoised latents [B, C, h, w] (unscaled by the VAE factor).
+    """
+    n_grid = original_inference_steps or scheduler_config.get("original_inference_steps", 50)
+    scaling = timestep_scaling if timestep_scaling is not None else scheduler_config.get(
+        "timestep_scaling", P.TIMESTEP_SCALING)
+    f = ConsistencyModel(Denoiser(unet, scheduler_config), timestep_scaling=scaling)
+    p = next(unet.parameters())
+    w = torch.full((len(seeds),), float(omega), device=p.device)
+    d = unet.config.get("time_cond_proj_dim")
+    # An LCM-LoRA'd teacher has no w input: its guidance is distilled in (LCM-LoRA, arXiv 2311.05556), omega is unused.
+    w_emb = guidance_scale_embedding(w, d).to(p.dtype) if d is not None else None  # [B, d]
+    noise_fn = per_image_noise(seeds, shape, dtype=p.dtype, device=p.device)
+    if image_latents is None and strength != 1.0:
+        raise ValueError("strength < 1 needs image_latents (img2img)")
+    if image_latents is not None and latents is not None:
+        raise ValueError("pass latents (text-to-image) or image_latents (img2img), not both")
+    ts = lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid, strength)
+    x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
+    if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
+        x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
+    return sample_lcm(lambda x, t: f(x, t, text_states, w_emb), x_T, ts, noise_fn=noise_fn,
+                      alpha_bar=f.denoiser.alpha_bar)

@@ -1,0 +1,2 @@
+"""Building the shipped offline teacher: ``stages`` (VAE, CLIP, judge, UNet; resumable), ``tasks`` (the
+non-diffusion stage tasks) and ``card`` (its model card)."""

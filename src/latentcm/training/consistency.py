@@ -1,0 +1,272 @@
+"""Consistency training as one Task of the one loop, with the variant as data (an :class:`LCDConfig`):
+
+* LCD, Latent Consistency Distillation (LCM Algorithm 1): the less-noisy point z_{t_n} comes from the
+  teacher and an ODE solver on the CFG-augmented PF-ODE (Eq. 7), with skipping interval k (Sec. 4.3);
+* LCF, Latent Consistency Fine-tuning (LCM Sec. 4.4): ``target="same-noise"``, no teacher;
+* LCM-LoRA (arXiv 2311.05556): :class:`LoRATask`, the same loss with a LoRA adapter as the student.
+
+Batches are a pure function of ``(seed, step)``; the teacher's conditional and unconditional passes run
+as one batched forward per solver stage (``solvers.augmented_step_batched``).
+
+LCF's choices where the paper is silent, and why:
+* the shared eps: consistency training's unbiased one-sample estimate of the ODE step, and what the
+  re-implementations we know of do;
+* the student starts from the LCM and the EMA target from the same weights (mu = 0.95 by default,
+  the rate the LCM was distilled with; a slower EMA barely moves in a few hundred steps);
+* k defaults to the LCM's own grid (T // original_inference_steps), so the exported scheduler keeps
+  the grid the model was distilled on;
+* only the low-noise half of the grid trains by default (t_{n+k} <= 499, ``LCDConfig.max_timestep``):
+  a style is texture, decided in the last sampling steps, while layout and attributes are decided
+  at high noise. Training every t let the biased one-sample target drift the high-noise end (objects
+  shrank, backgrounds grew texture; attribute accuracy fell) before the style arrived; with t <= 499
+  FID and style both improve and attributes hold (reports/lcf, README). This choice is ours, not
+  the paper's;
+* the text encoder and VAE stay frozen, as in distillation; only the UNet learns.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import schedules
+from ..defaults import OMEGA_RANGE, SKIP
+from ..guidance import GUIDANCE_EMBED_DIM, guidance_scale_embedding
+from ..models.denoiser import ConsistencyModel, Denoiser, make_student
+from ..models.lora import ADAPTER, TARGET_ADAPTER, AdapterView, AdapterWeights, LoRAConfig, add_lora
+from ..schedules import training_grid
+from ..solvers import SOLVERS, augmented_step_batched
+from .data.tensors import LCDData
+from .loop import ema_update, step_generator
+
+LOSSES = ("l2", "huber")
+# How the less-noisy point z_{t_n} is made: "solver" = LCD (Algorithm 1 line 5, teacher + ODE solver);
+# "same-noise" = LCF (LCM Sec. 4.4): alpha(t_n) z + sigma(t_n) eps with the SAME z and eps as z_{t_{n+k}}.
+TARGETS = ("solver", "same-noise")
+
+
+@dataclass(frozen=True)
+class LCDConfig:
+    """One LCD variant (LCM Algorithm 1; Sec. 5.1 hyperparameters). w is the paper's guidance (SD guidance scale g = 1 + w)."""
+
+    solver: str = "ddim"               # Psi: ddim | dpm-solver | dpm-solver++
+    skip: int = SKIP                   # k, skipping interval; grid t_i = k i - 1, N = T // k points
+    omega_min: float = OMEGA_RANGE[0]  # w ~ U[omega_min, omega_max]; the paper's [2, 14]
+    omega_max: float = OMEGA_RANGE[1]
+    ema_decay: float = 0.95            # mu of the target network (diffusers); the paper's 0.999943 selectable
+    loss: str = "l2"                   # distance d: l2 | huber (pseudo-Huber)
+    huber_c: float = 0.001             # c of the pseudo-Huber distance
+    batch_size: int = 16               # per process
+    seed: int = 0                      # batch seed
+    time_cond_proj_dim: int = GUIDANCE_EMBED_DIM  # size of the w embedding fed as timestep_cond
+    cond_proj_init: str = "zero"       # init of the w projection: zero (starts as the teacher) | default
+    target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
+    max_timestep: int | None = None    # train only t_{n+k} <= this (LCF: texture lives at low noise); None: all
+    gradient_checkpointing: bool = False  # memory, not math: the student recomputes activations in backward
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if not 0 <= self.omega_min <= self.omega_max:
+            raise ValueError(f"need 0 <= omega_min <= omega_max, got [{self.omega_min}, {self.omega_max}]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
+            raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
+        if self.max_timestep is not None and self.max_timestep < self.skip - 1:
+            raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point "
+                             f"(the lowest is k - 1 = {self.skip - 1})")
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.001) -> torch.Tensor:
+    """d(x, y): mean squared error, or pseudo-Huber mean(sqrt((x - y)^2 + c^2) - c)  (LCM Algorithm 1)."""
+    if kind == "l2":
+        return torch.mean((pred - target) ** 2)
+    if kind == "huber":
+        return torch.mean(torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
+    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
+
+# --- the task ------------------------------------------------------------------------------------
+
+class LCDTask:
+    """LCM Algorithm 1 as a loop Task: online student, EMA target, frozen teacher, solver target.
+    With ``cfg.target == "same-noise"`` it is LCF instead (no teacher, no solver; LCM Sec. 4.4).
+
+    Args:
+        teacher_unet: the frozen diffusion UNet (eps, v or sample prediction); None for LCF, where
+            ``student`` (an LCM's UNet, with ``time_cond_proj_dim``) must be given.
+        scheduler_config: its diffusers scheduler config (betas, prediction_type).
+        data: cached latents and prompt encodings.
+        cfg: the variant.
+        student: the online network; by default ``make_student(teacher_unet, cfg.time_cond_proj_dim)``.
+        preview_fn: preview_fn(student_unet, step, out_dir) writes a validation grid.
+    """
+
+    def __init__(self, teacher_unet, scheduler_config: dict, data: LCDData, cfg: LCDConfig, *,
+                 student=None, preview_fn=None):
+        self.cfg, self.data, self.preview_fn = cfg, data, preview_fn
+        if (teacher_unet is None) != (cfg.target == "same-noise"):
+            raise ValueError("LCD (target 'solver') needs a teacher UNet; LCF (target 'same-noise') takes none")
+        if student is None and teacher_unet is None:
+            raise ValueError("LCF needs the LCM's UNet as student")
+        self._networks(teacher_unet, scheduler_config, student)
+        self.alpha_bar = self.student.denoiser.alpha_bar  # [T] float64
+        self.grid = training_grid(len(self.alpha_bar), cfg.skip)  # [N]
+        if cfg.max_timestep is not None:
+            self.grid = self.grid[self.grid <= cfg.max_timestep]  # t_{n+k} drawn from the low-noise end only
+        self.solver = SOLVERS[cfg.solver]
+        self.device = self.alpha_bar.device
+
+    def _networks(self, teacher_unet, scheduler_config: dict, student) -> None:
+        """Online student theta, EMA target theta^- <- theta, frozen teacher (LCM Algorithm 1 line 2)."""
+        self.student_unet = student if student is not None else make_student(
+            teacher_unet, self.cfg.time_cond_proj_dim, cond_proj_init=self.cfg.cond_proj_init)
+        if self.cfg.gradient_checkpointing:
+            self.student_unet.enable_gradient_checkpointing()
+        self.target_unet = copy.deepcopy(self.student_unet).requires_grad_(False).eval()  # theta^- <- theta
+        self.teacher = (Denoiser(teacher_unet.requires_grad_(False).eval(), scheduler_config)
+                        if teacher_unet is not None else None)
+        self.student = ConsistencyModel(Denoiser(self.student_unet, scheduler_config))
+        self.target = ConsistencyModel(Denoiser(self.target_unet, scheduler_config))
+
+    def modules(self):
+        return {"student": self.student_unet, "target": self.target_unet}
+
+    def parameters(self):
+        return list(self.student_unet.parameters())
+
+    def prepare(self, accelerator) -> None:
+        """Everything on the accelerator's device; the student's forward through ``accelerator.prepare``."""
+        self.device = accelerator.device
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self.target.to(self.device)
+        self.data = self.data.to(self.device)
+        self.alpha_bar = self.alpha_bar.to(self.device)
+        self.student = accelerator.prepare(self.student)
+
+    def batch(self, step: int) -> dict:
+        """Algorithm 1 line 3: (z, c) ~ D_z, t_{n+k} on the grid, w ~ U[w_min, w_max]; plus the noise of line 4."""
+        g, b, k = step_generator(self.cfg.seed, step), self.cfg.batch_size, self.cfg.skip
+        idx = torch.randint(len(self.data), (b,), generator=g)
+        t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
+        noise = torch.randn((b, *self.data.latents.shape[1:]), generator=g)  # [B, C, h, w]
+        omega = self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * torch.rand(b, generator=g)  # [B]
+        idx_d = idx.to(self.data.latents.device)
+        out = {"z0": self.data.latents[idx_d], "text": self.data.text_states[idx_d], "noise": noise,
+               "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}  # t_n = max(t_{n+k} - k, 0)
+        return {key: v.to(self.device) for key, v in out.items()}
+
+    @torch.no_grad()
+    def solver_target(self, z_s: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor, text: torch.Tensor,
+                      omega: torch.Tensor) -> torch.Tensor:
+        """z_hat_{t_n} = z_s + (1 + w) Psi(z_s, c) - w Psi(z_s, 0)  (Algorithm 1 line 5); teacher, no grad."""
+        text_pair = torch.cat([text, self.data.uncond_states.expand_as(text)])  # [2B, L, D]: [c; empty prompt]
+
+        def fn_pair(x2, t2):  # one batched teacher forward on [cond; uncond]
+            return self.teacher(x2, t2, text_pair)
+        return augmented_step_batched(self.solver, z_s, t_start, t_end, fn_pair, omega, alpha_bar=self.alpha_bar)
+
+    def same_noise_target(self, z0: torch.Tensor, noise: torch.Tensor, t_end: torch.Tensor) -> torch.Tensor:
+        """LCF: z_{t_n} = alpha(t_n) z + sigma(t_n) eps, the same latent and noise as z_{t_{n+k}} (LCM Sec. 4.4)."""
+        return schedules.add_noise(z0, noise, self.alpha_bar[t_end])
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """Algorithm 1 lines 4-6 on one batch."""
+        t_start, t_end, omega, text = batch["t_start"], batch["t_end"], batch["omega"], batch["text"]
+        # 1. z_{t_{n+k}} ~ N(alpha(t_{n+k}) z, sigma^2(t_{n+k}) I) from the cached latent (line 4)
+        z_s = schedules.add_noise(batch["z0"], batch["noise"], self.alpha_bar[t_start])  # [B, C, h, w]
+        # 2. the w embedding, fed to student and target as timestep_cond (LCM Sec. 4.2)
+        w_emb = self.w_embedding(omega, z_s.dtype)  # [B, d], or None (LCM-LoRA)
+        # 3. online prediction f_theta(z_{t_{n+k}}, w, c, t_{n+k})
+        pred = self.student(z_s, t_start, text, w_emb)  # [B, C, h, w]
+        with torch.no_grad():
+            # 4. guided solver target z_hat_{t_n} from the teacher (line 5)
+            z_hat = (self.solver_target(z_s, t_start, t_end, text, omega) if self.cfg.target == "solver"
+                     else self.same_noise_target(batch["z0"], batch["noise"], t_end))
+            # 5. target network f_theta^-(z_hat_{t_n}, w, c, t_n)
+            target = self.target(z_hat, t_end, text, w_emb)
+        # 6. distance d (line 6); the update (line 7) is the loop's, the EMA (line 8) is after_update
+        loss = distance(pred.float(), target.float(), self.cfg.loss, self.cfg.huber_c)
+        return loss, {"omega_mean": float(omega.mean())}
+
+    def w_embedding(self, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The w embedding [B, d] fed as timestep_cond (LCM Sec. 4.2); LCM-LoRA has none (``lora.LoRATask``)."""
+        return guidance_scale_embedding(omega, self.cfg.time_cond_proj_dim).to(dtype)
+
+    def after_update(self, step: int) -> None:
+        """Algorithm 1 line 8: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)."""
+        ema_update(self.target_unet, self.student_unet, self.cfg.ema_decay)
+
+    def preview(self, step: int, out_dir: Path) -> None:
+        if self.preview_fn is not None:
+            self.preview_fn(self.student_unet, step, out_dir)
+
+
+class LoRATask(LCDTask):
+    """LCM-LoRA as a loop Task: ``LCDTask`` whose student is a LoRA adapter on the teacher's own UNet.
+
+    Args:
+        teacher_unet: the diffusion UNet; it is frozen and the adapter(s) are injected into it (in place).
+        scheduler_config: its diffusers scheduler config.
+        data: cached latents and prompt encodings.
+        cfg: the LCD variant (solver, k, w range, loss). ``cfg.ema_decay`` is mu of the target: 0 (default of
+            ``lcm distill --lora``) uses the online adapter under no_grad, as the released scripts; > 0 keeps
+            an EMA copy of the adapter weights only. ``cfg.time_cond_proj_dim`` is unused (no w embedding).
+        lora: the adapter.
+        preview_fn: preview_fn(unet, step, out_dir) writes a validation grid.
+    """
+
+    def __init__(self, teacher_unet, scheduler_config: dict, data: LCDData, cfg: LCDConfig, lora: LoRAConfig, *,
+                 preview_fn=None):
+        if cfg.target != "solver":
+            raise ValueError("LCM-LoRA distils a teacher: LCDConfig.target must be 'solver'")
+        self.lora_cfg = lora
+        super().__init__(teacher_unet, scheduler_config, data, cfg, preview_fn=preview_fn)
+
+    def _networks(self, teacher_unet, scheduler_config: dict, student) -> None:
+        """One UNet plays three parts: student (online adapter), teacher (adapters off), target (EMA adapter)."""
+        unet = add_lora(teacher_unet, self.lora_cfg).train()
+        if self.cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.student_unet = self.target_unet = unet
+        self.teacher = Denoiser(AdapterView(unet, None), scheduler_config)  # adapters off: the frozen teacher
+        self.student = ConsistencyModel(Denoiser(unet, scheduler_config))
+        self.lora = AdapterWeights(unet, ADAPTER)
+        self.lora_target = None
+        self.target = ConsistencyModel(Denoiser(unet, scheduler_config))  # called under no_grad by loss
+        if self.cfg.ema_decay > 0:
+            with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                unet.add_adapter(self.lora_cfg.peft_config(), adapter_name=TARGET_ADAPTER)
+            unet.set_adapter(ADAPTER)  # add_adapter activated the new one; the online adapter trains
+            self.lora_target = AdapterWeights(unet, TARGET_ADAPTER)
+            self.lora_target.load_state_dict(self.lora.state_dict())  # theta^- <- theta
+            self.target = ConsistencyModel(Denoiser(AdapterView(unet, TARGET_ADAPTER), scheduler_config))
+
+    def modules(self):
+        """Only the adapter weights are checkpointed: the base UNet is the teacher folder's, unchanged."""
+        found = {"lora": self.lora}
+        if self.lora_target is not None:
+            found["lora_target"] = self.lora_target
+        return found
+
+    def parameters(self):
+        return list(self.lora.parameters())
+
+    def w_embedding(self, omega: torch.Tensor, dtype: torch.dtype) -> None:
+        """No w embedding: the guidance is distilled in (LCM-LoRA, arXiv 2311.05556)."""
+        return None
+
+    def after_update(self, step: int) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta over the adapter weights; nothing to do when mu = 0."""
+        if self.lora_target is not None:
+            ema_update(self.lora_target, self.lora, self.cfg.ema_decay)

@@ -1,0 +1,224 @@
+"""Every training job of the ``lcm`` CLI as a data row of one runner:
+
+    recipe            source model   data                      task                       exported as
+    distill           teacher        shapes world or folder    LCDTask (LCM Algorithm 1)   LCM pipeline folder
+    distill-lora      teacher        shapes world or folder    LoRATask (LCM-LoRA)         LCM-LoRA folder
+    finetune          LCM            folder                    LCDTask, same-noise (LCF)   LCM pipeline folder
+    finetune-teacher  teacher        folder                    UNetTask (plain diffusion)  pipeline or style LoRA
+
+``run`` holds what they share: refuse to overwrite a run, load and check the source, encode the data
+once (cached in OUT), build the task, ``loop.fit``, export on the main process.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import world
+from ..bundle import Bundle
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS
+from ..errors import ModelError
+from ..export.lora import STYLE_ADAPTER, export_lcm_lora, export_style_lora
+from ..export.pipeline import export_finetuned_teacher, export_lcm
+from ..images import save_grid
+from ..models.lora import LoRAConfig, add_lora
+from ..sampling.latents import sample_latents
+from ..schedules import grid_size, skip_of
+from .consistency import LCDConfig, LCDTask, LoRATask
+from .data.folders import LoadReport, folder_data
+from .data.shapes import world_data
+from .diffusion import UNetTask
+from .loop import LoopConfig, check_fresh, fit, make_accelerator
+
+
+@dataclass
+class Job:
+    """One run: what to train from, on what, with which settings, and where it goes.
+
+    ``lcd`` is the consistency variant (distill, distill-lora, finetune); ``lora`` the adapter (distill-lora,
+    finetune-teacher with an adapter); ``diffusion`` the plain-diffusion settings (finetune-teacher:
+    batch_size, seed, ema_decay). ``data_dir`` is a user image folder; without one, distillation uses
+    ``num_data`` shapes-world images.
+    """
+
+    source: Path
+    out: Path
+    loop: LoopConfig
+    lcd: LCDConfig | None = None
+    lora: LoRAConfig | None = None
+    data_dir: Path | None = None
+    num_data: int = 10000
+    diffusion: dict = field(default_factory=dict)
+    resume: bool = False
+    command: str = ""
+    data_cache: Path | None = None    # shared between runs (ablations); default OUT/data-cache.safetensors
+    preview_fn: Callable | None = None  # replaces the validation grid (ablations pass a metric probe)
+    export: bool = True
+
+
+@dataclass
+class Result:
+    steps: int                 # optimizer steps done
+    folder: Path | None        # OUT once finished and exported; None when a time limit stopped the run first
+    report: LoadReport | None  # what a user folder's load skipped (None for the shapes world)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training job as data: the model kind it starts from, its task and its export."""
+
+    name: str
+    source_kind: str                                   # "teacher" or "lcm"
+    make_task: Callable[[Bundle, "object", list[str], Job], object]
+    export: Callable[[object, Bundle, Job, dict], None]
+    desc: str
+
+
+# --- previews: few-step samples through the one sampling entry --------------------------------------
+
+def make_preview(bundle: Bundle, original_inference_steps: int, num: int = 8, prompts: list[str] | None = None):
+    """A validation-grid writer: LCM_STEPS-step samples at g = LCM_GUIDANCE of ``prompts``
+    (default: ``num`` held-out world prompts)."""
+    prompts = prompts[:num] if prompts else [s.text for s in world.iter_samples(7, num, "heldout")]
+    num = len(prompts)
+    states = bundle.encode_prompts(prompts)  # [num, L, D]
+    size = bundle.unet.config.sample_size * bundle.vae_factor
+
+    def preview(student_unet, step: int, out_dir: Path) -> None:
+        p = next(student_unet.parameters())
+        z = sample_latents(student_unet, bundle.scheduler_config, LCM_SAMPLER, states.to(p.device, p.dtype),
+                           list(range(num)), bundle.latent_shape(size, size), steps=LCM_STEPS,
+                           guidance=LCM_GUIDANCE, original_inference_steps=original_inference_steps)
+        save_grid(bundle.decode(z.to(bundle.vae.device, bundle.vae.dtype)).float().cpu(),
+                  Path(out_dir) / f"lcd-{step:07d}.png")
+    return preview
+
+
+def _grid_n(bundle: Bundle, skip: int) -> int:
+    return grid_size(bundle.scheduler_config.get("num_train_timesteps", 1000), skip)
+
+
+# --- the four recipes ----------------------------------------------------------------------------------
+
+def _lcd_task(bundle, data, captions, job):
+    preview = job.preview_fn or make_preview(bundle, _grid_n(bundle, job.lcd.skip))
+    if job.lora is None:
+        return LCDTask(bundle.unet, bundle.scheduler_config, data, job.lcd, preview_fn=preview)
+    return LoRATask(bundle.unet, bundle.scheduler_config, data, job.lcd, job.lora, preview_fn=preview)
+
+
+def _lcf_task(bundle, data, captions, job):
+    if job.lcd.target != "same-noise":
+        raise ValueError("finetune runs LCF: LCDConfig(target='same-noise')")
+    preview = job.preview_fn or make_preview(bundle, bundle.original_inference_steps, prompts=captions)
+    return LCDTask(None, bundle.scheduler_config, data, job.lcd, student=bundle.unet.train().requires_grad_(True),
+                   preview_fn=preview)
+
+
+def _diffusion_task(bundle, data, captions, job):
+    unet = bundle.unet.train().requires_grad_(True)
+    if job.lora is not None:
+        add_lora(unet, job.lora, adapter_name=STYLE_ADAPTER)  # base frozen; B = 0, so it starts as the teacher
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    d = job.diffusion
+    return UNetTask(unet, ema, bundle.text_encoder, bundle.tokenizer, data.latents, None, d.get("seed", 0),
+                    d.get("batch_size", 32), scheduler_config=bundle.scheduler_config,
+                    ema_decay=d.get("ema_decay", 0.999), captions=captions, preview_fn=job.preview_fn)
+
+
+def _export_lcm(task, bundle, job, info):
+    export_lcm(task.student_unet, bundle, job.out, info, skip=job.lcd.skip)
+
+
+def _export_lcm_lora(task, bundle, job, info):
+    export_lcm_lora(task.student_unet, bundle.scheduler_config, job.out, {**info, "lora": asdict(job.lora)},
+                    skip=job.lcd.skip)
+
+
+def _export_lcf(task, bundle, job, info):
+    info = {**info, "lcd": {**asdict(job.lcd), "solver": "none (LCF: same-noise target, no teacher)"},
+            "title": f"Latent Consistency Model fine-tuned from `{job.source}`",
+            "intro": (f"Latent Consistency Fine-tuning (LCF; Luo et al. 2023, Sec. 4.4) of the LCM `{job.source}` "
+                      f"on the image folder `{job.data_dir}` ({info['data_report']}), made with latentcm: no "
+                      "teacher, both consistency points from the same latent and noise.")}
+    export_lcm(task.student_unet, bundle, job.out, info, skip=job.lcd.skip)
+
+
+def _export_diffusion(task, bundle, job, info):
+    if job.lora is not None:
+        export_style_lora(task.ema, job.out, {
+            "teacher": str(job.source), "data": str(job.data_dir), "report": info["data_report"],
+            "steps": info["steps"], "command": job.command or "# Python API: recipes.run('finetune-teacher')"})
+        return
+    export_finetuned_teacher(task.ema, bundle, job.out, {
+        k: info[k] for k in ("command", "teacher", "data", "steps", "data_report", "minutes_this_session")})
+
+
+RECIPES = {r.name: r for r in (
+    Recipe("distill", "teacher", _lcd_task, _export_lcm, "distill"),
+    Recipe("distill-lora", "teacher", _lcd_task, _export_lcm_lora, "distill"),
+    Recipe("finetune", "lcm", _lcf_task, _export_lcf, "finetune"),
+    Recipe("finetune-teacher", "teacher", _diffusion_task, _export_diffusion, "finetune-teacher"),
+)}
+
+
+# --- the runner -----------------------------------------------------------------------------------------
+
+def load_source(path: str | Path, kind: str) -> Bundle:
+    """The source model folder, refused (ModelError) when it is not of the recipe's kind."""
+    bundle = Bundle.load(path)
+    if kind == "lcm" and not bundle.is_lcm:
+        raise ModelError(f"{bundle.path} is a diffusion teacher; LCF fine-tunes an LCM (distil one with `lcm distill`)")
+    if kind == "teacher" and bundle.is_lcm:
+        raise ModelError(f"{bundle.path} is an LCM; fine-tune it with `lcm finetune` (LCF), or distil a teacher")
+    return bundle
+
+
+def lcm_skip(bundle: Bundle) -> int:
+    """An LCM's own skipping interval k = T // original_inference_steps (LCF keeps the grid it was distilled on)."""
+    if not bundle.is_lcm:
+        raise ModelError(f"{bundle.path} is a diffusion teacher; LCF fine-tunes an LCM (distil one with `lcm distill`)")
+    return skip_of(bundle.scheduler_config.get("num_train_timesteps", 1000), bundle.original_inference_steps)
+
+
+def _data(bundle: Bundle, job: Job, write: bool):
+    """(LCDData, captions, report): a user folder when given, else the shapes world (distillation only)."""
+    cache = job.data_cache or job.out / "data-cache.safetensors"
+    if job.data_dir is not None:
+        data, report, captions = folder_data(bundle, Path(job.data_dir), cache, write=write)
+        return data, captions, report
+    return world_data(bundle, job.num_data, cache, write=write), [], None
+
+
+def _info(job: Job, recipe: Recipe, done: int, report, seconds: float, processes: int) -> dict:
+    """What the exported card reports about the run."""
+    return {"command": job.command, "teacher": str(job.source), "steps": done,
+            "num_data": job.num_data if job.data_dir is None else str(job.data_dir), "data": str(job.data_dir),
+            "data_report": report.summary() if report is not None else f"{job.num_data} shapes-world images",
+            "lcd": asdict(job.lcd) if job.lcd is not None else {},
+            "loop": {k: v for k, v in asdict(job.loop).items() if k != "extra_meta"},
+            "minutes_this_session": round(seconds / 60, 2), "processes": processes, "recipe": recipe.name}
+
+
+def run(name: str, job: Job, accelerator=None) -> Result:
+    """Run recipe ``name`` (a key of ``RECIPES``) for ``job``; see the module docstring."""
+    recipe = RECIPES[name]
+    acc = accelerator if accelerator is not None else make_accelerator()
+    t0, out = time.time(), Path(job.out)
+    check_fresh(out, job.resume)
+    bundle = load_source(job.source, recipe.source_kind)
+    if job.lcd is not None:
+        _grid_n(bundle, job.lcd.skip)  # a bad k fails before any encoding
+    out.mkdir(parents=True, exist_ok=True)
+    data, captions, report = _data(bundle, job, write=acc.is_main_process)
+    task = recipe.make_task(bundle, data, captions, job)
+    done = fit(task, job.loop, out, job.resume, desc=recipe.desc, accelerator=acc)
+    if done < job.loop.max_steps or not job.export:
+        return Result(done, None, report)
+    if acc.is_main_process:
+        recipe.export(task, bundle, job, _info(job, recipe, done, report, time.time() - t0, acc.num_processes))
+    acc.wait_for_everyone()
+    return Result(done, out, report)
