@@ -6,7 +6,7 @@
 2. LCF of the shipped LCM on it (`lcm finetune`), once per --lcf setting (the first is "after"), timed;
 3. the usual alternative: plain diffusion fine-tuning of the shipped teacher (`lcm finetune-teacher`),
    then distilling it again on the same folder (`lcm distill --data`), both timed;
-4. the harness on the striped held-out captions at 1, 2 and 4 steps: before (the shipped LCM), after
+4. the evaluation pipeline on the striped held-out captions at 1, 2 and 4 steps: before (the shipped LCM), after
    LCF, and fine-tune-then-distil. Writes results.json (before / after / baseline lists), results.md
    and sample grids.
 
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from latentcm import registry
+from latentcm.defaults import LCM_GUIDANCE
 from latentcm.evaluation import lcf_eval, style
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.evaluation.pipeline import default_cache_dir
@@ -91,12 +92,13 @@ def main() -> None:
     bundles.update({name: Bundle.load(lcf_dirs[name]) for name in names[1:]})
     extractor = JudgeExtractor.load(registry.resolve("judge"))
     style_judge, tag, vae = style.load_or_train_for(registry.resolve("lcm"), default_cache_dir())
-    results = lcf_eval.evaluate_models(bundles, extractor, style_judge, out, num_samples=args.num_samples)
+    results = lcf_eval.evaluate_models(bundles, extractor, style_judge, out, num_samples=args.num_samples,
+                                       guidance=LCM_GUIDANCE)
     ceiling = lcf_eval.ceilings(extractor, style_judge, vae, num_samples=args.num_samples)
     extra = {"ceilings": ceiling, "commands": {k: "lcm " + " ".join(v) for k, v in commands.items()},
              "training_minutes": timings,
              "style_judge": {"tag": tag, **style.heldout_accuracy(style_judge, vae=vae)},
-             "num_samples": args.num_samples, "guidance": 8.5}
+             "num_samples": args.num_samples, "guidance": LCM_GUIDANCE}
     labels = {"before": "shipped LCM (before)", "after": f"after LCF ({_label(names[0])})",
               "baseline": "fine-tune teacher, distil again", **{n: f"LCF {_label(n)}" for n in names[1:]}}
     lcf_eval.write(out, results, extra, labels)

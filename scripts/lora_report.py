@@ -6,7 +6,7 @@
        lcm distill --teacher teacher --out runs/lcm-lora --lora 16 --loss huber --max-steps 1500 \\
            --batch-size 16 --lr 5e-4 --seed 0 --validate-every 500
 2. a style LoRA: plain diffusion LoRA of the teacher on the striped set (`lcm finetune-teacher --lora`), timed;
-3. the harness on the base world's held-out prompts: LCM-LoRA (1/2/4 steps) against the shipped full LCM
+3. the evaluation pipeline on the base world's held-out prompts: LCM-LoRA (1/2/4 steps) against the shipped full LCM
    (1/2/4 steps) and the teacher (DDIM 50 with CFG), with trainable parameters and distillation wall time;
 4. the combination lambda1 * style + lambda2 * LCM-LoRA (0.8 / 1.0, and 1.0 / 1.0) on the striped set's
    held-out captions at 1/2/4 steps: FID to real striped images, style accuracy, attribute accuracy.
@@ -24,7 +24,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from latentcm import registry
-from latentcm.evaluation import pipeline as harness, lcf_eval, style
+from latentcm.defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_DEFAULTS
+from latentcm.evaluation import lcf_eval, pipeline, style
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.models import lora as lora_io
 from latentcm.bundle import Bundle
@@ -45,9 +46,10 @@ def with_loras(teacher: str, loras: list[tuple[Path, float]]) -> Bundle:
 def base_world_table(lcm_lora: Bundle, teacher: str, extractor, out: Path, num_samples: int) -> list[dict]:
     bundles = {"lcm-lora": lcm_lora, "lcm": Bundle.load(registry.resolve("lcm")),
                "teacher": Bundle.load(registry.resolve(teacher))}
-    rows = ([harness.Row("lcm-lora", "lcm", n, 1.0) for n in (1, 2, 4)]
-            + [harness.Row("lcm", "lcm", n, 8.5) for n in (1, 2, 4)] + [harness.Row("teacher", "ddim", 50, 7.5)])
-    return harness.score_rows(bundles, rows, extractor, out, num_samples)["records"]
+    rows = ([pipeline.Row("lcm-lora", LCM_SAMPLER, n, 1.0) for n in (1, 2, 4)]  # g 1: guidance distilled in
+            + [pipeline.Row("lcm", LCM_SAMPLER, n, LCM_GUIDANCE) for n in (1, 2, 4)]
+            + [pipeline.Row("teacher", *TEACHER_DEFAULTS)])
+    return pipeline.score_rows(bundles, rows, extractor, out, num_samples)["records"]
 
 
 def main() -> None:
@@ -79,7 +81,7 @@ def main() -> None:
     cost = {"lcm-lora": {"trainable_parameters": lora_parameters(lcm_lora), "minutes": training_minutes(lcm_lora)},
             "lcm": {"trainable_parameters": full_params, "minutes": training_minutes(Path(args.full_lcm_run))}}
 
-    style_judge, tag, _ = style.load_or_train_for(registry.resolve("lcm"), harness.default_cache_dir())
+    style_judge, tag, _ = style.load_or_train_for(registry.resolve("lcm"), pipeline.default_cache_dir())
     combos = {"lcm-lora": lcm_lora_only}
     for lam_style, lam_lcm in LAMBDAS:
         combos[f"lcm-lora{lam_lcm:g}+style{lam_style:g}"] = with_loras(
@@ -99,14 +101,15 @@ def main() -> None:
 
 def markdown(results: dict) -> str:
     cost = results["cost"]
-    lines = ["| model | sampler | steps | FID | caption score | exact acc. | trainable parameters | distillation |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | sampler | steps | FID | KID×10³ | caption score | exact acc. | trainable parameters "
+             "| distillation |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["base_world"]:
         c = cost.get(r["model"], {})
         params = f"{c['trainable_parameters']:,}" if c else "-"
         minutes = f"{c['minutes']:.1f} min" if c else "-"
         name = {"lcm-lora": "LCM-LoRA (r = 16)", "lcm": "full LCM (shipped)", "teacher": "teacher"}[r["model"]]
-        lines.append(f"| {name} | {r['sampler']} | {r['steps']} | {r['fid']:.1f} | {r['clip_score']:.1f} | "
+        kid = f"{r['kid']:.2f} ± {r['kid_std']:.2f}" if "kid" in r else "-"
+        lines.append(f"| {name} | {r['sampler']} | {r['steps']} | {r['fid']:.1f} | {kid} | {r['clip_score']:.1f} | "
                      f"{r['accuracy']:.1%} | {params} | {minutes} |")
     lines += ["", lcf_eval.markdown(results["style_combination"])]
     return "\n".join(lines) + "\n"

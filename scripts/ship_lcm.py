@@ -3,7 +3,7 @@
     python scripts/ship_lcm.py --run runs/lcm [--num-samples 256]
 
 Copies the LatentConsistencyModelPipeline parts of RUN into src/latentcm/weights/lcm (UNet stored
-in fp16; diffusers loads it back as fp32), runs `lcm evaluate-lcm` on the shipped copies
+in fp16; diffusers loads it back as fp32), runs `lcm evaluate --preset lcm` on the shipped copies
 (reports/lcm/) and the sampling benchmark (reports/lcm/bench.txt), and appends the measured
 table to the LCM's model card.
 """
@@ -43,8 +43,8 @@ def main() -> None:
     UNet2DConditionModel.from_pretrained(src / "unet").half().save_pretrained(DEST / "unet")
     reports = ROOT / "reports" / "lcm"
     reports.mkdir(parents=True, exist_ok=True)
-    eval_args = ["evaluate-lcm", "--lcm", "lcm", "--teacher", "teacher", "--num-samples", str(args.num_samples),
-                 "--out", "reports/lcm"]
+    eval_args = ["evaluate", "--preset", "lcm", "--model", "lcm", "--teacher", "teacher",
+                 "--num-samples", str(args.num_samples), "--out", "reports/lcm"]
     run("-m", "latentcm.cli", *eval_args)
     run("benchmarks/bench_sampling.py", "--batch-size", "16", "--repeats", "3", out=reports / "bench.txt")
     table = (reports / "results.md").read_text()

@@ -3,7 +3,7 @@
     python scripts/ship_teacher.py --build runs/build [--num-samples 256] [--card-only]
 
 Runs `lcm train-teacher export`, copies the teacher and judge into src/latentcm/weights/,
-runs `lcm evaluate-teacher` on the shipped copies (results in reports/teacher/) and writes
+runs `lcm evaluate --preset teacher` on the shipped copies (results in reports/teacher/) and writes
 the teacher's model card from those results and the build's logs.
 """
 import argparse
@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from latentcm.defaults import TEACHER_DEFAULTS
 from latentcm.teacher_build import card
 from latentcm.teacher_build import stages as build
 
@@ -36,8 +37,10 @@ def main() -> None:
     ap.add_argument("--note", default="", help="A paragraph about this build for the card's Limits section.")
     args = ap.parse_args()
     out = (ROOT / args.build).resolve()
-    eval_args = ["evaluate-teacher", "--model", "teacher", "--judge", "judge", "--sampler", "ddim", "--steps", "50",
-                 "--guidance", "7.5", "--num-samples", str(args.num_samples), "--out", "reports/teacher"]
+    sampler, steps, guidance = TEACHER_DEFAULTS
+    eval_args = ["evaluate", "--preset", "teacher", "--model", "teacher", "--judge", "judge", "--samplers", sampler,
+                 "--steps", str(steps), "--guidance", f"{guidance:g}", "--num-samples", str(args.num_samples),
+                 "--out", "reports/teacher"]
     if not args.card_only:
         ship_and_evaluate(out, eval_args)
     results = json.loads((ROOT / "reports" / "teacher" / "results.json").read_text())

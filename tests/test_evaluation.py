@@ -7,7 +7,7 @@ import torch
 
 from latentcm import registry, world
 from latentcm.cli import main
-from latentcm.evaluation import pipeline as harness, metrics
+from latentcm.evaluation import metrics, pipeline
 from latentcm.evaluation.extractors import HFClipScorer, InceptionExtractor, JudgeExtractor, wanted_indices
 
 
@@ -98,23 +98,27 @@ def test_inception_backend_loads_or_says_why_not():
 
 def test_reference_stats_are_cached_per_judge_version(micro_judge, tmp_path):
     extractor = JudgeExtractor.load(micro_judge)
-    mu, sigma, path = harness.reference_stats(extractor, count=40, cache_dir=tmp_path)
+    ref = pipeline.reference_set(extractor, count=40, cache_dir=tmp_path)
+    mu, sigma, path = ref.mu, ref.sigma, ref.path
     assert extractor.version in path.name and path.is_file() and mu.shape == (256,) and sigma.shape == (256, 256)
+    assert ref.features.shape == (40, 256) and {len(v) for v in ref.labels.values()} == {40}
     extractor.features = None  # a second call must not recompute
-    mu2, _, _ = harness.reference_stats(extractor, count=40, cache_dir=tmp_path)
-    np.testing.assert_array_equal(mu, mu2)
+    again = pipeline.reference_set(extractor, count=40, cache_dir=tmp_path)
+    np.testing.assert_array_equal(mu, again.mu)
+    np.testing.assert_array_equal(ref.features, again.features)
+    assert {k: list(v) for k, v in again.labels.items()} == {k: list(v) for k, v in ref.labels.items()}
 
 
 def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, micro_teacher, micro_judge,
                                                                       tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(harness, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
     out = tmp_path / "eval"
     args = ["evaluate", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
             "--steps", "1,2", "--num-samples", "6", "--batch-size", "4", "--out", str(out)]
     main([*args, "--samplers", "lcm,ddim"])
     results = json.loads((out / "results.json").read_text())
-    harness.validate_results(results)
+    pipeline.validate_results(results)
     assert [(r["sampler"], r["steps"]) for r in results["records"]] == [("lcm", 1), ("lcm", 2), ("ddim", 1), ("ddim", 2)]
     assert [r["unet_evals"] for r in results["records"]] == [1, 2, 2, 4]  # counted: the teacher's CFG costs two
     table = (out / "table1.md").read_text()
@@ -128,7 +132,7 @@ def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, 
     assert rerun[:4] == [{**r, "seconds": r["seconds"]} for r in results["records"]]
     bad = {**results, "records": [{**results["records"][0], "fid": -1.0}]}
     with pytest.raises(jsonschema.ValidationError):
-        harness.validate_results(bad)
+        pipeline.validate_results(bad)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -151,7 +155,7 @@ def test_evaluate_refuses_the_lcm_sampler_on_a_teacher(micro_teacher, capsys):
 def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher, micro_judge, tmp_path,
                                                                   monkeypatch, capsys):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(harness, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
     out = tmp_path / "ablate"
     args = ["ablate", "solver-skip", "--teacher", str(micro_teacher), "--judge", str(micro_judge),
             "--solvers", "ddim,dpm-solver++", "--skips", "20,50", "--iterations", "2", "--eval-every", "1",
@@ -170,7 +174,7 @@ def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher
 
 def test_ablate_guidance_records_omega(micro_lcm, micro_judge, tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(harness, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
     out = tmp_path / "guidance"
     main(["ablate", "guidance", "--model", str(micro_lcm), "--judge", str(micro_judge), "--omegas", "2,8",
           "--steps", "1,2", "--num-samples", "4", "--out", str(out)])
@@ -187,9 +191,9 @@ def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path
     from latentcm.bundle import Bundle
 
     model = shutil.copytree(micro_lcm, tmp_path / "lcm")
-    row, prompts = harness.Row("m", "lcm", 1, 8.5), ["a red circle on a blue background"] * 2
-    first, _ = harness.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
-    again, _ = harness.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    row, prompts = pipeline.Row("m", "lcm", 1, 8.5), ["a red circle on a blue background"] * 2
+    first, _ = pipeline.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    again, _ = pipeline.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
     assert np.array_equal(first, again)
     retrained = Bundle.load(model)
     with torch.no_grad():
@@ -198,7 +202,7 @@ def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path
     retrained.unet.save_pretrained(model / "unet")  # a new run exported into the same folder
     weights = next((model / "unet").glob("*.safetensors"))
     os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))
-    fresh, _ = harness.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    fresh, _ = pipeline.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
     assert not np.array_equal(first, fresh)
 
 

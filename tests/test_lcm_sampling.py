@@ -1,4 +1,5 @@
-"""LCM sampling through the Bundle, the CLI (generate, compare, evaluate-lcm) and the benchmark, on micro folders."""
+"""LCM sampling through the Bundle, the CLI (generate, compare, evaluate --preset lcm) and the benchmark,
+on micro folders."""
 import importlib.util
 import json
 from pathlib import Path
@@ -9,8 +10,12 @@ from PIL import Image
 
 from latentcm import registry
 from latentcm.cli import default_model, main
+from latentcm.evaluation import pipeline, presets
 from latentcm.evaluation.compare import LABEL_MARGIN
-from latentcm.evaluation.judge_eval import LCM_TABLE_ROWS, SCORED, evaluate_teacher
+from latentcm.evaluation.extractors import JudgeExtractor
+from latentcm.evaluation.pipeline import SCORED
+from latentcm.evaluation.presets import LCM_TABLE_ROWS
+from latentcm.evaluation.presets import teacher as evaluate_teacher
 from latentcm.bundle import LCM_DEFAULTS, Bundle, ModelError, check_kind
 from latentcm.models.denoiser import make_student
 from latentcm.models.judge import Judge
@@ -58,10 +63,36 @@ def test_lcm_bundle_is_recognised(lcm, micro_teacher):
         check_kind({"time_cond_proj_dim": 256}, {"_class_name": "DDIMScheduler"}, Path("x"))
 
 
+STEP_PROMPTS, STEP_SEEDS = ["a red circle on a blue background"] * 2, [0, 1]
+
+
+@pytest.fixture(scope="module")
+def lcm_pipe(micro_lcm):
+    """diffusers' own LatentConsistencyModelPipeline on the same folder: the independent reference."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(micro_lcm, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def one_step_images(lcm):
+    return lcm.generate(STEP_PROMPTS, STEP_SEEDS, "lcm", 1, 8.5)
+
+
 @pytest.mark.parametrize("steps", range(1, 9))
-def test_every_step_count_gives_finite_images(lcm, steps):
-    images = lcm.generate(["a red circle on a blue background"], [0], "lcm", steps, 8.5)
-    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+def test_every_step_count_gives_the_reference_images(lcm, lcm_pipe, one_step_images, steps):
+    """Each step count's images equal diffusers' pipeline (its LCMScheduler timesteps, per-seed generators,
+    VAE decode), depend on the seed, and differ from the 1-step images."""
+    images = lcm.generate(STEP_PROMPTS, STEP_SEEDS, "lcm", steps, 8.5)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    ref = lcm_pipe(STEP_PROMPTS, num_inference_steps=steps, guidance_scale=8.5, output_type="pt",
+                   generator=[torch.Generator().manual_seed(s) for s in STEP_SEEDS]).images  # [B, 3, H, W] in [0, 1]
+    torch.testing.assert_close(images, ref * 2 - 1, rtol=0, atol=1e-4)
+    assert (images[0] - images[1]).abs().max() > 0.1  # same prompt, other seed: another image
+    if steps > 1:
+        assert (images - one_step_images).abs().max() > 0.05  # more steps refine the 1-step image
 
 
 def test_images_do_not_depend_on_batch_composition(lcm):
@@ -145,10 +176,13 @@ def test_swapped_lcm_and_teacher_is_exit_2(micro_lcm, micro_teacher, tmp_path, c
     assert code == 2 and "swap --lcm and --teacher" in err and err.count("\n") == 1
 
 
-def test_evaluate_lcm_writes_results_json_and_table(micro_lcm, micro_teacher, micro_judge, tmp_path, capsys):
+def test_evaluate_lcm_writes_results_json_and_table(micro_lcm, micro_teacher, micro_judge, tmp_path, capsys,
+                                                     monkeypatch):
+    monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
     out = tmp_path / "eval"
-    main(["evaluate-lcm", "--lcm", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
-          "--num-samples", "4", "--batch-size", "4", "--out", str(out)])
+    main(["evaluate", "--preset", "lcm", "--model", str(micro_lcm), "--teacher", str(micro_teacher),
+          "--judge", str(micro_judge), "--num-samples", "4", "--batch-size", "4", "--out", str(out)])
     result = json.loads((out / "results.json").read_text())
     assert result["num_samples"] == 4 and result["lcm"] == str(micro_lcm)
     rows = result["rows"]
@@ -158,12 +192,17 @@ def test_evaluate_lcm_writes_results_json_and_table(micro_lcm, micro_teacher, mi
         assert set(r["accuracy"]) <= set(SCORED) and {"colour", "shape"} <= set(r["accuracy"])
         assert all(0 <= v <= 1 for v in r["accuracy"].values()) and r["seconds"] >= 0
     table = (out / "results.md").read_text().splitlines()
-    assert len(table) == 2 + len(rows) and "UNet evals / image" in table[0]
+    assert len(table) == 2 + len(rows) + 1 and "UNet evals / image" in table[0]  # + the real-image floor
+    assert "real images (floor" in table[-1]
     assert capsys.readouterr().out.strip().endswith(str(out / "results.json"))
 
 
-def test_evaluate_teacher_keeps_its_interface(micro_teacher, micro_judge):
-    result, images = evaluate_teacher(Bundle.load(micro_teacher), Judge.load(micro_judge), 2, "dpm-solver++", 2, 5.0)
+def test_evaluate_teacher_keeps_its_interface(micro_teacher, micro_judge, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(presets, "VAE_PSNR_COUNT", 8)
+    monkeypatch.setattr(presets, "JUDGE_REAL_COUNT", 16)
+    result, images = evaluate_teacher(Bundle.load(micro_teacher), JudgeExtractor.load(micro_judge), tmp_path, 2,
+                                      "dpm-solver++", 2, 5.0, cache_dir=tmp_path / "cache")
     assert {"sampler", "steps", "guidance", "num_samples", "accuracy", "seconds"} <= result.keys()
     assert result["unet_evals_per_image"] == 4 and images.shape == (2, 3, 64, 64)
 

@@ -6,8 +6,11 @@ diffusion teacher is sampled with DDIM / DPM-Solver / DPM-Solver++ and classifie
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +54,13 @@ class Bundle:
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = True       # SDXL: zero uncond embeddings (pipeline config)
     loras: list[tuple[str, float]] = field(default_factory=list)  # LoRA files loaded into the UNet (``add_loras``)
+    # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
+    prompt_cache_size: int = 0                  # LRU of prompt encodings, keyed by (encoder, size, prompt); 0: off
+    autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast
+    channels_last_vae: bool = False             # VAE weights and inputs in channels_last memory format
+    _prompt_cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+    prompt_cache_stats: dict = field(default_factory=lambda: {"hits": 0, "misses": 0}, init=False, repr=False,
+                                     compare=False)
 
     @classmethod
     def load(cls, path: str | Path, loras: list[tuple[str, float]] | None = None) -> "Bundle":
@@ -66,11 +76,39 @@ class Bundle:
         path = check_model_dir(path)
         offline.quiet_loading()
         kw = dict(local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw).eval()
-        vae = AutoencoderKL.from_pretrained(path / "vae", **kw).eval()
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
-        sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        pickles = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+        def part(sub: str, load, weights: bool = True):
+            """Load one subfolder; weights from safetensors only (never a pickle), any failure one ModelError."""
+            folder = path / sub
+            if weights and not any(folder.glob("*.safetensors")):
+                pickled = sorted(f for f in folder.iterdir() if f.suffix.lower() in pickles)
+                if pickled:
+                    raise ModelError(f"{pickled[0]} is a pickle weights file; latentcm loads safetensors only "
+                                     "(re-save the model with safe_serialization=True)")
+                raise ModelError(f"{folder} holds no .safetensors weights")
+            try:
+                return load(folder, **kw, **({"use_safetensors": True} if weights else {}))
+            except ModelError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- corrupt configs and weights raise many kinds of error
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelError(f"cannot load {folder}: {reason}") from exc
+
+        def config(file: Path) -> dict:
+            try:
+                found = json.loads(file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot read {file}: {exc}") from None
+            if not isinstance(found, dict):
+                raise ModelError(f"{file} is not a JSON object")
+            return found
+
+        unet = part("unet", UNet2DConditionModel.from_pretrained).eval()
+        vae = part("vae", AutoencoderKL.from_pretrained).eval()
+        text_encoder = part("text_encoder", CLIPTextModel.from_pretrained).eval()
+        tokenizer = part("tokenizer", CLIPTokenizer.from_pretrained, weights=False)
+        sched = config(path / "scheduler" / "scheduler_config.json")
         check_kind(dict(unet.config), sched, path)
         if not sdxl.is_text_time(unet.config):
             return cls(unet, vae, text_encoder, tokenizer, sched, path)
@@ -78,10 +116,10 @@ class Bundle:
 
         if not (path / "text_encoder_2").is_dir() or not (path / "tokenizer_2").is_dir():
             raise ModelError(f"{path} has an SDXL UNet (text_time) but lacks text_encoder_2/ or tokenizer_2/")
-        index = json.loads((path / "model_index.json").read_text())
+        index = config(path / "model_index.json")
         return cls(unet, vae, text_encoder, tokenizer, sched, path,
-                   CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw).eval(),
-                   CLIPTokenizer.from_pretrained(path / "tokenizer_2", **kw),
+                   part("text_encoder_2", CLIPTextModelWithProjection.from_pretrained).eval(),
+                   part("tokenizer_2", CLIPTokenizer.from_pretrained, weights=False),
                    bool(index.get("force_zeros_for_empty_prompt", True)))
 
     def to(self, device: str | torch.device) -> "Bundle":
@@ -90,6 +128,30 @@ class Bundle:
             if module is not None:
                 module.to(device)
         return self
+
+    def optimize(self, *, prompt_cache: int | None = None, dtype: torch.dtype | None = None,
+                 channels_last_vae: bool | None = None, compile_unet: bool = False) -> "Bundle":
+        """Opt-in speed-ups for a long-running sampler (in place; returns self): an LRU of ``prompt_cache``
+        prompt encodings, ``dtype`` autocast (torch.bfloat16; torch.float32 turns it off), the VAE in
+        channels_last, and ``torch.compile`` of the UNet (it compiles on the first use of each shape)."""
+        if prompt_cache is not None:
+            self.prompt_cache_size = int(prompt_cache)
+            while len(self._prompt_cache) > self.prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
+        if dtype is not None:
+            self.autocast_dtype = None if dtype == torch.float32 else dtype
+        if channels_last_vae is not None:
+            self.channels_last_vae = bool(channels_last_vae)
+            self.vae.to(memory_format=torch.channels_last if channels_last_vae else torch.contiguous_format)
+        if compile_unet:
+            self.unet.compile()
+        return self
+
+    def _autocast(self):
+        """torch.autocast(dtype) when ``autocast_dtype`` is set, else a no-op context."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.unet.device.type, dtype=self.autocast_dtype)
 
     @property
     def is_lcm(self) -> bool:
@@ -109,8 +171,14 @@ class Bundle:
     def resolve(self, sampler: str | None, steps: int | None, guidance: float | None) -> tuple[str, int, float]:
         """The given (sampler, steps, guidance), each None replaced by this model's default."""
         d_sampler, d_steps, d_guidance = self.defaults
-        return (d_sampler if sampler is None else sampler, d_steps if steps is None else steps,
-                d_guidance if guidance is None else guidance)
+        guidance = d_guidance if guidance is None else guidance
+        try:
+            finite = math.isfinite(float(guidance))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:  # NaN passes every range check and samples black images
+            raise ModelError(f"guidance must be a finite number, got {guidance}")
+        return (d_sampler if sampler is None else sampler, d_steps if steps is None else steps, guidance)
 
     def unet_evals_per_image(self, sampler: str, steps: int) -> int:
         """UNet passes one image costs: LCM one per step, a CFG teacher two (cond + uncond)."""
@@ -150,6 +218,30 @@ class Bundle:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
         """Conditioning [B, L, D] (SDXL: packed [B, L + 1, D], see ``sdxl``; ``size`` = (h, w) for its time_ids)."""
+        if self.prompt_cache_size > 0:
+            return self._cached_encodings(prompts, size)
+        return self._encode_prompts(prompts, size)
+
+    def _cached_encodings(self, prompts: list[str], size: tuple[int, int] | None) -> torch.Tensor:
+        """``encode_prompts`` through the LRU: the prompts not cached are encoded as one batch, then kept."""
+        encoders = (id(self.text_encoder), id(self.text_encoder_2))
+        keys = [(encoders, tuple(size) if self.is_sdxl and size else None, p) for p in prompts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._prompt_cache))
+        self.prompt_cache_stats["misses"] += len(missing)
+        self.prompt_cache_stats["hits"] += len(keys) - len(missing)
+        fresh = dict(zip(missing, self._encode_prompts([k[2] for k in missing], size))) if missing else {}
+        rows = []
+        for k in keys:
+            row = fresh[k] if k in fresh else self._prompt_cache[k]
+            self._prompt_cache[k] = row
+            self._prompt_cache.move_to_end(k)
+            rows.append(row)
+        while len(self._prompt_cache) > self.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return torch.stack(rows)  # [B, L, D]
+
+    @torch.no_grad()
+    def _encode_prompts(self, prompts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.is_sdxl:
             return sdxl.encode_prompts((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2),
                                        prompts, self._time_ids(size))
@@ -168,7 +260,12 @@ class Bundle:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]."""
         z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(z).sample.clamp(-1, 1)
+        if self.autocast_dtype is None and not self.channels_last_vae:
+            return self.vae.decode(z).sample.clamp(-1, 1)
+        if self.channels_last_vae:
+            z = z.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.vae.decode(z).sample.float().clamp(-1, 1).contiguous()
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_factor
@@ -179,7 +276,8 @@ class Bundle:
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], seeds: list[int], sampler: str | None = None,
                        steps: int | None = None, guidance: float | None = None, height: int | None = None,
-                       width: int | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+                       width: int | None = None, latents: torch.Tensor | None = None,
+                       gamma: float | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] (unscaled by the VAE factor); arguments as in ``generate``."""
         sampler, steps, guidance = self.resolve(sampler, steps, guidance)
         self.check_sampling(sampler, steps)
@@ -190,13 +288,15 @@ class Bundle:
         image_size = (shape[1] * self.vae_factor, shape[2] * self.vae_factor)  # SDXL time_ids
         cond = self.encode_prompts(prompts, image_size)  # [B, L, D]
         uncond = None if sampler == LCM_SAMPLER else self.encode_uncond(len(prompts), image_size)
-        return sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, shape, steps=steps,
-                              guidance=guidance, uncond=uncond, latents=latents)
+        with self._autocast():
+            out = sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, shape, steps=steps,
+                                 guidance=guidance, uncond=uncond, latents=latents, gamma=gamma)
+        return out if self.autocast_dtype is None else out.float()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
-                 latents: torch.Tensor | None = None) -> torch.Tensor:
+                 latents: torch.Tensor | None = None, gamma: float | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [-1, 1], one per (prompt, seed).
 
         Args:
@@ -208,8 +308,11 @@ class Bundle:
             guidance: guidance scale g (1 = none); an LCM is conditioned on the paper's w = g - 1.
             height, width: image size (default the model's).
             latents: initial latents [B, C, h, w] instead of the seeds' first draws.
+            gamma: LCM only: None (default) samples with LCM Algorithm 3; a value in [0, 1] samples with TCD's
+                stochasticity gamma (Zheng et al. 2024; diffusers' TCDScheduler), 0 being deterministic.
         """
-        return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents))
+        return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents,
+                                               gamma))
 
 
     # --- img2img (LCM only) -------------------------------------------------------------------------
@@ -217,13 +320,19 @@ class Bundle:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> latents [B, C, h, w]: VAE posterior mode x scaling_factor."""
-        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mode()  # [B, C, h, w]
-        return z * self.vae.config.scaling_factor
+        x = images.to(self.vae.device, self.vae.dtype)
+        if self.autocast_dtype is None and not self.channels_last_vae:
+            return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor  # [B, C, h, w]
+        if self.channels_last_vae:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            z = self.vae.encode(x).latent_dist.mode()  # [B, C, h, w]
+        return z.float().contiguous() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def img2img_latents(self, prompts: list[str], seeds: list[int], images: torch.Tensor,
                         strength: float = IMG2IMG_STRENGTH, sampler: str | None = None, steps: int | None = None,
-                        guidance: float | None = None) -> torch.Tensor:
+                        guidance: float | None = None, gamma: float | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] of LCM img2img, as diffusers' ``LatentConsistencyModelImg2ImgPipeline``:
         the VAE latent of ``images`` ([1 or B, 3, H, W] in [-1, 1]; they set the size) is noised to the first
         timestep of the skipping grid truncated to N * strength points with draw 0 of each seed's stream,
@@ -239,18 +348,21 @@ class Bundle:
         x0 = self.encode_images(images).expand(len(seeds), -1, -1, -1)  # [B, C, h, w]
         size = (images.shape[2], images.shape[3])  # SDXL time_ids of the image's size
         cond = self.encode_prompts(prompts, size)  # [B, L, D]
-        return sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, tuple(x0.shape[1:]),
-                              steps=steps, guidance=guidance, image_latents=x0, strength=strength)
+        with self._autocast():
+            out = sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, tuple(x0.shape[1:]),
+                                 steps=steps, guidance=guidance, image_latents=x0, strength=strength, gamma=gamma)
+        return out if self.autocast_dtype is None else out.float()
 
     def img2img(self, prompts: list[str], seeds: list[int], image_path: str | Path,
                 strength: float = IMG2IMG_STRENGTH, sampler: str | None = None, steps: int | None = None,
-                guidance: float | None = None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+                guidance: float | None = None, height: int | None = None, width: int | None = None,
+                gamma: float | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] from an init image file (fitted to height x width, default the model's)."""
         size = self.unet.config.sample_size * self.vae_factor
         height, width = height or size, width or size
         self.latent_shape(height, width)  # ModelError unless divisible by the VAE factor
         images = load_image(image_path, width, height)
-        return self.decode(self.img2img_latents(prompts, seeds, images, strength, sampler, steps, guidance))
+        return self.decode(self.img2img_latents(prompts, seeds, images, strength, sampler, steps, guidance, gamma))
 
     # --- LoRA -------------------------------------------------------------------------------------
 
@@ -274,10 +386,17 @@ class Bundle:
             path = Path(path)
             if not path.exists():
                 raise ModelError(f"LoRA {path} does not exist")
+            if path.is_file() and path.suffix != ".safetensors":
+                raise ModelError(f"{path} is not a .safetensors file; latentcm loads LoRA weights from safetensors only")
             kw = {"weight_name": path.name} if path.is_file() else {}
-            with warnings.catch_warnings():  # peft warns on every adapter after the first: stacking is intended
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=f"lora{i}", **kw)
+            try:
+                with warnings.catch_warnings():  # peft warns on every adapter after the first: stacking is intended
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=f"lora{i}",
+                                           use_safetensors=True, **kw)
+            except Exception as exc:  # diffusers/peft raise many types on malformed files: one line for the user
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelError(f"cannot load LoRA {path}: {reason}") from exc
             names.append(f"lora{i}")
         pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
         self.scheduler_config = _lora_scheduler_config(Path(loras[0][0]), self.scheduler_config)

@@ -21,18 +21,19 @@ from ..schedules import grid_size
 from ..training import recipes
 from ..training.consistency import LCDConfig
 from ..training.loop import LoopConfig
-from . import pipeline as harness
+from . import pipeline
 from .extractors import JudgeExtractor
-from .judge_eval import heldout_prompts
 
 PROBE_STEPS, PROBE_OMEGA = LCM_STEPS, LCM_OMEGA  # Fig. 3 tracks 4-step FID at the shipped default w
 
 
-def fid_probe(bundle, extractor: JudgeExtractor, reference: tuple, num_samples: int, original_inference_steps: int,
-              log_path: Path, batch_size: int = 64, seed: int = 0):
-    """A ``preview_fn`` for ``recipes.run`` that appends {iteration, fid, clip_score, accuracy} of the
-    student's PROBE_STEPS-step samples (w = PROBE_OMEGA) on held-out prompts to ``log_path`` (JSON lines)."""
-    prompts = [p for p, _ in heldout_prompts(num_samples)]
+def fid_probe(bundle, extractor: JudgeExtractor, reference: pipeline.Reference, num_samples: int,
+              original_inference_steps: int, log_path: Path, batch_size: int = 64, seed: int = 0):
+    """A ``preview_fn`` for ``recipes.run`` that appends {iteration, fid, kid, kid_std, precision, recall,
+    clip_score, accuracy, histogram_distance} of the student's PROBE_STEPS-step samples (w = PROBE_OMEGA)
+    on held-out prompts to ``log_path`` (JSON lines). The samples come from the in-training UNet
+    (``sample_latents``), not a cached row; they are scored by ``pipeline.score`` like every other row."""
+    prompts = [p for p, _ in pipeline.heldout_prompts(num_samples)]
     states = bundle.encode_prompts(prompts)  # [N, L, D]
     size = bundle.unet.config.sample_size * bundle.vae_factor
 
@@ -47,8 +48,8 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: tuple, num_samples: 
                                bundle.latent_shape(size, size), steps=PROBE_STEPS, guidance=1.0 + PROBE_OMEGA,
                                original_inference_steps=original_inference_steps)
             images.append(bundle.decode(z.to(bundle.vae.device, bundle.vae.dtype)).float().cpu())
-        scored = harness.score_pixels(torch.cat(images), prompts, extractor, reference)
-        record = {"iteration": step, **{k: scored[k] for k in ("fid", "clip_score", "accuracy")}}
+        scored = pipeline.rounded(pipeline.score(torch.cat(images), prompts, extractor, reference))
+        record = {"iteration": step, **{k: v for k, v in scored.items() if k != "attribute_accuracy"}}
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
     return probe
@@ -68,11 +69,12 @@ def read_probe_log(path: Path) -> list[dict]:
 
 def solver_skip(teacher_dir: Path, out: Path, solvers: list[str], skips: list[int], iterations: int,
                 eval_every: int, extractor: JudgeExtractor, num_samples: int = 128, batch_size: int = 16,
-                num_data: int = 4000, lr: float = 1e-4, seed: int = 0, loss: str = "huber") -> dict:
+                num_data: int = 4000, lr: float = 1e-4, seed: int = 0, loss: str = "huber",
+                reference: str = "prompt-scenes") -> dict:
     """Fig. 3: distil every (solver, k) for ``iterations`` steps, probing 4-step FID every ``eval_every``."""
     out = Path(out)
     bundle = Bundle.load(teacher_dir)
-    mu, sigma, _ = harness.reference_stats(extractor)
+    ref = pipeline.reference_set(extractor, reference)
     records = []
     for solver in solvers:
         for k in skips:
@@ -84,14 +86,16 @@ def solver_skip(teacher_dir: Path, out: Path, solvers: list[str], skips: list[in
                 cfg = LCDConfig(solver=solver, skip=k, loss=loss, batch_size=batch_size, seed=seed)
                 loop_cfg = LoopConfig(max_steps=iterations, lr=lr, warmup=0, schedule="constant",
                                       checkpoint_every=eval_every, preview_every=eval_every, keep_checkpoints=1)
-                probe = fid_probe(bundle, extractor, (mu, sigma), num_samples, n_grid, log)
+                probe = fid_probe(bundle, extractor, ref, num_samples, n_grid, log)
                 recipes.run("distill", recipes.Job(
                     Path(teacher_dir), run_dir, loop_cfg, lcd=cfg, num_data=num_data,
                     resume=(run_dir / "checkpoints").exists(), preview_fn=probe, export=False,
                     data_cache=out / "data-cache.safetensors"))
             records += [{"solver": solver, "skip": k, **r} for r in read_probe_log(log)]
     results = {"iterations": iterations, "eval_every": eval_every, "num_samples": num_samples,
-               "probe": {"steps": PROBE_STEPS, "omega": PROBE_OMEGA}, "batch_size": batch_size, "records": records}
+               "probe": {"steps": PROBE_STEPS, "omega": PROBE_OMEGA}, "batch_size": batch_size,
+               "reference": ref.name, "reference_kind": ref.kind, "records": records,
+               "floor": pipeline.floor(extractor, ref, num_samples)}
     _write(out, results, solver_skip_markdown(records), plot_solver_skip(records, out / "solver-skip.png"))
     return results
 
@@ -119,7 +123,7 @@ def plot_solver_skip(records: list[dict], path: Path) -> Path:
         for k in sorted({r["skip"] for r in records if r["solver"] == solver}):
             rs = [r for r in records if r["solver"] == solver and r["skip"] == k]
             ax.plot([r["iteration"] for r in rs], [r["fid"] for r in rs], marker="o", label=f"k = {k}")
-        ax.set_title(f"{harness.SAMPLER_LABELS.get(solver, solver)}: 4-step FID", fontsize=10)
+        ax.set_title(f"{pipeline.SAMPLER_LABELS.get(solver, solver)}: 4-step FID", fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -131,25 +135,29 @@ def plot_solver_skip(records: list[dict], path: Path) -> Path:
 
 
 def guidance(bundles: dict, extractor: JudgeExtractor, out: Path, omegas: list[float], steps: list[int],
-             num_samples: int = 256, batch_size: int = 32, seed: int = 0) -> dict:
+             num_samples: int = pipeline.NUM_SAMPLES, batch_size: int = 32, seed: int = 0,
+             reference: str = "prompt-scenes") -> dict:
     """Fig. 4: the LCM at each w and step count; records carry ``omega`` (= guidance - 1)."""
-    rows = [harness.Row("lcm", "lcm", n, 1.0 + w) for w in omegas for n in steps]
-    results = harness.score_rows(bundles, rows, extractor, Path(out), num_samples, seed, batch_size)
+    rows = [pipeline.Row("lcm", LCM_SAMPLER, n, 1.0 + w) for w in omegas for n in steps]
+    results = pipeline.score_rows(bundles, rows, extractor, Path(out), num_samples, seed, batch_size,
+                                  reference=reference)
     for r in results["records"]:
         r["omega"] = round(r["guidance"] - 1.0, 6)
-    path = harness.plot_against_steps(results["records"], Path(out) / "guidance.png", x_key="omega",
-                                      series_key="steps", label=lambda n: f"{n} steps", log_x=False)
+    path = pipeline.plot_against_steps(results["records"], Path(out) / "guidance.png", x_key="omega",
+                                        series_key="steps", label=lambda n: f"{n} steps", log_x=False)
     _write(Path(out), results, guidance_markdown(results["records"]), path)
     return results
 
 
 def guidance_markdown(records: list[dict]) -> str:
     steps = sorted({r["steps"] for r in records})
-    head = ["w (g = w + 1)"] + [f"FID {n}" for n in steps] + [f"score {n}" for n in steps]
+    head = (["w (g = w + 1)"] + [f"FID {n}" for n in steps] + [f"KID×10³ {n}" for n in steps]
+            + [f"score {n}" for n in steps])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in sorted({r["omega"] for r in records}):
         by = {r["steps"]: r for r in records if r["omega"] == w}
         lines.append(f"| {w:g} | " + " | ".join(f"{by[n]['fid']:.2f}" for n in steps) + " | "
+                     + " | ".join(f"{by[n]['kid']:.2f} ± {by[n]['kid_std']:.2f}" for n in steps) + " | "
                      + " | ".join(f"{by[n]['clip_score']:.1f}" for n in steps) + " |")
     return "\n".join(lines) + "\n"
 

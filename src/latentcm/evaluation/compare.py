@@ -2,35 +2,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE
 from ..images import to_uint8_grid
+from .pipeline import Row  # the evaluation pipeline's row type (model, sampler, steps, guidance; .label)
 
 LABEL_MARGIN = 150  # px of left margin that holds each row's label
 
-
-@dataclass(frozen=True)
-class Row:
-    """One row of the comparison: which model, how it is sampled, and its label."""
-
-    model: str        # key into the bundles dict: "lcm" or "teacher"
-    sampler: str
-    steps: int
-    guidance: float
-
-    @property
-    def label(self) -> str:
-        if self.sampler == "lcm":
-            return f"LCM {self.steps} step{'s' if self.steps > 1 else ''}"
-        return f"teacher {self.sampler.upper()}\n{self.steps} steps, CFG {self.guidance:g}"
-
-
-COMPARE_ROWS = (Row("lcm", "lcm", 1, 8.5), Row("lcm", "lcm", 2, 8.5), Row("lcm", "lcm", 4, 8.5),
-                Row("teacher", "ddim", 25, 7.5))
+COMPARE_ROWS = (*(Row("lcm", LCM_SAMPLER, n, LCM_GUIDANCE) for n in (1, 2, 4)),
+                Row("teacher", "ddim", 25, TEACHER_GUIDANCE))
 
 
 def timed_rows(bundles: dict, prompt: str, seeds: list[int],

@@ -1,8 +1,9 @@
-"""Adaptation measured with the harness: models sampled on the striped set's held-out captions.
+"""Adaptation measured with the evaluation pipeline: models sampled on the striped set's held-out captions.
 
-Per model and step count: FID to real held-out striped images (judge features), style accuracy
-(the style judge), exact attribute accuracy and the caption score (the judge). Samples are
-cached like ``lcm evaluate``'s.
+Per model and step count, through ``pipeline.generate_and_score``: FID and KID to real held-out
+striped images (judge features; the reference's seed differs from the prompts', so it is an
+independent set), style accuracy (the style judge), exact attribute accuracy and the caption score
+(the judge), precision / recall and histogram distances. Samples are cached like ``lcm evaluate``'s.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import styles
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER
 from ..images import save_grid, vae_round_trip
-from . import pipeline as harness
+from . import pipeline
 from .extractors import JudgeExtractor
 from .style import StyleJudge
 
@@ -24,39 +26,45 @@ def striped_prompts(count: int, seed: int = REFERENCE_SEED) -> list[str]:
     return [styles.make_styled_sample(seed, i, "heldout").text for i in range(count)]
 
 
-def striped_reference(extractor: JudgeExtractor, count: int, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def striped_reference(extractor: JudgeExtractor, count: int, cache_dir: Path) -> pipeline.Reference:
+    """Real held-out striped images of seed REFERENCE_SEED + 1 (the prompts are seed REFERENCE_SEED's)."""
     path = Path(cache_dir) / f"reference-striped-heldout-{extractor.name}-{extractor.version}-n{count}.npz"
 
-    def features():
-        x = np.stack([np.asarray(styles.make_styled_sample(REFERENCE_SEED + 1, i, "heldout").image)
-                      for i in range(count)])
-        return extractor.features(harness._pixels(x))
-    return harness.cached_stats(path, features)
+    def make():
+        samples = [styles.make_styled_sample(REFERENCE_SEED + 1, i, "heldout") for i in range(count)]
+        features = extractor.features(pipeline.to_pixels(np.stack([np.asarray(s.image) for s in samples])))
+        return features, {k: [s.scene.attributes()[k] for s in samples] for k in pipeline.HISTOGRAM_ATTRIBUTES}
+    return pipeline.cached_reference(path, make, "independent")
 
 
-def _scores(x, prompts: list[str], extractor: JudgeExtractor, reference: tuple, style_judge: StyleJudge) -> dict:
-    """fid, style_accuracy, accuracy, clip_score and attribute_accuracy of images [N, 3, H, W] in [-1, 1]."""
-    scored = harness.score_pixels(x, prompts, extractor, reference)
-    return {"fid": scored["fid"], "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
-            **{k: scored[k] for k in ("accuracy", "clip_score", "attribute_accuracy")}}
+def _scores(images, prompts: list[str], extractor: JudgeExtractor, reference: pipeline.Reference,
+            style_judge: StyleJudge, scored: dict | None = None) -> dict:
+    """``pipeline.score`` (rounded; ``scored`` when already computed) of images, with style_accuracy."""
+    x = pipeline.to_pixels(images)
+    scored = pipeline.score(x, prompts, extractor, reference) if scored is None else scored
+    r = pipeline.rounded(scored)
+    return {"fid": r.pop("fid"), "style_accuracy": round(float(style_judge.is_striped(x).mean()), 4),
+            **{k: r.pop(k) for k in ("accuracy", "clip_score", "attribute_accuracy")}, **r}
 
 
 def evaluate_models(bundles: dict, extractor: JudgeExtractor, style_judge: StyleJudge, out: Path,
-                    steps: tuple[int, ...] = (1, 2, 4), num_samples: int = 256, guidance: float = 8.5, seed: int = 0,
+                    steps: tuple[int, ...] = (1, 2, 4), num_samples: int = pipeline.NUM_SAMPLES,
+                    guidance: float = LCM_GUIDANCE, seed: int = 0,
                     reference_count: int = 1000, cache_dir: Path | None = None) -> dict[str, list[dict]]:
     """{model name: [one record per step count]} with steps, fid, style_accuracy, accuracy, clip_score, seconds."""
     out = Path(out)
     prompts = striped_prompts(num_samples)
-    reference = striped_reference(extractor, reference_count, cache_dir or harness.default_cache_dir())
+    reference = striped_reference(extractor, reference_count, cache_dir or pipeline.default_cache_dir())
     results = {}
     for name, bundle in bundles.items():
         records = []
         for n in steps:
-            row = harness.Row(name, "lcm", n, guidance)
-            images, timing = harness.generate_cached(bundle, row, prompts, seed, out / "samples")
-            x = harness._pixels(images)
-            save_grid(x[:32], out / "grids" / f"{row.key}.png")
-            records.append({"steps": n, **_scores(x, prompts, extractor, reference, style_judge), **timing})
+            row = pipeline.Row(name, LCM_SAMPLER, n, guidance)
+            scored, images, timing = pipeline.generate_and_score(bundle, row, prompts, extractor, reference,
+                                                                 out / "samples", seed=seed)
+            save_grid(pipeline.to_pixels(images[:32]), out / "grids" / f"{row.key}.png")
+            records.append({"steps": n, **_scores(images, prompts, extractor, reference, style_judge, scored),
+                            **timing})
         results[name] = records
     return results
 
@@ -65,9 +73,9 @@ def ceilings(extractor: JudgeExtractor, style_judge: StyleJudge, vae, num_sample
              reference_count: int = 1000, cache_dir: Path | None = None) -> dict[str, dict]:
     """The same metrics on real held-out striped images (other seeds than the FID reference) and on their
     VAE round trips: what a perfect model scores, and what one whose images leave through this VAE can."""
-    reference = striped_reference(extractor, reference_count, cache_dir or harness.default_cache_dir())
+    reference = striped_reference(extractor, reference_count, cache_dir or pipeline.default_cache_dir())
     samples = [styles.make_styled_sample(REFERENCE_SEED, i, "heldout") for i in range(num_samples)]
-    real = harness._pixels(np.stack([np.asarray(s.image) for s in samples]))
+    real = pipeline.to_pixels(np.stack([np.asarray(s.image) for s in samples]))
     prompts = [s.text for s in samples]
     return {name: _scores(x, prompts, extractor, reference, style_judge)
             for name, x in (("real", real), ("vae_round_trip", vae_round_trip(vae, real)))}
@@ -76,16 +84,19 @@ def ceilings(extractor: JudgeExtractor, style_judge: StyleJudge, vae, num_sample
 def markdown(results: dict[str, list[dict]], labels: dict[str, str] | None = None,
              ceiling: dict[str, dict] | None = None) -> str:
     labels = labels or {}
-    lines = ["| model | steps | FID to striped held-out | style accuracy | exact attribute accuracy | caption score |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | steps | FID to striped held-out | KID×10³ | style accuracy | exact attribute accuracy "
+             "| caption score |", "|---|---|---|---|---|---|---|"]
     names = {"real": "real held-out striped images", "vae_round_trip": "their VAE round trips"}
+
+    def kid_cell(r):
+        return f"{r['kid']:.2f} ± {r['kid_std']:.2f}" if "kid" in r else "-"
     for name, r in (ceiling or {}).items():
-        lines.append(f"| *{names.get(name, name)}* | - | {r['fid']:.2f} | {r['style_accuracy']:.1%} | "
+        lines.append(f"| *{names.get(name, name)}* | - | {r['fid']:.2f} | {kid_cell(r)} | {r['style_accuracy']:.1%} | "
                      f"{r['accuracy']:.1%} | {r['clip_score']:.1f} |")
     for name, records in results.items():
         for r in records:
-            lines.append(f"| {labels.get(name, name)} | {r['steps']} | {r['fid']:.2f} | {r['style_accuracy']:.1%} | "
-                         f"{r['accuracy']:.1%} | {r['clip_score']:.1f} |")
+            lines.append(f"| {labels.get(name, name)} | {r['steps']} | {r['fid']:.2f} | {kid_cell(r)} | "
+                         f"{r['style_accuracy']:.1%} | {r['accuracy']:.1%} | {r['clip_score']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

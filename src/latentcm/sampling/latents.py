@@ -20,7 +20,8 @@ from .teacher import initial_latents, make_scheduler, sample_teacher
 def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, cond: torch.Tensor, seeds: list[int],
                    shape: tuple[int, int, int], *, steps: int, guidance: float, uncond: torch.Tensor | None = None,
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
-                   strength: float = 1.0, original_inference_steps: int | None = None) -> torch.Tensor:
+                   strength: float = 1.0, original_inference_steps: int | None = None,
+                   gamma: float | None = None) -> torch.Tensor:
     """Final latents [B, C, h, w] (unscaled by the VAE factor), one per seed.
 
     Args:
@@ -35,11 +36,14 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
         latents: initial latents [B, C, h, w] instead of each seed's first draw.
         image_latents, strength: img2img (LCM only): clean latents and the fraction of the grid kept.
         original_inference_steps: N of the skipping grid when the config has none (a student in training).
+        gamma: LCM only: None keeps LCM Algorithm 3; else TCD's stochasticity in [0, 1] (``sampling.lcm.tcd_move``).
     """
     if sampler == LCM_SAMPLER:
         return sample_student(unet, scheduler_config, cond, seeds, shape, steps=steps,
                               omega=omega_from_guidance(guidance), latents=latents, image_latents=image_latents,
-                              strength=strength, original_inference_steps=original_inference_steps)
+                              strength=strength, original_inference_steps=original_inference_steps, gamma=gamma)
+    if gamma is not None:
+        raise ModelError("gamma (TCD sampling) needs an LCM (sampler 'lcm'); teacher samplers do not support it")
     if image_latents is not None:
         raise ModelError("img2img needs an LCM (sampler 'lcm'); teacher samplers do not support it")
     if uncond is None:

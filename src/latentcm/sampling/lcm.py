@@ -1,4 +1,6 @@
-"""Multistep latent consistency sampling (LCM Algorithm 3). Randomness is injected."""
+"""Multistep latent consistency sampling (LCM Algorithm 3), and its TCD variant with stochasticity gamma
+(Zheng et al. 2024, Trajectory Consistency Distillation, arXiv 2402.19159: "strategic stochastic sampling",
+the sampler of diffusers' ``TCDScheduler``). Randomness is injected."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -45,11 +47,58 @@ def lcm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, t_next: int 
     return renoise(denoised, t_next, noise, table), denoised
 
 
+def tcd_s(t_prev: int, gamma: float) -> int:
+    """TCD's intermediate timestep s = floor((1 - gamma) t_prev), computed in float32 as ``TCDScheduler``."""
+    return int(torch.floor((1 - gamma) * torch.tensor(int(t_prev))))
+
+
+def tcd_move(denoised: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int | None, noise: torch.Tensor | None,
+             gamma: float, alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+    """One TCD step from the data estimate x0 = ``denoised`` at (x_t, t) (TCD, arXiv 2402.19159, Eq. 15 / Alg. 4):
+
+        eps    = (x_t - alpha_t x0) / sigma_t                          the noise estimate
+        s      = floor((1 - gamma) t_prev)                             (t_prev = 0 after the last step)
+        x_s    = alpha_s x0 + sigma_s eps                              DDIM from t down to s
+        x_prev = sqrt(ab_prev / ab_s) x_s + sqrt(1 - ab_prev / ab_s) z  forward diffusion from s back up to t_prev
+
+    gamma = 0 is deterministic DDIM (s = t_prev, no noise); gamma = 1 re-noises from timestep 0. As in
+    ``TCDScheduler`` the last step (t_prev None) returns x_s at s = 0 -- the latent at timestep 0
+    (alpha_bar[0] < 1), not x0 -- and noise is drawn only when gamma > 0 and a step follows.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    table = table_or_default(alpha_bar).to(x_t.device)
+    alpha_t, sigma_t = alpha_sigma_at(table, int(t))
+    eps = (x_t - alpha_t.to(x_t.dtype) * denoised) / sigma_t.to(x_t.dtype)  # [B, ...]
+    s = tcd_s(0 if t_prev is None else t_prev, gamma)
+    ab_s = table[s]
+    x_s = ab_s.sqrt().to(x_t.dtype) * denoised + (1 - ab_s).sqrt().to(x_t.dtype) * eps
+    if t_prev is None or gamma == 0:
+        return x_s
+    ratio = table[int(t_prev)] / ab_s
+    return ratio.sqrt().to(x_t.dtype) * x_s + (1 - ratio).sqrt().to(x_t.dtype) * noise.to(x_s)
+
+
+def tcd_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, t_prev: int | None, noise: torch.Tensor | None,
+             gamma: float, *, alpha_bar: torch.Tensor | None = None,
+             prediction_type: str = "epsilon") -> torch.Tensor:
+    """``TCDScheduler.step(model_output, t, x_t, eta=gamma).prev_sample`` from a raw network output: x0 is the
+    network's own prediction (no c_skip / c_out boundary condition, as TCD), then ``tcd_move``."""
+    table = table_or_default(alpha_bar).to(x_t.device)
+    alpha_t, sigma_t = alpha_sigma_at(table, int(t))
+    x0_pred = P.x0_from_output(model_output, x_t, alpha_t, sigma_t, prediction_type)
+    return tcd_move(x0_pred, x_t, t, t_prev, noise, gamma, table)
+
+
 @torch.no_grad()
 def sample_lcm(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps: Sequence[int] | torch.Tensor, *,
                noise_fn: NoiseFn, alpha_bar: torch.Tensor | None = None,
-               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+               callback: Callable[[dict], None] | None = None, gamma: float | None = None) -> torch.Tensor:
     """Multistep latent consistency sampling (LCM Algorithm 3): denoise, re-noise to the next t, repeat.
+
+    With ``gamma`` (TCD's stochasticity in [0, 1]) each step instead moves by ``tcd_move`` (DDIM to
+    s = floor((1 - gamma) t_next), then re-noising from s to t_next) and the last step returns the
+    timestep-0 latent, as diffusers' ``TCDScheduler``; gamma None (the default) is LCM Algorithm 3.
 
     Args:
         consistency_fn: the student f_theta(x, t) -> x0 (guidance and prompt already bound), t a [B] long tensor.
@@ -58,10 +107,14 @@ def sample_lcm(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps: 
         noise_fn: noise_fn(i) -> fresh N(0, I) noise like ``latents`` used after step i (see ``per_image_noise``).
         alpha_bar: schedule table [T]; Stable Diffusion's by default.
         callback: called after every step with {"i", "t", "x", "denoised"}.
+        gamma: None for LCM sampling, else TCD's gamma (0 = deterministic; see ``tcd_move``).
 
     Returns:
-        The last ``denoised`` [B, ...] (not a re-noised latent).
+        The last ``denoised`` [B, ...] (not a re-noised latent); with gamma, the timestep-0 latent.
     """
+    if gamma is not None:
+        return _sample_tcd(consistency_fn, latents, timesteps, noise_fn=noise_fn, alpha_bar=alpha_bar,
+                           callback=callback, gamma=float(gamma))
     table = table_or_default(alpha_bar).to(latents.device)
     ts = [int(t) for t in timesteps]
     x = latents
@@ -73,6 +126,25 @@ def sample_lcm(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps: 
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": denoised})
     return denoised
+
+
+def _sample_tcd(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps, *, noise_fn: NoiseFn,
+                alpha_bar: torch.Tensor | None, callback: Callable[[dict], None] | None, gamma: float) -> torch.Tensor:
+    """The TCD loop of ``sample_lcm(..., gamma=...)``: same steps and noise draws, ``tcd_move`` between them."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    table = table_or_default(alpha_bar).to(latents.device)
+    ts = [int(t) for t in timesteps]
+    x = latents
+    for i, t in enumerate(ts):
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # [B]
+        denoised = consistency_fn(x, t_batch)  # [B, ...]
+        t_prev = ts[i + 1] if i + 1 < len(ts) else None
+        noise = noise_fn(i) if t_prev is not None and gamma > 0 else None
+        x = tcd_move(denoised, x, t, t_prev, noise, gamma, table)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": denoised})
+    return x
 
 
 def per_image_noise(seeds: Sequence[int], shape: Sequence[int], *, dtype: torch.dtype = torch.float32,

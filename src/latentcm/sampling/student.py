@@ -21,7 +21,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                    shape: tuple[int, int, int], *, steps: int = LCM_STEPS, omega: float = LCM_OMEGA,
                    original_inference_steps: int | None = None, timestep_scaling: float | None = None,
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
-                   strength: float = 1.0) -> torch.Tensor:
+                   strength: float = 1.0, gamma: float | None = None) -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
@@ -39,6 +39,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         image_latents: img2img: clean latents x0 [B, C, h, w] (VAE mode x scaling_factor), noised to the first
             timestep with each stream's first draw, as diffusers' LatentConsistencyModelImg2ImgPipeline does.
         strength: img2img strength in (0, 1]: the skipping grid is truncated to its first N * strength points.
+        gamma: None (default) for LCM Algorithm 3; else TCD's stochasticity in [0, 1] (``sampling.lcm.tcd_move``,
+            Zheng et al. 2024, as diffusers' TCDScheduler): 0 is deterministic.
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -62,4 +64,4 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
         x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
     return sample_lcm(lambda x, t: f(x, t, text_states, w_emb), x_T, ts, noise_fn=noise_fn,
-                      alpha_bar=f.denoiser.alpha_bar)
+                      alpha_bar=f.denoiser.alpha_bar, gamma=gamma)

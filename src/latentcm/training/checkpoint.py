@@ -1,15 +1,35 @@
-"""Atomic safetensors checkpoints of modules + optimizer state (no pickle anywhere)."""
+"""Atomic safetensors checkpoints of modules + optimizer state (no pickle anywhere).
+
+A checkpoint is written to a hidden temp file in its folder (``.tmp-step-0000012-XXXXXXXX``), fsynced,
+renamed over ``step-0000012.safetensors`` and the folder fsynced: a kill at any point leaves either the
+old set of checkpoints or the new one, plus at most one orphan temp file, which ``clean_temp_files``
+removes on the next start. A failed write (disk full, read-only folder, ...) removes its temp file and
+raises :class:`CheckpointWriteError`, one line naming the folder and the last good checkpoint.
+Loading reads and checks the whole file before touching a module, so an unreadable checkpoint
+(:class:`CheckpointReadError`) leaves the modules and optimizer as they were.
+"""
 from __future__ import annotations
 
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 CKPT_RE = re.compile(r"step-(\d+)\.safetensors$")
+TEMP_PREFIX = ".tmp-"
+_LEGACY_TEMP_RE = re.compile(r"^(step-\d+\.safetensors\.tmp|\.tmp\w+)$")  # older writers' temp names
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the folder and the last good checkpoint."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file is unreadable (truncated, corrupt, or from another model)."""
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -30,33 +50,108 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
 def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None, meta: dict) -> Path:
-    """Write one checkpoint atomically: a temp file, fsync, then rename over the target."""
+    """Write one checkpoint atomically: a temp file, fsync, then rename over the target.
+
+    Any failure (or an interrupt) removes the temp file; an OSError or a safetensors write error becomes
+    :class:`CheckpointWriteError`, and the checkpoints already in the folder are untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"module.{name}.{k}": v.detach().contiguous().clone()
-               for name, m in modules.items() for k, v in m.state_dict().items()}
-    extra = {}
-    if optimizer is not None:
-        opt_tensors, extra = _optimizer_tensors(optimizer)
-        tensors.update(opt_tensors)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, **extra})})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    directory = path.parent
+    tmp: Path | None = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"module.{name}.{k}": v.detach().contiguous().clone()
+                   for name, m in modules.items() for k, v in m.state_dict().items()}
+        extra = {}
+        if optimizer is not None:
+            opt_tensors, extra = _optimizer_tensors(optimizer)
+            tensors.update(opt_tensors)
+        stem = CKPT_RE.search(path.name)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX + (path.stem if stem else "ckpt") + "-")
+        os.close(fd)
+        tmp = Path(name)
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, **extra})})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        tmp = None
+        _fsync_dir(directory)
+    except Exception as exc:
+        if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
+            raise
+        good = list_checkpoints(directory)
+        last = good[-1].name if good else "none"
+        raise CheckpointWriteError(f"cannot write checkpoint {path.name} in {directory}: {_reason(exc)}; "
+                                   f"last good checkpoint: {last}") from exc
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
     return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a checkpoint file; CheckpointReadError when it cannot be read."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["meta"])
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 -- truncated or corrupt bytes raise many kinds of error
+        raise CheckpointReadError(f"unreadable checkpoint {path}: {_reason(exc)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointReadError(f"unreadable checkpoint {path}: no step in its metadata")
+    return tensors, meta
+
+
+def _check_modules(path: Path, modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    for name, m in modules.items():
+        prefix = f"module.{name}."
+        have = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        want = m.state_dict()
+        if have.keys() != want.keys():
+            missing = sorted(want.keys() - have.keys())[:3]
+            raise CheckpointReadError(f"checkpoint {path} does not match module '{name}' "
+                                      f"(missing {missing or 'nothing'}, {len(have.keys() - want.keys())} unexpected)")
+        for k, v in want.items():
+            if have[k].shape != v.shape:
+                raise CheckpointReadError(f"checkpoint {path}: {name}.{k} has shape {tuple(have[k].shape)}, "
+                                          f"the module {tuple(v.shape)}")
 
 
 def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore modules (and optimizer) in place; return the checkpoint's metadata."""
-    from safetensors import safe_open
+    """Restore modules (and optimizer) in place; return the checkpoint's metadata.
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()["meta"])
-    tensors = load_file(str(path))
+    The file is read and checked against the modules first: a CheckpointReadError leaves everything as it was."""
+    path = Path(path)
+    tensors, meta = read_checkpoint(path)
+    _check_modules(path, modules, tensors)
+    if optimizer is not None and "param_groups" not in meta:
+        raise CheckpointReadError(f"checkpoint {path} holds no optimizer state")
     for name, m in modules.items():
         prefix = f"module.{name}."
         m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -72,6 +167,27 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CKPT_RE.search(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def temp_files(directory: str | Path) -> list[Path]:
+    """Orphan temp files of interrupted checkpoint writes in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and (p.name.startswith(TEMP_PREFIX) or _LEGACY_TEMP_RE.match(p.name)))
+
+
+def clean_temp_files(directory: str | Path) -> list[Path]:
+    """Remove the temp files interrupted writes left in ``directory`` (call before any writer starts)."""
+    removed = []
+    for p in temp_files(directory):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> None:

@@ -4,6 +4,12 @@
 CSV, preview grids, atomic checkpoints and resume. Batches are a pure function of
 ``(seed, step)``, so a resumed run sees exactly the batches an uninterrupted run would.
 
+Faults: a step whose loss or gradient is not finite is skipped (no update, no EMA; ``skipped`` in
+metrics.csv) and ``LoopConfig.max_bad_steps`` of them in a row stop the run with a checkpoint of the
+last good weights and :class:`NonFiniteLossError`. Resume continues from the newest *readable*
+checkpoint (an unreadable one is moved aside as ``*.unreadable`` with a warning), removes temp files
+of interrupted writes and cuts metrics.csv back to the checkpoint's step, so every step has one row.
+
 Both run through ``accelerate.Accelerator``: a single process by default, and unchanged under
 ``accelerate launch`` with several processes (data parallel: process r of W draws batch index
 ``step * W + r``; gradients are averaged; only the main process writes files).
@@ -11,6 +17,7 @@ Both run through ``accelerate.Accelerator``: a single process by default, and un
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +27,14 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (CheckpointReadError, clean_temp_files, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(ValueError):
+    """Too many updates in a row had a non-finite loss or gradient; the last good state was checkpointed."""
 
 
 class Task(Protocol):
@@ -67,6 +81,7 @@ class LoopConfig:
     keep_checkpoints: int = 2
     preview_every: int = 0
     max_minutes: float | None = None  # stop cleanly (with a checkpoint) after this long
+    max_bad_steps: int = 10  # stop after this many skipped (non-finite loss / gradient) updates in a row; 0: never
     betas: tuple[float, float] = (0.9, 0.999)
     extra_meta: dict = field(default_factory=dict)
 
@@ -120,19 +135,76 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
     if acc.num_processes > 1 and not hasattr(task, "prepare"):
         _average_gradients(task.parameters(), acc)
     grad_norm = acc.clip_grad_norm_(task.parameters(), cfg.grad_clip)
-    opt.step()
-    task.after_update(step)
+    finite = bool(torch.isfinite(loss.detach()).all()) and math.isfinite(float(grad_norm))
+    bad = _any_process(acc, not finite)  # every process skips together
+    if bad:  # no update and no EMA from a NaN / Inf loss or gradient
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+        task.after_update(step)
     loss = loss.detach() if acc.num_processes == 1 else acc.reduce(loss.detach(), "mean")
-    return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics}
+    return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics,
+            "skipped": int(bad)}
+
+
+def _resume(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path, main: bool = True) -> dict:
+    """Load the newest readable checkpoint in ``ckpt_dir`` and return its metadata ({"step": 0} when there is
+    none). Unreadable newer ones are skipped with a warning and (main process) renamed ``*.unreadable``;
+    CheckpointReadError when checkpoints exist but none is readable."""
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        return {"step": 0}
+    bad: list[tuple[Path, CheckpointReadError]] = []
+    for path in reversed(found):
+        try:
+            meta = load_checkpoint(path, task.modules(), opt)
+        except CheckpointReadError as exc:
+            bad.append((path, exc))
+            continue
+        for old, exc in bad:
+            log.warning("warning: skipping %s: %s; resuming from %s", old.name, str(exc).splitlines()[0], path.name)
+            if main:
+                try:
+                    old.replace(old.with_name(old.name + ".unreadable"))
+                except OSError:
+                    pass
+        return meta
+    raise CheckpointReadError(f"no readable checkpoint in {ckpt_dir} ({len(bad)} found, e.g. {bad[0][1]})")
 
 
 def resume_state(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path) -> tuple[int, float]:
-    """Load the newest checkpoint in ``ckpt_dir``; return (step to continue from, seconds spent)."""
-    found = list_checkpoints(ckpt_dir)
-    if not found:
-        return 0, 0.0
-    meta = load_checkpoint(found[-1], task.modules(), opt)
+    """Load the newest readable checkpoint in ``ckpt_dir``; return (step to continue from, seconds spent)."""
+    meta = _resume(task, opt, ckpt_dir)
     return int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Cut ``metrics.csv`` back to the rows of steps 1..``step`` (one each, the last written; a partial last
+    line of a killed run is dropped), so a resumed run logs every step once. Returns the rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(errors="replace").split("\n")
+    header, body, partial = lines[0], lines[1:-1], lines[-1]  # a kill mid-write leaves a partial last line
+    rows: dict[int, str] = {}
+    for line in body:
+        try:
+            at = int(line.split(",", 1)[0])
+        except ValueError:
+            continue
+        if 1 <= at <= step:
+            rows[at] = line
+    dropped = len(body) + (bool(partial) and len(lines) > 1) - len(rows)
+    if len(lines) == 1:  # not even a complete header
+        rows = {}
+    if not rows:
+        path.unlink()
+        return dropped
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join([header, *(rows[k] for k in sorted(rows))]) + "\n")
+        tmp.replace(path)
+    return dropped
 
 
 def _log_row(path: Path, row: dict) -> None:
@@ -183,33 +255,55 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
     out, main = Path(out_dir), acc.is_main_process
     ckpt_dir = out / "checkpoints"
     check_fresh(out, resume)
+    if main:
+        for orphan in clean_temp_files(ckpt_dir):
+            log.info("removed %s (an interrupted checkpoint write)", orphan)
+        (out / "metrics.csv.tmp").unlink(missing_ok=True)  # of an interrupted truncate_metrics
     out.mkdir(parents=True, exist_ok=True)
     opt = prepare(task, cfg, acc)
-    step, spent = resume_state(task, opt, ckpt_dir) if resume else (0, 0.0)
+    meta = _resume(task, opt, ckpt_dir, main) if resume else {"step": 0}
+    step, spent = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+    skipped_total = int(meta.get("skipped_steps", 0))
+    bad_run = 0 if meta.get("stopped") == "non-finite" else int(meta.get("bad_in_a_row", 0))
+    if main:
+        truncate_metrics(out / "metrics.csv", step)  # rows of steps after the checkpoint are replayed
     start, t0 = step, time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, dynamic_ncols=True, disable=not main)
 
-    def save(at: int) -> None:
+    def save(at: int, **extra) -> None:
         _save(task, opt, acc, ckpt_dir, cfg.keep_checkpoints,
-              {"step": at, "elapsed_s": spent + time.time() - t0, **cfg.extra_meta})
+              {"step": at, "elapsed_s": spent + time.time() - t0, "skipped_steps": skipped_total,
+               "bad_in_a_row": bad_run, **extra, **cfg.extra_meta})
         if on_checkpoint and main:
             on_checkpoint(at)
 
-    while step < cfg.max_steps:
-        metrics = train_step(task, opt, cfg, step, acc)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if main:
-            _log_row(out / "metrics.csv", {"step": step, "time_s": round(spent + time.time() - t0, 2), **metrics})
-        timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
-            save(step)
-        if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
-            task.preview(step, out / "previews")
-        if timed_out:
-            break
-    bar.close()
+    try:
+        while step < cfg.max_steps:
+            metrics = train_step(task, opt, cfg, step, acc)
+            step += 1
+            bad_run = bad_run + 1 if metrics["skipped"] else 0
+            skipped_total += metrics["skipped"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"skipped": skipped_total} if skipped_total else {}))
+            if main:
+                _log_row(out / "metrics.csv", {"step": step, "time_s": round(spent + time.time() - t0, 2), **metrics,
+                                               "skipped_total": skipped_total})
+            diverged = bool(cfg.max_bad_steps) and bad_run >= cfg.max_bad_steps
+            if diverged:
+                save(step, stopped="non-finite")
+                raise NonFiniteLossError(
+                    f"training stopped at step {step}: {bad_run} updates in a row had a non-finite loss or gradient "
+                    f"and were skipped ({skipped_total} in all); the last good weights are in "
+                    f"{ckpt_dir / f'step-{step:07d}.safetensors'}; lower the learning rate or check the data")
+            timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
+                save(step)
+            if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
+                task.preview(step, out / "previews")
+            if timed_out:
+                break
+    finally:
+        bar.close()
     if step == start and step < cfg.max_steps:
         save(step)
     return step

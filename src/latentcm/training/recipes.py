@@ -7,11 +7,13 @@
     finetune-teacher  teacher        folder                    UNetTask (plain diffusion)  pipeline or style LoRA
 
 ``run`` holds what they share: refuse to overwrite a run, load and check the source, encode the data
-once (cached in OUT), build the task, ``loop.fit``, export on the main process.
+once (cached in OUT), build the task, ``loop.fit``, export on the main process. A run refused before
+training starts (bad settings, no usable data) leaves no OUT folder behind.
 """
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -203,6 +205,16 @@ def _info(job: Job, recipe: Recipe, done: int, report, seconds: float, processes
             "minutes_this_session": round(seconds / 60, 2), "processes": processes, "recipe": recipe.name}
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet; None when it exists."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 def run(name: str, job: Job, accelerator=None) -> Result:
     """Run recipe ``name`` (a key of ``RECIPES``) for ``job``; see the module docstring."""
     recipe = RECIPES[name]
@@ -212,9 +224,15 @@ def run(name: str, job: Job, accelerator=None) -> Result:
     bundle = load_source(job.source, recipe.source_kind)
     if job.lcd is not None:
         _grid_n(bundle, job.lcd.skip)  # a bad k fails before any encoding
-    out.mkdir(parents=True, exist_ok=True)
-    data, captions, report = _data(bundle, job, write=acc.is_main_process)
-    task = recipe.make_task(bundle, data, captions, job)
+    made = _first_missing(out)  # removed again if the run is refused before training starts
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        data, captions, report = _data(bundle, job, write=acc.is_main_process)
+        task = recipe.make_task(bundle, data, captions, job)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     done = fit(task, job.loop, out, job.resume, desc=recipe.desc, accelerator=acc)
     if done < job.loop.max_steps or not job.export:
         return Result(done, None, report)

@@ -2,18 +2,24 @@
 
 ``load_pairs(folder, resolution)`` returns (image, caption) pairs resized (shorter side) and
 centre-cropped to ``resolution``, plus a ``LoadReport``. Nothing bad stops the load and nothing is
-lost silently: an unreadable or corrupt image, a missing caption, a bad metadata line or a listed
-file that does not exist is skipped, counted by reason and named in the report.
+lost silently: an unreadable or corrupt image, a missing caption, a bad metadata line, a listed
+file that does not exist, a metadata ``file_name`` outside the folder (absolute or with ``..``) and a
+symlink whose target lies outside the folder are skipped, counted by reason and named in the report.
+Nothing outside the folder is ever read. Every image mode (16-bit, float, CMYK, transparency, ...)
+becomes 8-bit RGB through ``images.to_rgb`` (transparency on white).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ...images import to_rgb
 from .tensors import LCDData, bundle_text_fns, encode_pairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -41,7 +47,7 @@ class LoadReport:
 
 def fit_square(image: Image.Image, resolution: int) -> Image.Image:
     """Resize the shorter side to ``resolution`` (bicubic), then centre-crop to a square."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -57,7 +63,71 @@ def _read_image(path: Path, resolution: int) -> Image.Image | None:
                 return None
             im.load()
             return fit_square(im, resolution)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+    except Exception:  # noqa: BLE001 -- any decoder failure on any bytes: skipped and counted, never a crash
+        return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (symlinks resolved) lies inside the resolved ``root``."""
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(root)
+    except (OSError, ValueError):
+        return False
+
+
+def _list_files(folder: Path, report: LoadReport) -> dict[str, Path]:
+    """Image files under ``folder`` by their folder-relative posix name. A symlink (file or directory) whose
+    target lies outside the folder is skipped with reason 'symlink outside the folder'; a directory
+    reached twice (a symlink loop) is walked once."""
+    root = Path(os.path.realpath(folder))
+    names: dict[str, Path] = {}
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            sub = Path(dirpath) / d
+            if _inside(sub, root):
+                keep.append(d)
+            else:
+                report.skip("symlink outside the folder", sub.relative_to(folder).as_posix() + "/")
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            path = Path(dirpath) / f
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            name = path.relative_to(folder).as_posix()
+            if not _inside(path, root):
+                report.skip("symlink outside the folder", name)
+            elif path.is_file():
+                names[name] = path
+    return dict(sorted(names.items(), key=lambda item: PurePosixPath(item[0]).parts))  # as sorted Paths
+
+
+def _listed_name(name: str) -> str | None:
+    """A metadata ``file_name`` as a folder-relative posix name; None when it points outside the folder."""
+    if posixpath.isabs(name):
+        return None
+    norm = posixpath.normpath(name)
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def _read_caption(path: Path, root: Path, name: str, report: LoadReport) -> str | None:
+    """The sidecar caption ``<image>.txt`` when it is a file inside the folder, else None."""
+    if not path.is_file():
+        return None
+    if not _inside(path, root):
+        report.skip("symlink outside the folder", name)
+        return None
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
         return None
 
 
@@ -66,17 +136,28 @@ def _metadata_captions(folder: Path, report: LoadReport) -> dict[str, str]:
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         return captions
+    if not _inside(meta, Path(os.path.realpath(folder))):
+        report.skip("symlink outside the folder", "metadata.jsonl")
+        return captions
     for n, line in enumerate(meta.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             name = row["file_name"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             report.skip("bad metadata line", f"metadata.jsonl:{n}")
             continue
+        if not isinstance(row, dict) or not isinstance(name, str) or posixpath.normpath(name or ".") == "." \
+                or "\x00" in name:
+            report.skip("bad metadata line", f"metadata.jsonl:{n}")
+            continue
+        listed = _listed_name(name)
+        if listed is None:
+            report.skip("file_name outside the folder", f"metadata.jsonl:{n}")
+            continue
         text = next((row[k] for k in CAPTION_KEYS if isinstance(row.get(k), str)), "")
-        captions[str(name)] = text
+        captions[listed] = text
     return captions
 
 
@@ -87,15 +168,17 @@ def load_pairs(folder: str | Path, resolution: int) -> tuple[list[tuple[Image.Im
         raise FileNotFoundError(f"no image folder at {folder}")
     report = LoadReport()
     captions = _metadata_captions(folder, report)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    names = {p.relative_to(folder).as_posix(): p for p in files}
-    for listed in sorted(set(captions) - set(names)):
+    names = _list_files(folder, report)
+    outside = set(report.skipped.get("symlink outside the folder", []))
+    for listed in sorted(set(captions) - set(names) - outside):
         report.skip("listed file missing", listed)
+    root = Path(os.path.realpath(folder))
     pairs = []
     for name, path in names.items():
         text = captions.get(name)
-        if text is None and path.with_suffix(".txt").is_file():
-            text = path.with_suffix(".txt").read_text(errors="replace")
+        if text is None:
+            text = _read_caption(path.with_suffix(".txt"), root, path.with_suffix(".txt").relative_to(folder).as_posix(),
+                                 report)
         text = (text or "").strip()
         if not text:
             report.skip("missing caption", name)

@@ -5,12 +5,14 @@ once by the model's VAE and text encoder and cached as an atomic safetensors fil
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ...models.components import encode_text
 
@@ -66,7 +68,8 @@ def encode_pairs(vae, text_encoder, tokenizer, pairs, batch_size: int = 64, *, t
     ``text_fn(captions)`` / ``uncond_fn()`` replace the single-encoder encoding (SDXL: ``Bundle.encode_prompts``
     and ``Bundle.encode_uncond(1)``, the packed two-encoder conditioning with zero uncond embeddings).
     """
-    pairs = list(pairs)
+    total = len(pairs) if hasattr(pairs, "__len__") else None
+    pairs = iter(pairs)  # consumed a batch at a time: rendering and encoding share the progress bar
     if text_fn is None:
         def text_fn(captions):
             return encode_text(text_encoder, tokenizer, captions)
@@ -74,11 +77,15 @@ def encode_pairs(vae, text_encoder, tokenizer, pairs, batch_size: int = 64, *, t
         def uncond_fn():
             return encode_text(text_encoder, tokenizer, [""])
     latents, states = [], []
-    for i in range(0, len(pairs), batch_size):
-        images, captions = zip(*pairs[i:i + batch_size])
-        x = _pixels(images).to(vae.device, vae.dtype)
-        latents.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)  # [b, C, h, w]
-        states.append(text_fn(list(captions)))  # [b, L, D]
+    with tqdm(total=total, desc="encode data", unit="img", dynamic_ncols=True, mininterval=1.0, delay=2.0) as bar:
+        while chunk := list(itertools.islice(pairs, batch_size)):
+            images, captions = zip(*chunk)
+            x = _pixels(images).to(vae.device, vae.dtype)
+            latents.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)  # [b, C, h, w]
+            states.append(text_fn(list(captions)))  # [b, L, D]
+            bar.update(len(chunk))
+    if not latents:
+        raise ValueError("no image-caption pairs to encode")
     uncond = uncond_fn()  # [1, L, D]
     # contiguous: the in-memory data must match the cached file bit for bit (a resumed run reads the cache)
     return LCDData(torch.cat(latents).float().cpu().contiguous(), torch.cat(states).float().cpu(), uncond.float().cpu())

@@ -1,0 +1,37 @@
+"""Export one training checkpoint of an `lcm distill` run as an LCM folder (to evaluate a run mid-way).
+
+    python scripts/checkpoint_to_lcm.py --run runs/lcm --checkpoint step-0002500.safetensors --out runs/lcm-2500
+"""
+import argparse
+import json
+from pathlib import Path
+
+from latentcm import registry
+from latentcm.bundle import Bundle
+from latentcm.export.pipeline import export_lcm
+from latentcm.models.denoiser import make_student
+from latentcm.training.checkpoint import load_checkpoint
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--checkpoint", required=True, help="file name in RUN/checkpoints, or a path")
+    ap.add_argument("--teacher", default="teacher")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--which", choices=["student", "target"], default="student")
+    args = ap.parse_args()
+    path = Path(args.checkpoint)
+    path = path if path.is_file() else Path(args.run) / "checkpoints" / args.checkpoint
+    teacher = Bundle.load(registry.resolve(args.teacher))
+    student, target = make_student(teacher.unet), make_student(teacher.unet)
+    meta = load_checkpoint(path, {"student": student, "target": target}, None)
+    lcd = meta.get("lcd", {})
+    export_lcm(student if args.which == "student" else target, teacher, args.out,
+               {"command": f"python scripts/checkpoint_to_lcm.py --run {args.run} --checkpoint {path.name}",
+                "teacher": args.teacher, "steps": meta["step"], "lcd": lcd}, skip=lcd.get("skip", 20))
+    print(json.dumps({"out": args.out, "step": meta["step"]}))
+
+
+if __name__ == "__main__":
+    main()

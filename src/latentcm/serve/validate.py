@@ -1,0 +1,234 @@
+"""Every client input, bounded and parsed: a JSON object (or the UI's values) -> a ``Request``, or ``BadRequest``
+with one line saying what is wrong. Clients name models and LoRAs, never files: nothing here reads a path."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..defaults import IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_STEPS, TEACHER_GUIDANCE
+
+MODELS = ("lcm", "teacher")
+FIELDS = ("prompt", "model", "steps", "guidance", "seed", "num_images", "height", "width", "gamma", "loras",
+          "init_image", "strength")
+
+
+class BadRequest(ValueError):
+    """A client error: ``status`` is its HTTP code (400, or 413 for an oversized body or upload)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds of every input the server accepts."""
+
+    max_prompt_chars: int = 500
+    max_lcm_steps: int = 8
+    max_teacher_steps: int = 50
+    guidance_range: tuple[float, float] = (0.0, 20.0)
+    max_images: int = 4
+    min_size: int = 32
+    max_size: int = 128
+    size_multiple: int = 16          # the VAE factor times the UNet's downsampling
+    default_size: int = 64
+    max_upload_bytes: int = 8 * 2**20
+    max_upload_pixels: int = 4096 * 4096
+    max_loras: int = 4
+    lora_weight_range: tuple[float, float] = (0.0, 2.0)
+    original_inference_steps: int = 50  # N of the LCM's skipping grid (img2img keeps int(N * strength) points)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest JSON body: a base64 upload (4/3 of the bytes) plus room for the other fields."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated generation request: ``num_images`` images with seeds seed, seed + 1, ..."""
+
+    prompt: str
+    model: str = "lcm"
+    steps: int = LCM_STEPS
+    guidance: float | None = None            # None: the model's default (an LCM-LoRA has none)
+    seed: int = 0
+    num_images: int = 1
+    height: int = 64
+    width: int = 64
+    gamma: float | None = None               # TCD stochasticity (LCM only); None: LCM Algorithm 3
+    loras: tuple[tuple[str, float], ...] = ()  # registered LoRA names and weights, stacked on the teacher
+    strength: float | None = None            # img2img only
+    image: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [1, 3, H, W] in [-1, 1]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images)]
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one UNet batch: same model, steps, guidance, gamma, size, LoRAs."""
+        return (self.model, self.loras, self.steps, self.guidance, self.gamma, self.height, self.width,
+                self.image is not None, self.strength)
+
+
+def _number(payload: dict, name: str, lo: float, hi: float, default, *, integer: bool = False, nullable=False):
+    value = payload.get(name, default)
+    if value is None and (nullable or default is None):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{name} must be a number, got {type(value).__name__}")
+    if integer and (isinstance(value, float) and not value.is_integer()):
+        raise BadRequest(f"{name} must be an integer, got {value}")
+    if not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number, got {value}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be in {lo}..{hi}, got {value}")
+    return int(value) if integer else float(value)
+
+
+def decode_upload(data, limits: Limits) -> Image.Image:
+    """A base64 string (or data URL) -> a loaded PIL image, bounded in bytes and pixels; else BadRequest."""
+    if not isinstance(data, str):
+        raise BadRequest("init_image must be a base64-encoded image (PNG, JPEG, WebP) as a string")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > limits.max_upload_bytes * 4 // 3 + 4:
+        raise BadRequest(f"init_image is larger than the {limits.max_upload_bytes // 2**20} MB upload limit", 413)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("init_image is not valid base64") from None
+    return open_image(raw, limits)
+
+
+def open_image(raw: bytes, limits: Limits) -> Image.Image:
+    """Image bytes -> a loaded PIL image, bounded in bytes and pixels (no decompression bombs); else BadRequest."""
+    if len(raw) > limits.max_upload_bytes:
+        raise BadRequest(f"init_image is larger than the {limits.max_upload_bytes // 2**20} MB upload limit", 413)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.width * image.height > limits.max_upload_pixels:
+                raise BadRequest(f"init_image has {image.width}x{image.height} pixels; at most "
+                                 f"{limits.max_upload_pixels} are accepted", 413)
+            image.load()
+    except BadRequest:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
+        raise BadRequest("init_image is not a readable image (PNG, JPEG, WebP, ...)") from None
+    return image
+
+
+def image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """A PIL image -> [1, 3, height, width] in [-1, 1], fitted as ``images.load_image`` fits files."""
+    from ..images import fit_cover
+
+    x = torch.from_numpy(np.asarray(fit_cover(image, width, height), dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
+    return x.permute(2, 0, 1)[None].contiguous()
+
+
+def parse_request(payload, limits: Limits, loras: dict | tuple = (), *, image: Image.Image | None = None) -> Request:
+    """A client's JSON object -> a ``Request``; BadRequest (one line) for anything out of bounds.
+
+    Args:
+        payload: the decoded JSON object (``FIELDS``; unknown fields are refused, not ignored).
+        limits: the bounds.
+        loras: the registered LoRA names (clients pick among them; a path is never accepted).
+        image: an already-decoded init image (the UI's upload); the API sends ``init_image`` as base64.
+    """
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(payload) - set(FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; accepted: {', '.join(FIELDS)}")
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
+    if len(prompt) > limits.max_prompt_chars:
+        raise BadRequest(f"prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} are accepted")
+    if any(ord(c) < 32 and c not in "\t\n" for c in prompt):
+        raise BadRequest("prompt contains control characters")
+    model = payload.get("model", "lcm")
+    if model not in MODELS:
+        raise BadRequest(f"model must be one of {', '.join(MODELS)}, got {str(model)[:40]!r}")
+    lora_list = _parse_loras(payload.get("loras"), limits, loras)
+    if lora_list and model != "lcm":
+        raise BadRequest("LoRAs turn the teacher into an LCM (LCM-LoRA); use model 'lcm' with loras")
+    top = limits.max_lcm_steps if model == "lcm" else limits.max_teacher_steps
+    steps = _number(payload, "steps", 1, top, LCM_STEPS if model == "lcm" else 25, integer=True)
+    default_g = None if lora_list else (LCM_GUIDANCE if model == "lcm" else TEACHER_GUIDANCE)
+    if lora_list and payload.get("guidance") is not None:
+        raise BadRequest("an LCM-LoRA has its guidance distilled in (no w embedding); leave out guidance")
+    guidance = _number(payload, "guidance", *limits.guidance_range, default_g)
+    seed = _number(payload, "seed", 0, 2**31 - 1 - limits.max_images, 0, integer=True)
+    num_images = _number(payload, "num_images", 1, limits.max_images, 1, integer=True)
+    size = {}
+    for name in ("height", "width"):
+        value = _number(payload, name, limits.min_size, limits.max_size, limits.default_size, integer=True)
+        if value % limits.size_multiple:
+            raise BadRequest(f"{name} must be a multiple of {limits.size_multiple}, got {value}")
+        size[name] = value
+    gamma = _number(payload, "gamma", 0.0, 1.0, None, nullable=True)
+    if gamma is not None and model != "lcm":
+        raise BadRequest("gamma (TCD sampling) applies to the LCM only, not the teacher's DDIM")
+    if image is None and payload.get("init_image") is not None:
+        image = decode_upload(payload["init_image"], limits)
+    elif image is not None and image.width * image.height > limits.max_upload_pixels:
+        raise BadRequest(f"init_image has {image.width}x{image.height} pixels; at most {limits.max_upload_pixels} "
+                         f"are accepted", 413)
+    strength = None
+    tensor = None
+    if image is not None:
+        if model != "lcm":
+            raise BadRequest("img2img (init_image) needs model 'lcm'; the teacher's samplers do not support it")
+        strength = _number(payload, "strength", 1e-6, 1.0, IMG2IMG_STRENGTH)
+        if strength <= 0:
+            raise BadRequest(f"strength must be in (0, 1], got {strength}")
+        points = int(limits.original_inference_steps * strength)
+        if steps > points:
+            raise BadRequest(f"strength {strength} keeps {points} points of the skipping grid: use at most {points} "
+                             f"steps or raise strength")
+        tensor = image_tensor(image, size["width"], size["height"])
+    elif payload.get("strength") is not None:
+        raise BadRequest("strength needs init_image (img2img)")
+    return Request(prompt=prompt, model=model, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
+                   height=size["height"], width=size["width"], gamma=gamma, loras=lora_list, strength=strength,
+                   image=tensor)
+
+
+def _parse_loras(value, limits: Limits, registered) -> tuple[tuple[str, float], ...]:
+    """[{"name": NAME, "weight": W}, ...] (or ["NAME", ...]) -> ((name, weight), ...) of registered names."""
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest("loras must be a list of {\"name\": ..., \"weight\": ...} objects")
+    if len(value) > limits.max_loras:
+        raise BadRequest(f"at most {limits.max_loras} LoRAs can be stacked, got {len(value)}")
+    names = sorted(registered)
+    out = []
+    for item in value:
+        entry = {"name": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or set(entry) - {"name", "weight"}:
+            raise BadRequest("each LoRA must be {\"name\": NAME, \"weight\": W}")
+        name = entry.get("name")
+        if not isinstance(name, str) or name not in registered:
+            shown = str(name)[:60]
+            raise BadRequest(f"unknown LoRA {shown!r}: LoRAs are chosen by registered name, never by path; "
+                             f"registered: {', '.join(names) or 'none'}")
+        weight = _number(entry, "weight", *limits.lora_weight_range, 1.0)
+        if any(name == n for n, _ in out):
+            raise BadRequest(f"LoRA {name!r} is listed twice")
+        out.append((name, weight))
+    return tuple(out)
