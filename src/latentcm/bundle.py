@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import offline  # noqa: F401
-from .defaults import IMG2IMG_STRENGTH, LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS
+from .defaults import GRID_POINTS, IMG2IMG_STRENGTH, LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS
 from .defaults import TEACHER_SAMPLERS as SAMPLERS
 from .errors import ModelError
 from .images import load_image
@@ -161,7 +161,7 @@ class Bundle:
     @property
     def original_inference_steps(self) -> int | None:
         """N of an LCM's skipping grid (the most sampling steps it supports); None for a teacher."""
-        return self.scheduler_config.get("original_inference_steps", 50) if self.is_lcm else None
+        return self.scheduler_config.get("original_inference_steps", GRID_POINTS) if self.is_lcm else None
 
     @property
     def defaults(self) -> tuple[str, int, float]:
@@ -411,7 +411,7 @@ def _lora_scheduler_config(first: Path, teacher_config: dict) -> dict:
         sched = json.loads(sched_file.read_text())
     else:
         num_train = teacher_config.get("num_train_timesteps", 1000)
-        sched = {"_class_name": "LCMScheduler", **lcm_scheduler_config(teacher_config, skip_of(num_train, 50))}
+        sched = {"_class_name": "LCMScheduler", **lcm_scheduler_config(teacher_config, skip_of(num_train, GRID_POINTS))}
     if sched.get("_class_name") != "LCMScheduler":
         raise ModelError(f"{sched_file} is not an LCMScheduler config")
     return sched

@@ -479,10 +479,10 @@ def _run_options(command):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
 @click.option("--solver", type=click.Choice(SAMPLER_CHOICES), default="ddim", help="ODE solver Psi of the target.")
 @click.option("--skip", type=click.IntRange(1, 1000), default=SKIP, metavar="K", help="Skipping interval k (grid T // k).")
-@click.option("--omega-min", type=FiniteRange(0, 50), default=None, show_default="2; 7.5 with --lora",
+@click.option("--omega-min", type=FiniteRange(0, 50), default=None, show_default=f"{OMEGA_RANGE[0]:g}; {LORA_OMEGA:g} with --lora",
               help="Lowest paper guidance w (g = 1 + w).")
-@click.option("--omega-max", type=FiniteRange(0, 50), default=None, show_default="14; 7.5 with --lora",
-              help="Highest paper guidance w (--lora: the paper's fixed w = 7.5, no w embedding).")
+@click.option("--omega-max", type=FiniteRange(0, 50), default=None, show_default=f"{OMEGA_RANGE[1]:g}; {LORA_OMEGA:g} with --lora",
+              help=f"Highest paper guidance w (--lora: the paper's fixed w = {LORA_OMEGA:g}, no w embedding).")
 @click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
               help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")

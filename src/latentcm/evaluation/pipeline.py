@@ -319,7 +319,7 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
 
     Returns (unrounded; ``rounded`` rounds for tables):
         fid, kid and kid_std (x 10^3: mean and std over KID_SUBSETS subsets of min(KID_SUBSET_SIZE, N, M)
-        rows), precision and recall (k = PR_K, against an equal-size random subset of the reference;
+        rows, on features divided by the reference features' RMS), precision and recall (k = PR_K, against an equal-size random subset of the reference;
         None when N <= PR_K), clip_score (the caption score), accuracy (exact), attribute_accuracy,
         histogram_distance (attribute -> total variation between the judge's labels of the images and
         the reference's labels, for HISTOGRAM_ATTRIBUTES), and fid_ci [lower, upper] with ``bootstrap``.
@@ -331,7 +331,11 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
     if wanted is None:
         wanted = [world.parse_caption(p) for p in prompts]
     mu, sigma = metrics.gaussian_stats(features)
-    kid_mean, kid_std = metrics.kid(features, reference.features, KID_SUBSETS, KID_SUBSET_SIZE)
+    # the cubic kernel depends on the feature scale: scale both sets by the reference's RMS per dimension
+    # (one fixed linear map, so rows stay comparable; Inception-like magnitudes)
+    scale = float(np.sqrt(np.mean(reference.features.astype(np.float64) ** 2))) or 1.0
+    kid_mean, kid_std = metrics.kid(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
+                                    KID_SUBSETS, KID_SUBSET_SIZE)  # float64: no last-digit jitter between runs
     n = min(len(features), len(reference.features))
     if n > PR_K:
         pick = np.sort(np.random.default_rng(0).choice(len(reference.features), n, replace=False))

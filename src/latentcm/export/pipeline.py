@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..bundle import Bundle
-from ..defaults import SKIP
+from ..defaults import LCM_GUIDANCE, LCM_STEPS, SKIP
 from ..schedules import lcm_scheduler_config, skip_of
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -49,7 +49,7 @@ tags: [latent-consistency-model, lcm, latentcm, text-to-image]
 from diffusers import LatentConsistencyModelPipeline
 
 pipe = LatentConsistencyModelPipeline.from_pretrained("<this folder>")
-image = pipe("a large red circle on a blue background", num_inference_steps=4, guidance_scale=8.5).images[0]
+image = pipe("a large red circle on a blue background", num_inference_steps={steps_rec}, guidance_scale={guidance_rec}).images[0]
 ```
 
 `guidance_scale` g is the usual scale; the student was conditioned on the paper's w = g - 1.
@@ -82,7 +82,7 @@ def write_lcm_card(folder: Path, card_info: dict) -> Path:
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
         steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
-        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"))
+        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), steps_rec=LCM_STEPS, guidance_rec=LCM_GUIDANCE)
     path = folder / "README.md"
     path.write_text(text)
     return path

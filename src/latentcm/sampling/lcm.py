@@ -112,26 +112,7 @@ def sample_lcm(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps: 
     Returns:
         The last ``denoised`` [B, ...] (not a re-noised latent); with gamma, the timestep-0 latent.
     """
-    if gamma is not None:
-        return _sample_tcd(consistency_fn, latents, timesteps, noise_fn=noise_fn, alpha_bar=alpha_bar,
-                           callback=callback, gamma=float(gamma))
-    table = table_or_default(alpha_bar).to(latents.device)
-    ts = [int(t) for t in timesteps]
-    x = latents
-    for i, t in enumerate(ts):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # [B]
-        denoised = consistency_fn(x, t_batch)  # [B, ...]
-        if i + 1 < len(ts):
-            x = renoise(denoised, ts[i + 1], noise_fn(i).to(denoised), table)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": denoised})
-    return denoised
-
-
-def _sample_tcd(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps, *, noise_fn: NoiseFn,
-                alpha_bar: torch.Tensor | None, callback: Callable[[dict], None] | None, gamma: float) -> torch.Tensor:
-    """The TCD loop of ``sample_lcm(..., gamma=...)``: same steps and noise draws, ``tcd_move`` between them."""
-    if not 0.0 <= gamma <= 1.0:
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     table = table_or_default(alpha_bar).to(latents.device)
     ts = [int(t) for t in timesteps]
@@ -139,12 +120,15 @@ def _sample_tcd(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps,
     for i, t in enumerate(ts):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # [B]
         denoised = consistency_fn(x, t_batch)  # [B, ...]
-        t_prev = ts[i + 1] if i + 1 < len(ts) else None
-        noise = noise_fn(i) if t_prev is not None and gamma > 0 else None
-        x = tcd_move(denoised, x, t, t_prev, noise, gamma, table)
+        t_next = ts[i + 1] if i + 1 < len(ts) else None
+        if gamma is None and t_next is not None:  # Algorithm 3: fresh noise to the next t
+            x = renoise(denoised, t_next, noise_fn(i).to(denoised), table)
+        elif gamma is not None:  # TCD: DDIM to s, then re-noise from s to t_next
+            noise = noise_fn(i) if t_next is not None and gamma > 0 else None
+            x = tcd_move(denoised, x, t, t_next, noise, float(gamma), table)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": denoised})
-    return x
+    return denoised if gamma is None else x
 
 
 def per_image_noise(seeds: Sequence[int], shape: Sequence[int], *, dtype: torch.dtype = torch.float32,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import parameterization as P
-from ..defaults import LCM_OMEGA, LCM_STEPS
+from ..defaults import GRID_POINTS, LCM_OMEGA, LCM_STEPS
 from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser
 from ..schedules import lcm_timesteps
@@ -45,7 +45,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
     """
-    n_grid = original_inference_steps or scheduler_config.get("original_inference_steps", 50)
+    n_grid = original_inference_steps or scheduler_config.get("original_inference_steps", GRID_POINTS)
     scaling = timestep_scaling if timestep_scaling is not None else scheduler_config.get(
         "timestep_scaling", P.TIMESTEP_SCALING)
     f = ConsistencyModel(Denoiser(unet, scheduler_config), timestep_scaling=scaling)

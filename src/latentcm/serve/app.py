@@ -20,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import fastapi  # noqa: E402,F401 -- the serve extra: an ImportError here is reported by `lcm serve`
 import uvicorn  # noqa: E402,F401
 
+from ..defaults import IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_STEPS  # noqa: E402
 from ..errors import ModelError  # noqa: E402
 from .batcher import Busy, Stopped  # noqa: E402
 from .service import Result, ServeConfig, Service  # noqa: E402
@@ -145,8 +146,8 @@ def build_ui(service: Service):
                 prompt = gr.Textbox(label="Prompt", value="", placeholder="a large red circle on a blue background",
                                     max_length=limits.max_prompt_chars, lines=2, elem_id="prompt")
                 with gr.Row():
-                    steps = gr.Slider(1, limits.max_lcm_steps, value=4, step=1, label="LCM steps")
-                    guidance = gr.Slider(1.0, 15.0, value=8.5, step=0.5, label="Guidance scale g (w = g - 1)")
+                    steps = gr.Slider(1, limits.max_lcm_steps, value=LCM_STEPS, step=1, label="LCM steps")
+                    guidance = gr.Slider(1.0, 15.0, value=LCM_GUIDANCE, step=0.5, label="Guidance scale g (w = g - 1)")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1 - limits.max_images,
                                      label="Seed")
@@ -160,7 +161,7 @@ def build_ui(service: Service):
                 with gr.Accordion("img2img", open=False):
                     init_image = gr.Image(type="pil", sources=["upload"], label="Init image (optional)",
                                           elem_id="init-image")
-                    strength = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="Strength (1 redoes everything)")
+                    strength = gr.Slider(0.1, 1.0, value=IMG2IMG_STRENGTH, step=0.05, label="Strength (1 redoes everything)")
                 with gr.Accordion("LCM-LoRA on the teacher", open=False):
                     if names:
                         gr.Markdown("Weights above 0 stack these LoRAs on the teacher (instead of the LCM); "
