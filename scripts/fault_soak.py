@@ -58,10 +58,18 @@ class Soak:
         self.logs = tmp / "logs"
         self.logs.mkdir()
         self.runs = 0
+        self.data: list[str] = ["--num-data", "8"]  # or --data SHARDS (``use_shards``)
+
+    def use_shards(self) -> None:
+        """Distil from streamed webdataset shards of the world instead of cached in-memory tensors."""
+        folder = self.tmp / "shards"
+        subprocess.run([sys.executable, "-m", "latentcm.cli", "world", "export", str(folder), "--format", "shards",
+                        "--count", "16", "--shard-size", "4"], check=True, env=_env(), stdout=subprocess.DEVNULL)
+        self.data = ["--data", str(folder / "{000000..000003}.tar")]
 
     def argv(self, out: Path, resume: bool) -> list[str]:
         return [sys.executable, "-m", "latentcm.cli", "distill", "--teacher", str(self.teacher), "--out", str(out),
-                "--num-data", "8", "--batch-size", "2", "--checkpoint-every", "2", "--validate-every", "0",
+                *self.data, "--batch-size", "2", "--checkpoint-every", "2", "--validate-every", "0",
                 "--max-steps", str(self.max_steps), *(["--resume"] if resume else [])]
 
     def start(self, out: Path, resume: bool, preexec=None) -> tuple[subprocess.Popen, Path]:
@@ -249,7 +257,8 @@ def disk_full(soak: Soak, ref: Path) -> dict:
     mnt = soak.tmp / "small-disk"
     mnt.mkdir()
     ckpt_bytes = list_checkpoints(ref / "checkpoints")[-1].stat().st_size
-    cache_bytes = (ref / "data-cache.safetensors").stat().st_size
+    cache = ref / "data-cache.safetensors"  # none when streaming shards
+    cache_bytes = cache.stat().st_size if cache.is_file() else 0
     size_kib = (cache_bytes + int(1.6 * ckpt_bytes)) // 1024 + 64
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mnt)],
                              capture_output=True, text=True).returncode == 0
@@ -304,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=15.0, help="stop killing after this long (then finish)")
     ap.add_argument("--out", type=Path, default=None, help="write the results here (JSON)")
+    ap.add_argument("--shards", action="store_true", help="distil from streamed world shards (--data SHARDS)")
     args = ap.parse_args(argv)
     t0 = time.time()
     rng = random.Random(args.seed)
@@ -313,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         from latentcm.models.components import tiny_sd_pipeline
 
         tiny_sd_pipeline().save_pretrained(soak.teacher, safe_serialization=True)
+        if args.shards:
+            soak.use_shards()
         ref = tmp / "uninterrupted"
         code, err = soak.finish(ref, False)
         if code != 0:

@@ -416,16 +416,24 @@ def world_group():
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0)
 @click.option("--style", type=click.Choice(["none", "striped"]), default="none",
               help="striped: the fine-tuning set (striped objects, captions with 'striped'; splits train|heldout).")
-def world_export(out, split, count, seed, style):
-    """Write PNGs + metadata.jsonl (Hugging Face imagefolder layout).
+@click.option("--format", "fmt", type=click.Choice(["imagefolder", "shards"]), default="imagefolder",
+              help="imagefolder: PNGs + metadata.jsonl; shards: webdataset tars 000000.tar, ... (png, txt, json).")
+@click.option("--shard-size", type=click.IntRange(1, 10**6), default=1000, help="Samples per shard (--format shards).")
+def world_export(out, split, count, seed, style, fmt, shard_size):
+    """Write PNGs + metadata.jsonl (Hugging Face imagefolder layout), or webdataset shards.
 
     \b
-    Example (a custom set for `lcm finetune`):
+    Examples (a custom set for `lcm finetune`; shards to stream with `lcm distill --data`):
       lcm world export data/striped-train --style striped --split train --count 4000
+      lcm world export data/shards --format shards --count 4000 --shard-size 1000
     """
     from . import styles, world
 
-    if style == "none":
+    if fmt == "shards":
+        if style != "none":
+            raise UserError("--format shards writes the plain world (--style none)")
+        click.echo(str(world.export_shards(out, seed, count, split, shard_size)))
+    elif style == "none":
         click.echo(str(world.export_imagefolder(out, seed, count, split)))
     elif split not in styles.STYLE_SPLITS:
         raise UserError(f"the striped set has splits {', '.join(styles.STYLE_SPLITS)}, not {split!r}")
@@ -469,6 +477,13 @@ def _run_options(command):
         click.option("--checkpoint-every", type=click.IntRange(1, 10**7), default=200, help="Checkpoint every N steps."),
         click.option("--gradient-checkpointing", is_flag=True,
                      help="Recompute the student's activations in the backward pass: less memory, same result."),
+        click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no",
+                     help="Teacher and EMA target stored in half, the student fp32 under autocast; solver and loss "
+                          "fp32 (no: fp32, or what accelerate launch --mixed_precision set)."),
+        click.option("--gradient-accumulation", type=click.IntRange(1, 4096), default=1, metavar="N",
+                     help="Micro-batches per optimizer step (effective batch N x --batch-size x processes)."),
+        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit"]), default="adamw",
+                     help="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA; CPU where the installed bitsandbytes has it)."),
     ]):
         command = option(command)
     return command
@@ -489,8 +504,11 @@ def _run_options(command):
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
 @click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
 @click.option("--num-data", type=click.IntRange(1, 10**6), default=10000, help="Shapes-world images, encoded once.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="Distil on this image folder (metadata.jsonl or .txt captions) instead of the shapes world.")
+@click.option("--data", "data_dir", default=None, metavar="FOLDER|SHARDS",
+              help="Distil on this image folder (metadata.jsonl or .txt captions), or stream webdataset shards "
+                   "('shards/{000000..000009}.tar', a .tar path, 'pipe:CMD'), instead of the shapes world.")
+@click.option("--proportion-empty-prompts", type=FiniteRange(0, 1), default=None, show_default="0",
+              help="Shards: replace this share of captions by the empty prompt (deterministic per sample).")
 @click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096), default=256, help="Size of the w embedding.")
 @click.option("--cond-proj-init", type=click.Choice(["zero", "default"]), default="zero",
               help="Init of the w projection: zero (the student starts as the teacher) or PyTorch's default "
@@ -503,7 +521,7 @@ def _run_options(command):
 @_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
             resume, max_minutes, num_data, data_dir, time_cond_proj_dim, cond_proj_init, validate_every,
-            checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing):
+            checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing, proportion_empty_prompts, **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -537,10 +555,16 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
                     time_cond_proj_dim=time_cond_proj_dim, cond_proj_init=cond_proj_init,
                     gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
-                          preview_every=validate_every, max_minutes=max_minutes,
+                          preview_every=validate_every, max_minutes=max_minutes, **memory,
                           extra_meta={"lcd": asdict(cfg), **({"lora": asdict(lora)} if lora else {})})
+    from .training.data.shards import is_shard_spec
+
+    shards = data_dir if data_dir and is_shard_spec(data_dir) else None
+    if proportion_empty_prompts and shards is None:
+        raise UserError("--proportion-empty-prompts needs webdataset shards as --data")
     job = recipes.Job(registry.resolve(teacher), Path(out), loop_cfg, lcd=cfg, lora=lora,
-                      data_dir=Path(data_dir) if data_dir else None, num_data=num_data, resume=resume,
+                      data_dir=Path(data_dir) if data_dir and not shards else None, num_data=num_data, resume=resume,
+                      data_shards=shards, shard_options={"proportion_empty_prompts": proportion_empty_prompts or 0.0},
                       command=_command_line(click.get_current_context()))
     result = recipes.run("distill-lora" if lora else "distill", job)
     done, folder = result.steps, result.folder
@@ -566,7 +590,7 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
                    "high-noise end (layout, attributes) alone; the number of train timesteps - 1 trains all.")
 @_run_options
 def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
-             resume, max_minutes, validate_every, checkpoint_every, max_timestep, gradient_checkpointing):
+             resume, max_minutes, validate_every, checkpoint_every, max_timestep, gradient_checkpointing, **memory):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
 
     Unreadable images and images without a caption are skipped, counted and reported at the end.
@@ -590,7 +614,8 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
                     batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep,
                     gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
-                          preview_every=validate_every, max_minutes=max_minutes, extra_meta={"lcf": asdict(cfg)})
+                          preview_every=validate_every, max_minutes=max_minutes, **memory,
+                          extra_meta={"lcf": asdict(cfg)})
     result = recipes.run("finetune", recipes.Job(model_dir, Path(out), loop_cfg, lcd=cfg, data_dir=Path(data_dir),
                                                  resume=resume, command=_command_line(click.get_current_context())))
     done, folder, report = result.steps, result.folder, result.report

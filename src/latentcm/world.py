@@ -330,6 +330,44 @@ def export_imagefolder(out_dir: str | Path, seed: int, count: int, split: str = 
     return out
 
 
+def _sample_row(s) -> dict:
+    return {"text": s.text, **s.scene.attributes(),
+            "geometry": {k: v for k, v in asdict(s.scene).items() if k in ("cx", "cy", "angle")}}
+
+
+def export_shards(out_dir: str | Path, seed: int, count: int, split: str = "train", shard_size: int = 1000) -> Path:
+    """Write webdataset tar shards ``000000.tar``, ... of ``shard_size`` samples: ``{key}.png``, ``{key}.txt``
+    (the caption) and ``{key}.json`` (its attributes, as ``export_imagefolder``'s metadata rows). Each shard is
+    written under a temporary name, then renamed; members carry mtime 0, so the bytes depend on the arguments only."""
+    import io
+    import tarfile
+
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+    samples = iter_samples(seed, count, split)
+    for shard, start in enumerate(range(0, count, shard_size)):
+        final = out / f"{shard:06d}.tar"
+        tmp = final.with_name(final.name + ".tmp")
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, min(start + shard_size, count)):
+                s, key = next(samples), f"{split}_{i:06d}"
+                png = io.BytesIO()
+                s.image.save(png, format="PNG")
+                add(tar, f"{key}.png", png.getvalue())
+                add(tar, f"{key}.txt", s.text.encode())
+                add(tar, f"{key}.json", json.dumps(_sample_row(s)).encode())
+        tmp.replace(final)
+    return out
+
+
 def vocabulary_words() -> list[str]:
     """Every word a caption of the world can contain (for building the tokenizer)."""
     words = set(BACKGROUND_WORDS)

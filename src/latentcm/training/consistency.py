@@ -22,10 +22,17 @@ LCF's choices where the paper is silent, and why:
   FID and style both improve and attributes hold (reports/lcf, README). This choice is ours, not
   the paper's;
 * the text encoder and VAE stay frozen, as in distillation; only the UNet learns.
+
+Mixed precision (``LoopConfig.mixed_precision``, via ``set_precision``): the frozen teacher and the EMA target
+are stored in bf16 / fp16, the student keeps fp32 master weights (run under autocast by the loop); every UNet
+output is cast to fp32 at the UNet's boundary (:class:`Float32Output`), so the x0 / eps conversions, c_skip /
+c_out, the solver and the loss run in fp32 (the alpha / sigma table stays float64).
 """
 from __future__ import annotations
 
 import copy
+import logging
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +101,47 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c
     raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
+class Float32Output(torch.nn.Module):
+    """A UNet whose floating inputs are cast to ``dtype`` (the stored weights') and whose output is fp32.
+
+    Wraps the network inside a ``Denoiser`` under mixed precision: the network runs in half (the teacher, the
+    target) or under autocast (the student), and everything after it -- x0 / eps, c_skip / c_out, the solver,
+    the loss -- sees fp32 tensors.
+    """
+
+    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    @property
+    def config(self):
+        return self.net.config
+
+    def _cast(self, x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.to(self.dtype)
+        if isinstance(x, dict):
+            return {k: self._cast(v) for k, v in x.items()}
+        return x
+
+    def forward(self, sample, timestep, **kwargs):
+        out = self.net(self._cast(sample), timestep, **{k: self._cast(v) for k, v in kwargs.items()})
+        return types.SimpleNamespace(sample=out.sample.float())
+
+
+def _wrap(denoiser: Denoiser, dtype: torch.dtype) -> None:
+    if not isinstance(denoiser.unet, Float32Output):
+        denoiser.unet = Float32Output(denoiser.unet, dtype)
+
+
+def _warn_slow_ema(decay: float, dtype: torch.dtype) -> None:
+    resolution = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # relative spacing of the half format
+    if 0 < 1 - decay < resolution:
+        logging.getLogger(__name__).warning(
+            "warning: EMA rate %g moves the half-precision target by less than its resolution (%g) per step; "
+            "it will barely move: use a lower --ema", decay, resolution)
+
+
 # --- the task ------------------------------------------------------------------------------------
 
 class LCDTask:
@@ -137,6 +185,18 @@ class LCDTask:
         self.student = ConsistencyModel(Denoiser(self.student_unet, scheduler_config))
         self.target = ConsistencyModel(Denoiser(self.target_unet, scheduler_config))
 
+    def set_precision(self, dtype: torch.dtype) -> None:
+        """Mixed precision: teacher and EMA target stored in ``dtype``; the student's weights stay fp32. Every
+        network output is fp32 (``Float32Output``). Called by the loop before ``prepare``."""
+        if self.teacher is not None:
+            self.teacher.unet.to(dtype)
+            _wrap(self.teacher, dtype)
+        self.target_unet.to(dtype)
+        _warn_slow_ema(self.cfg.ema_decay, dtype)
+        _wrap(self.target.denoiser, dtype)
+        self.student_unet.float()  # fp32 master weights, also of a student built in half
+        _wrap(self.student.denoiser, torch.float32)
+
     def modules(self):
         return {"student": self.student_unet, "target": self.target_unet}
 
@@ -156,6 +216,8 @@ class LCDTask:
     def batch(self, step: int) -> dict:
         """Algorithm 1 line 3: (z, c) ~ D_z, t_{n+k} on the grid, w ~ U[w_min, w_max]; plus the noise of line 4."""
         g, b, k = step_generator(self.cfg.seed, step), self.cfg.batch_size, self.cfg.skip
+        if getattr(self.data, "streaming", False):  # shards: batch index -> stream position (data.shards)
+            return self._streamed_batch(self.data.batch(step), g, k)
         idx = torch.randint(len(self.data), (b,), generator=g)
         t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
         noise = torch.randn((b, *self.data.latents.shape[1:]), generator=g)  # [B, C, h, w]
@@ -163,6 +225,16 @@ class LCDTask:
         idx_d = idx.to(self.data.latents.device)
         out = {"z0": self.data.latents[idx_d], "text": self.data.text_states[idx_d], "noise": noise,
                "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}  # t_n = max(t_{n+k} - k, 0)
+        return {key: v.to(self.device) for key, v in out.items()}
+
+    def _streamed_batch(self, chunk: LCDData, g: torch.Generator, k: int) -> dict:
+        """A batch of a streaming source: its encoded samples, with t, noise and w drawn as for cached data."""
+        b = len(chunk)
+        t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
+        noise = torch.randn((b, *chunk.latents.shape[1:]), generator=g)  # [B, C, h, w]
+        omega = self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * torch.rand(b, generator=g)  # [B]
+        out = {"z0": chunk.latents, "text": chunk.text_states, "noise": noise,
+               "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}
         return {key: v.to(self.device) for key, v in out.items()}
 
     @torch.no_grad()
@@ -251,6 +323,18 @@ class LoRATask(LCDTask):
             self.lora_target = AdapterWeights(unet, TARGET_ADAPTER)
             self.lora_target.load_state_dict(self.lora.state_dict())  # theta^- <- theta
             self.target = ConsistencyModel(Denoiser(AdapterView(unet, TARGET_ADAPTER), scheduler_config))
+
+    def set_precision(self, dtype: torch.dtype) -> None:
+        """Mixed precision: the frozen base UNet (the teacher) and the EMA adapter in ``dtype``, the online
+        adapter fp32 (as diffusers' LCM-LoRA script); every network output is fp32 (``Float32Output``)."""
+        online = {id(p) for p in self.lora.parameters()}
+        with torch.no_grad():
+            for p in self.student_unet.parameters():  # fp32 online adapter, also of a UNet built in half
+                p.data = p.data.float() if id(p) in online else p.data.to(dtype)
+        if self.lora_target is not None:
+            _warn_slow_ema(self.cfg.ema_decay, dtype)
+        for denoiser in (self.teacher, self.target.denoiser, self.student.denoiser):
+            _wrap(denoiser, dtype)
 
     def modules(self):
         """Only the adapter weights are checkpointed: the base UNet is the teacher folder's, unchanged."""

@@ -13,9 +13,17 @@ of interrupted writes and cuts metrics.csv back to the checkpoint's step, so eve
 Both run through ``accelerate.Accelerator``: a single process by default, and unchanged under
 ``accelerate launch`` with several processes (data parallel: process r of W draws batch index
 ``step * W + r``; gradients are averaged; only the main process writes files).
+
+Memory and precision (``LoopConfig``): ``mixed_precision`` bf16 / fp16 runs the task's loss under
+``torch.autocast`` (the student keeps fp32 master weights; a task with ``set_precision`` stores its frozen
+networks in half; fp16 scales the loss with a GradScaler), also when ``accelerate launch --mixed_precision``
+set it. ``gradient_accumulation`` N: micro-batch j of optimizer step s is batch index ``s * N + j`` (times W
+processes, plus r), so batches stay a pure function of the step and resume stays exact. ``optimizer``
+adamw | adamw8bit (bitsandbytes).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -65,7 +73,10 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
     with torch.no_grad():
         for pt, po in zip(target.parameters(), online.parameters()):
             if po.requires_grad:
-                pt.lerp_(po, 1 - decay)
+                if pt.dtype == po.dtype:
+                    pt.lerp_(po, 1 - decay)
+                else:  # a half-precision target of an fp32 student: mix in fp32, store rounded
+                    pt.copy_(pt.float().lerp_(po.float(), 1 - decay))
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,23 @@ class LoopConfig:
     max_minutes: float | None = None  # stop cleanly (with a checkpoint) after this long
     max_bad_steps: int = 10  # stop after this many skipped (non-finite loss / gradient) updates in a row; 0: never
     betas: tuple[float, float] = (0.9, 0.999)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; "no" defers to what accelerate launch set)
+    gradient_accumulation: int = 1  # micro-batches per optimizer step (batch index s * N + j)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     extra_meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.gradient_accumulation < 1:
+            raise ValueError(f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+
+
+PRECISIONS = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lr_at(cfg: LoopConfig, step: int) -> float:
@@ -96,8 +123,66 @@ def lr_at(cfg: LoopConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(task: Task, cfg: LoopConfig) -> torch.optim.Optimizer:
+def make_optimizer(task: Task, cfg: LoopConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        return _adamw8bit(task.parameters(), cfg, device)
     return torch.optim.AdamW(task.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _adamw8bit(params, cfg: LoopConfig, device) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW, or a one-line ValueError saying why it cannot be used here."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # not installed, or its native library does not load
+        raise ValueError(f"--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes): "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from None
+    params = list(params)
+    where = torch.device(device if device is not None else (params[0].device if params else "cpu"))
+    if where.type != "cuda":  # bitsandbytes' CPU support depends on its version and build: probe it once
+        try:
+            probe = torch.nn.Parameter(torch.zeros(4096, device=where))
+            probe.grad = torch.ones_like(probe)
+            bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+        except Exception as exc:
+            raise ValueError(f"--optimizer adamw8bit: bitsandbytes' 8-bit AdamW does not run on {where.type} here "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             f"use a CUDA GPU or --optimizer adamw") from None
+    return _flat_state(bnb.optim.AdamW8bit)(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _flat_state(cls):
+    """``cls`` with a flat state dict (bitsandbytes nests its quantisation state one dict deep; checkpoints hold
+    one tensor per (parameter, key)), restored on load."""
+    class Flat(cls):
+        def state_dict(self):
+            sd = super().state_dict()
+            state = {pid: {f"{k}/{kk}" if isinstance(v, dict) else k: vv
+                           for k, v in st.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+                     for pid, st in sd["state"].items()}
+            return {**sd, "state": state}
+
+        def load_state_dict(self, state_dict):
+            state = {}
+            for pid, st in state_dict["state"].items():
+                nested: dict = {}
+                for k, v in st.items():
+                    if "/" in k:
+                        outer, inner = k.split("/", 1)
+                        nested.setdefault(outer, {})[inner] = v
+                    else:
+                        nested[k] = int(v) if k == "step" and torch.is_tensor(v) else v
+                state[pid] = nested
+            super().load_state_dict({**state_dict, "state": state})
+    Flat.__name__ = Flat.__qualname__ = cls.__name__
+    return Flat
+
+
+def precision_of(cfg: LoopConfig, accelerator) -> str:
+    """The run's precision: the config's, else what ``accelerate launch --mixed_precision`` set."""
+    if cfg.mixed_precision != "no":
+        return cfg.mixed_precision
+    mp = str(getattr(accelerator, "mixed_precision", "no") or "no")
+    return mp if mp in HALF else "no"
 
 
 def make_accelerator():
@@ -110,11 +195,24 @@ def make_accelerator():
 def prepare(task: Task, cfg: LoopConfig, accelerator) -> torch.optim.Optimizer:
     """Let the task place (and wrap) its modules, then build and prepare the optimizer."""
     own = hasattr(task, "prepare")
+    precision = precision_of(cfg, accelerator)
+    if precision != "no" and hasattr(task, "set_precision"):
+        task.set_precision(HALF[precision])  # frozen networks stored in half; the trained weights stay fp32
     if own:
         task.prepare(accelerator)
-    opt = make_optimizer(task, cfg)
+    opt = make_optimizer(task, cfg, accelerator.device if own else None)
     # A task that placed nothing keeps its optimizer state where its parameters are.
-    return accelerator.prepare(opt) if own else accelerator.prepare(opt, device_placement=[False])
+    opt = accelerator.prepare(opt) if own else accelerator.prepare(opt, device_placement=[False])
+    if precision == "fp16" and getattr(accelerator, "scaler", None) is None:
+        opt.lcm_scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=2.0 ** 10)  # fp16: loss scaling
+    return opt
+
+
+def _autocast(cfg: LoopConfig, accelerator):
+    precision = precision_of(cfg, accelerator)
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(accelerator.device.type, dtype=HALF[precision])
 
 
 def _average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
@@ -129,20 +227,38 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
     acc = accelerator if accelerator is not None else make_accelerator()
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
-    loss, metrics = task.loss(task.batch(step * acc.num_processes + acc.process_index), step)
+    n, scaler = cfg.gradient_accumulation, getattr(opt, "lcm_scaler", None)
     opt.zero_grad(set_to_none=True)
-    acc.backward(loss)
+    total, metrics = None, {}
+    for j in range(n):  # micro-batch j of step s is batch index s * N + j (per process: times W, plus r)
+        with _autocast(cfg, acc):
+            loss, metrics = task.loss(task.batch((step * n + j) * acc.num_processes + acc.process_index), step)
+        part = loss / n if n > 1 else loss
+        if scaler is not None:
+            scaler.scale(part).backward()
+        else:
+            acc.backward(part)
+        total = part.detach().float() if total is None else total + part.detach().float()
+    loss = total
     if acc.num_processes > 1 and not hasattr(task, "prepare"):
         _average_gradients(task.parameters(), acc)
+    if scaler is not None:
+        scaler.unscale_(opt.optimizer if hasattr(opt, "optimizer") else opt)
     grad_norm = acc.clip_grad_norm_(task.parameters(), cfg.grad_clip)
-    finite = bool(torch.isfinite(loss.detach()).all()) and math.isfinite(float(grad_norm))
+    finite = bool(torch.isfinite(loss).all()) and math.isfinite(float(grad_norm))
     bad = _any_process(acc, not finite)  # every process skips together
+    if scaler is not None and bad:
+        scaler.update()  # an fp16 overflow shrinks the loss scale; the step is skipped below
     if bad:  # no update and no EMA from a NaN / Inf loss or gradient
         opt.zero_grad(set_to_none=True)
     else:
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt.optimizer if hasattr(opt, "optimizer") else opt)
+            scaler.update()
+        else:
+            opt.step()
         task.after_update(step)
-    loss = loss.detach() if acc.num_processes == 1 else acc.reduce(loss.detach(), "mean")
+    loss = loss if acc.num_processes == 1 else acc.reduce(loss, "mean")
     return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics,
             "skipped": int(bad)}
 
@@ -262,6 +378,9 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
     out.mkdir(parents=True, exist_ok=True)
     opt = prepare(task, cfg, acc)
     meta = _resume(task, opt, ckpt_dir, main) if resume else {"step": 0}
+    if int(meta.get("gradient_accumulation", cfg.gradient_accumulation)) != cfg.gradient_accumulation:
+        raise ValueError(f"the checkpoint was trained with --gradient-accumulation {meta['gradient_accumulation']}; "
+                         f"resume with the same value (got {cfg.gradient_accumulation})")
     step, spent = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
     skipped_total = int(meta.get("skipped_steps", 0))
     bad_run = 0 if meta.get("stopped") == "non-finite" else int(meta.get("bad_in_a_row", 0))
@@ -273,7 +392,8 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
     def save(at: int, **extra) -> None:
         _save(task, opt, acc, ckpt_dir, cfg.keep_checkpoints,
               {"step": at, "elapsed_s": spent + time.time() - t0, "skipped_steps": skipped_total,
-               "bad_in_a_row": bad_run, **extra, **cfg.extra_meta})
+               "bad_in_a_row": bad_run, "gradient_accumulation": cfg.gradient_accumulation, **extra,
+               **cfg.extra_meta})
         if on_checkpoint and main:
             on_checkpoint(at)
 
@@ -299,7 +419,8 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
                 save(step)
             if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
-                task.preview(step, out / "previews")
+                with _autocast(cfg, acc):  # a half-stored network (LoRA's base UNet) samples under autocast
+                    task.preview(step, out / "previews")
             if timed_out:
                 break
     finally:

@@ -32,6 +32,7 @@ from ..schedules import grid_size, skip_of
 from .consistency import LCDConfig, LCDTask, LoRATask
 from .data.folders import LoadReport, folder_data
 from .data.shapes import world_data
+from .data.shards import ShardSource
 from .diffusion import UNetTask
 from .loop import LoopConfig, check_fresh, fit, make_accelerator
 
@@ -42,8 +43,8 @@ class Job:
 
     ``lcd`` is the consistency variant (distill, distill-lora, finetune); ``lora`` the adapter (distill-lora,
     finetune-teacher with an adapter); ``diffusion`` the plain-diffusion settings (finetune-teacher:
-    batch_size, seed, ema_decay). ``data_dir`` is a user image folder; without one, distillation uses
-    ``num_data`` shapes-world images.
+    batch_size, seed, ema_decay). ``data_dir`` is a user image folder, ``data_shards`` a webdataset shard spec
+    (streamed and encoded per batch); without either, distillation uses ``num_data`` shapes-world images.
     """
 
     source: Path
@@ -53,6 +54,8 @@ class Job:
     lora: LoRAConfig | None = None
     data_dir: Path | None = None
     num_data: int = 10000
+    data_shards: str | None = None    # webdataset shard spec, streamed (distill / distill-lora; ``data.shards``)
+    shard_options: dict = field(default_factory=dict)  # ShardSource keywords (proportion_empty_prompts, ...)
     diffusion: dict = field(default_factory=dict)
     resume: bool = False
     command: str = ""
@@ -186,9 +189,17 @@ def lcm_skip(bundle: Bundle) -> int:
     return skip_of(bundle.scheduler_config.get("num_train_timesteps", 1000), bundle.original_inference_steps)
 
 
-def _data(bundle: Bundle, job: Job, write: bool):
-    """(LCDData, captions, report): a user folder when given, else the shapes world (distillation only)."""
+def _data(bundle: Bundle, job: Job, write: bool, accelerator=None):
+    """(LCDData or ShardSource, captions, report): shards or a user folder when given, else the shapes world
+    (distillation only)."""
     cache = job.data_cache or job.out / "data-cache.safetensors"
+    if job.data_shards is not None:
+        if job.lcd is None:
+            raise ValueError("webdataset shards stream consistency training only (distill); pass an image folder")
+        source = ShardSource(bundle, job.data_shards, job.lcd.batch_size, job.lcd.seed,
+                             process_index=accelerator.process_index if accelerator else 0,
+                             num_processes=accelerator.num_processes if accelerator else 1, **job.shard_options)
+        return source, [], source.report
     if job.data_dir is not None:
         data, report, captions = folder_data(bundle, Path(job.data_dir), cache, write=write)
         return data, captions, report
@@ -198,7 +209,8 @@ def _data(bundle: Bundle, job: Job, write: bool):
 def _info(job: Job, recipe: Recipe, done: int, report, seconds: float, processes: int) -> dict:
     """What the exported card reports about the run."""
     return {"command": job.command, "teacher": str(job.source), "steps": done,
-            "num_data": job.num_data if job.data_dir is None else str(job.data_dir), "data": str(job.data_dir),
+            "num_data": job.num_data if job.data_dir is None and job.data_shards is None
+            else str(job.data_shards or job.data_dir), "data": str(job.data_shards or job.data_dir),
             "data_report": report.summary() if report is not None else f"{job.num_data} shapes-world images",
             "lcd": asdict(job.lcd) if job.lcd is not None else {},
             "loop": {k: v for k, v in asdict(job.loop).items() if k != "extra_meta"},
@@ -227,7 +239,7 @@ def run(name: str, job: Job, accelerator=None) -> Result:
     made = _first_missing(out)  # removed again if the run is refused before training starts
     try:
         out.mkdir(parents=True, exist_ok=True)
-        data, captions, report = _data(bundle, job, write=acc.is_main_process)
+        data, captions, report = _data(bundle, job, write=acc.is_main_process, accelerator=acc)
         task = recipe.make_task(bundle, data, captions, job)
     except BaseException:
         if made is not None:
