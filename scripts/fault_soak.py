@@ -75,8 +75,12 @@ class Soak:
     def start(self, out: Path, resume: bool, preexec=None) -> tuple[subprocess.Popen, Path]:
         self.runs += 1
         err = self.logs / f"run-{self.runs:03d}.err"
+        def child_setup():  # a soak started in the background inherits SIGINT ignored: restore it for Ctrl-C
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if preexec is not None:
+                preexec()
         proc = subprocess.Popen(self.argv(out, resume), stdout=subprocess.DEVNULL, stderr=open(err, "w"),
-                                env=_env(), cwd=self.tmp, preexec_fn=preexec)
+                                env=_env(), cwd=self.tmp, preexec_fn=child_setup)
         return proc, err
 
     def finish(self, out: Path, resume: bool, timeout: float = 600, preexec=None) -> tuple[int, str]:
