@@ -11,7 +11,6 @@ import torch
 from ..bundle import Bundle
 from ..defaults import LCM_GUIDANCE, LCM_STEPS, SKIP
 from ..schedules import lcm_scheduler_config, skip_of
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 LCM_CARD = """---
 library_name: diffusers

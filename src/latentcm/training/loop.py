@@ -288,12 +288,6 @@ def _resume(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path, main: bool =
     raise CheckpointReadError(f"no readable checkpoint in {ckpt_dir} ({len(bad)} found, e.g. {bad[0][1]})")
 
 
-def resume_state(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path) -> tuple[int, float]:
-    """Load the newest readable checkpoint in ``ckpt_dir``; return (step to continue from, seconds spent)."""
-    meta = _resume(task, opt, ckpt_dir)
-    return int(meta["step"]), float(meta.get("elapsed_s", 0.0))
-
-
 def truncate_metrics(path: str | Path, step: int) -> int:
     """Cut ``metrics.csv`` back to the rows of steps 1..``step`` (one each, the last written; a partial last
     line of a killed run is dropped), so a resumed run logs every step once. Returns the rows dropped."""

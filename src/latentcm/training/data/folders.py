@@ -210,9 +210,3 @@ def folder_data(bundle, folder: Path, cache: Path | None, write: bool = True) ->
         if cache is not None and write:
             found.save(cache, meta)
     return found, report, [text for _, text in pairs]
-
-
-def folder_latents_and_captions(bundle, folder: Path):
-    """(latents [N, C, h, w], captions, report) of a user folder, for plain diffusion training."""
-    data, report, captions = folder_data(bundle, folder, None)
-    return data.latents, captions, report
