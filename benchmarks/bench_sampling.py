@@ -6,13 +6,21 @@ untimed runs. Ratios are against the teacher's 50-step row of the same run.
     python benchmarks/bench_sampling.py                       # the shipped lcm and teacher
     python benchmarks/bench_sampling.py --lcm runs/lcm --teacher runs/build/teacher --batch-size 16
 
-With --vs-diffusers it instead times latentcm's LCM sampling against diffusers' LatentConsistencyModelPipeline
-built from the very same modules (same weights), interleaved A/B/A/B with the median of --repeats (>= 5), at
-batch 1 and 16 and 1/2/4/8 steps, in fp32 and in the fastest opt-in mode (bf16 autocast and channels_last VAE
-for both; latentcm also its prompt-encoding LRU), with the max pixel error of each output against fp32 latentcm
-(torch.compile is left out: on the 2-core CPU it compiled for minutes and gave no speed-up):
+With --vs-diffusers it instead times latentcm's LCM sampling in each mode against diffusers'
+LatentConsistencyModelPipeline in fp32 built from the very same modules (same weights), interleaved (diffusers,
+then every mode, round after round; the median of --repeats >= 5 after a warm-up round), at batch 1 and 16 and
+1/2/4/8 steps, with the max pixel error of each output against fp32 latentcm. Modes (``Bundle.optimize``):
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_sampling.py --vs-diffusers --out reports/serve/bench_sampling
+* fp32: nothing changed (identical output expected);
+* serve: channels_last VAE and the prompt-encoding LRU (the defaults of ``lcm serve``);
+* compile: serve + the UNet channels_last under ``torch.compile`` (``lcm serve --compile``; fp32, compiles
+  ~40 s per batch shape on first use, untimed);
+* fast: serve + bf16 autocast (``lcm serve --dtype bf16``).
+
+``--judge N`` also samples N held-out prompts at 4 steps in fp32 and in each other mode and scores them with the
+judge (attribute accuracy), the accuracy check of the speed-ups:
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_sampling.py --vs-diffusers --judge 256 --out reports/serve/bench_sampling
 """
 from __future__ import annotations
 
@@ -63,9 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vs-diffusers", action="store_true", help="latentcm against diffusers' LCM pipeline instead.")
     ap.add_argument("--batch-sizes", default="1,16", help="--vs-diffusers: comma-separated batch sizes.")
     ap.add_argument("--steps", default="1,2,4,8", help="--vs-diffusers: comma-separated step counts.")
-    ap.add_argument("--modes", default="fp32,serve,fast",
-                    help="--vs-diffusers: fp32; serve (channels_last VAE + prompt LRU: `lcm serve`'s defaults); "
-                         "fast (serve + bf16 autocast, the fastest opt-in).")
+    ap.add_argument("--modes", default="fp32,serve,compile,fast",
+                    help="--vs-diffusers: comma-separated, from fp32, serve, compile, fast (see above).")
+    ap.add_argument("--judge", type=int, default=0, help="--vs-diffusers: judge accuracy on N held-out prompts per mode.")
     ap.add_argument("--out", default=None, help="--vs-diffusers: write OUT.json and OUT.md.")
     return ap.parse_args(argv)
 
@@ -81,87 +89,126 @@ def _pipeline(bundle: Bundle):
     return pipe
 
 
-def _set_mode(bundle: Bundle, mode: str) -> None:
-    if mode not in ("fp32", "serve", "fast"):
-        raise SystemExit(f"unknown mode {mode!r}; choose from fp32, serve, fast")
-    bundle.optimize(prompt_cache=0 if mode == "fp32" else 256, channels_last_vae=mode != "fp32",
-                    dtype=torch.bfloat16 if mode == "fast" else torch.float32)
+MODES = {  # Bundle.optimize arguments of each mode
+    "fp32": {},
+    "serve": {"prompt_cache": 256, "channels_last_vae": True},
+    "compile": {"prompt_cache": 256, "channels_last_vae": True, "compile_unet": True},
+    "fast": {"prompt_cache": 256, "channels_last_vae": True, "dtype": torch.bfloat16},
+}
+LEVEL = 1 / 255  # one 8-bit level in [0, 1] pixel units
 
 
-def vs_diffusers(args: argparse.Namespace) -> list[dict]:
-    """Interleaved latentcm / diffusers timings (median of ``repeats``) and pixel errors against fp32 latentcm."""
-    bundle = Bundle.load(registry.resolve(args.lcm)).to(args.device)
-    pipe = _pipeline(bundle)
+def _bundles(args: argparse.Namespace, modes: list[str]) -> dict[str, Bundle]:
+    """One Bundle per mode, each its own copy of the weights (so no mode's layout leaks into another's)."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    path = registry.resolve(args.lcm)
+    return {m: Bundle.load(path).to(args.device).optimize(**MODES[m]) for m in ["fp32", *modes] if m}
+
+
+def _time_round(fns: dict, sync) -> tuple[dict, dict]:
+    """One call of each function in turn: (outputs, seconds)."""
+    outputs, seconds = {}, {}
+    for name, fn in fns.items():
+        sync()
+        t0 = time.perf_counter()
+        outputs[name] = fn()
+        sync()
+        seconds[name] = time.perf_counter() - t0
+    return outputs, seconds
+
+
+def vs_diffusers(args: argparse.Namespace) -> dict:
+    """Interleaved timings of every mode and of diffusers' fp32 pipeline (median of ``repeats``), pixel errors
+    against fp32 latentcm in [0, 1] units; with ``--judge`` the judge's accuracy per mode."""
+    modes = list(dict.fromkeys(args.modes.split(",")))
+    bundles = _bundles(args, modes)
+    pipe = _pipeline(bundles["fp32"])  # shares the fp32 bundle's modules, which no mode changes
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    repeats = max(5, args.repeats)
-    rows, reference = [], {}
-    for mode in args.modes.split(","):
-        _set_mode(bundle, mode)
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            prompts, seeds = [PROMPT] * batch, list(range(batch))
-            for steps in [int(s) for s in args.steps.split(",")]:
-                def ours():
-                    return bundle.generate(prompts, seeds, "lcm", steps, 8.5)
+    repeats, rows = max(5, args.repeats), []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts, seeds = [PROMPT] * batch, list(range(batch))
+        for steps in [int(s) for s in args.steps.split(",")]:
+            def theirs():
+                gens = [torch.Generator().manual_seed(s) for s in seeds]
+                out = pipe(prompts, num_inference_steps=steps, guidance_scale=8.5, generator=gens,
+                           output_type="pt").images
+                return out.float() * 2 - 1  # [0, 1] -> [-1, 1]
 
-                def theirs():
-                    gens = [torch.Generator().manual_seed(s) for s in seeds]
-                    with bundle._autocast():
-                        out = pipe(prompts, num_inference_steps=steps, guidance_scale=8.5, generator=gens,
-                                   output_type="pt").images
-                    return out.float() * 2 - 1  # [0, 1] -> [-1, 1]
-
-                outputs, times = {}, {"latentcm": [], "diffusers": []}
-                for i in range(repeats + 1):  # the first round is warm-up
-                    for name, fn in (("latentcm", ours), ("diffusers", theirs)):
-                        sync()
-                        t0 = time.perf_counter()
-                        outputs[name] = fn()
-                        sync()
-                        if i:
-                            times[name].append(time.perf_counter() - t0)
-                if mode == "fp32":
-                    reference[(batch, steps)] = outputs["latentcm"]
-                ref = reference.get((batch, steps))
-                diff = {name: None if ref is None else (out.cpu() - ref.cpu()).abs() * 127.5  # 8-bit levels
-                        for name, out in outputs.items()}
-                err = {name: None if d is None else round(float(d.max()), 3) for name, d in diff.items()}
-                mean = {name: None if d is None else round(float(d.mean()), 4) for name, d in diff.items()}
-                med = {name: statistics.median(t) for name, t in times.items()}
-                rows.append({"mode": mode, "batch": batch, "steps": steps, "latentcm_s": round(med["latentcm"], 4),
-                             "diffusers_s": round(med["diffusers"], 4),
-                             "speedup": round(med["diffusers"] / med["latentcm"], 3),
-                             "max_pixel_err_latentcm": err["latentcm"], "max_pixel_err_diffusers": err["diffusers"],
-                             "mean_pixel_err_latentcm": mean["latentcm"],
-                             "latentcm_images_per_s": round(batch / med["latentcm"], 2)})
+            fns = {"diffusers-fp32": theirs, **{m: (lambda b=bundles[m]: b.generate(prompts, seeds, "lcm", steps, 8.5))
+                                                for m in modes}}
+            times = {name: [] for name in fns}
+            for i in range(repeats + 1):  # round 0 warms up (and compiles)
+                outputs, seconds = _time_round(fns, sync)
+                for name, sec in seconds.items():
+                    if i:
+                        times[name].append(sec)
+            ref = outputs["fp32"] if "fp32" in outputs else bundles["fp32"].generate(prompts, seeds, "lcm", steps, 8.5)
+            base = statistics.median(times["diffusers-fp32"])
+            for name in fns:
+                err = (outputs[name].cpu().float() - ref.cpu().float()).abs() / 2  # [-1, 1] -> [0, 1] units
+                med = statistics.median(times[name])
+                rows.append({"mode": name, "batch": batch, "steps": steps, "seconds": round(med, 4),
+                             "diffusers_fp32_s": round(base, 4), "speedup_vs_diffusers_fp32": round(base / med, 3),
+                             "max_pixel_err": round(float(err.max()), 5), "mean_pixel_err": round(float(err.mean()), 6),
+                             "images_per_s": round(batch / med, 2)})
                 r = rows[-1]
-                print(f"{mode:5s} batch {batch:2d} steps {steps}: latentcm {r['latentcm_s'] * 1000:8.1f} ms  diffusers "
-                      f"{r['diffusers_s'] * 1000:8.1f} ms  diffusers/latentcm {r['speedup']:5.2f}x  max pixel err vs fp32 "
-                      f"latentcm: latentcm {r['max_pixel_err_latentcm']}, diffusers {r['max_pixel_err_diffusers']}",
-                      flush=True)
+                print(f"batch {batch:2d} steps {steps} {name:15s} {med * 1000:8.1f} ms  diffusers-fp32 / this "
+                      f"{r['speedup_vs_diffusers_fp32']:5.2f}x  max pixel err vs fp32 latentcm {r['max_pixel_err']:.5f} "
+                      f"({r['max_pixel_err'] / LEVEL:.2f} levels)", flush=True)
+    result = {"rows": rows, "repeats": repeats, "judge": _judge(bundles, args.judge) if args.judge else None}
     if args.out:
-        _write(args, rows, repeats)
-    return rows
+        _write(args, result)
+    return result
 
 
-def _write(args: argparse.Namespace, rows: list[dict], repeats: int) -> None:
+def _judge(bundles: dict[str, Bundle], count: int, steps: int = 4, guidance: float = 8.5) -> dict:
+    """Attribute accuracy (%) of each mode's images of ``count`` held-out prompts, scored by the shipped judge."""
+    from latentcm.evaluation.extractors import JudgeExtractor
+    from latentcm.evaluation.pipeline import attribute_accuracy, heldout_prompts, to_pixels
+
+    judge = JudgeExtractor.load(registry.resolve("judge"))
+    prompts, wanted = zip(*heldout_prompts(count))
+    scores = {}
+    for mode, bundle in bundles.items():
+        images = torch.cat([bundle.generate(list(prompts[i:i + 16]), list(range(i, min(i + 16, count))), "lcm",
+                                            steps, guidance).cpu() for i in range(0, count, 16)])
+        saved = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # 8-bit
+        scores[mode] = {k: 100 * v for k, v in attribute_accuracy(judge.predict(to_pixels(saved)), list(wanted)).items()}
+        print(f"judge, {count} held-out prompts, {steps} steps, {mode:8s}: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in scores[mode].items()), flush=True)
+    return {"count": count, "steps": steps, "guidance": guidance, "accuracy": scores}
+
+
+def _write(args: argparse.Namespace, result: dict) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{os.cpu_count()} CPU cores ({args.device}), torch threads {torch.get_num_threads()}, shared; " \
               f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "repeats": repeats, "rows": rows}, indent=2)
-                                        + "\n")
-    lines = ["# latentcm vs diffusers' LatentConsistencyModelPipeline, same modules and weights\n",
-             f"{machine}. Interleaved A/B/A/B, median of {repeats} after one warm-up round; the whole text -> image "
-             "path (prompt encoding, LCM sampling, VAE decode) at guidance 8.5, 64x64. `serve` = channels_last VAE for "
-             "both and latentcm's prompt-encoding LRU (diffusers has none): the defaults of `lcm serve`; `fast` = "
-             "`serve` + bf16 autocast for both (opt-in, `lcm serve --dtype bf16`). Pixel errors are "
-             "max |difference| in 8-bit levels against fp32 latentcm of the same batch and steps.\n",
-             "| mode | batch | steps | latentcm ms | diffusers ms | diffusers / latentcm | latentcm images/s | "
-             "max (mean) pixel err latentcm | max pixel err diffusers |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['batch']} | {r['steps']} | {r['latentcm_s'] * 1000:.1f} | "
-                     f"{r['diffusers_s'] * 1000:.1f} | {r['speedup']:.2f}x | {r['latentcm_images_per_s']} | "
-                     f"{r['max_pixel_err_latentcm']} ({r['mean_pixel_err_latentcm']}) | {r['max_pixel_err_diffusers']} |")
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine, **result}, indent=2) + "\n")
+    lines = ["# latentcm against diffusers' LatentConsistencyModelPipeline in fp32, same modules and weights\n",
+             f"{machine}. `python benchmarks/bench_sampling.py --vs-diffusers --judge {args.judge} --out {args.out}`. "
+             f"Interleaved round by round (diffusers fp32, then each mode), median of {result['repeats']} rounds after a "
+             "warm-up round; the whole text -> image path (prompt encoding, LCM sampling, VAE decode) at guidance 8.5, "
+             "64x64. Modes: `fp32` unchanged; `serve` channels_last VAE + prompt-encoding LRU (`lcm serve`'s defaults); "
+             "`compile` serve + channels_last UNet under torch.compile (`lcm serve --compile`, fp32); `fast` serve + "
+             "bf16 autocast (`lcm serve --dtype bf16`). Pixel errors: max |difference| against fp32 latentcm of the "
+             "same batch and steps, in [0, 1] pixel units (one 8-bit level = 0.0039).\n",
+             "| mode | batch | steps | ms | diffusers fp32 ms | diffusers fp32 / this | images/s | max pixel err | "
+             "mean pixel err |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['steps']} | {r['seconds'] * 1000:.1f} | "
+                     f"{r['diffusers_fp32_s'] * 1000:.1f} | {r['speedup_vs_diffusers_fp32']:.2f}x | {r['images_per_s']} | "
+                     f"{r['max_pixel_err']:.5f} | {r['mean_pixel_err']:.6f} |")
+    judge = result.get("judge")
+    if judge:
+        attrs = list(next(iter(judge["accuracy"].values())))
+        lines += ["", f"Judge accuracy (%), {judge['count']} held-out prompts, {judge['steps']} steps, guidance "
+                  f"{judge['guidance']}, seeds 0..{judge['count'] - 1}:", "",
+                  "| mode | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
+        for mode, acc in judge["accuracy"].items():
+            lines.append(f"| {mode} | " + " | ".join(f"{acc[a]:.1f}" for a in attrs) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

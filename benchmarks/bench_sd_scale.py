@@ -46,6 +46,15 @@ CLIP_L_TEXT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 LATENT, TEXT_LEN, TEXT_DIM, LORA_RANK = 32, 77, 768, 64
+# SDXL base 1.0's published UNet config (2.57B parameters); its LoRA step runs at 512 px (64 x 64 latents).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0)
+SDXL_LATENT, SDXL_TEXT_DIM, SDXL_POOLED = 64, 2048, 1280
 
 
 def _rss_gb() -> float:
@@ -64,7 +73,7 @@ def _guard(limit_gb: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _unet(dtype):
+def _unet(dtype, config=SD15_UNET):
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -72,7 +81,7 @@ def _unet(dtype):
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built directly in its storage dtype: no fp32 transient for half weights
     try:
-        return UNet2DConditionModel(**SD15_UNET)
+        return UNet2DConditionModel(**config)
     finally:
         torch.set_default_dtype(old)
 
@@ -84,6 +93,21 @@ def _data():
     g = torch.Generator().manual_seed(0)
     return LCDData(torch.randn(8, 4, LATENT, LATENT, generator=g), torch.randn(8, TEXT_LEN, TEXT_DIM, generator=g),
                    torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g))
+
+
+def _sdxl_data():
+    """Random SDXL latents and packed conditioning (prompt states + [pooled | time_ids] row, ``models.sdxl``)."""
+    import torch
+    from latentcm.models import sdxl
+    from latentcm.training.data.tensors import LCDData
+
+    g = torch.Generator().manual_seed(0)
+    ids = sdxl.time_ids(8 * SDXL_LATENT, 8 * SDXL_LATENT, batch=4)
+
+    def cond(n):
+        return sdxl.pack_condition(torch.randn(n, TEXT_LEN, SDXL_TEXT_DIM, generator=g),
+                                   torch.randn(n, SDXL_POOLED, generator=g), ids[:n])
+    return LCDData(torch.randn(4, 4, SDXL_LATENT, SDXL_LATENT, generator=g), cond(4), cond(1))
 
 
 def _baseline_extras():
@@ -116,7 +140,7 @@ def _separate_passes(task_cls):
     return Separate
 
 
-def run_one(name: str, steps: int) -> dict:
+def run_one(name: str, steps: int, optimizer: str = "adamw") -> dict:
     import torch
     from latentcm.models.lora import LoRAConfig
     from latentcm.training import consistency as C
@@ -126,11 +150,15 @@ def run_one(name: str, steps: int) -> dict:
     kind, side = name.split("-")
     cfg = C.LCDConfig(batch_size=1, gradient_checkpointing=True, ema_decay=0.0 if kind == "lora" else 0.95,
                       omega_min=8.0 if kind == "lora" else 3.0, omega_max=8.0 if kind == "lora" else 15.0)
-    loop = LoopConfig(max_steps=steps, lr=1e-6, warmup=0, schedule="constant", mixed_precision="bf16")
+    loop = LoopConfig(max_steps=steps, lr=1e-6, warmup=0, schedule="constant", mixed_precision="bf16",
+                      optimizer=optimizer)
     extras = _baseline_extras() if side == "baseline" else ()
-    teacher = _unet(torch.bfloat16)
+    teacher = _unet(torch.bfloat16, SDXL_UNET if kind == "sdxllora" else SD15_UNET)
     unet_params = sum(p.numel() for p in teacher.parameters())
-    if kind == "lora":
+    if kind == "sdxllora":  # ours only: an SDXL-architecture LCM-LoRA step, to see whether it fits in 24 GB
+        cfg = C.LCDConfig(batch_size=1, gradient_checkpointing=True, ema_decay=0.0, omega_min=8.0, omega_max=8.0)
+        task = C.LoRATask(teacher, SCHEDULER, _sdxl_data(), cfg, LoRAConfig(rank=LORA_RANK, alpha=LORA_RANK, seed=0))
+    elif kind == "lora":
         cls = _separate_passes(C.LoRATask) if side == "baseline" else C.LoRATask
         task = cls(teacher, SCHEDULER, _data(), cfg, LoRAConfig(rank=LORA_RANK, alpha=LORA_RANK, seed=0))
     elif side == "ours":
@@ -159,7 +187,8 @@ def run_one(name: str, steps: int) -> dict:
             "rss_after_build_gb": round(built_gb, 2), "s_per_step": round(sum(timed) / len(timed), 1),
             "steps": steps, "trainable_params_m": round(sum(p.numel() for p in task.parameters()) / 1e6, 1),
             "unet_params_m": round(unet_params / 1e6, 1),
-            "losses": [round(x, 5) for x in losses], "extras_in_memory": len(extras) > 0}
+            "losses": [round(x, 5) for x in losses], "extras_in_memory": len(extras) > 0, "optimizer": optimizer,
+            "resolution_px": 8 * (SDXL_LATENT if kind == "sdxllora" else LATENT)}
 
 
 def main() -> None:
@@ -167,18 +196,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-rss-gb", type=float, default=13.0, help="stop a configuration above this resident size")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw",
+                    help="both sides (diffusers' scripts: --use_8bit_adam); adamw8bit needs bitsandbytes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         _guard(args.max_rss_gb)
-        print(json.dumps(run_one(args.one, args.steps)), flush=True)
+        print(json.dumps(run_one(args.one, args.steps, args.optimizer)), flush=True)
         return
     rows = []
     for name in args.configs.split(","):
         t0 = time.time()
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
-                               "--max-rss-gb", str(args.max_rss_gb)], capture_output=True, text=True)
+                               "--max-rss-gb", str(args.max_rss_gb), "--optimizer", args.optimizer],
+                              capture_output=True, text=True)
         lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
         row = lines[-1] if lines else {}
         if "exceeded_gb" in row or proc.returncode == 3:
@@ -197,9 +229,9 @@ def main() -> None:
                 ratios[f"{kind}_{key}_ours_over_baseline"] = round(a[key] / b[key], 3)
     result = {"machine": "2-core shared CPU, 24 GiB RAM (shared), no GPU", "torch_threads": _threads(),
               "full_unet_state_estimate_gb": _state_estimate(),
-              "resolution_px": 256, "latent": LATENT, "batch": 1, "precision": "bf16 autocast",
+              "resolution_px": "256 (SD 1.5 rows); 512 (sdxllora)", "latent": LATENT, "batch": 1, "precision": "bf16 autocast",
               "gradient_checkpointing": True, "lora_rank": LORA_RANK, "max_rss_gb": args.max_rss_gb,
-              "rows": rows, "ratios": ratios}
+              "optimizer": args.optimizer, "rows": rows, "ratios": ratios}
     print(json.dumps({"ratios": ratios}), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

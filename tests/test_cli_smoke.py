@@ -392,6 +392,24 @@ def test_every_readme_option_exists_in_its_commands_help(capsys):
         assert names <= set(re.findall(r"^  (\S+)", listed, re.MULTILINE)), path
 
 
+def test_prepare_then_distill_on_the_latent_shards(micro_teacher, tmp_path, capsys):
+    shards, latents = tmp_path / "shards", tmp_path / "latents"
+    run(["world", "export", shards, "--format", "shards", "--count", "6", "--shard-size", "3"], capsys)
+    out = run(["prepare", "--model", micro_teacher, "--data", f"{shards}/{{000000..000001}}.tar", "--out", latents,
+               "--text", "states", "--dtype", "float16", "--batch-size", "4"], capsys)
+    assert out[0].startswith("6 samples in 2 latent shards") and "lcm distill" in out[-1]
+    assert sorted(p.name for p in latents.glob("*.tar")) == ["000000.tar", "000001.tar"]
+    assert json.loads((latents / "prepare.json").read_text())["loaded"] == 6
+    rerun = run(["prepare", "--model", micro_teacher, "--data", f"{shards}/{{000000..000001}}.tar", "--out", latents],
+                capsys)
+    assert "(2 kept from an earlier run" in rerun[0]
+    run(["distill", "--teacher", micro_teacher, "--out", tmp_path / "lcm", "--data", f"{latents}/{{000000..000001}}.tar",
+         "--max-steps", "2", *QUIET], capsys)
+    assert Bundle.load(tmp_path / "lcm").is_lcm
+    assert "is an LCM" in fails(["prepare", "--model", tmp_path / "lcm", "--data", shards / "000000.tar", "--out",
+                                 tmp_path / "x"], capsys)
+
+
 # Each command's smoke test above. A new command needs one here (and a test that runs it).
 SMOKED = {
     ("generate",): test_generate_with_an_lcm_and_a_teacher,
@@ -407,6 +425,7 @@ SMOKED = {
     ("finetune-teacher",): test_finetune_teacher_full_and_lora,
     ("export",): test_export_fp16_single_file,
     ("serve",): test_serve,
+    ("prepare",): test_prepare_then_distill_on_the_latent_shards,
 }
 
 

@@ -133,7 +133,8 @@ class Bundle:
                  channels_last_vae: bool | None = None, compile_unet: bool = False) -> "Bundle":
         """Opt-in speed-ups for a long-running sampler (in place; returns self): an LRU of ``prompt_cache``
         prompt encodings, ``dtype`` autocast (torch.bfloat16; torch.float32 turns it off), the VAE in
-        channels_last, and ``torch.compile`` of the UNet (it compiles on the first use of each shape)."""
+        channels_last, and ``torch.compile`` of the UNet, laid out channels_last (it compiles on the first use of
+        each shape; fp32 output within ~1e-5 of eager, ``benchmarks/bench_sampling.py``)."""
         if prompt_cache is not None:
             self.prompt_cache_size = int(prompt_cache)
             while len(self._prompt_cache) > self.prompt_cache_size:
@@ -143,7 +144,8 @@ class Bundle:
         if channels_last_vae is not None:
             self.channels_last_vae = bool(channels_last_vae)
             self.vae.to(memory_format=torch.channels_last if channels_last_vae else torch.contiguous_format)
-        if compile_unet:
+        if compile_unet:  # channels_last + inductor: measured faster than either alone on CPU
+            self.unet.to(memory_format=torch.channels_last)
             self.unet.compile()
         return self
 

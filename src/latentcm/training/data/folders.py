@@ -161,8 +161,8 @@ def _metadata_captions(folder: Path, report: LoadReport) -> dict[str, str]:
     return captions
 
 
-def load_pairs(folder: str | Path, resolution: int) -> tuple[list[tuple[Image.Image, str]], LoadReport]:
-    """(image, caption) pairs of ``folder``; captions from metadata.jsonl, else ``<image>.txt``."""
+def list_pairs(folder: str | Path) -> tuple[list[tuple[str, Path, str]], LoadReport]:
+    """(name, image path, caption) of ``folder``, sorted, no pixel read; captions from metadata.jsonl, else ``<image>.txt``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no image folder at {folder}")
@@ -183,6 +183,15 @@ def load_pairs(folder: str | Path, resolution: int) -> tuple[list[tuple[Image.Im
         if not text:
             report.skip("missing caption", name)
             continue
+        pairs.append((name, path, text))
+    return pairs, report
+
+
+def load_pairs(folder: str | Path, resolution: int) -> tuple[list[tuple[Image.Image, str]], LoadReport]:
+    """(image, caption) pairs of ``folder`` (``list_pairs``), each image read and fitted to ``resolution``."""
+    listed, report = list_pairs(folder)
+    pairs = []
+    for name, path, text in listed:
         image = _read_image(path, resolution)
         if image is None:
             report.skip("unreadable image", name)

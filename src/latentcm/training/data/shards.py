@@ -3,7 +3,9 @@
 A spec is a brace pattern (``shards/{000000..000009}.tar``), a local ``.tar`` path, or a ``pipe:CMD`` that
 writes a tar to stdout (braces expand there too: one command per shard); several specs may be joined with ``::``. A sample is the group of consecutive tar
 members sharing a key (the member name up to its first dot): an image (``.png``/``.jpg``/``.jpeg``/``.webp``)
-and a caption (``.txt``, ``.caption``, ``.text``, or ``text``/``caption`` in ``.json``).
+and a caption (``.txt``, ``.caption``, ``.text``, or ``text``/``caption`` in ``.json``). Latent shards
+(``data.prepare``, ``lcm prepare``) stream the same way: their ``__meta__`` sample fixes the format, and each
+sample's ``latent.safetensors`` replaces the image (no VAE encode; with stored text states no text encoder).
 
 Order (a pure function of the seed; what makes resume exact):
 
@@ -36,6 +38,7 @@ from PIL import Image
 
 from ...models.components import encode_text
 from .folders import MAX_PIXELS, LoadReport, fit_square
+from .latent_format import META_KEY, is_latent_sample, read_meta, read_tensors
 from .tensors import LCDData, bundle_text_fns, encode_pairs
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -131,6 +134,8 @@ def _image_bytes(sample: dict) -> bytes | None:
 
 def _check(sample: dict, min_size: int) -> str | None:
     """The skip reason of a raw sample, None when usable; reads the image header only, decodes no pixels."""
+    if is_latent_sample(sample):  # a latent shard's sample (``data.prepare``): decoded per batch
+        return None if _caption(sample) else "missing caption"
     data = _image_bytes(sample)
     if data is None:
         return "missing image"
@@ -176,16 +181,23 @@ class ShardSource:
         self._shard_loaded: dict[str, int] = {}
         self._late: dict[str, str] = {}  # passed the header check, failed to decode
         self.peak_buffered = 0
+        self.meta: dict | None = None  # latent shards: their __meta__ (``data.prepare``); None for image shards
         self._restart()
+        self.latent_shape = self._peek_first()  # [C, h, w]
         with torch.no_grad():
             self.uncond_states = self._encode_uncond()
-        self.latent_shape = self._peek_first()  # [C, h, w]
+
+    @property
+    def needs_encoders(self) -> bool:
+        """False for latent shards with stored text states: the VAE and text encoder are never called."""
+        return self.meta is None or self.meta["text"] != "states"
 
     # --- what LCDTask reads (``streaming``, ``batch``, ``uncond_states``, ``to``) -----------------
     def to(self, device) -> "ShardSource":
         """The empty-prompt states and the encoders on ``device`` (batches are encoded there, returned on CPU)."""
         self.uncond_states = self.uncond_states.to(device)
-        for name in ("vae", "text_encoder", "text_encoder_2"):
+        names = ("vae", "text_encoder", "text_encoder_2") if self.meta is None else ("text_encoder", "text_encoder_2")
+        for name in names if self.needs_encoders else ():  # latent shards: the encoders stay off the device
             module = getattr(self.bundle, name, None)
             if module is not None:
                 module.to(device)
@@ -216,6 +228,9 @@ class ShardSource:
             skips.setdefault("unreadable tar (rest of shard)", []).append(Path(url).name)
 
         for sample in _samples(url, corrupt):
+            if sample["__key__"].rsplit("/", 1)[-1] == META_KEY:
+                self._note_meta(sample, url)
+                continue
             reason = _check(sample, self.min_size)
             if reason is not None:
                 skips.setdefault(reason, []).append(f"{Path(url).name}:{sample['__key__']}")
@@ -247,6 +262,33 @@ class ShardSource:
                 raise ValueError(f"no usable image-caption pairs in {self.spec}: {self.report.summary()}")
             epoch += 1
 
+    def _note_meta(self, sample: dict, url: str) -> None:
+        """A latent shard's __meta__: the first one fixes the format; every later one must agree with it."""
+        meta = read_meta(sample)
+        if self.meta is None:
+            self._check_model(meta, url)
+            self.meta = meta
+            return
+        keys = ("latent_shape", "text", "text_shape", "resolution")
+        if any(meta.get(k) != self.meta.get(k) for k in keys):
+            raise ValueError(f"latent shard {url} differs from the first one in {', '.join(keys)}: "
+                             f"{[meta.get(k) for k in keys]} vs {[self.meta.get(k) for k in keys]}")
+
+    def _check_model(self, meta: dict, url: str) -> None:
+        """Latent shards were encoded for one model's latent space and resolution: refuse another's."""
+        unet = self.bundle.unet.config
+        if meta["latent_shape"] and meta["latent_shape"][0] != unet.in_channels:
+            raise ValueError(f"latent shard {url} holds {meta['latent_shape'][0]}-channel latents; the model takes "
+                             f"{unet.in_channels}")
+        if meta["resolution"] != self.resolution:
+            raise ValueError(f"latent shard {url} was prepared at {meta['resolution']} px; the model samples at "
+                             f"{self.resolution} px (prepare again with this model)")
+        if meta["text"] == "states" and not getattr(self.bundle, "is_sdxl", False) \
+                and meta.get("text_shape", [0, unet.cross_attention_dim])[-1] != unet.cross_attention_dim:
+            raise ValueError(f"latent shard {url} holds text states of width {meta['text_shape'][-1]}; the model's "
+                             f"cross-attention takes {unet.cross_attention_dim} (prepare with --text captions, or "
+                             f"with this model)")
+
     def _update_report(self) -> None:
         report = LoadReport(loaded=sum(self._shard_loaded.values()) - len(self._late))
         for skips in self._shard_skips.values():
@@ -263,8 +305,12 @@ class ShardSource:
 
     def _peek_first(self) -> tuple[int, ...]:
         """Fail early (no usable sample, bad pipe) and learn the latent shape from one encoded sample."""
-        self._next()
+        _, _, first = self._next()
         self._restart()
+        if is_latent_sample(first):
+            if self.meta is None:
+                raise ValueError(f"{self.spec}: latent samples without a __meta__ member (not made by `lcm prepare`)")
+            return tuple(self.meta["latent_shape"])
         blank = Image.new("RGB", (self.resolution, self.resolution))
         return tuple(self._encode([(blank, "")]).latents.shape[1:])
 
@@ -281,6 +327,8 @@ class ShardSource:
         """Loop batch index k (= step W + r under W processes): local batch k // W, encoded."""
         if k % self.world != self.rank:
             raise ValueError(f"batch index {k} does not belong to process {self.rank} of {self.world}")
+        if self.meta is not None:
+            return self._latent_batch(k)
         pairs = []
         for epoch, pos, sample in self.samples(k // self.world):
             name = f"{Path(sample['__url__']).name}:{sample['__key__']}"
@@ -292,13 +340,43 @@ class ShardSource:
                 self._late[name] = "unreadable image"
                 self._update_report()
                 continue
-            caption = _caption(sample)
-            if self.p_empty and random.Random(f"empty-{self.seed}-{pos}").random() < self.p_empty:
-                caption = ""  # caption dropout, deterministic per stream position
+            caption = "" if self._dropped(pos) else _caption(sample)  # caption dropout
             pairs.append((image, caption))
         if not pairs:
             raise ValueError(f"batch {k} of {self.spec} has no decodable image: {self.report.summary()}")
         return self._encode(pairs)
+
+    def _dropped(self, pos: int) -> bool:
+        """Caption dropout (--proportion-empty-prompts), deterministic per stream position."""
+        return bool(self.p_empty) and random.Random(f"empty-{self.seed}-{pos}").random() < self.p_empty
+
+    @torch.no_grad()
+    def _latent_batch(self, k: int) -> LCDData:
+        """A batch of latent shards: stored latents, and stored text states or captions encoded now."""
+        latents, states, captions = [], [], []
+        for epoch, pos, sample in self.samples(k // self.world):
+            try:
+                tensors = read_tensors(sample["latent.safetensors"])
+                latent = tensors["latent"].float()
+                if tuple(latent.shape) != self.latent_shape:
+                    raise ValueError("latent shape")
+                state = tensors["text_states"].float() if self.meta["text"] == "states" else None
+            except (ValueError, KeyError):
+                self._late[f"{Path(sample['__url__']).name}:{sample['__key__']}"] = "unreadable latent"
+                self._update_report()
+                continue
+            dropped = self._dropped(pos)
+            latents.append(latent)
+            captions.append("" if dropped else _caption(sample))
+            if state is not None:
+                states.append(self.uncond_states[0].cpu() if dropped else state)
+        if not latents:
+            raise ValueError(f"batch {k} of {self.spec} has no readable latent: {self.report.summary()}")
+        if not states:
+            b = self.bundle
+            states = list(bundle_text_fns(b).get("text_fn", lambda c: encode_text(b.text_encoder, b.tokenizer, c))(
+                captions).float().cpu())
+        return LCDData(torch.stack(latents), torch.stack(states), self.uncond_states.cpu())
 
     @torch.no_grad()
     def _encode(self, pairs) -> LCDData:
@@ -306,6 +384,8 @@ class ShardSource:
         return encode_pairs(b.vae, b.text_encoder, b.tokenizer, pairs, batch_size=len(pairs), **bundle_text_fns(b))
 
     def _encode_uncond(self) -> torch.Tensor:
+        if self.meta is not None and self.meta["text"] == "states":
+            return self.meta["uncond_states"]  # [1, L, D] stored by `lcm prepare`
         b = self.bundle
         fns = bundle_text_fns(b)
         if "uncond_fn" in fns:
