@@ -39,3 +39,40 @@ def micro_judge(tmp_path_factory):
     dest = tmp_path_factory.mktemp("judge") / "judge"
     Judge(width=8).save(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def world_shards(tmp_path_factory):
+    """16 train-split world images (seed 0) as 4 webdataset shards of 4 (read-only: copy before changing)."""
+    from latentcm.cli import main
+
+    out = tmp_path_factory.mktemp("world-shards") / "world"
+    main(["world", "export", str(out), "--format", "shards", "--count", "16", "--shard-size", "4"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(micro_teacher):
+    from latentcm.bundle import Bundle
+
+    return Bundle.load(micro_teacher)
+
+
+@pytest.fixture
+def launch_two_cpu_processes():
+    """run(args) -> CompletedProcess of `accelerate launch` with 2 CPU processes (gloo, one thread each) on a
+    free port; ``args`` is a script path and its arguments, or ``-m module ...``."""
+    import socket
+    import subprocess
+    import sys
+
+    def run(args, timeout: int = 300):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), *[str(a) for a in args]]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run

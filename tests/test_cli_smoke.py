@@ -311,8 +311,8 @@ def test_serve(micro_lcm, micro_teacher, lcm_lora):
             assert image.size == (64, 64)
     finally:
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
+        try:  # graceful: up to 5 s for open connections + 10 s for the batcher; far more on a loaded machine
+            proc.wait(timeout=90)
         finally:
             watchdog.cancel()
             proc.kill()

@@ -129,7 +129,8 @@ def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, 
     again = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
     assert {k: again[k] for k in cached} == cached and len(again) == len(cached) + 2
     rerun = json.loads((out / "results.json").read_text())["records"]
-    assert rerun[:4] == [{**r, "seconds": r["seconds"]} for r in results["records"]]
+    # the same scores from the cached samples (KID's last rounded digit may flip: BLAS sums in another order)
+    assert _close(rerun[:4], results["records"])
     bad = {**results, "records": [{**results["records"][0], "fid": -1.0}]}
     with pytest.raises(jsonschema.ValidationError):
         pipeline.validate_results(bad)
@@ -223,3 +224,14 @@ def test_style_judge_trains_on_vae_round_trips_and_reports_both_ceilings(micro_t
     acc = style.heldout_accuracy(judge, count=4, vae=vae)
     assert set(acc) == {"real_accuracy", "real_striped_recall", "vae_round_trip_accuracy",
                         "vae_round_trip_striped_recall"} and all(0 <= v <= 1 for v in acc.values())
+
+
+def _close(a, b, rel: float = 1e-5) -> bool:
+    """Equal structures, floats equal up to ``rel``."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-4)
+    return a == b

@@ -250,23 +250,11 @@ def digest(m):
 '''
 
 
-def test_two_process_accelerate_run_keeps_identical_weights(micro_teacher, tmp_path):
+def test_two_process_accelerate_run_keeps_identical_weights(micro_teacher, tmp_path, launch_two_cpu_processes):
     """`accelerate launch` with 2 CPU processes (gloo): data parallel, identical student and target afterwards."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     script, out = tmp_path / "run.py", tmp_path / "run"
     script.write_text(MULTIPROCESS_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), str(script), str(micro_teacher), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = launch_two_cpu_processes([script, micro_teacher, out], timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["done"] == 3 for r in ranks)

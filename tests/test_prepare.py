@@ -18,16 +18,14 @@ from latentcm.training.data.shards import ShardSource
 SPEC = "{000000..000003}.tar"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("img-shards") / "world"
-    main(["world", "export", str(out), "--format", "shards", "--count", "16", "--shard-size", "4"])
-    return out
+@pytest.fixture
+def shards(world_shards):
+    return world_shards
 
 
-@pytest.fixture(scope="module")
-def bundle(micro_teacher):
-    return Bundle.load(micro_teacher)
+@pytest.fixture
+def bundle(micro_bundle):
+    return micro_bundle
 
 
 def _prepare(bundle, shards, out, rank=0, world=1, **cfg):
@@ -36,9 +34,9 @@ def _prepare(bundle, shards, out, rank=0, world=1, **cfg):
 
 
 @pytest.fixture(scope="module")
-def latents(bundle, shards, tmp_path_factory):
+def latents(micro_bundle, world_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("latent-shards")
-    _prepare(bundle, shards, out)
+    _prepare(micro_bundle, world_shards, out)
     return out
 
 
@@ -179,21 +177,10 @@ def test_bad_prepare_options_are_refused():
             prep.PrepareConfig(**bad)
 
 
-def test_accelerate_launch_with_two_processes_writes_the_one_process_shards(micro_teacher, shards, latents, tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "-m", "latentcm.cli", "prepare", "--model", str(micro_teacher), "--data", str(shards / SPEC),
-           "--out", str(tmp_path), "--dtype", "float32"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+def test_accelerate_launch_with_two_processes_writes_the_one_process_shards(micro_teacher, shards, latents, tmp_path,
+                                                                          launch_two_cpu_processes):
+    proc = launch_two_cpu_processes(["-m", "latentcm.cli", "prepare", "--model", micro_teacher, "--data", shards / SPEC,
+                                     "--out", tmp_path, "--dtype", "float32"], timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("16 samples in 4 latent shards")  # the summary, printed once (main process)
     _assert_same_shards(tmp_path, latents)
