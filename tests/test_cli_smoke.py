@@ -289,7 +289,7 @@ def test_serve(micro_lcm, micro_teacher, lcm_lora):
         [sys.executable, "-m", "latentcm.cli", "serve", "--port", "0", "--no-ui", "--lcm", str(micro_lcm),
          "--teacher", str(micro_teacher), "--lora", f"lcm-lora={lcm_lora}", "--max-batch", "2",
          "--batch-window-ms", "5", "--max-queue", "4"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     watchdog = threading.Timer(150, proc.kill)  # a server that never comes up must not hang the suite
     watchdog.start()
     try:
@@ -300,7 +300,8 @@ def test_serve(micro_lcm, micro_teacher, lcm_lora):
                 url = found.group(1).rstrip("/") + "/"
                 break
         assert url, "".join(log)
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the pipe
+        drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # keep draining the pipe
+        drain.start()
         health = json.load(urllib.request.urlopen(url + "health", timeout=30))
         assert health["status"] == "ok" and "lcm-lora" in json.dumps(health)  # the registered LoRA
         request = urllib.request.Request(url + "api/generate", headers={"Content-Type": "application/json"},
@@ -313,6 +314,11 @@ def test_serve(micro_lcm, micro_teacher, lcm_lora):
         proc.send_signal(signal.SIGINT)
         try:  # graceful: up to 5 s for open connections + 10 s for the batcher; far more on a loaded machine
             proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            proc.wait(timeout=30)
+            drain.join(5)
+            pytest.fail("lcm serve did not exit within 90 s of Ctrl-C:\n" + "".join(log[-200:]))
         finally:
             watchdog.cancel()
             proc.kill()
