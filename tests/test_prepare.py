@@ -184,3 +184,14 @@ def test_accelerate_launch_with_two_processes_writes_the_one_process_shards(micr
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("16 samples in 4 latent shards")  # the summary, printed once (main process)
     _assert_same_shards(tmp_path, latents)
+
+
+def test_a_shard_prepare_found_nothing_in_is_read_past(bundle, latents, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a red circle")
+    prep.prepare(bundle, folder, tmp_path / "empty", prep.PrepareConfig())
+    assert prep.summarize(tmp_path / "empty", 1)["loaded"] == 0
+    source = ShardSource(bundle, f"{tmp_path / 'empty' / '000000.tar'}::{latents / '000000.tar'}", 2)
+    assert len(source.batch(0)) == 2 and source.meta["latent_shape"]

@@ -265,6 +265,8 @@ class ShardSource:
     def _note_meta(self, sample: dict, url: str) -> None:
         """A latent shard's __meta__: the first one fixes the format; every later one must agree with it."""
         meta = read_meta(sample)
+        if not meta["latent_shape"]:  # a shard that `lcm prepare` found no usable image for: nothing to agree on
+            return
         if self.meta is None:
             self._check_model(meta, url)
             self.meta = meta
@@ -277,7 +279,7 @@ class ShardSource:
     def _check_model(self, meta: dict, url: str) -> None:
         """Latent shards were encoded for one model's latent space and resolution: refuse another's."""
         unet = self.bundle.unet.config
-        if meta["latent_shape"] and meta["latent_shape"][0] != unet.in_channels:
+        if meta["latent_shape"][0] != unet.in_channels:
             raise ValueError(f"latent shard {url} holds {meta['latent_shape'][0]}-channel latents; the model takes "
                              f"{unet.in_channels}")
         if meta["resolution"] != self.resolution:
