@@ -8,24 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from latentcm.bundle import Bundle
 from latentcm.cli import main
-from latentcm.models.components import encode_text
 from latentcm.training.data import prepare as prep
 from latentcm.training.data.latent_format import read_tensors
 from latentcm.training.data.shards import ShardSource
 
 SPEC = "{000000..000003}.tar"
-
-
-@pytest.fixture
-def shards(world_shards):
-    return world_shards
-
-
-@pytest.fixture
-def bundle(micro_bundle):
-    return micro_bundle
 
 
 def _prepare(bundle, shards, out, rank=0, world=1, **cfg):
@@ -44,9 +32,9 @@ def _bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.glob("0*"))}
 
 
-def test_latent_batches_equal_encoding_the_image_shards(bundle, shards, latents):
-    images = ShardSource(bundle, str(shards / SPEC), 3, seed=5)
-    stored = ShardSource(bundle, str(latents / SPEC), 3, seed=5)
+def test_latent_batches_equal_encoding_the_image_shards(micro_bundle, world_shards, latents):
+    images = ShardSource(micro_bundle, str(world_shards / SPEC), 3, seed=5)
+    stored = ShardSource(micro_bundle, str(latents / SPEC), 3, seed=5)
     assert stored.meta is not None and not stored.needs_encoders and images.needs_encoders
     assert stored.latent_shape == images.latent_shape
     assert torch.allclose(stored.uncond_states, images.uncond_states, atol=1e-6)
@@ -57,21 +45,21 @@ def test_latent_batches_equal_encoding_the_image_shards(bundle, shards, latents)
             assert x.shape == y.shape and float((x - y).abs().max() / x.abs().max()) < 1e-3, k
 
 
-def test_caption_mode_encodes_the_stored_captions_per_batch(bundle, shards, latents, tmp_path):
-    _prepare(bundle, shards, tmp_path, text="captions")
+def test_caption_mode_encodes_the_stored_captions_per_batch(micro_bundle, world_shards, latents, tmp_path):
+    _prepare(micro_bundle, world_shards, tmp_path, text="captions")
     member = next(n for n in tarfile.open(tmp_path / "000000.tar").getnames() if n.endswith(".latent.safetensors"))
     payload = tarfile.open(tmp_path / "000000.tar").extractfile(member).read()
     assert set(read_tensors(payload)) == {"latent"}  # no text states stored
-    a = ShardSource(bundle, str(latents / SPEC), 4, seed=1).batch(2)
-    b = ShardSource(bundle, str(tmp_path / SPEC), 4, seed=1)
+    a = ShardSource(micro_bundle, str(latents / SPEC), 4, seed=1).batch(2)
+    b = ShardSource(micro_bundle, str(tmp_path / SPEC), 4, seed=1)
     assert b.needs_encoders
     b = b.batch(2)
     assert torch.equal(a.latents, b.latents) and torch.allclose(a.text_states, b.text_states, atol=1e-5)
 
 
-def test_two_processes_write_exactly_what_one_writes(bundle, shards, latents, tmp_path):
+def test_two_processes_write_exactly_what_one_writes(micro_bundle, world_shards, latents, tmp_path):
     for rank in (1, 0):
-        done = _prepare(bundle, shards, tmp_path, rank=rank, world=2)
+        done = _prepare(micro_bundle, world_shards, tmp_path, rank=rank, world=2)
         assert done["done"] == 2 and done["units"] == 4
     assert _bytes(tmp_path) == _bytes(latents)
 
@@ -92,37 +80,37 @@ def _assert_same_shards(a_dir, b_dir):
                     assert float((t - u).abs().max()) <= 1e-5 * float(t.abs().max()) + 1e-7, (m, key)
 
 
-def test_an_interrupted_prepare_resumes_to_the_same_shards(bundle, shards, latents, tmp_path):
-    _prepare(bundle, shards, tmp_path)
+def test_an_interrupted_prepare_resumes_to_the_same_shards(micro_bundle, world_shards, latents, tmp_path):
+    _prepare(micro_bundle, world_shards, tmp_path)
     (tmp_path / "000002.tar").unlink()  # killed while writing shard 2: no final file, a partial temp file
     (tmp_path / "000002.tar.tmp").write_bytes(b"partial")
-    done = _prepare(bundle, shards, tmp_path)
+    done = _prepare(micro_bundle, world_shards, tmp_path)
     assert done == {"done": 1, "skipped_existing": 3, "units": 4}
     assert not list(tmp_path.glob("*.tmp")) and _bytes(tmp_path) == _bytes(latents)
     assert prep.summarize(tmp_path, 4)["loaded"] == 16
 
 
-def test_float16_storage_is_half_the_payload_and_close(bundle, shards, latents, tmp_path):
-    _prepare(bundle, shards, tmp_path, dtype="float16")
-    a = ShardSource(bundle, str(latents / SPEC), 4).batch(0)
-    b = ShardSource(bundle, str(tmp_path / SPEC), 4).batch(0)
+def test_float16_storage_is_half_the_payload_and_close(micro_bundle, world_shards, latents, tmp_path):
+    _prepare(micro_bundle, world_shards, tmp_path, dtype="float16")
+    a = ShardSource(micro_bundle, str(latents / SPEC), 4).batch(0)
+    b = ShardSource(micro_bundle, str(tmp_path / SPEC), 4).batch(0)
     assert b.latents.dtype == torch.float32  # read back in fp32
     assert torch.allclose(a.latents, b.latents, rtol=2e-3, atol=2e-3)
     assert (tmp_path / "000000.tar").stat().st_size < (latents / "000000.tar").stat().st_size
 
 
-def test_a_folder_prepares_in_chunks_and_counts_bad_images(bundle, tmp_path):
+def test_a_folder_prepares_in_chunks_and_counts_bad_images(micro_bundle, tmp_path):
     folder = tmp_path / "folder"
     main(["world", "export", str(folder), "--count", "5"])
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "broken.txt").write_text("a red circle")
     Image.new("RGB", (8, 8)).save(folder / "uncaptioned.png")  # listed by no caption at all
     out = tmp_path / "lat"
-    done = prep.prepare(bundle, folder, out, prep.PrepareConfig(shard_size=2))
+    done = prep.prepare(micro_bundle, folder, out, prep.PrepareConfig(shard_size=2))
     assert done["units"] == 3
     summary = prep.summarize(out, 3)
     assert summary["loaded"] == 5 and summary["skipped"] == {"unreadable image": 1, "missing caption": 1}
-    source = ShardSource(bundle, str(out / "{000000..000002}.tar"), 2)
+    source = ShardSource(micro_bundle, str(out / "{000000..000002}.tar"), 2)
     assert len(source.batch(0)) == 2
 
 
@@ -138,7 +126,7 @@ def _rewrite(src, dst, change):
     return dst
 
 
-def test_a_corrupt_latent_payload_is_skipped_and_counted(bundle, latents, tmp_path):
+def test_a_corrupt_latent_payload_is_skipped_and_counted(micro_bundle, latents, tmp_path):
     first = [True]
 
     def corrupt(name, data):
@@ -147,7 +135,7 @@ def test_a_corrupt_latent_payload_is_skipped_and_counted(bundle, latents, tmp_pa
             return b"\x00garbage"
         return data
     bad = _rewrite(latents / "000000.tar", tmp_path / "bad.tar", corrupt)
-    source = ShardSource(bundle, str(bad), 4)
+    source = ShardSource(micro_bundle, str(bad), 4)
     assert len(source.batch(0)) == 3  # the fourth sample's payload is unreadable
     assert source.report.skipped == {"unreadable latent": [next(iter(source._late))]}
 
@@ -177,21 +165,22 @@ def test_bad_prepare_options_are_refused():
             prep.PrepareConfig(**bad)
 
 
-def test_accelerate_launch_with_two_processes_writes_the_one_process_shards(micro_teacher, shards, latents, tmp_path,
-                                                                          launch_two_cpu_processes):
-    proc = launch_two_cpu_processes(["-m", "latentcm.cli", "prepare", "--model", micro_teacher, "--data", shards / SPEC,
-                                     "--out", tmp_path, "--dtype", "float32"], timeout=240)
+def test_accelerate_launch_with_two_processes_writes_the_one_process_shards(micro_teacher, world_shards, latents,
+                                                                          tmp_path, launch_two_cpu_processes):
+    proc = launch_two_cpu_processes(["-m", "latentcm.cli", "prepare", "--model", micro_teacher,
+                                     "--data", world_shards / SPEC, "--out", tmp_path, "--dtype", "float32"],
+                                    timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("16 samples in 4 latent shards")  # the summary, printed once (main process)
     _assert_same_shards(tmp_path, latents)
 
 
-def test_a_shard_prepare_found_nothing_in_is_read_past(bundle, latents, tmp_path):
+def test_a_shard_prepare_found_nothing_in_is_read_past(micro_bundle, latents, tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "broken.txt").write_text("a red circle")
-    prep.prepare(bundle, folder, tmp_path / "empty", prep.PrepareConfig())
+    prep.prepare(micro_bundle, folder, tmp_path / "empty", prep.PrepareConfig())
     assert prep.summarize(tmp_path / "empty", 1)["loaded"] == 0
-    source = ShardSource(bundle, f"{tmp_path / 'empty' / '000000.tar'}::{latents / '000000.tar'}", 2)
+    source = ShardSource(micro_bundle, f"{tmp_path / 'empty' / '000000.tar'}::{latents / '000000.tar'}", 2)
     assert len(source.batch(0)) == 2 and source.meta["latent_shape"]
