@@ -1,6 +1,7 @@
 """Does a model respond to guidance? Mean per-pixel change between two guidance scales, LCM against teacher.
 
     python scripts/guidance_response.py --lcm lcm [--lcm runs/x/lcm-ckpt ...] [--teacher teacher]
+                                        [--teacher-row ddim-trailing:50 ...]
                                         [--low 3 --high 8.5] [--steps 4] [--num-samples 128] [--out FILE]
 
 For each model: images of the same held-out prompts and seeds at guidance scales g_low and g_high
@@ -34,6 +35,13 @@ def change(bundle: Bundle, sampler: str, steps: int, low: float, high: float, te
     return total / len(texts)
 
 
+def teacher_row(text: str) -> tuple[str, int]:
+    sampler, _, steps = text.partition(":")
+    if not steps.isdigit():
+        sys.exit(f"error: --teacher-row wants SAMPLER:STEPS (e.g. ddim-trailing:50), got {text!r}")
+    return sampler, int(steps)
+
+
 def norms(bundle: Bundle) -> dict:
     emb = bundle.unet.time_embedding
     out = {"linear_1": float(emb.linear_1.weight.norm())}
@@ -50,22 +58,25 @@ def main() -> None:
     ap.add_argument("--high", type=float, default=8.5)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--teacher-row", action="append", default=None, metavar="SAMPLER:STEPS",
+                    help="more teacher rows, e.g. ddim-trailing:50 (the LCM's guided-ODE ceiling); repeatable")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     texts = prompts(args.num_samples)
     rows = []
     teacher = Bundle.load(registry.resolve(args.teacher))
-    rows.append({"model": args.teacher, "sampler": "ddim", **norms(teacher),
-                 "change": change(teacher, "ddim", args.steps, args.low, args.high, texts)})
+    for sampler, steps in [("ddim", args.steps), *map(teacher_row, args.teacher_row or [])]:  # ratio: the first
+        rows.append({"model": args.teacher, "sampler": sampler, "steps": steps, **norms(teacher),
+                     "change": change(teacher, sampler, steps, args.low, args.high, texts)})
     for name in args.lcm or ["lcm"]:
         b = Bundle.load(registry.resolve(name))
-        rows.append({"model": name, "sampler": "lcm", **norms(b),
+        rows.append({"model": name, "sampler": "lcm", "steps": args.steps, **norms(b),
                      "change": change(b, "lcm", args.steps, args.low, args.high, texts)})
     ref = rows[0]["change"]
     for r in rows:
         r["ratio_to_teacher"] = r["change"] / ref
-        print(f"{r['model']:40s} {r['sampler']:5s} change {r['change']:6.2f}/255  ratio {r['ratio_to_teacher']:.3f}  "
+        print(f"{r['model']:40s} {r['sampler']:13s} {r['steps']:3d} change {r['change']:6.2f}/255  ratio {r['ratio_to_teacher']:.3f}  "
               + " ".join(f"|{k}| {v:.2f}" for k, v in r.items() if k in ("cond_proj", "linear_1")))
     result = {"low": args.low, "high": args.high, "steps": args.steps, "num_samples": args.num_samples,
               "command": " ".join(["python", *sys.argv]), "rows": rows}

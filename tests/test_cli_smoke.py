@@ -4,6 +4,7 @@ A command that loses an option (as ``train-teacher --max-minutes`` once did whil
 fails here: every command runs once end to end, and every option of README.md's "Command line" synopsis
 must exist in that command's ``--help``. ``test_every_command_has_a_smoke_test`` keeps the list complete.
 """
+import csv
 import json
 import re
 from pathlib import Path
@@ -158,14 +159,18 @@ def test_distill_then_resume_with_more_steps(micro_teacher, tmp_path, capsys):
     out = tmp_path / "lcm"
     args = ["distill", "--teacher", micro_teacher, "--out", out, "--num-data", "4", "--solver", "dpm-solver++",
             "--skip", "50", "--loss", "huber", "--omega-min", "2", "--omega-max", "8", "--ema", "0.9",
-            "--lr", "1e-3", "--batch-size", "2", "--validate-every", "1", "--checkpoint-every", "1"]
+            "--lr", "1e-3", "--lr-schedule", "cosine", "--min-lr-ratio", "0.5", "--grad-clip", "0.5",
+            "--batch-size", "2", "--validate-every", "1", "--checkpoint-every", "1"]
     assert run([*args, "--max-steps", "1", "--max-minutes", "5"], capsys) == [str(out)]
     lcm = Bundle.load(out)
     assert lcm.is_lcm and lcm.original_inference_steps == 20  # 1000 // k = 50
     assert (out / "previews").is_dir() and any((out / "previews").iterdir())
     first = {k: v.clone() for k, v in lcm.unet.state_dict().items()}
     assert run([*args, "--max-steps", "2", "--resume"], capsys) == [str(out)]
-    assert (out / "metrics.csv").read_text().strip().splitlines()[-1].split(",")[0] == "2"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    # cosine from 1e-3 to 0.5e-3 over 2 steps: step index 0 at the peak, index 1 half way (0.75e-3)
+    assert [round(float(r["lr"]), 8) for r in rows] == [1e-3, 7.5e-4]
     again = Bundle.load(out).unet.state_dict()
     assert any(not torch.equal(first[k], again[k]) for k in first)  # step 2 trained and was exported
     assert "lcm distill" in (out / "README.md").read_text()

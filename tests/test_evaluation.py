@@ -235,3 +235,36 @@ def _close(a, b, rel: float = 1e-5) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a == pytest.approx(b, rel=rel, abs=1e-4)
     return a == b
+
+
+def test_evaluate_ceiling_row_and_guidance_sweep(micro_lcm, micro_teacher, micro_judge, tmp_path, monkeypatch):
+    """--ceiling scores the teacher's guided ODE from t = 999 (DDIM trailing, 50 steps) at the LCM's g;
+    --sweep-guidance scores every row again at each g and picks each method's best (lowest KID)."""
+    monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    out = tmp_path / "eval"
+    main(["evaluate", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
+          "--samplers", "lcm,ddim-trailing", "--steps", "1", "--lcm-steps", "1,2", "--num-samples", "6",
+          "--batch-size", "6",
+          "--guidance", "4", "--ceiling", "--sweep-guidance", "2,4", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    pipeline.validate_results(results)
+    top = results["ceiling"]
+    assert (top["sampler"], top["steps"], top["guidance"], top["unet_evals"]) == ("ddim-trailing", 50, 4.0, 100)
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in results["records"]] == [
+        ("lcm", 1, 4.0), ("lcm", 2, 4.0), ("ddim-trailing", 1, 4.0)]
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in results["sweep"]] == [
+        ("lcm", 1, 2.0), ("lcm", 2, 2.0), ("ddim-trailing", 1, 2.0)]
+    table = (out / "table1.md").read_text()
+    assert "| LCM, w 3 |" in table and "| DDIM trailing, g 4 |" in table
+    assert "*ceiling: DDIM trailing, 50 steps, g 4*" in table and "best guidance" in table
+
+
+def test_best_guidance_table_picks_the_lowest_kid_per_method_and_steps():
+    def rec(sampler, steps, g, kid):
+        return {"sampler": sampler, "steps": steps, "guidance": g, "kid": kid, "kid_std": 1.0, "fid": 10 * kid}
+    records = [rec("ddim", 1, 3.0, 50.0), rec("ddim", 1, 8.5, 40.0), rec("ddim", 2, 3.0, 20.0),
+               rec("ddim", 2, 8.5, 30.0), rec("lcm", 1, 8.5, 5.0)]
+    table = pipeline.best_guidance_markdown(records)
+    assert "| DDIM (g 3, 8.5) | 40.00 ± 1.00 (8.5) | 20.00 ± 1.00 (3) | 400.00 | 200.00 |" in table
+    assert "| LCM (g 8.5) | 5.00 ± 1.00 (8.5) | - | 50.00 | - |" in table

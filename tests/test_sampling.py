@@ -57,3 +57,32 @@ def test_every_sampler_runs(micro_teacher):
         images[sampler] = pair
     for a, c in itertools.combinations(images, 2):
         assert (images[a] - images[c]).abs().max() > 1e-3, (a, c)
+
+
+def test_trailing_samplers_start_from_pure_noise_and_match_diffusers(micro_teacher):
+    """``<solver>-trailing``: the same solver on diffusers' trailing grid (first step t = 999, as the LCM's),
+    against the config's leading grid (DDIM's first step of 4 is t = 751 with SD's steps_offset 1)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from latentcm.defaults import TEACHER_SOLVERS, TRAILING
+    from latentcm.sampling.teacher import make_scheduler
+
+    b = Bundle.load(micro_teacher)
+    cfg = {**b.scheduler_config, "timestep_spacing": "leading", "steps_offset": 1}
+    for solver in TEACHER_SOLVERS:
+        trailing, leading = make_scheduler(solver + TRAILING, cfg), make_scheduler(solver, cfg)
+        trailing.set_timesteps(4), leading.set_timesteps(4)
+        assert type(trailing) is type(leading)
+        assert trailing.timesteps.tolist() == [999, 749, 499, 249], solver
+        assert leading.timesteps.tolist()[0] == (751 if solver == "ddim" else 801), solver  # DPM: T // (n + 1) grid
+    pipe = StableDiffusionPipeline.from_pretrained(micro_teacher, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    seeds = [0, 1]
+    ours = b.generate(["a ring"] * 2, seeds, "ddim" + TRAILING, 3, 3.0)
+    ref = pipe(["a ring"] * 2, num_inference_steps=3, guidance_scale=3.0, output_type="pt",
+               latents=initial_latents(seeds, b.latent_shape(64, 64))).images
+    torch.testing.assert_close(ours, ref * 2 - 1, rtol=0, atol=1e-4)
+    if b.scheduler_config.get("timestep_spacing", "leading") != "trailing":
+        assert (ours - b.generate(["a ring"] * 2, seeds, "ddim", 3, 3.0)).abs().max() > 1e-3

@@ -15,7 +15,8 @@ from . import registry
 
 from .defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS, LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_GUIDANCE
 from .defaults import TEACHER_SAMPLERS as SAMPLER_CHOICES
-from .defaults import TEACHER_STEPS
+from .defaults import TEACHER_SOLVERS as SOLVER_CHOICES
+from .defaults import TEACHER_STEPS, TRAILING
 
 GENERATE_SAMPLERS = (*SAMPLER_CHOICES, LCM_SAMPLER)
 
@@ -212,6 +213,17 @@ def _int_list(text: str, lo: int, hi: int, name: str) -> list[int]:
     return values
 
 
+def _float_list(text: str, lo: float, hi: float, name: str) -> list[float]:
+    """Comma-separated finite numbers in [lo, hi]; an empty text is an empty list."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if any(not lo <= v <= hi for v in values):  # also refuses nan
+        raise UserError(f"{name} must be numbers in {lo:g}..{hi:g}, got {text!r}")
+    return values
+
+
 def _choice_list(text: str, choices: tuple[str, ...], name: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in choices]
@@ -249,8 +261,11 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--judge", "judge_dir", default="judge", metavar="NAME|DIR", help="Judge folder (features and scores).")
 @click.option("--steps", "steps_text", default=None, show_default=f"1,2,4,8; teacher: {TEACHER_STEPS}",
               help="Comma-separated step counts (table1); one step count (teacher).")
+@click.option("--lcm-steps", "lcm_steps_text", default=None, show_default="--steps",
+              help="table1: the LCM row's step counts, when they differ from the teacher's (e.g. 1,2,4,8).")
 @click.option("--samplers", "samplers_text", default=None,
-              show_default="lcm,ddim,dpm-solver,dpm-solver++; teacher: ddim",
+              show_default="lcm and every teacher sampler (each solver with leading and trailing spacing); "
+                           "teacher: ddim",
               help="Comma-separated (table1); one teacher sampler (teacher).")
 @click.option("--num-samples", type=click.IntRange(2, 100000), default=None,
               show_default="256", help="Held-out prompts per row.")
@@ -258,6 +273,12 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--guidance", type=FiniteRange(0, 50), default=None,
               help=f"Guidance scale g for every row [default: {LCM_GUIDANCE} for LCM, {TEACHER_GUIDANCE} for "
                    "the teacher].")
+@click.option("--ceiling", is_flag=True,
+              help="table1: add the teacher's guided ODE from t = 999 (DDIM trailing, 50 steps) at the LCM's g: "
+                   "what the LCM distils towards.")
+@click.option("--sweep-guidance", "sweep_text", default=None, metavar="G,G,...",
+              help="table1: also score every row at these guidance scales and add a table of each method at its "
+                   "best g (lowest KID).")
 @click.option("--reference", type=click.Choice(["prompt-scenes", "independent"]), default="prompt-scenes",
               help="Real images FID/KID compare with: prompt-scenes (the committed reports': it holds the scenes "
                    "the prompts were written from) or independent (disjoint scenes).")
@@ -267,8 +288,8 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of image 0 (image i: seed + i).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               show_default="runs/evaluate; runs/evaluate-lcm, runs/evaluate-teacher", help="Results folder.")
-def evaluate(preset, model, teacher, judge_dir, steps_text, samplers_text, num_samples, quick, guidance, reference,
-             bootstrap, batch_size, seed, out):
+def evaluate(preset, model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text, num_samples, quick,
+             guidance, ceiling, sweep_text, reference, bootstrap, batch_size, seed, out):
     """FID, KID, caption score and exact accuracy of the LCM and the teacher's solvers at each step count
     (the paper's Table 1): results.json, table1.md, table1.png, grids/. Samples are cached in OUT/samples,
     so rerunning with one more sampler only samples that one. Every row is scored by the same function
@@ -294,11 +315,16 @@ def evaluate(preset, model, teacher, judge_dir, steps_text, samplers_text, num_s
         steps = _int_list(steps_text or "1,2,4,8", 1, 1000, "--steps")
         samplers = _choice_list(samplers_text or ",".join((LCM_SAMPLER, *SAMPLER_CHOICES)), GENERATE_SAMPLERS,
                                 "--samplers")
-        bundles = _evaluation_bundles(model or default_model(), teacher, samplers)
+        bundles = _evaluation_bundles(model or default_model(), teacher, samplers + (["ddim"] if ceiling else []))
         extractor = JudgeExtractor.load(registry.resolve(judge_dir))
-        rows = pipeline.table_rows(samplers, steps, guidance)
-        results = pipeline.run(bundles, rows, extractor, folder, n, **common)
-        click.echo(pipeline.table1_markdown(results["records"], results["floor"]) + str(folder / "results.json"))
+        lcm_steps = _int_list(lcm_steps_text, 1, 1000, "--lcm-steps") if lcm_steps_text else None
+        rows = pipeline.table_rows(samplers, steps, guidance, lcm_steps=lcm_steps)
+        sweep = [r for g in _float_list(sweep_text or "", 0, 50, "--sweep-guidance")
+                 for r in pipeline.table_rows(samplers, steps, g, lcm_steps=lcm_steps) if r not in rows]
+        top = pipeline.Row("teacher", "ddim" + TRAILING, TEACHER_STEPS, LCM_GUIDANCE if guidance is None else guidance)
+        results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=top if ceiling else None, sweep=sweep,
+                               **common)
+        click.echo(pipeline.results_markdown(results) + str(folder / "results.json"))
     elif preset == "lcm":
         if steps_text or samplers_text:
             raise UserError("the lcm preset has fixed rows (LCM 1/2/4/8 steps, teacher DDIM and DPM-Solver++ "
@@ -359,7 +385,7 @@ def ablate_solver_skip(teacher, judge_dir, solvers_text, skips_text, iterations,
     from .evaluation.extractors import JudgeExtractor
 
     _torch_threads()
-    solvers = _choice_list(solvers_text, SAMPLER_CHOICES, "--solvers")
+    solvers = _choice_list(solvers_text, SOLVER_CHOICES, "--solvers")
     skips = _int_list(skips_text, 1, 1000, "--skips")
     from .schedules import training_grid
     for k in skips:
@@ -553,7 +579,7 @@ def _run_options(command):
 @cli.command()
 @click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Shipped teacher name or diffusers SD folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; receives the LCM folder.")
-@click.option("--solver", type=click.Choice(SAMPLER_CHOICES), default="ddim", help="ODE solver Psi of the target.")
+@click.option("--solver", type=click.Choice(SOLVER_CHOICES), default="ddim", help="ODE solver Psi of the target.")
 @click.option("--skip", type=click.IntRange(1, 1000), default=SKIP, metavar="K", help="Skipping interval k (grid T // k).")
 @click.option("--omega-min", type=FiniteRange(0, 50), default=None, show_default=f"{OMEGA_RANGE[0]:g}; {LORA_OMEGA:g} with --lora",
               help="Lowest paper guidance w (g = 1 + w).")
@@ -563,7 +589,11 @@ def _run_options(command):
               help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
-@click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (constant).")
+@click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (peak).")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              help="constant, or cosine decay from --lr to --lr x --min-lr-ratio at --max-steps.")
+@click.option("--min-lr-ratio", type=FiniteRange(0, 1), default=0.1, help="Final lr / --lr of the cosine schedule.")
+@click.option("--grad-clip", type=FiniteRange(0, None, min_open=True), default=1.0, help="Gradient-norm clip.")
 @click.option("--num-data", type=click.IntRange(1, 10**6), default=10000, help="Shapes-world images, encoded once.")
 @click.option("--data", "data_dir", default=None, metavar="FOLDER|SHARDS",
               help="Distil on this image folder (metadata.jsonl or .txt captions), or stream webdataset shards "
@@ -580,8 +610,8 @@ def _run_options(command):
 @click.option("--lora-alpha", type=FiniteRange(0, None, min_open=True), default=None,
               show_default="RANK (scale 1)", help="LoRA alpha (scale alpha / RANK).")
 @_run_options
-def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
-            resume, max_minutes, num_data, data_dir, time_cond_proj_dim, cond_proj_init, validate_every,
+def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, lr_schedule,
+            min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data, data_dir, time_cond_proj_dim, cond_proj_init, validate_every,
             checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing, proportion_empty_prompts, **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
@@ -615,7 +645,8 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
                     loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
                     time_cond_proj_dim=time_cond_proj_dim, cond_proj_init=cond_proj_init,
                     gradient_checkpointing=gradient_checkpointing)
-    loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
+    loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
+                          grad_clip=grad_clip, checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, **memory,
                           extra_meta={"lcd": asdict(cfg), **({"lora": asdict(lora)} if lora else {})})
     from .training.data.shards import is_shard_spec

@@ -3,7 +3,11 @@
 Guidance convention: g is the usual classifier-free guidance scale of diffusers (g = 1 turns it off);
 the LCM paper's w is g - 1 (arXiv 2310.04378, Eq. 6 writes CFG as (1 + w) eps_c - w eps_u).
 """
-TEACHER_SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")  # CFG sampling, two UNet passes per step
+TEACHER_SOLVERS = ("ddim", "dpm-solver", "dpm-solver++")  # CFG sampling, two UNet passes per step
+TRAILING = "-trailing"  # sampler suffix: trailing timestep spacing (first step at t = T - 1, from pure noise)
+# Teacher samplers: each solver with the teacher config's spacing (SD: "leading", first step t = 751 of 4
+# steps), and with trailing spacing, which starts from t = 999 like the LCM sampler.
+TEACHER_SAMPLERS = (*TEACHER_SOLVERS, *(s + TRAILING for s in TEACHER_SOLVERS))
 LCM_SAMPLER = "lcm"                                        # multistep consistency sampling (Algorithm 3)
 
 LCM_OMEGA = 7.5                   # paper w of the shipped LCM's default and of training previews

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import world
-from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE, TEACHER_SAMPLERS
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE, TEACHER_SAMPLERS, TEACHER_SOLVERS, TRAILING
 from ..images import save_grid, vae_round_trip
 from . import metrics
 from .extractors import JudgeExtractor, wanted_indices
@@ -51,6 +51,7 @@ ROUNDING = {"fid": 3, "kid": 4, "kid_std": 4, "precision": 4, "recall": 4, "clip
 
 TABLE_SAMPLERS = (*TEACHER_SAMPLERS, LCM_SAMPLER)
 SAMPLER_LABELS = {"ddim": "DDIM", "dpm-solver": "DPM-Solver", "dpm-solver++": "DPM-Solver++", "lcm": "LCM"}
+SAMPLER_LABELS.update({s + TRAILING: SAMPLER_LABELS[s] + " trailing" for s in TEACHER_SOLVERS})
 
 _UNIT = {"type": "number", "minimum": 0, "maximum": 1}
 _UNIT_OR_NULL = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
@@ -72,6 +73,19 @@ SCORE_REQUIRED = ["fid", "kid", "kid_std", "precision", "recall", "clip_score", 
 FLOOR_SCHEMA = {"type": "object", "required": [*SCORE_REQUIRED, "num_samples"],
                 "properties": {**SCORE_PROPERTIES, "num_samples": {"type": "integer", "minimum": 1}}}
 
+RECORD_SCHEMA = {
+    "type": "object",
+    "required": ["sampler", "steps", *SCORE_REQUIRED, "unet_evals", "seconds"],
+    "properties": {
+        "model": {"type": "string"},
+        "sampler": {"enum": list(TABLE_SAMPLERS)},
+        "steps": {"type": "integer", "minimum": 1},
+        "guidance": {"type": "number", "minimum": 0},
+        **SCORE_PROPERTIES,
+        "unet_evals": {"type": "number", "minimum": 0},
+        "seconds": {"type": "number", "minimum": 0},
+    }}
+
 RESULTS_SCHEMA = {
     "type": "object",
     "required": ["records", "num_samples", "seed", "extractor", "reference", "reference_kind", "floor"],
@@ -82,18 +96,9 @@ RESULTS_SCHEMA = {
         "reference": {"type": "string"},
         "reference_kind": {"enum": list(REFERENCE_KINDS)},
         "floor": FLOOR_SCHEMA,
-        "records": {"type": "array", "minItems": 1, "items": {
-            "type": "object",
-            "required": ["sampler", "steps", *SCORE_REQUIRED, "unet_evals", "seconds"],
-            "properties": {
-                "model": {"type": "string"},
-                "sampler": {"enum": list(TABLE_SAMPLERS)},
-                "steps": {"type": "integer", "minimum": 1},
-                "guidance": {"type": "number", "minimum": 0},
-                **SCORE_PROPERTIES,
-                "unet_evals": {"type": "number", "minimum": 0},
-                "seconds": {"type": "number", "minimum": 0},
-            }}},
+        "records": {"type": "array", "minItems": 1, "items": RECORD_SCHEMA},
+        "ceiling": RECORD_SCHEMA,  # optional: the teacher's guided ODE, many steps from t = T - 1
+        "sweep": {"type": "array", "items": RECORD_SCHEMA},  # optional: the rows at the other guidance scales
     },
 }
 
@@ -410,49 +415,79 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
 
 def score_rows(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: Path, num_samples: int = NUM_SAMPLES,
                seed: int = 0, batch_size: int = 32, split: str = "heldout", cache_dir: Path | None = None,
-               reference: str = "prompt-scenes", bootstrap: int = 0) -> dict:
+               reference: str = "prompt-scenes", bootstrap: int = 0, ceiling: Row | None = None,
+               sweep: list[Row] = ()) -> dict:
     """Generate (cached in OUT/samples), grid (OUT/grids) and score every row, plus the real-image
-    floor at the same n; the validated results dict."""
+    floor at the same n; the validated results dict. ``ceiling`` (results["ceiling"]): the teacher's
+    guided ODE solved finely from t = T - 1, what an LCM distils towards; ``sweep`` (results["sweep"]):
+    the same methods at other guidance scales, scored alike, for each method's best guidance."""
     out = Path(out)
     prompts = [p for p, _ in heldout_prompts(num_samples, split=split)]
     ref = reference_set(extractor, reference, cache_dir=cache_dir)
-    records = []
-    for row in tqdm(rows, desc="evaluate"):
+    extra = [("ceiling", r) for r in ([ceiling] if ceiling else [])] + [("sweep", r) for r in sweep]
+    records, found = [], {"ceiling": [], "sweep": []}
+    for part, row in tqdm([("records", r) for r in rows] + extra, desc="evaluate"):
         scores, images, timing = generate_and_score(bundles[row.model], row, prompts, extractor, ref,
                                                     out / "samples", seed=seed, batch_size=batch_size,
                                                     bootstrap=bootstrap)
         save_grid(to_pixels(images[:32]), out / "grids" / f"{row.key}.png")
-        records.append({"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance,
-                        **rounded(scores), **timing})
+        (records if part == "records" else found[part]).append(
+            {"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance,
+             **rounded(scores), **timing})
     results = {"num_samples": num_samples, "seed": seed, "split": split, "extractor": f"{extractor.name}",
                "extractor_version": extractor.version, "reference": ref.name, "reference_kind": ref.kind,
                "image_format": "uint8", "models": {k: str(b.path) for k, b in bundles.items()},
-               "records": records, "floor": floor(extractor, ref, num_samples, split, bootstrap)}
+               "records": records, "floor": floor(extractor, ref, num_samples, split, bootstrap),
+               **({"ceiling": found["ceiling"][0]} if ceiling else {}), **({"sweep": found["sweep"]} if sweep else {})}
     validate_results(results)
     return results
 
 
 def run(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: Path, num_samples: int = NUM_SAMPLES,
         seed: int = 0, batch_size: int = 32, split: str = "heldout", cache_dir: Path | None = None,
-        reference: str = "prompt-scenes", bootstrap: int = 0) -> dict:
+        reference: str = "prompt-scenes", bootstrap: int = 0, ceiling: Row | None = None,
+        sweep: list[Row] = ()) -> dict:
     """Score every row on the same held-out prompts and seeds; write results.json, table1.md,
-    table1.png and grids/ into ``out``. Returns the results dict."""
+    table1.png and grids/ into ``out``. Returns the results dict. ``ceiling`` and ``sweep``: see ``score_rows``;
+    with a sweep, table1.md also has the table of each method at its best guidance."""
     out = Path(out)
     results = score_rows(bundles, rows, extractor, out, num_samples, seed, batch_size, split, cache_dir,
-                         reference, bootstrap)
+                         reference, bootstrap, ceiling, sweep)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "table1.md").write_text(table1_markdown(results["records"], results.get("floor")))
-    plot_against_steps(results["records"], out / "table1.png")
+    (out / "table1.md").write_text(results_markdown(results))
+    plot_against_steps(results["records"], out / "table1.png", hlines=_hlines(results))
     return results
+
+
+def _hlines(results: dict) -> dict:
+    lines = {"real images (floor)": results["floor"]}
+    if "ceiling" in results:
+        lines[f"ceiling: {_method(results['ceiling'], True)}"] = results["ceiling"]
+    return lines
+
+
+def _method(r: dict, with_steps: bool = False) -> str:
+    """A record's method and guidance: "LCM, w 7.5" (the paper's w = g - 1), "DDIM trailing, 50 steps, g 8.5"."""
+    name = SAMPLER_LABELS[r["sampler"]] + (f", {r['steps']} steps" if with_steps else "")
+    return f"{name}, w {r['guidance'] - 1:g}" if r["sampler"] == LCM_SAMPLER else f"{name}, g {r['guidance']:g}"
+
+
+def results_markdown(results: dict) -> str:
+    """table1.md: Table 1 at the rows' guidance, the ceiling and floor rows, the best-guidance table of a sweep."""
+    text = table1_markdown(results["records"], results.get("floor"), results.get("ceiling"))
+    if results.get("sweep"):
+        text += "\n" + best_guidance_markdown(results["records"] + results["sweep"])
+    return text
 
 
 def _kid_cell(r: dict) -> str:
     return f"{r['kid']:.2f} ± {r['kid_std']:.2f}"
 
 
-def table1_markdown(records: list[dict], floor_scores: dict | None = None) -> str:
-    """The paper's Table 1 layout: a row per sampler, FID, KID (x 10^3, mean ± std over subsets), score
-    and exact accuracy columns per step count; then the real-image floor (the same value in every column)."""
+def table1_markdown(records: list[dict], floor_scores: dict | None = None, ceiling: dict | None = None) -> str:
+    """The paper's Table 1 layout: a row per sampler (with its guidance: g, and the LCM's w = g - 1), FID,
+    KID (x 10^3, mean ± std over subsets), score and exact accuracy columns per step count; then the
+    teacher's guided-ODE ceiling and the real-image floor (each the same value in every column)."""
     steps = sorted({r["steps"] for r in records})
     head = (["method"] + [f"FID {n}" for n in steps] + [f"KID×10³ {n}" for n in steps]
             + [f"score {n}" for n in steps] + [f"exact acc. {n}" for n in steps])
@@ -466,16 +501,41 @@ def table1_markdown(records: list[dict], floor_scores: dict | None = None) -> st
                                   + [cell(n, lambda r: f"{r['clip_score']:.1f}") for n in steps]
                                   + [cell(n, lambda r: f"{r['accuracy']:.1%}") for n in steps]) + " |")
     for sampler in [s for s in TABLE_SAMPLERS if any(r["sampler"] == s for r in records)]:
-        lines.append(line(SAMPLER_LABELS[sampler], {r["steps"]: r for r in records if r["sampler"] == sampler}))
+        mine = [r for r in records if r["sampler"] == sampler]
+        label = _method(mine[0]) if "guidance" in mine[0] else SAMPLER_LABELS[sampler]
+        lines.append(line(label, {r["steps"]: r for r in mine}))
+    if ceiling:
+        lines.append(line(f"*ceiling: {_method(ceiling, True)}*", {n: ceiling for n in steps}))
     if floor_scores:
         label = f"*real images (floor, n = {floor_scores['num_samples']})*"
         lines.append(line(label, {n: floor_scores for n in steps}))
     return "\n".join(lines) + "\n"
 
 
+def best_guidance_markdown(records: list[dict]) -> str:
+    """Each method at each step count at its best guidance (lowest KID) among the swept ones: KID, FID, g."""
+    steps = sorted({r["steps"] for r in records})
+    lines = ["Each method at its best guidance (lowest KID×10³ of the sweep; g in brackets, the LCM's w = g − 1):", "",
+             "| method | " + " | ".join(f"KID×10³ {n} (g)" for n in steps) + " | "
+             + " | ".join(f"FID {n}" for n in steps) + " |", "|" + "---|" * (1 + 2 * len(steps))]
+    for sampler in [s for s in TABLE_SAMPLERS if any(r["sampler"] == s for r in records)]:
+        best = {}
+        for r in (r for r in records if r["sampler"] == sampler):
+            if r["steps"] not in best or r["kid"] < best[r["steps"]]["kid"]:
+                best[r["steps"]] = r
+        swept = sorted({r["guidance"] for r in records if r["sampler"] == sampler})
+        kid = [f"{_kid_cell(best[n])} ({best[n]['guidance']:g})" if n in best else "-" for n in steps]
+        fid = [f"{best[n]['fid']:.2f}" if n in best else "-" for n in steps]
+        label = f"{SAMPLER_LABELS[sampler]} (g {', '.join(f'{g:g}' for g in swept)})"
+        lines.append("| " + " | ".join([label, *kid, *fid]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_against_steps(records: list[dict], path: Path, x_key: str = "steps", series_key: str = "sampler",
-                       label=lambda series: SAMPLER_LABELS.get(series, str(series)), log_x: bool = True) -> Path:
-    """FID and the caption score against ``x_key``, one line per ``series_key`` value."""
+                       label=lambda series: SAMPLER_LABELS.get(series, str(series)), log_x: bool = True,
+                       hlines: dict | None = None) -> Path:
+    """FID and the caption score against ``x_key``, one line per ``series_key`` value; ``hlines``
+    {label: scores} draws reference levels (the ceiling, the floor) as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -486,6 +546,9 @@ def plot_against_steps(records: list[dict], path: Path, x_key: str = "steps", se
         rs = sorted((r for r in records if r[series_key] == series), key=lambda r: r[x_key])
         for ax, key in zip(axes, ("fid", "clip_score")):
             ax.plot([r[x_key] for r in rs], [r[key] for r in rs], marker="o", label=label(series))
+    for (name, scores), style in zip((hlines or {}).items(), ("--", ":", "-.")):
+        for ax, key in zip(axes, ("fid", "clip_score")):
+            ax.axhline(scores[key], color="grey", linestyle=style, linewidth=1, label=name)
     for ax, title in zip(axes, ("FID (judge features, lower is better)", "caption score (higher is better)")):
         if log_x:
             ax.set_xscale("log", base=2)
@@ -501,18 +564,21 @@ def plot_against_steps(records: list[dict], path: Path, x_key: str = "steps", se
 
 
 def table_rows(samplers: list[str], steps: list[int], guidance: float | None,
-               lcm_guidance: float = LCM_GUIDANCE, teacher_guidance: float = TEACHER_GUIDANCE) -> list[Row]:
-    """Rows of ``lcm evaluate``: the "lcm" sampler runs on the model named "lcm", the teacher samplers
-    (CFG, two UNet passes per step) on the one named "teacher"; guidance None means each one's default."""
+               lcm_guidance: float = LCM_GUIDANCE, teacher_guidance: float = TEACHER_GUIDANCE,
+               lcm_steps: list[int] | None = None) -> list[Row]:
+    """Rows of ``lcm evaluate``: the "lcm" sampler runs on the model named "lcm" (at ``lcm_steps``, default
+    ``steps``), the teacher samplers (CFG, two UNet passes per step) on the one named "teacher"; guidance
+    None means each one's default."""
     rows = []
     for sampler in samplers:
         model = "lcm" if sampler == LCM_SAMPLER else "teacher"
         g = guidance if guidance is not None else (lcm_guidance if sampler == LCM_SAMPLER else teacher_guidance)
-        rows += [Row(model, sampler, n, g) for n in steps]
+        counts = lcm_steps if sampler == LCM_SAMPLER and lcm_steps else steps
+        rows += [Row(model, sampler, n, g) for n in counts]
     return rows
 
 
 __all__ = ["Row", "Reference", "run", "score_rows", "score", "generate_and_score", "generate_cached", "floor",
            "rounded", "reference_set", "cached_reference", "heldout_prompts", "heldout_samples",
            "attribute_accuracy", "judge_on_real", "vae_psnr", "UNetCounter", "table1_markdown",
-           "plot_against_steps", "validate_results", "RESULTS_SCHEMA", "SCORED", "table_rows", "to_pixels"]
+           "plot_against_steps", "results_markdown", "best_guidance_markdown", "validate_results", "RESULTS_SCHEMA", "SCORED", "table_rows", "to_pixels"]

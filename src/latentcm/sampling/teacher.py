@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..defaults import TEACHER_SAMPLERS
+from ..defaults import TEACHER_SAMPLERS, TRAILING
 from ..errors import ModelError
 
 # eps_fn(z, t, text_states) -> eps prediction; one UNet call on a whole batch.
@@ -45,10 +45,13 @@ def sample_teacher(eps_fn: EpsFn, scheduler, latents: torch.Tensor, cond: torch.
 
 
 def make_scheduler(name: str, config: dict):
-    """A diffusers scheduler for teacher sampling, built from the teacher's config."""
+    """A diffusers scheduler for teacher sampling, built from the teacher's config; a ``-trailing`` name
+    overrides its timestep spacing with "trailing" (timesteps T - 1, ..., as the LCM sampler's first step)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     base = {k: v for k, v in config.items() if not k.startswith("_")}
+    if name in TEACHER_SAMPLERS and name.endswith(TRAILING):  # the same solver on a trailing grid
+        name, base["timestep_spacing"] = name[:-len(TRAILING)], "trailing"
     if name == "ddim":
         return DDIMScheduler.from_config(base)
     if name in ("dpm-solver", "dpm-solver++"):
