@@ -549,7 +549,8 @@ def plot_against_steps(records: list[dict], path: Path, x_key: str = "steps", se
     for (name, scores), style in zip((hlines or {}).items(), ("--", ":", "-.")):
         for ax, key in zip(axes, ("fid", "clip_score")):
             ax.axhline(scores[key], color="grey", linestyle=style, linewidth=1, label=name)
-    for ax, title in zip(axes, ("FID (judge features, lower is better)", "caption score (higher is better)")):
+    axes[0].set_yscale("log")  # a 1-step solver's FID can be 60x the floor
+    for ax, title in zip(axes, ("FID (judge features, log scale, lower is better)", "caption score (higher is better)")):
         if log_x:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(x_key)
