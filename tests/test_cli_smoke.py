@@ -274,7 +274,7 @@ def test_ablate_solver_skip(micro_teacher, micro_judge, tmp_path, cached, capsys
     assert lines[-1] == str(out / "results.json")
     assert (out / "results.md").is_file() and (out / "solver-skip.png").is_file()
     records = json.loads((out / "results.json").read_text())["records"]
-    assert [(r["solver"], r["skip"], r["iteration"]) for r in records] == [("ddim", 50, 1)]
+    assert [(r["solver"], r["skip"], r["iteration"]) for r in records] == [("ddim", 50, 0), ("ddim", 50, 1)]
 
 
 # --- serving ----------------------------------------------------------------------------------------------

@@ -164,13 +164,28 @@ def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher
     main(args)
     results = json.loads((out / "results.json").read_text())
     keys = [(r["solver"], r["skip"], r["iteration"]) for r in results["records"]]
-    assert keys == [(s, k, i) for s in ("ddim", "dpm-solver++") for k in (20, 50) for i in (1, 2)]
+    assert keys == [(s, k, i) for s in ("ddim", "dpm-solver++") for k in (20, 50) for i in (0, 1, 2)]
+    at0 = [r for r in results["records"] if r["iteration"] == 0]  # the untrained student is the teacher
+    assert all(r["kid"] == at0[0]["kid"] for r in at0 if r["skip"] == at0[0]["skip"])
     assert all(r["fid"] >= 0 and 0 <= r["clip_score"] <= 100 for r in results["records"])
-    assert "| ddim | 20 |" in (out / "results.md").read_text() and (out / "solver-skip.png").is_file()
+    table = (out / "results.md").read_text()
+    assert "| ddim | 20 |" in table and "KID×10³ @0" in table and "KID×10³ @2" in table and (out / "solver-skip.png").is_file()
+    assert f"| real images (floor, n = 4) | - | {results['floor']['kid']:.1f} ± " in table
     log = out / "runs" / "ddim-k20" / "probe.jsonl"
     before = log.read_text()
     main(args)  # finished runs are not trained again
     assert log.read_text() == before
+    i = args.index("--solvers")
+    main(args[:i] + ["--pairs", "dpm-solver++:50,ddim:20"] + args[i + 4:])  # a subset, in the given order
+    keys = [(r["solver"], r["skip"]) for r in json.loads((out / "results.json").read_text())["records"]]
+    assert keys == [("dpm-solver++", 50)] * 3 + [("ddim", 20)] * 3 and log.read_text() == before
+
+
+@pytest.mark.parametrize("pairs", ["ddim", "ddim:0", "euler:20", "ddim:20:1", ","])
+def test_ablate_solver_skip_refuses_bad_pairs(pairs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ablate", "solver-skip", "--pairs", pairs])
+    assert exc.value.code == 2 and "--pairs" in capsys.readouterr().err
 
 
 def test_ablate_guidance_records_omega(micro_lcm, micro_judge, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 
 from ..bundle import Bundle
 from ..defaults import LCM_OMEGA, LCM_SAMPLER, LCM_STEPS
+from ..models.denoiser import make_student
 from ..sampling.latents import sample_latents
 from ..schedules import grid_size
 from ..training import recipes
@@ -67,51 +68,62 @@ def read_probe_log(path: Path) -> list[dict]:
     return [by_iter[k] for k in sorted(by_iter)]
 
 
-def solver_skip(teacher_dir: Path, out: Path, solvers: list[str], skips: list[int], iterations: int,
-                eval_every: int, extractor: JudgeExtractor, num_samples: int = 128, batch_size: int = 16,
+def solver_skip(teacher_dir: Path, out: Path, pairs: list[tuple[str, int]], iterations: int,
+                eval_every: int, extractor: JudgeExtractor, num_samples: int = 1000, batch_size: int = 16,
                 num_data: int = 4000, lr: float = 1e-4, seed: int = 0, loss: str = "huber",
                 reference: str = "prompt-scenes") -> dict:
-    """Fig. 3: distil every (solver, k) for ``iterations`` steps, probing 4-step FID every ``eval_every``."""
+    """Fig. 3: distil every (solver, k) pair for ``iterations`` steps, probing the student's 4-step
+    KID and FID every ``eval_every``."""
     out = Path(out)
     bundle = Bundle.load(teacher_dir)
     ref = pipeline.reference_set(extractor, reference)
     records = []
-    for solver in solvers:
-        for k in skips:
-            run_dir = out / "runs" / f"{solver}-k{k}"
-            log = run_dir / "probe.jsonl"
-            n_grid = grid_size(bundle.scheduler_config.get("num_train_timesteps", 1000), k)
-            if not (read_probe_log(log) and read_probe_log(log)[-1]["iteration"] >= iterations):
-                run_dir.mkdir(parents=True, exist_ok=True)
-                cfg = LCDConfig(solver=solver, skip=k, loss=loss, batch_size=batch_size, seed=seed)
-                loop_cfg = LoopConfig(max_steps=iterations, lr=lr, warmup=0, schedule="constant",
-                                      checkpoint_every=eval_every, preview_every=eval_every, keep_checkpoints=1)
-                probe = fid_probe(bundle, extractor, ref, num_samples, n_grid, log)
-                recipes.run("distill", recipes.Job(
-                    Path(teacher_dir), run_dir, loop_cfg, lcd=cfg, num_data=num_data,
-                    resume=(run_dir / "checkpoints").exists(), preview_fn=probe, export=False,
-                    data_cache=out / "data-cache.safetensors"))
-            records += [{"solver": solver, "skip": k, **r} for r in read_probe_log(log)]
+    for solver, k in pairs:
+        run_dir = out / "runs" / f"{solver}-k{k}"
+        log = run_dir / "probe.jsonl"
+        n_grid = grid_size(bundle.scheduler_config.get("num_train_timesteps", 1000), k)
+        cfg = LCDConfig(solver=solver, skip=k, loss=loss, batch_size=batch_size, seed=seed)
+        probe = fid_probe(bundle, extractor, ref, num_samples, n_grid, log)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not any(r["iteration"] == 0 for r in read_probe_log(log)):  # the untrained student: where runs start
+            probe(make_student(bundle.unet, cfg.time_cond_proj_dim, cond_proj_init=cfg.cond_proj_init), 0, run_dir)
+        if read_probe_log(log)[-1]["iteration"] < iterations:
+            loop_cfg = LoopConfig(max_steps=iterations, lr=lr, warmup=0, schedule="constant",
+                                  checkpoint_every=eval_every, preview_every=eval_every, keep_checkpoints=1)
+            recipes.run("distill", recipes.Job(
+                Path(teacher_dir), run_dir, loop_cfg, lcd=cfg, num_data=num_data,
+                resume=(run_dir / "checkpoints").exists(), preview_fn=probe, export=False,
+                data_cache=out / "data-cache.safetensors"))
+        records += [{"solver": solver, "skip": k, **r} for r in read_probe_log(log)]
     results = {"iterations": iterations, "eval_every": eval_every, "num_samples": num_samples,
                "probe": {"steps": PROBE_STEPS, "omega": PROBE_OMEGA}, "batch_size": batch_size,
                "reference": ref.name, "reference_kind": ref.kind, "records": records,
                "floor": pipeline.floor(extractor, ref, num_samples)}
-    _write(out, results, solver_skip_markdown(records), plot_solver_skip(records, out / "solver-skip.png"))
+    _write(out, results, solver_skip_markdown(records, results["floor"]),
+           plot_solver_skip(records, out / "solver-skip.png", results["floor"]))
     return results
 
 
-def solver_skip_markdown(records: list[dict]) -> str:
-    """FID at every probed iteration, a row per (solver, k)."""
+def solver_skip_markdown(records: list[dict], floor: dict | None = None) -> str:
+    """KID x10^3 +- std and FID at every probed iteration, a row per (solver, k), and the perfect
+    generator's row at the probes' n (FID is biased upward at finite n; KID is not)."""
     iters = sorted({r["iteration"] for r in records})
-    lines = ["| solver | k | " + " | ".join(f"FID @{i}" for i in iters) + " |", "|" + "---|" * (2 + len(iters))]
+    head = [f"KID×10³ @{i}" for i in iters] + [f"FID @{i}" for i in iters]
+    lines = ["| solver | k | " + " | ".join(head) + " |", "|" + "---|" * (2 + len(head))]
     for solver in dict.fromkeys(r["solver"] for r in records):
         for k in sorted({r["skip"] for r in records if r["solver"] == solver}):
-            fids = {r["iteration"]: r["fid"] for r in records if r["solver"] == solver and r["skip"] == k}
-            lines.append(f"| {solver} | {k} | " + " | ".join(f"{fids[i]:.2f}" if i in fids else "-" for i in iters) + " |")
+            by = {r["iteration"]: r for r in records if r["solver"] == solver and r["skip"] == k}
+            kids = [f"{by[i]['kid']:.1f} ± {by[i]['kid_std']:.1f}" if i in by else "-" for i in iters]
+            fids = [f"{by[i]['fid']:.1f}" if i in by else "-" for i in iters]
+            lines.append(f"| {solver} | {k} | " + " | ".join(kids + fids) + " |")
+    if floor:
+        cells = [f"{floor['kid']:.1f} ± {floor['kid_std']:.1f}"] * len(iters) + [f"{floor['fid']:.1f}"] * len(iters)
+        lines.append(f"| real images (floor, n = {floor['num_samples']}) | - | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_solver_skip(records: list[dict], path: Path) -> Path:
+def plot_solver_skip(records: list[dict], path: Path, floor: dict | None = None) -> Path:
+    """One panel per solver: 4-step KID (± its std over subsets) against iteration, a line per k."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,12 +134,15 @@ def plot_solver_skip(records: list[dict], path: Path) -> Path:
     for ax, solver in zip(axes[0], solvers):
         for k in sorted({r["skip"] for r in records if r["solver"] == solver}):
             rs = [r for r in records if r["solver"] == solver and r["skip"] == k]
-            ax.plot([r["iteration"] for r in rs], [r["fid"] for r in rs], marker="o", label=f"k = {k}")
-        ax.set_title(f"{pipeline.SAMPLER_LABELS.get(solver, solver)}: 4-step FID", fontsize=10)
+            ax.errorbar([r["iteration"] for r in rs], [r["kid"] for r in rs], yerr=[r["kid_std"] for r in rs],
+                        marker="o", capsize=3, label=f"k = {k}")
+        if floor:
+            ax.axhline(floor["kid"], color="grey", ls="--", lw=1, label="real images")
+        ax.set_title(f"{pipeline.SAMPLER_LABELS.get(solver, solver)}: 4-step KID", fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("FID (judge features)")
+    axes[0][0].set_ylabel("KID ×10³ (judge features)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
