@@ -140,11 +140,16 @@ def test_accumulation_of_two_equals_one_batch_twice_as_big(micro_teacher, data):
     for step in range(3):
         ma = train_step(accumulated, oa, ca, step, acc)
         mb = train_step(_Doubled(big), ob, cb, step, acc)
-        assert ma["loss"] == pytest.approx(mb["loss"], rel=5e-5)  # two half-batch means vs one: float order
-        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
+        # step 0: the same weights, so the same gradient up to float sums; later steps see weights that
+        # Adam has already moved apart by float noise (below one lr, see the end), so their gradients
+        # differ a little more (measured on one CPU: 1.7e-4 of the largest gradient entry, loss rel 1.2e-4).
+        # A wrong accumulation is off by ~50% at step 0.
+        tol = 1e-4 if step == 0 else 1e-3
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=tol / 2)  # two half-batch means vs one: float order
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=tol)
         ga = torch.cat([p.grad.flatten() for p in accumulated.parameters() if p.grad is not None])
         gb = torch.cat([p.grad.flatten() for p in big.parameters() if p.grad is not None])
-        assert float((ga - gb).abs().max()) <= 1e-4 * float(gb.abs().max())  # same gradient up to float sums
+        assert float((ga - gb).abs().max()) <= tol * float(gb.abs().max())
     # Adam divides by sqrt(v): near-zero gradients turn float noise into differences below one lr step
     # (measured 0.58 lr after 3 steps on one CPU, under 0.5 on another; 3 steps can move a weight by 3 lr)
     a, b = accumulated.student_unet.state_dict(), big.student_unet.state_dict()
