@@ -19,16 +19,17 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True, help="file name in RUN/checkpoints, or a path")
     ap.add_argument("--teacher", default="teacher")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--which", choices=["student", "target"], default="student")
+    ap.add_argument("--which", choices=["student", "target", "student_ema"], default="student",
+                    help="online student, EMA target, or the slow EMA of a run made with --student-ema")
     args = ap.parse_args()
     path = Path(args.checkpoint)
     path = path if path.is_file() else Path(args.run) / "checkpoints" / args.checkpoint
     teacher = Bundle.load(registry.resolve(args.teacher))
-    student, target = make_student(teacher.unet), make_student(teacher.unet)
-    meta = load_checkpoint(path, {"student": student, "target": target}, None)
+    modules = {name: make_student(teacher.unet) for name in ("student", "target", args.which)}
+    meta = load_checkpoint(path, modules, None)
     lcd = meta.get("lcd", {})
-    export_lcm(student if args.which == "student" else target, teacher, args.out,
-               {"command": f"python scripts/checkpoint_to_lcm.py --run {args.run} --checkpoint {path.name}",
+    export_lcm(modules[args.which], teacher, args.out,
+               {"command": f"python scripts/checkpoint_to_lcm.py --run {args.run} --checkpoint {path.name} --which {args.which}",
                 "teacher": args.teacher, "steps": meta["step"], "lcd": lcd}, skip=lcd.get("skip", 20))
     print(json.dumps({"out": args.out, "step": meta["step"]}))
 

@@ -166,6 +166,42 @@ def test_ema_target_moves_toward_the_student(bundle, data):
         torch.testing.assert_close(t, 0.9 * old + 0.1 * s)
 
 
+def test_student_ema_averages_the_student_with_warm_up_and_is_what_ships(bundle, data):
+    task = _task(bundle, data, student_ema=0.999)
+    assert set(task.modules()) == {"student", "target", "student_ema"} and task.export_unet is task.average_unet
+    before = [p.detach().clone() for p in task.average_unet.parameters()]
+    with torch.no_grad():
+        for p in task.student_unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    task.after_update(0)  # warm-up: decay min(0.999, 1 / 10) = 0.1
+    for a, old, s in zip(task.average_unet.parameters(), before, task.student_unet.parameters()):
+        torch.testing.assert_close(a, 0.1 * old + 0.9 * s)
+    assert not any(p.requires_grad for p in task.average_unet.parameters())
+    plain = _task(bundle, data)
+    assert plain.average_unet is None and plain.export_unet is plain.student_unet
+    assert "student_ema" not in plain.modules()
+    with pytest.raises(ValueError, match="student_ema"):
+        LCDConfig(student_ema=1.0)
+
+
+def test_distill_cli_student_ema_exports_the_average_and_rejects_lora(micro_teacher, tmp_path, capsys):
+    from latentcm.training.checkpoint import read_checkpoint
+
+    out = tmp_path / "lcm"
+    args = ["distill", "--teacher", str(micro_teacher), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+            "--num-data", "4", "--validate-every", "0", "--lr", "1e-2", "--student-ema", "0.999"]
+    main(args)
+    tensors, _ = read_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    shipped = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    key = next(k for k in shipped if k.endswith("conv_in.weight"))
+    avg, online = tensors[f"module.student_ema.{key}"], tensors[f"module.student.{key}"]
+    assert not torch.equal(avg, online)  # two steps at a high lr: the average lags the online weights
+    torch.testing.assert_close(shipped[key].float(), avg.float(), atol=1e-3, rtol=1e-3)  # what ships is the average
+    with pytest.raises(SystemExit) as exc:
+        main(args[:3] + ["--out", str(tmp_path / "lora"), "--lora", "4", "--student-ema", "0.99"])
+    assert exc.value.code != 0 and "--student-ema" in capsys.readouterr().err
+
+
 def test_distill_cli_writes_a_folder_diffusers_loads_and_samples_like_ours(micro_teacher, tmp_path, capsys):
     from diffusers import LatentConsistencyModelPipeline
 

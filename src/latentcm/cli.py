@@ -604,6 +604,9 @@ def _run_options(command):
               help=f"Highest paper guidance w (--lora: the paper's fixed w = {LORA_OMEGA:g}, no w embedding).")
 @click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
               help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
+@click.option("--student-ema", type=FiniteRange(0, 1, max_open=True), default=0.0, metavar="DECAY",
+              help="Also keep a slow EMA of the student (e.g. 0.999) and export it instead of the online weights; "
+                   "0: off. Full UNet only.")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
 @click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (peak).")
@@ -627,8 +630,8 @@ def _run_options(command):
 @click.option("--lora-alpha", type=FiniteRange(0, None, min_open=True), default=None,
               show_default="RANK (scale 1)", help="LoRA alpha (scale alpha / RANK).")
 @_run_options
-def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr,
-            lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data, data_dir, time_cond_proj_dim,
+def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, loss, huber_c, max_steps, batch_size,
+            lr, lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data, data_dir, time_cond_proj_dim,
             cond_proj_init, validate_every, checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing,
             proportion_empty_prompts, **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
@@ -656,10 +659,12 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
 
     _torch_threads()
     lora = _lora_config(lora_rank, lora_alpha, seed)
+    if lora and student_ema:
+        raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
     w_default = (LORA_OMEGA, LORA_OMEGA) if lora else OMEGA_RANGE
     cfg = LCDConfig(solver=solver, skip=skip, omega_min=w_default[0] if omega_min is None else omega_min,
                     omega_max=w_default[1] if omega_max is None else omega_max,
-                    ema_decay=(0.0 if lora else 0.95) if ema is None else ema,
+                    ema_decay=(0.0 if lora else 0.95) if ema is None else ema, student_ema=student_ema,
                     loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
                     time_cond_proj_dim=time_cond_proj_dim, cond_proj_init=cond_proj_init,
                     gradient_checkpointing=gradient_checkpointing)
@@ -691,6 +696,9 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
 @click.option("--omega-min", type=FiniteRange(0, 50), default=OMEGA_RANGE[0], help="Lowest paper guidance w (g = 1 + w).")
 @click.option("--omega-max", type=FiniteRange(0, 50), default=OMEGA_RANGE[1], help="Highest paper guidance w.")
 @click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=0.95, help="EMA rate mu of the target.")
+@click.option("--student-ema", type=FiniteRange(0, 1, max_open=True), default=0.0, metavar="DECAY",
+              help="Also keep a slow EMA of the student (e.g. 0.999) and export it instead of the online weights; "
+                   "0: off.")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="huber", help="Distance d (huber: pseudo-Huber).")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000, help="Optimizer steps.")
 @click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
@@ -699,8 +707,8 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, loss, huber_c
               help="Train only grid points t <= this: adapt the low-noise end (texture, style) and leave the "
                    "high-noise end (layout, attributes) alone; the number of train timesteps - 1 trains all.")
 @_run_options
-def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_c, max_steps, batch_size, lr, seed,
-             resume, max_minutes, validate_every, checkpoint_every, max_timestep, gradient_checkpointing, **memory):
+def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, student_ema, loss, huber_c, max_steps, batch_size,
+             lr, seed, resume, max_minutes, validate_every, checkpoint_every, max_timestep, gradient_checkpointing, **memory):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
 
     Unreadable images and images without a caption are skipped, counted and reported at the end.
@@ -720,8 +728,8 @@ def finetune(model, data_dir, out, skip, omega_min, omega_max, ema, loss, huber_
     _torch_threads()
     model_dir = registry.resolve(model)
     k = skip if skip is not None else recipes.lcm_skip(recipes.load_source(model_dir, "lcm"))
-    cfg = LCDConfig(skip=k, omega_min=omega_min, omega_max=omega_max, ema_decay=ema, loss=loss, huber_c=huber_c,
-                    batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep,
+    cfg = LCDConfig(skip=k, omega_min=omega_min, omega_max=omega_max, ema_decay=ema, student_ema=student_ema,
+                    loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed, target="same-noise", max_timestep=max_timestep,
                     gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, **memory,

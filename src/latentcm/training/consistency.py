@@ -64,6 +64,7 @@ class LCDConfig:
     omega_min: float = OMEGA_RANGE[0]  # w ~ U[omega_min, omega_max]; the paper's [2, 14]
     omega_max: float = OMEGA_RANGE[1]
     ema_decay: float = 0.95            # mu of the target network (diffusers); the paper's 0.999943 selectable
+    student_ema: float = 0.0           # > 0: also keep a slow EMA of the student, exported in its place; 0: off
     loss: str = "l2"                   # distance d: l2 | huber (pseudo-Huber)
     huber_c: float = 0.001             # c of the pseudo-Huber distance
     batch_size: int = 16               # per process
@@ -85,6 +86,8 @@ class LCDConfig:
             raise ValueError(f"need 0 <= omega_min <= omega_max, got [{self.omega_min}, {self.omega_max}]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.student_ema < 1.0:
+            raise ValueError(f"student_ema must be in [0, 1), got {self.student_ema}")
         if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
             raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
         if self.max_timestep is not None and self.max_timestep < self.skip - 1:
@@ -180,6 +183,8 @@ class LCDTask:
         if self.cfg.gradient_checkpointing:
             self.student_unet.enable_gradient_checkpointing()
         self.target_unet = copy.deepcopy(self.student_unet).requires_grad_(False).eval()  # theta^- <- theta
+        self.average_unet = (copy.deepcopy(self.student_unet).requires_grad_(False).eval()
+                             if self.cfg.student_ema > 0 else None)  # slow EMA of theta, for sampling only
         self.teacher = (Denoiser(teacher_unet.requires_grad_(False).eval(), scheduler_config)
                         if teacher_unet is not None else None)
         self.student = ConsistencyModel(Denoiser(self.student_unet, scheduler_config))
@@ -195,10 +200,20 @@ class LCDTask:
         _warn_slow_ema(self.cfg.ema_decay, dtype)
         _wrap(self.target.denoiser, dtype)
         self.student_unet.float()  # fp32 master weights, also of a student built in half
+        if self.average_unet is not None:
+            self.average_unet.float()  # a slow EMA moves by less than half precision resolves
         _wrap(self.student.denoiser, torch.float32)
 
     def modules(self):
-        return {"student": self.student_unet, "target": self.target_unet}
+        found = {"student": self.student_unet, "target": self.target_unet}
+        if self.average_unet is not None:
+            found["student_ema"] = self.average_unet
+        return found
+
+    @property
+    def export_unet(self):
+        """The weights to ship: the slow EMA of the student when one is kept, else the online student."""
+        return self.average_unet if self.average_unet is not None else self.student_unet
 
     def parameters(self):
         return list(self.student_unet.parameters())
@@ -209,6 +224,8 @@ class LCDTask:
         if self.teacher is not None:
             self.teacher.to(self.device)
         self.target.to(self.device)
+        if self.average_unet is not None:
+            self.average_unet.to(self.device)
         self.data = self.data.to(self.device)
         self.alpha_bar = self.alpha_bar.to(self.device)
         self.student = accelerator.prepare(self.student)
@@ -275,8 +292,11 @@ class LCDTask:
         return guidance_scale_embedding(omega, self.cfg.time_cond_proj_dim).to(dtype)
 
     def after_update(self, step: int) -> None:
-        """Algorithm 1 line 8: theta^- <- stopgrad(mu theta^- + (1 - mu) theta)."""
+        """Algorithm 1 line 8: theta^- <- stopgrad(mu theta^- + (1 - mu) theta); then the slow EMA of the
+        student, if kept, with the usual warm-up min(decay, (1 + step) / (10 + step))."""
         ema_update(self.target_unet, self.student_unet, self.cfg.ema_decay)
+        if self.average_unet is not None:
+            ema_update(self.average_unet, self.student_unet, min(self.cfg.student_ema, (1 + step) / (10 + step)))
 
     def preview(self, step: int, out_dir: Path) -> None:
         if self.preview_fn is not None:
@@ -301,6 +321,8 @@ class LoRATask(LCDTask):
                  preview_fn=None):
         if cfg.target != "solver":
             raise ValueError("LCM-LoRA distils a teacher: LCDConfig.target must be 'solver'")
+        if cfg.student_ema > 0:
+            raise ValueError("a slow EMA of the student (student_ema) is for full-UNet distillation, not LCM-LoRA")
         self.lora_cfg = lora
         super().__init__(teacher_unet, scheduler_config, data, cfg, preview_fn=preview_fn)
 
@@ -310,6 +332,7 @@ class LoRATask(LCDTask):
         if self.cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.student_unet = self.target_unet = unet
+        self.average_unet = None
         self.teacher = Denoiser(AdapterView(unet, None), scheduler_config)  # adapters off: the frozen teacher
         self.student = ConsistencyModel(Denoiser(unet, scheduler_config))
         self.lora = AdapterWeights(unet, ADAPTER)

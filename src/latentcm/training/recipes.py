@@ -135,7 +135,7 @@ def _diffusion_task(bundle, data, captions, job):
 
 
 def _export_lcm(task, bundle, job, info):
-    export_lcm(task.student_unet, bundle, job.out, info, skip=job.lcd.skip)
+    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip)
 
 
 def _export_lcm_lora(task, bundle, job, info):
@@ -149,7 +149,7 @@ def _export_lcf(task, bundle, job, info):
             "intro": (f"Latent Consistency Fine-tuning (LCF; Luo et al. 2023, Sec. 4.4) of the LCM `{job.source}` "
                       f"on the image folder `{job.data_dir}` ({info['data_report']}), made with latentcm: no "
                       "teacher, both consistency points from the same latent and noise.")}
-    export_lcm(task.student_unet, bundle, job.out, info, skip=job.lcd.skip)
+    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip)
 
 
 def _export_diffusion(task, bundle, job, info):
