@@ -4,6 +4,7 @@
 """
 import argparse
 import json
+import re
 from pathlib import Path
 
 from latentcm import registry
@@ -11,6 +12,13 @@ from latentcm.bundle import Bundle
 from latentcm.export.pipeline import export_lcm
 from latentcm.models.denoiser import make_student
 from latentcm.training.checkpoint import load_checkpoint
+
+
+def run_command(run: Path) -> str | None:
+    """The `lcm distill` command of a run, from the card its finished export wrote (None when there is none)."""
+    card = run / "README.md"
+    found = re.search(r"```bash\n(lcm distill[^\n]*)\n```", card.read_text()) if card.is_file() else None
+    return found.group(1) if found else None
 
 
 def main() -> None:
@@ -28,9 +36,14 @@ def main() -> None:
     modules = {name: make_student(teacher.unet) for name in ("student", "target", args.which)}
     meta = load_checkpoint(path, modules, None)
     lcd = meta.get("lcd", {})
+    export = f"python scripts/checkpoint_to_lcm.py --run {args.run} --checkpoint {path.name} --which {args.which}"
+    distill = run_command(Path(args.run))
+    lr = re.search(r"--lr (\S+)", distill or "")
+    schedule = re.search(r"--lr-schedule (\S+)", distill or "")
+    loop = {"lr": f"{lr.group(1)}{f' ({schedule.group(1)})' if schedule else ''}"} if lr else {}
     export_lcm(modules[args.which], teacher, args.out,
-               {"command": f"python scripts/checkpoint_to_lcm.py --run {args.run} --checkpoint {path.name} --which {args.which}",
-                "teacher": args.teacher, "steps": meta["step"], "lcd": lcd}, skip=lcd.get("skip", 20))
+               {"command": f"{distill}\n{export}" if distill else export, "teacher": args.teacher,
+                "steps": meta["step"], "lcd": lcd, "loop": loop}, skip=lcd.get("skip", 20))
     print(json.dumps({"out": args.out, "step": meta["step"]}))
 
 

@@ -1,5 +1,8 @@
 """Latent Consistency Distillation on micro models: student, task, solver target, loop, export, CLI."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +200,15 @@ def test_distill_cli_student_ema_exports_the_average_and_rejects_lora(micro_teac
     avg, online = tensors[f"module.student_ema.{key}"], tensors[f"module.student.{key}"]
     assert not torch.equal(avg, online)  # two steps at a high lr: the average lags the online weights
     torch.testing.assert_close(shipped[key].float(), avg.float(), atol=1e-3, rtol=1e-3)  # what ships is the average
+    script = Path(__file__).resolve().parents[1] / "scripts" / "checkpoint_to_lcm.py"
+    online = tmp_path / "online"
+    subprocess.run([sys.executable, str(script), "--run", str(out), "--checkpoint", "step-0000002.safetensors",
+                    "--teacher", str(micro_teacher), "--out", str(online), "--which", "student"], check=True,
+                   capture_output=True)
+    exported = load_file(str(online / "unet" / "diffusion_pytorch_model.safetensors"))
+    torch.testing.assert_close(exported[key].float(), tensors[f"module.student.{key}"].float())
+    card = (online / "README.md").read_text()
+    assert "lcm distill --teacher" in card and "--student-ema 0.999" in card and "--which student" in card
     with pytest.raises(SystemExit) as exc:
         main(args[:3] + ["--out", str(tmp_path / "lora"), "--lora", "4", "--student-ema", "0.99"])
     assert exc.value.code != 0 and "--student-ema" in capsys.readouterr().err
