@@ -82,12 +82,15 @@ def test_tcd_step_equals_tcd_scheduler_step():
 def test_grids_and_img2img_timesteps_equal_tcd_schedulers():
     from diffusers import TCDScheduler
 
-    config = Bundle.load(registry.resolve("lcm")).scheduler_config
-    sched = TCDScheduler.from_config(config)
-    for steps, strength in [(1, 1.0), (4, 1.0), (8, 1.0), (2, 0.5), (4, 0.3)]:
-        sched.set_timesteps(steps, strength=strength)
-        got = lcm_timesteps(steps, 1000, config["original_inference_steps"], strength)
-        assert got.tolist() == sched.timesteps.tolist(), (steps, strength)
+    shipped = Bundle.load(registry.resolve("lcm")).scheduler_config
+    for original in sorted({shipped["original_inference_steps"], 10, 50}):  # the shipped grid and two others
+        config = {**shipped, "original_inference_steps": original}
+        sched = TCDScheduler.from_config(config)
+        cases = [(1, 1.0), (4, 1.0), (8, 1.0), (2, 0.5), (4, 0.3), (2, 0.3)]
+        for steps, strength in [(n, s) for n, s in cases if n <= int(original * s)]:  # diffusers' valid range
+            sched.set_timesteps(steps, strength=strength)
+            got = lcm_timesteps(steps, 1000, original, strength)
+            assert got.tolist() == sched.timesteps.tolist(), (original, steps, strength)
 
 
 @pytest.mark.shipped
