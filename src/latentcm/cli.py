@@ -573,6 +573,9 @@ def _run_options(command):
     """Options the consistency-training commands (distill, finetune) share."""
     for option in reversed([
         click.option("--huber-c", type=FiniteRange(0, 1, min_open=True), default=0.001, help="c of pseudo-Huber."),
+        click.option("--student-ema", type=FiniteRange(0, 1, max_open=True), default=0.0, metavar="DECAY",
+                     help="Also keep a slow EMA of the student (e.g. 0.999) and export it instead of the online "
+                          "weights; 0: off. Full UNet only (not --lora)."),
         click.option("--batch-size", type=click.IntRange(1, 4096), default=16, help="Batch per process."),
         click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, help="Seed of the training batches."),
         click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT."),
@@ -604,9 +607,6 @@ def _run_options(command):
               help=f"Highest paper guidance w (--lora: the paper's fixed w = {LORA_OMEGA:g}, no w embedding).")
 @click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
               help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
-@click.option("--student-ema", type=FiniteRange(0, 1, max_open=True), default=0.0, metavar="DECAY",
-              help="Also keep a slow EMA of the student (e.g. 0.999) and export it instead of the online weights; "
-                   "0: off. Full UNet only.")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=2000, help="Optimizer steps.")
 @click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=1e-4, help="AdamW learning rate (peak).")
@@ -696,9 +696,6 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, 
 @click.option("--omega-min", type=FiniteRange(0, 50), default=OMEGA_RANGE[0], help="Lowest paper guidance w (g = 1 + w).")
 @click.option("--omega-max", type=FiniteRange(0, 50), default=OMEGA_RANGE[1], help="Highest paper guidance w.")
 @click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=0.95, help="EMA rate mu of the target.")
-@click.option("--student-ema", type=FiniteRange(0, 1, max_open=True), default=0.0, metavar="DECAY",
-              help="Also keep a slow EMA of the student (e.g. 0.999) and export it instead of the online weights; "
-                   "0: off.")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="huber", help="Distance d (huber: pseudo-Huber).")
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000, help="Optimizer steps.")
 @click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
