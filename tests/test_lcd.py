@@ -310,3 +310,35 @@ def test_two_process_accelerate_run_keeps_identical_weights(micro_teacher, tmp_p
     assert (out / "metrics.csv").read_text().count("\n") == 4  # written by the main process only
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002.safetensors",
                                                                         "step-0000003.safetensors"]
+
+
+def test_cond_proj_lr_scale_moves_only_the_w_projection_faster(bundle, data):
+    from latentcm.training.loop import make_optimizer, train_step
+
+    cfg = LoopConfig(max_steps=4, lr=1e-3, warmup=0, schedule="constant", grad_clip=1e9)
+    moved = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        task = _task(bundle, data, cond_proj_lr_scale=scale, cond_proj_init="default")
+        before = {k: v.detach().clone() for k, v in task.student_unet.named_parameters()}
+        opt = make_optimizer(task, cfg)
+        assert [g.get("lr_scale", 1.0) for g in opt.param_groups] == ([1.0] if scale == 1.0 else [1.0, scale])
+        metrics = train_step(task, opt, cfg, step=1)
+        assert metrics["lr"] == pytest.approx(1e-3)
+        assert opt.param_groups[-1]["lr"] == pytest.approx(1e-3 * scale)
+        moved[scale] = {k: v.detach() - before[k] for k, v in task.student_unet.named_parameters()}
+    proj = moved[10.0][COND_PROJ_KEY]
+    assert proj.abs().max() > 0
+    # Adam's first step is lr * g / (|g| + eps): ten times the lr, ten times the step, the gradient being the same
+    torch.testing.assert_close(proj, 10 * moved[1.0][COND_PROJ_KEY], rtol=1e-3, atol=1e-9)
+    key = next(k for k in moved[1.0] if k.endswith("conv_in.weight"))
+    torch.testing.assert_close(moved[10.0][key], moved[1.0][key])  # every other weight as before
+    with pytest.raises(ValueError, match="cond_proj_lr_scale"):
+        LCDConfig(cond_proj_lr_scale=0.0)
+
+
+def test_distill_cli_rejects_cond_proj_lr_scale_with_lora(micro_teacher, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--teacher", str(micro_teacher), "--out", str(tmp_path / "lora"), "--lora", "4",
+              "--cond-proj-lr-scale", "10"])
+    assert exc.value.code != 0 and "--cond-proj-lr-scale" in capsys.readouterr().err

@@ -624,6 +624,8 @@ def _run_options(command):
 @click.option("--cond-proj-init", type=click.Choice(["zero", "default"]), default="zero",
               help="Init of the w projection: zero (the student starts as the teacher) or PyTorch's default "
                    "(as diffusers' scripts).")
+@click.option("--cond-proj-lr-scale", type=FiniteRange(0, 1000, min_open=True), default=1.0, metavar="X",
+              help="Train the w projection at X times --lr (the rest of the student at --lr). Full UNet only.")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
 @click.option("--lora", "lora_rank", type=click.IntRange(1, 4096), default=None, metavar="RANK",
               help="LCM-LoRA: train a rank-RANK LoRA on the teacher's UNet (paper 64; 16 for the tiny teacher).")
@@ -632,7 +634,7 @@ def _run_options(command):
 @_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, loss, huber_c, max_steps, batch_size,
             lr, lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data, data_dir, time_cond_proj_dim,
-            cond_proj_init, validate_every, checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing,
+            cond_proj_init, cond_proj_lr_scale, validate_every, checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing,
             proportion_empty_prompts, **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
@@ -661,13 +663,15 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, 
     lora = _lora_config(lora_rank, lora_alpha, seed)
     if lora and student_ema:
         raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
+    if lora and cond_proj_lr_scale != 1.0:
+        raise UserError("--cond-proj-lr-scale is for full-UNet distillation; LCM-LoRA has no w projection")
     w_default = (LORA_OMEGA, LORA_OMEGA) if lora else OMEGA_RANGE
     cfg = LCDConfig(solver=solver, skip=skip, omega_min=w_default[0] if omega_min is None else omega_min,
                     omega_max=w_default[1] if omega_max is None else omega_max,
                     ema_decay=(0.0 if lora else 0.95) if ema is None else ema, student_ema=student_ema,
                     loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
                     time_cond_proj_dim=time_cond_proj_dim, cond_proj_init=cond_proj_init,
-                    gradient_checkpointing=gradient_checkpointing)
+                    cond_proj_lr_scale=cond_proj_lr_scale, gradient_checkpointing=gradient_checkpointing)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                           grad_clip=grad_clip, checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, **memory,

@@ -65,6 +65,7 @@ class LCDConfig:
     omega_max: float = OMEGA_RANGE[1]
     ema_decay: float = 0.95            # mu of the target network (diffusers); the paper's 0.999943 selectable
     student_ema: float = 0.0           # > 0: also keep a slow EMA of the student, exported in its place; 0: off
+    cond_proj_lr_scale: float = 1.0    # the w projection (Eq. 9's omega-embedding -> time embedding) at lr x this
     loss: str = "l2"                   # distance d: l2 | huber (pseudo-Huber)
     huber_c: float = 0.001             # c of the pseudo-Huber distance
     batch_size: int = 16               # per process
@@ -88,6 +89,8 @@ class LCDConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.student_ema < 1.0:
             raise ValueError(f"student_ema must be in [0, 1), got {self.student_ema}")
+        if not self.cond_proj_lr_scale > 0:
+            raise ValueError(f"cond_proj_lr_scale must be > 0, got {self.cond_proj_lr_scale}")
         if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
             raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
         if self.max_timestep is not None and self.max_timestep < self.skip - 1:
@@ -217,6 +220,15 @@ class LCDTask:
 
     def parameters(self):
         return list(self.student_unet.parameters())
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's groups: the student, with the w projection apart at ``cond_proj_lr_scale`` x the lr."""
+        proj = self.student_unet.time_embedding.cond_proj
+        if self.cfg.cond_proj_lr_scale == 1.0 or proj is None:
+            return [{"params": self.parameters()}]
+        mine = {id(p) for p in proj.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in mine]},
+                {"params": list(proj.parameters()), "lr_scale": self.cfg.cond_proj_lr_scale}]
 
     def prepare(self, accelerator) -> None:
         """Everything on the accelerator's device; the student's forward through ``accelerator.prepare``."""

@@ -51,7 +51,8 @@ class Task(Protocol):
     Optional: ``prepare(accelerator)`` -- move the task's modules and cached tensors to
     ``accelerator.device`` and route the trainable forward through ``accelerator.prepare`` (DDP with
     several processes), keeping ``modules()`` the unwrapped ones. A task without it stays where it is,
-    and with several processes the loop averages its gradients itself.
+    and with several processes the loop averages its gradients itself. ``param_groups()`` -- the
+    optimizer's groups, each optional ``lr_scale`` multiplying the scheduled lr; without it one group.
     """
 
     def modules(self) -> dict[str, torch.nn.Module]: ...          # everything checkpointed
@@ -124,9 +125,12 @@ def lr_at(cfg: LoopConfig, step: int) -> float:
 
 
 def make_optimizer(task: Task, cfg: LoopConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``task.param_groups()`` when the task has it (a group's ``lr_scale`` multiplies the lr), else
+    over ``task.parameters()``."""
+    params = task.param_groups() if hasattr(task, "param_groups") else task.parameters()
     if cfg.optimizer == "adamw8bit":
-        return _adamw8bit(task.parameters(), cfg, device)
-    return torch.optim.AdamW(task.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return _adamw8bit(params, cfg, device)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def _adamw8bit(params, cfg: LoopConfig, device) -> torch.optim.Optimizer:
@@ -226,7 +230,7 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
     """One optimizer update at ``step``; returns the step's metrics. No I/O."""
     acc = accelerator if accelerator is not None else make_accelerator()
     for group in opt.param_groups:
-        group["lr"] = lr_at(cfg, step)
+        group["lr"] = lr_at(cfg, step) * group.get("lr_scale", 1.0)
     n, scaler = cfg.gradient_accumulation, getattr(opt, "lcm_scaler", None)
     opt.zero_grad(set_to_none=True)
     total, metrics = None, {}
