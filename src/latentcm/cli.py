@@ -634,8 +634,8 @@ def _run_options(command):
 @_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, loss, huber_c, max_steps, batch_size,
             lr, lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data, data_dir, time_cond_proj_dim,
-            cond_proj_init, cond_proj_lr_scale, validate_every, checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing,
-            proportion_empty_prompts, **memory):
+            cond_proj_init, cond_proj_lr_scale, validate_every, checkpoint_every, lora_rank, lora_alpha,
+            gradient_checkpointing, proportion_empty_prompts, **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
