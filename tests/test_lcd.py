@@ -342,3 +342,32 @@ def test_distill_cli_rejects_cond_proj_lr_scale_with_lora(micro_teacher, tmp_pat
         main(["distill", "--teacher", str(micro_teacher), "--out", str(tmp_path / "lora"), "--lora", "4",
               "--cond-proj-lr-scale", "10"])
     assert exc.value.code != 0 and "--cond-proj-lr-scale" in capsys.readouterr().err
+
+
+def test_init_student_continues_from_an_lcm(micro_teacher, micro_lcm, tmp_path, capsys):
+    from latentcm.errors import ModelError
+    from latentcm.models.denoiser import load_student
+
+    teacher = Bundle.load(micro_teacher).unet
+    lcm = Bundle.load(micro_lcm).unet
+    student = load_student(micro_lcm, teacher, lcm.config.time_cond_proj_dim)
+    assert student.dtype == teacher.dtype and student.training
+    lcm_sd = lcm.state_dict()
+    assert all(torch.equal(v, lcm_sd[k].to(v.dtype)) for k, v in student.state_dict().items())
+    assert torch.count_nonzero(student.time_embedding.cond_proj.weight) > 0  # the LCM's, not a zero init
+    with pytest.raises(ModelError, match="does not fit"):
+        load_student(micro_lcm, teacher, 2 * lcm.config.time_cond_proj_dim)
+    with pytest.raises(ModelError, match="no .safetensors"):
+        load_student(tmp_path, teacher)
+
+    out = tmp_path / "more"
+    main(["distill", "--teacher", str(micro_teacher), "--init-student", str(micro_lcm), "--out", str(out),
+          "--max-steps", "1", "--batch-size", "2", "--num-data", "4", "--validate-every", "0"])
+    assert (out / "unet").is_dir() and "--init-student" in (out / "README.md").read_text()  # the card's command
+    capsys.readouterr()
+    for args in (["--init-student", str(tmp_path / "none")], ["--init-student", str(micro_lcm), "--lora", "4"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["distill", "--teacher", str(micro_teacher), "--out", str(tmp_path / "bad"), *args])
+        err = capsys.readouterr().err
+        assert exc.value.code != 0 and err.count("\n") == 1 and "error" in err and "Traceback" not in err
+        assert not (tmp_path / "bad").exists()

@@ -626,6 +626,9 @@ def _run_options(command):
                    "(as diffusers' scripts).")
 @click.option("--cond-proj-lr-scale", type=FiniteRange(0, 1000, min_open=True), default=1.0, metavar="X",
               help="Train the w projection at X times --lr (the rest of the student at --lr). Full UNet only.")
+@click.option("--init-student", default=None, metavar="NAME|DIR",
+              help="Start the student (and its target) from this LCM instead of the teacher: continue a "
+                   "distillation on a new schedule. Full UNet only; it must have the teacher's architecture.")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
 @click.option("--lora", "lora_rank", type=click.IntRange(1, 4096), default=None, metavar="RANK",
               help="LCM-LoRA: train a rank-RANK LoRA on the teacher's UNet (paper 64; 16 for the tiny teacher).")
@@ -634,8 +637,8 @@ def _run_options(command):
 @_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, loss, huber_c, max_steps, batch_size,
             lr, lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data, data_dir, time_cond_proj_dim,
-            cond_proj_init, cond_proj_lr_scale, validate_every, checkpoint_every, lora_rank, lora_alpha,
-            gradient_checkpointing, proportion_empty_prompts, **memory):
+            cond_proj_init, cond_proj_lr_scale, init_student, validate_every, checkpoint_every, lora_rank,
+            lora_alpha, gradient_checkpointing, proportion_empty_prompts, **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -665,6 +668,8 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, 
         raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
     if lora and cond_proj_lr_scale != 1.0:
         raise UserError("--cond-proj-lr-scale is for full-UNet distillation; LCM-LoRA has no w projection")
+    if lora and init_student:
+        raise UserError("--init-student is for full-UNet distillation; LCM-LoRA trains an adapter on the teacher")
     w_default = (LORA_OMEGA, LORA_OMEGA) if lora else OMEGA_RANGE
     cfg = LCDConfig(solver=solver, skip=skip, omega_min=w_default[0] if omega_min is None else omega_min,
                     omega_max=w_default[1] if omega_max is None else omega_max,
@@ -684,6 +689,7 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, 
     job = recipes.Job(registry.resolve(teacher), Path(out), loop_cfg, lcd=cfg, lora=lora,
                       data_dir=Path(data_dir) if data_dir and not shards else None, num_data=num_data, resume=resume,
                       data_shards=shards, shard_options={"proportion_empty_prompts": proportion_empty_prompts or 0.0},
+                      init_student=registry.resolve(init_student) if init_student else None,
                       command=_command_line(click.get_current_context()))
     result = recipes.run("distill-lora" if lora else "distill", job)
     done, folder = result.steps, result.folder

@@ -94,3 +94,42 @@ def make_student(teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256, *
     if student.dtype != p.dtype:
         student.to(p.dtype)
     return student.train()
+
+
+def student_weights(folder) -> list:
+    """The safetensors files of an LCM folder's UNet (``folder/unet`` or ``folder`` itself); ModelError if none."""
+    from pathlib import Path
+
+    from ..errors import ModelError
+
+    folder = Path(folder)
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    files = sorted(unet_dir.glob("*.safetensors")) if unet_dir.is_dir() else []
+    if not files:
+        raise ModelError(f"{unet_dir} holds no .safetensors UNet weights (an LCM folder from `lcm distill`)")
+    return files
+
+
+def load_student(folder, teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256) -> torch.nn.Module:
+    """An LCM's UNet as the starting student: continue a distillation (e.g. on a new lr schedule).
+
+    ``folder`` is an LCM pipeline folder (its ``unet/``) or a UNet folder, safetensors only. The weights go
+    into ``make_student(teacher_unet, time_cond_proj_dim)`` strictly, so the LCM must have the teacher's
+    architecture and this size of w embedding; its dtype becomes the teacher's.
+
+    Raises:
+        ModelError: the folder is missing, holds no safetensors UNet, or does not fit the teacher.
+    """
+    from safetensors.torch import load_file
+
+    from ..errors import ModelError
+
+    state = {k: v for f in student_weights(folder) for k, v in load_file(f).items()}  # sharded or single file
+    student = make_student(teacher_unet, time_cond_proj_dim)
+    ref = student.state_dict()
+    bad = sorted(set(ref) ^ set(state)) + [k for k in ref if k in state and ref[k].shape != state[k].shape]
+    if bad:
+        raise ModelError(f"{folder} does not fit the teacher with a {time_cond_proj_dim}-wide w embedding "
+                         f"(first mismatch: {bad[0]})")
+    student.load_state_dict(state)  # copies into the teacher's dtype
+    return student

@@ -26,6 +26,7 @@ from ..errors import ModelError
 from ..export.lora import STYLE_ADAPTER, export_lcm_lora, export_style_lora
 from ..export.pipeline import export_finetuned_teacher, export_lcm
 from ..images import save_grid
+from ..models.denoiser import load_student, student_weights
 from ..models.lora import LoRAConfig, add_lora
 from ..sampling.latents import sample_latents
 from ..schedules import grid_size, skip_of
@@ -62,6 +63,7 @@ class Job:
     data_cache: Path | None = None    # shared between runs (ablations); default OUT/data-cache.safetensors
     preview_fn: Callable | None = None  # replaces the validation grid (ablations pass a metric probe)
     export: bool = True
+    init_student: Path | None = None  # distill: start the student from this LCM's UNet instead of the teacher's
 
 
 @dataclass
@@ -111,7 +113,9 @@ def _grid_n(bundle: Bundle, skip: int) -> int:
 def _lcd_task(bundle, data, captions, job):
     preview = job.preview_fn or make_preview(bundle, _grid_n(bundle, job.lcd.skip))
     if job.lora is None:
-        return LCDTask(bundle.unet, bundle.scheduler_config, data, job.lcd, preview_fn=preview)
+        student = (load_student(job.init_student, bundle.unet, job.lcd.time_cond_proj_dim)
+                   if job.init_student is not None else None)
+        return LCDTask(bundle.unet, bundle.scheduler_config, data, job.lcd, student=student, preview_fn=preview)
     return LoRATask(bundle.unet, bundle.scheduler_config, data, job.lcd, job.lora, preview_fn=preview)
 
 
@@ -236,6 +240,8 @@ def run(name: str, job: Job, accelerator=None) -> Result:
     bundle = load_source(job.source, recipe.source_kind)
     if job.lcd is not None:
         _grid_n(bundle, job.lcd.skip)  # a bad k fails before any encoding
+    if job.init_student is not None:
+        student_weights(job.init_student)  # and so does a folder without weights
     made = _first_missing(out)  # removed again if the run is refused before training starts
     try:
         out.mkdir(parents=True, exist_ok=True)
