@@ -8,9 +8,12 @@ scheduler config; the conversions and the consistency function are those of ``pa
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .. import parameterization as P
+from ..errors import ModelError
 from ..schedules import alpha_sigma_at, alphas_cumprod_from_config, check_schedule  # noqa: F401 (re-export)
 from .sdxl import unet_forward
 
@@ -96,12 +99,8 @@ def make_student(teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256, *
     return student.train()
 
 
-def student_weights(folder) -> list:
+def student_weights(folder) -> list[Path]:
     """The safetensors files of an LCM folder's UNet (``folder/unet`` or ``folder`` itself); ModelError if none."""
-    from pathlib import Path
-
-    from ..errors import ModelError
-
     folder = Path(folder)
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     files = sorted(unet_dir.glob("*.safetensors")) if unet_dir.is_dir() else []
@@ -121,8 +120,6 @@ def load_student(folder, teacher_unet: torch.nn.Module, time_cond_proj_dim: int 
         ModelError: the folder is missing, holds no safetensors UNet, or does not fit the teacher.
     """
     from safetensors.torch import load_file
-
-    from ..errors import ModelError
 
     state = {k: v for f in student_weights(folder) for k, v in load_file(f).items()}  # sharded or single file
     student = make_student(teacher_unet, time_cond_proj_dim)
