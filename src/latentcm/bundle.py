@@ -22,6 +22,7 @@ from .defaults import TEACHER_SAMPLERS as SAMPLERS
 from .errors import ModelError
 from .images import load_image
 from .models import sdxl
+from .registry import safetensors_files
 from .models.components import encode_text
 from .sampling.latents import sample_latents
 from .schedules import lcm_scheduler_config, skip_of
@@ -76,17 +77,12 @@ class Bundle:
         path = check_model_dir(path)
         offline.quiet_loading()
         kw = dict(local_files_only=True)
-        pickles = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
         def part(sub: str, load, weights: bool = True):
             """Load one subfolder; weights from safetensors only (never a pickle), any failure one ModelError."""
             folder = path / sub
-            if weights and not any(folder.glob("*.safetensors")):
-                pickled = sorted(f for f in folder.iterdir() if f.suffix.lower() in pickles)
-                if pickled:
-                    raise ModelError(f"{pickled[0]} is a pickle weights file; latentcm loads safetensors only "
-                                     "(re-save the model with safe_serialization=True)")
-                raise ModelError(f"{folder} holds no .safetensors weights")
+            if weights:
+                safetensors_files(folder)
             try:
                 return load(folder, **kw, **({"use_safetensors": True} if weights else {}))
             except ModelError:

@@ -14,6 +14,7 @@ import torch
 
 from .. import parameterization as P
 from ..errors import ModelError
+from ..registry import safetensors_files
 from ..schedules import alpha_sigma_at, alphas_cumprod_from_config, check_schedule  # noqa: F401 (re-export)
 from .sdxl import unet_forward
 
@@ -102,11 +103,7 @@ def make_student(teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256, *
 def student_weights(folder) -> list[Path]:
     """The safetensors files of an LCM folder's UNet (``folder/unet`` or ``folder`` itself); ModelError if none."""
     folder = Path(folder)
-    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
-    files = sorted(unet_dir.glob("*.safetensors")) if unet_dir.is_dir() else []
-    if not files:
-        raise ModelError(f"{unet_dir} holds no .safetensors UNet weights (an LCM folder from `lcm distill`)")
-    return files
+    return safetensors_files(folder / "unet" if (folder / "unet").is_dir() else folder)
 
 
 def load_student(folder, teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256) -> torch.nn.Module:
