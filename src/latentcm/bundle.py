@@ -275,7 +275,7 @@ class Bundle:
     def sample_latents(self, prompts: list[str], seeds: list[int], sampler: str | None = None,
                        steps: int | None = None, guidance: float | None = None, height: int | None = None,
                        width: int | None = None, latents: torch.Tensor | None = None,
-                       gamma: float | None = None) -> torch.Tensor:
+                       gamma: float | None = None, guidance_max_t: int | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] (unscaled by the VAE factor); arguments as in ``generate``."""
         sampler, steps, guidance = self.resolve(sampler, steps, guidance)
         self.check_sampling(sampler, steps)
@@ -288,13 +288,15 @@ class Bundle:
         uncond = None if sampler == LCM_SAMPLER else self.encode_uncond(len(prompts), image_size)
         with self._autocast():
             out = sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, shape, steps=steps,
-                                 guidance=guidance, uncond=uncond, latents=latents, gamma=gamma)
+                                 guidance=guidance, uncond=uncond, latents=latents, gamma=gamma,
+                                 guidance_max_t=guidance_max_t)
         return out if self.autocast_dtype is None else out.float()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
-                 latents: torch.Tensor | None = None, gamma: float | None = None) -> torch.Tensor:
+                 latents: torch.Tensor | None = None, gamma: float | None = None,
+                 guidance_max_t: int | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [-1, 1], one per (prompt, seed).
 
         Args:
@@ -308,9 +310,11 @@ class Bundle:
             latents: initial latents [B, C, h, w] instead of the seeds' first draws.
             gamma: LCM only: None (default) samples with LCM Algorithm 3; a value in [0, 1] samples with TCD's
                 stochasticity gamma (Zheng et al. 2024; diffusers' TCDScheduler), 0 being deterministic.
+            guidance_max_t: teacher samplers only: classifier-free guidance at the steps with t <= it, none above
+                (a guidance interval, Kynkaanniemi et al. 2024); None (default) guides every step.
         """
         return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents,
-                                               gamma))
+                                               gamma, guidance_max_t))
 
 
     # --- img2img (LCM only) -------------------------------------------------------------------------

@@ -80,8 +80,10 @@ def cli() -> None:
               show_default="0.5 with --init-image", help="img2img: how much of the image to redo (1 = all).")
 @click.option("--gamma", type=FiniteRange(0, 1), default=None, show_default="off: LCM sampling",
               help="TCD sampling with stochasticity gamma (0 = deterministic), as diffusers' TCDScheduler; LCM only.")
+@click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
+              help="Teacher samplers: guidance only at the steps with t <= T, none above (a guidance interval).")
 def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out, loras, init_image,
-             strength, gamma):
+             strength, gamma, guidance_max_t):
     """Generate an image grid from a text prompt.
 
     Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
@@ -105,6 +107,8 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
         raise UserError("--strength needs --init-image (img2img)")
     if loras and guidance is not None:
         raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
+    if guidance_max_t is not None and (init_image is not None or loras):
+        raise UserError("--guidance-max-t is for a teacher's CFG samplers, not img2img or an LCM-LoRA")
     bundle = Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
     prompts, seeds = [prompt] * num_images, [seed + i for i in range(num_images)]
     if init_image is not None:
@@ -112,7 +116,8 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
         images = bundle.img2img(prompts, seeds, init_image, strength, sampler, steps, guidance, height, width,
                                 gamma=gamma)
     else:
-        images = bundle.generate(prompts, seeds, sampler, steps, guidance, height, width, gamma=gamma)
+        images = bundle.generate(prompts, seeds, sampler, steps, guidance, height, width, gamma=gamma,
+                                 guidance_max_t=guidance_max_t)
     path = save_grid(images, Path(out), cols=min(8, num_images))
     click.echo(str(path))
 
@@ -279,6 +284,9 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--sweep-guidance", "sweep_text", default=None, metavar="G,G,...",
               help="table1: also score every row at these guidance scales and add a table of each method at its "
                    "best g (lowest KID).")
+@click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
+              help="table1: also score every teacher row (and, with --ceiling, the ODE) under a guidance interval: "
+                   "CFG only at the steps with t <= T (what an LCM distilled with --guidance-max-t T follows).")
 @click.option("--reference", type=click.Choice(["prompt-scenes", "independent"]), default="prompt-scenes",
               help="Real images FID/KID compare with: prompt-scenes (the committed reports': it holds the scenes "
                    "the prompts were written from) or independent (disjoint scenes).")
@@ -289,7 +297,7 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               show_default="runs/evaluate; runs/evaluate-lcm, runs/evaluate-teacher", help="Results folder.")
 def evaluate(preset, model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text, num_samples, quick,
-             guidance, ceiling, sweep_text, reference, bootstrap, batch_size, seed, out):
+             guidance, ceiling, sweep_text, guidance_max_t, reference, bootstrap, batch_size, seed, out):
     """FID, KID, caption score and exact accuracy of the LCM and the teacher's solvers at each step count
     (the paper's Table 1): results.json, table1.md, table1.png, grids/. Samples are cached in OUT/samples,
     so rerunning with one more sampler only samples that one. Every row is scored by the same function
@@ -311,6 +319,8 @@ def evaluate(preset, model, teacher, judge_dir, steps_text, lcm_steps_text, samp
     n = pipeline.QUICK_SAMPLES if quick else (num_samples if num_samples is not None else pipeline.NUM_SAMPLES)
     folder = Path(out) if out else Path("runs/evaluate" if preset == "table1" else f"runs/evaluate-{preset}")
     common = dict(batch_size=batch_size, seed=seed, reference=reference, bootstrap=bootstrap)
+    if guidance_max_t is not None and preset != "table1":
+        raise UserError("--guidance-max-t is for the table1 preset's teacher rows")
     if preset == "table1":
         steps = _int_list(steps_text or "1,2,4,8", 1, 1000, "--steps")
         samplers = _choice_list(samplers_text or ",".join((LCM_SAMPLER, *SAMPLER_CHOICES)), GENERATE_SAMPLERS,
@@ -318,11 +328,13 @@ def evaluate(preset, model, teacher, judge_dir, steps_text, lcm_steps_text, samp
         bundles = _evaluation_bundles(model or default_model(), teacher, samplers + (["ddim"] if ceiling else []))
         extractor = JudgeExtractor.load(registry.resolve(judge_dir))
         lcm_steps = _int_list(lcm_steps_text, 1, 1000, "--lcm-steps") if lcm_steps_text else None
-        rows = pipeline.table_rows(samplers, steps, guidance, lcm_steps=lcm_steps)
+        rows = pipeline.table_rows(samplers, steps, guidance, lcm_steps=lcm_steps, guidance_max_t=guidance_max_t)
         sweep = [r for g in _float_list(sweep_text or "", 0, 50, "--sweep-guidance")
-                 for r in pipeline.table_rows(samplers, steps, g, lcm_steps=lcm_steps) if r not in rows]
+                 for r in pipeline.table_rows(samplers, steps, g, lcm_steps=lcm_steps, guidance_max_t=guidance_max_t)
+                 if r not in rows]
         top = pipeline.Row("teacher", "ddim" + TRAILING, TEACHER_STEPS, LCM_GUIDANCE if guidance is None else guidance)
-        results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=top if ceiling else None, sweep=sweep,
+        tops = [top] + ([top._replace(guidance_max_t=guidance_max_t)] if guidance_max_t is not None else [])
+        results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=tops if ceiling else None, sweep=sweep,
                                **common)
         click.echo(pipeline.results_markdown(results) + str(folder / "results.json"))
     elif preset == "lcm":
@@ -605,6 +617,10 @@ def _run_options(command):
               help="Lowest paper guidance w (g = 1 + w).")
 @click.option("--omega-max", type=FiniteRange(0, 50), default=None, show_default=f"{OMEGA_RANGE[1]:g}; {LORA_OMEGA:g} with --lora",
               help=f"Highest paper guidance w (--lora: the paper's fixed w = {LORA_OMEGA:g}, no w embedding).")
+@click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
+              show_default="none: every t",
+              help="Guidance in a limited interval (Kynkaanniemi et al. 2024): the teacher's ODE step from t_{n+k} is "
+                   "guided only where t_{n+k} <= T, unguided (w = 0) above; the student still takes w at every t.")
 @click.option("--ema", type=FiniteRange(0, 1, max_open=True), default=None, show_default="0.95; 0 with --lora",
               help="EMA rate mu of the target network (the paper's: 0.999943; --lora 0: the online adapter).")
 @click.option("--loss", type=click.Choice(["l2", "huber"]), default="l2", help="Distance d (huber: pseudo-Huber).")
@@ -635,10 +651,10 @@ def _run_options(command):
 @click.option("--lora-alpha", type=FiniteRange(0, None, min_open=True), default=None,
               show_default="RANK (scale 1)", help="LoRA alpha (scale alpha / RANK).")
 @_run_options
-def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, loss, huber_c, max_steps, batch_size,
-            lr, lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data, data_dir, time_cond_proj_dim,
-            cond_proj_init, cond_proj_lr_scale, init_student, validate_every, checkpoint_every, lora_rank,
-            lora_alpha, gradient_checkpointing, proportion_empty_prompts, **memory):
+def distill(teacher, out, solver, skip, omega_min, omega_max, guidance_max_t, ema, student_ema, loss, huber_c,
+            max_steps, batch_size, lr, lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data,
+            data_dir, time_cond_proj_dim, cond_proj_init, cond_proj_lr_scale, init_student, validate_every,
+            checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing, proportion_empty_prompts, **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -676,7 +692,8 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, ema, student_ema, 
                     ema_decay=(0.0 if lora else 0.95) if ema is None else ema, student_ema=student_ema,
                     loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
                     time_cond_proj_dim=time_cond_proj_dim, cond_proj_init=cond_proj_init,
-                    cond_proj_lr_scale=cond_proj_lr_scale, gradient_checkpointing=gradient_checkpointing)
+                    cond_proj_lr_scale=cond_proj_lr_scale, gradient_checkpointing=gradient_checkpointing,
+                    guidance_max_t=guidance_max_t)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                           grad_clip=grad_clip, checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, **memory,

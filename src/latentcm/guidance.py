@@ -48,3 +48,24 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM,
     angles = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]  # [B, half]
     emb = torch.cat([angles.sin(), angles.cos()], dim=1)  # [B, 2 half]
     return torch.nn.functional.pad(emb, (0, dim - 2 * half))  # [B, dim]
+
+
+def interval_omega(omega, t, max_t: int | None):
+    """Guidance in a limited interval (Kynkaanniemi et al. 2024, arXiv 2404.07724): the paper's w where
+    t <= max_t, 0 (the conditional, unguided ODE) above it; max_t None guides every t (LCM Eq. 6 as written).
+
+    Args:
+        omega: paper guidance w, a number or per-sample [B].
+        t: the timestep the guided evaluation is made at, a number or per-sample [B].
+        max_t: highest guided timestep, or None.
+
+    Returns:
+        w where guided, else 0: a float for numbers, else a tensor shaped like the broadcast of omega and t.
+    """
+    if max_t is None:
+        return omega
+    if not isinstance(omega, torch.Tensor) and not isinstance(t, torch.Tensor):
+        return float(omega) if int(t) <= max_t else 0.0
+    omega = torch.as_tensor(omega, dtype=torch.float32)
+    t = torch.as_tensor(t, device=omega.device)
+    return torch.where(t <= max_t, omega, torch.zeros_like(omega))

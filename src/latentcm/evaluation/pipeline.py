@@ -81,6 +81,7 @@ RECORD_SCHEMA = {
         "sampler": {"enum": list(TABLE_SAMPLERS)},
         "steps": {"type": "integer", "minimum": 1},
         "guidance": {"type": "number", "minimum": 0},
+        "guidance_max_t": {"type": "integer", "minimum": 0},  # present on rows guided only at t <= it
         **SCORE_PROPERTIES,
         "unet_evals": {"type": "number", "minimum": 0},
         "seconds": {"type": "number", "minimum": 0},
@@ -98,6 +99,7 @@ RESULTS_SCHEMA = {
         "floor": FLOOR_SCHEMA,
         "records": {"type": "array", "minItems": 1, "items": RECORD_SCHEMA},
         "ceiling": RECORD_SCHEMA,  # optional: the teacher's guided ODE, many steps from t = T - 1
+        "ceilings": {"type": "array", "items": RECORD_SCHEMA},  # optional: more ODE rows (a guidance interval)
         "sweep": {"type": "array", "items": RECORD_SCHEMA},  # optional: the rows at the other guidance scales
     },
 }
@@ -119,10 +121,12 @@ class Row(NamedTuple):
     sampler: str
     steps: int
     guidance: float
+    guidance_max_t: int | None = None  # teacher rows: guided only at t <= this (a guidance interval); None: every t
 
     @property
     def key(self) -> str:
-        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}"
+        interval = "" if self.guidance_max_t is None else f"-gmax{self.guidance_max_t}"
+        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}{interval}"
 
     @property
     def label(self) -> str:
@@ -298,7 +302,8 @@ def generate_cached(bundle, row: Row, prompts: list[str], seed: int, folder: Pat
         for i in tqdm(range(0, len(prompts), batch_size), desc=row.key, leave=False):
             batch = prompts[i:i + batch_size]
             seeds = [seed + i + j for j in range(len(batch))]
-            chunks.append(convert(bundle.generate(batch, seeds, row.sampler, row.steps, row.guidance)))
+            chunks.append(convert(bundle.generate(batch, seeds, row.sampler, row.steps, row.guidance,
+                                                  guidance_max_t=row.guidance_max_t)))
     finally:
         counter.remove()
     timing = {"seconds": round(time.perf_counter() - t0, 2), "unet_evals": counter.count / len(prompts)}
@@ -415,37 +420,43 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
 
 def score_rows(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: Path, num_samples: int = NUM_SAMPLES,
                seed: int = 0, batch_size: int = 32, split: str = "heldout", cache_dir: Path | None = None,
-               reference: str = "prompt-scenes", bootstrap: int = 0, ceiling: Row | None = None,
+               reference: str = "prompt-scenes", bootstrap: int = 0, ceiling: Row | list[Row] | None = None,
                sweep: list[Row] = ()) -> dict:
     """Generate (cached in OUT/samples), grid (OUT/grids) and score every row, plus the real-image
-    floor at the same n; the validated results dict. ``ceiling`` (results["ceiling"]): the teacher's
-    guided ODE solved finely from t = T - 1, what an LCM distils towards; ``sweep`` (results["sweep"]):
-    the same methods at other guidance scales, scored alike, for each method's best guidance."""
+    floor at the same n; the validated results dict. ``ceiling``: the teacher's guided ODE solved finely
+    from t = T - 1, what an LCM distils towards (results["ceiling"]; a list: the first there, the others,
+    e.g. the ODE under a guidance interval, in results["ceilings"]); ``sweep`` (results["sweep"]): the same
+    methods at other guidance scales, scored alike, for each method's best guidance."""
     out = Path(out)
     prompts = [p for p, _ in heldout_prompts(num_samples, split=split)]
     ref = reference_set(extractor, reference, cache_dir=cache_dir)
-    extra = [("ceiling", r) for r in ([ceiling] if ceiling else [])] + [("sweep", r) for r in sweep]
+    tops = [ceiling] if isinstance(ceiling, Row) else list(ceiling or [])
+    extra = [("ceiling", r) for r in tops] + [("sweep", r) for r in sweep]
     records, found = [], {"ceiling": [], "sweep": []}
     for part, row in tqdm([("records", r) for r in rows] + extra, desc="evaluate"):
         scores, images, timing = generate_and_score(bundles[row.model], row, prompts, extractor, ref,
                                                     out / "samples", seed=seed, batch_size=batch_size,
                                                     bootstrap=bootstrap)
         save_grid(to_pixels(images[:32]), out / "grids" / f"{row.key}.png")
+        interval = {} if row.guidance_max_t is None else {"guidance_max_t": row.guidance_max_t}
         (records if part == "records" else found[part]).append(
-            {"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance,
+            {"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance, **interval,
              **rounded(scores), **timing})
+    tops_found = found["ceiling"]
     results = {"num_samples": num_samples, "seed": seed, "split": split, "extractor": f"{extractor.name}",
                "extractor_version": extractor.version, "reference": ref.name, "reference_kind": ref.kind,
                "image_format": "uint8", "models": {k: str(b.path) for k, b in bundles.items()},
                "records": records, "floor": floor(extractor, ref, num_samples, split, bootstrap),
-               **({"ceiling": found["ceiling"][0]} if ceiling else {}), **({"sweep": found["sweep"]} if sweep else {})}
+               **({"ceiling": tops_found[0]} if tops_found else {}),
+               **({"ceilings": tops_found[1:]} if len(tops_found) > 1 else {}),
+               **({"sweep": found["sweep"]} if sweep else {})}
     validate_results(results)
     return results
 
 
 def run(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: Path, num_samples: int = NUM_SAMPLES,
         seed: int = 0, batch_size: int = 32, split: str = "heldout", cache_dir: Path | None = None,
-        reference: str = "prompt-scenes", bootstrap: int = 0, ceiling: Row | None = None,
+        reference: str = "prompt-scenes", bootstrap: int = 0, ceiling: Row | list[Row] | None = None,
         sweep: list[Row] = ()) -> dict:
     """Score every row on the same held-out prompts and seeds; write results.json, table1.md,
     table1.png and grids/ into ``out``. Returns the results dict. ``ceiling`` and ``sweep``: see ``score_rows``;
@@ -455,26 +466,41 @@ def run(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: Path, nu
                          reference, bootstrap, ceiling, sweep)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table1.md").write_text(results_markdown(results))
-    plot_against_steps(results["records"], out / "table1.png", hlines=_hlines(results))
+    plot_against_steps([{**r, "method": _method(r)} for r in results["records"]], out / "table1.png",
+                       series_key="method", label=str, hlines=_hlines(results))
     return results
+
+
+def ceilings(results: dict) -> list[dict]:
+    """The ceiling records of a results dict: results["ceiling"], then results["ceilings"] (either may be absent)."""
+    return ([results["ceiling"]] if "ceiling" in results else []) + list(results.get("ceilings", []))
 
 
 def _hlines(results: dict) -> dict:
     lines = {"real images (floor)": results["floor"]}
-    if "ceiling" in results:
-        lines[f"ceiling: {_method(results['ceiling'], True)}"] = results["ceiling"]
+    for top in ceilings(results):
+        lines[f"ceiling: {_method(top, True)}"] = top
     return lines
 
 
 def _method(r: dict, with_steps: bool = False) -> str:
-    """A record's method and guidance: "LCM, w 7.5" (the paper's w = g - 1), "DDIM trailing, 50 steps, g 8.5"."""
+    """A record's method and guidance: "LCM, w 7.5" (the paper's w = g - 1), "DDIM trailing, 50 steps, g 8.5",
+    and ", guided t <= T" for a guidance interval."""
     name = SAMPLER_LABELS[r["sampler"]] + (f", {r['steps']} steps" if with_steps else "")
-    return f"{name}, w {r['guidance'] - 1:g}" if r["sampler"] == LCM_SAMPLER else f"{name}, g {r['guidance']:g}"
+    name = f"{name}, w {r['guidance'] - 1:g}" if r["sampler"] == LCM_SAMPLER else f"{name}, g {r['guidance']:g}"
+    return name if r.get("guidance_max_t") is None else f"{name}, guided t ≤ {r['guidance_max_t']}"
+
+
+def _methods(records: list[dict]) -> list[tuple[str, int | None]]:
+    """The (sampler, guidance interval) pairs of ``records`` in table order: samplers as TABLE_SAMPLERS,
+    full guidance before an interval."""
+    found = {(r["sampler"], r.get("guidance_max_t")) for r in records}
+    return sorted(found, key=lambda m: (TABLE_SAMPLERS.index(m[0]), -1 if m[1] is None else m[1]))
 
 
 def results_markdown(results: dict) -> str:
     """table1.md: Table 1 at the rows' guidance, the ceiling and floor rows, the best-guidance table of a sweep."""
-    text = table1_markdown(results["records"], results.get("floor"), results.get("ceiling"))
+    text = table1_markdown(results["records"], results.get("floor"), ceilings(results))
     if results.get("sweep"):
         text += "\n" + best_guidance_markdown(results["records"] + results["sweep"])
     return text
@@ -484,7 +510,8 @@ def _kid_cell(r: dict) -> str:
     return f"{r['kid']:.2f} ± {r['kid_std']:.2f}"
 
 
-def table1_markdown(records: list[dict], floor_scores: dict | None = None, ceiling: dict | None = None) -> str:
+def table1_markdown(records: list[dict], floor_scores: dict | None = None,
+                    ceiling: dict | list[dict] | None = None) -> str:
     """The paper's Table 1 layout: a row per sampler (with its guidance: g, and the LCM's w = g - 1), FID,
     KID (x 10^3, mean ± std over subsets), score and exact accuracy columns per step count; then the
     teacher's guided-ODE ceiling and the real-image floor (each the same value in every column)."""
@@ -500,12 +527,12 @@ def table1_markdown(records: list[dict], floor_scores: dict | None = None, ceili
                                   + [cell(n, _kid_cell) for n in steps]
                                   + [cell(n, lambda r: f"{r['clip_score']:.1f}") for n in steps]
                                   + [cell(n, lambda r: f"{r['accuracy']:.1%}") for n in steps]) + " |")
-    for sampler in [s for s in TABLE_SAMPLERS if any(r["sampler"] == s for r in records)]:
-        mine = [r for r in records if r["sampler"] == sampler]
+    for sampler, interval in _methods(records):
+        mine = [r for r in records if r["sampler"] == sampler and r.get("guidance_max_t") == interval]
         label = _method(mine[0]) if "guidance" in mine[0] else SAMPLER_LABELS[sampler]
         lines.append(line(label, {r["steps"]: r for r in mine}))
-    if ceiling:
-        lines.append(line(f"*ceiling: {_method(ceiling, True)}*", {n: ceiling for n in steps}))
+    for top in [ceiling] if isinstance(ceiling, dict) else (ceiling or []):
+        lines.append(line(f"*ceiling: {_method(top, True)}*", {n: top for n in steps}))
     if floor_scores:
         label = f"*real images (floor, n = {floor_scores['num_samples']})*"
         lines.append(line(label, {n: floor_scores for n in steps}))
@@ -518,15 +545,17 @@ def best_guidance_markdown(records: list[dict]) -> str:
     lines = ["Each method at its best guidance (lowest KID×10³ of the sweep; g in brackets, the LCM's w = g − 1):", "",
              "| method | " + " | ".join(f"KID×10³ {n} (g)" for n in steps) + " | "
              + " | ".join(f"FID {n}" for n in steps) + " |", "|" + "---|" * (1 + 2 * len(steps))]
-    for sampler in [s for s in TABLE_SAMPLERS if any(r["sampler"] == s for r in records)]:
+    for sampler, interval in _methods(records):
+        mine = [r for r in records if r["sampler"] == sampler and r.get("guidance_max_t") == interval]
         best = {}
-        for r in (r for r in records if r["sampler"] == sampler):
+        for r in mine:
             if r["steps"] not in best or r["kid"] < best[r["steps"]]["kid"]:
                 best[r["steps"]] = r
-        swept = sorted({r["guidance"] for r in records if r["sampler"] == sampler})
+        swept = sorted({r["guidance"] for r in mine})
         kid = [f"{_kid_cell(best[n])} ({best[n]['guidance']:g})" if n in best else "-" for n in steps]
         fid = [f"{best[n]['fid']:.2f}" if n in best else "-" for n in steps]
-        label = f"{SAMPLER_LABELS[sampler]} (g {', '.join(f'{g:g}' for g in swept)})"
+        label = (f"{SAMPLER_LABELS[sampler]} (g {', '.join(f'{g:g}' for g in swept)}"
+                 + ("" if interval is None else f"; guided t ≤ {interval}") + ")")
         lines.append("| " + " | ".join([label, *kid, *fid]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -566,20 +595,22 @@ def plot_against_steps(records: list[dict], path: Path, x_key: str = "steps", se
 
 def table_rows(samplers: list[str], steps: list[int], guidance: float | None,
                lcm_guidance: float = LCM_GUIDANCE, teacher_guidance: float = TEACHER_GUIDANCE,
-               lcm_steps: list[int] | None = None) -> list[Row]:
+               lcm_steps: list[int] | None = None, guidance_max_t: int | None = None) -> list[Row]:
     """Rows of ``lcm evaluate``: the "lcm" sampler runs on the model named "lcm" (at ``lcm_steps``, default
     ``steps``), the teacher samplers (CFG, two UNet passes per step) on the one named "teacher"; guidance
-    None means each one's default."""
+    None means each one's default. ``guidance_max_t``: every teacher row also under that guidance interval."""
     rows = []
     for sampler in samplers:
         model = "lcm" if sampler == LCM_SAMPLER else "teacher"
         g = guidance if guidance is not None else (lcm_guidance if sampler == LCM_SAMPLER else teacher_guidance)
         counts = lcm_steps if sampler == LCM_SAMPLER and lcm_steps else steps
         rows += [Row(model, sampler, n, g) for n in counts]
+    if guidance_max_t is not None:
+        rows += [r._replace(guidance_max_t=guidance_max_t) for r in rows if r.sampler != LCM_SAMPLER]
     return rows
 
 
 __all__ = ["Row", "Reference", "run", "score_rows", "score", "generate_and_score", "generate_cached", "floor",
            "rounded", "reference_set", "cached_reference", "heldout_prompts", "heldout_samples",
-           "attribute_accuracy", "judge_on_real", "vae_psnr", "UNetCounter", "table1_markdown",
+           "attribute_accuracy", "judge_on_real", "ceilings", "vae_psnr", "UNetCounter", "table1_markdown",
            "plot_against_steps", "results_markdown", "best_guidance_markdown", "validate_results", "RESULTS_SCHEMA", "SCORED", "table_rows", "to_pixels"]

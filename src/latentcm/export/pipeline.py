@@ -36,6 +36,7 @@ tags: [latent-consistency-model, lcm, latentcm, text-to-image]
 | ODE solver | {solver} |
 | skipping interval k / training grid | {skip} / `LCMScheduler` `original_inference_steps` {n_grid} (t = {grid_first}, ..., {grid_last}) |
 | guidance w ~ U[w_min, w_max] (paper convention; g = 1 + w) | [{omega_min}, {omega_max}] |
+| teacher guided at | {guided_at} |
 | target EMA rate mu | {ema_decay} |
 | distance | {loss} |
 | steps x batch | {steps} x {batch} ({processes} process(es)) |
@@ -79,6 +80,8 @@ def write_lcm_card(folder: Path, card_info: dict) -> Path:
                                      f"of the teacher `{teacher}`, made with latentcm."), dim=unet["time_cond_proj_dim"], command=card_info.get("command") or "# made through the Python API: latentcm.training.recipes.run",
         solver=lcd.get("solver", "?"), skip=k, n_grid=n, grid_first=k - 1, grid_last=n * k - 1,
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
+        guided_at=("every t (LCM Eq. 6)" if lcd.get("guidance_max_t") is None else
+                   f"t_{{n+k}} <= {lcd['guidance_max_t']} only, unguided above (guidance interval)"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
         steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
         lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), steps_rec=LCM_STEPS, guidance_rec=LCM_GUIDANCE)

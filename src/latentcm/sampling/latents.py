@@ -21,7 +21,7 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
                    shape: tuple[int, int, int], *, steps: int, guidance: float, uncond: torch.Tensor | None = None,
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                    strength: float = 1.0, original_inference_steps: int | None = None,
-                   gamma: float | None = None) -> torch.Tensor:
+                   gamma: float | None = None, guidance_max_t: int | None = None) -> torch.Tensor:
     """Final latents [B, C, h, w] (unscaled by the VAE factor), one per seed.
 
     Args:
@@ -37,8 +37,13 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
         image_latents, strength: img2img (LCM only): clean latents and the fraction of the grid kept.
         original_inference_steps: N of the skipping grid when the config has none (a student in training).
         gamma: LCM only: None keeps LCM Algorithm 3; else TCD's stochasticity in [0, 1] (``sampling.lcm.tcd_move``).
+        guidance_max_t: teacher samplers only: guide the steps at t <= it, none above (a guidance interval);
+            None guides every step. An LCM's interval, if any, was fixed in distillation.
     """
     if sampler == LCM_SAMPLER:
+        if guidance_max_t is not None:
+            raise ModelError("a guidance interval (guidance_max_t) is for teacher samplers; an LCM's was fixed "
+                             "when it was distilled (lcm distill --guidance-max-t)")
         return sample_student(unet, scheduler_config, cond, seeds, shape, steps=steps,
                               omega=omega_from_guidance(guidance), latents=latents, image_latents=image_latents,
                               strength=strength, original_inference_steps=original_inference_steps, gamma=gamma)
@@ -53,4 +58,5 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
 
     def eps_fn(z, t, text):  # the raw output (eps, v or x0 per the config), SD or SDXL conditioning
         return unet_forward(unet, z, t, text).sample
-    return sample_teacher(eps_fn, make_scheduler(sampler, scheduler_config), latents, cond, uncond, guidance, steps)
+    return sample_teacher(eps_fn, make_scheduler(sampler, scheduler_config), latents, cond, uncond, guidance, steps,
+                          guidance_max_t=guidance_max_t)

@@ -8,6 +8,7 @@ import torch
 
 from ..defaults import TEACHER_SAMPLERS, TRAILING
 from ..errors import ModelError
+from ..guidance import interval_omega
 
 # eps_fn(z, t, text_states) -> eps prediction; one UNet call on a whole batch.
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -25,20 +26,28 @@ def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance: floa
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
+def guidance_at(guidance: float, t, guidance_max_t: int | None) -> float:
+    """g at timestep t under a guidance interval: g where t <= guidance_max_t, 1 (the conditional model) above
+    (Kynkaanniemi et al. 2024); guidance_max_t None guides every step."""
+    return 1.0 + interval_omega(guidance - 1.0, int(t), guidance_max_t)
+
+
 @torch.no_grad()
 def sample_teacher(eps_fn: EpsFn, scheduler, latents: torch.Tensor, cond: torch.Tensor,
                    uncond: torch.Tensor, guidance: float, steps: int,
-                   callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                   callback: Callable[[int, torch.Tensor], None] | None = None,
+                   guidance_max_t: int | None = None) -> torch.Tensor:
     """Classifier-free-guided sampling of a diffusion teacher with a diffusers scheduler
     (DDIM / DPM-Solver / DPM-Solver++). The conditional and unconditional passes run
-    as one batched forward. Returns the final latents (unscaled by the VAE factor)."""
+    as one batched forward. ``guidance_max_t``: guide only the steps at t <= it (``guidance_at``).
+    Returns the final latents (unscaled by the VAE factor)."""
     scheduler.set_timesteps(steps, device=latents.device)
     z = latents * scheduler.init_noise_sigma
     text = torch.cat([uncond, cond])  # [2B, L, D]
     for i, t in enumerate(scheduler.timesteps):
         z_in = scheduler.scale_model_input(torch.cat([z, z]), t)
         eps_u, eps_c = eps_fn(z_in, t, text).chunk(2)
-        z = scheduler.step(cfg_combine(eps_u, eps_c, guidance), t, z).prev_sample
+        z = scheduler.step(cfg_combine(eps_u, eps_c, guidance_at(guidance, t, guidance_max_t)), t, z).prev_sample
         if callback is not None:
             callback(i, z)
     return z

@@ -41,7 +41,7 @@ import torch
 
 from .. import schedules
 from ..defaults import OMEGA_RANGE, SKIP
-from ..guidance import GUIDANCE_EMBED_DIM, guidance_scale_embedding
+from ..guidance import GUIDANCE_EMBED_DIM, guidance_scale_embedding, interval_omega
 from ..models.denoiser import ConsistencyModel, Denoiser, make_student
 from ..models.lora import ADAPTER, TARGET_ADAPTER, AdapterView, AdapterWeights, LoRAConfig, add_lora
 from ..schedules import training_grid
@@ -74,6 +74,7 @@ class LCDConfig:
     cond_proj_init: str = "zero"       # init of the w projection: zero (starts as the teacher) | default
     target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
     max_timestep: int | None = None    # train only t_{n+k} <= this (LCF: texture lives at low noise); None: all
+    guidance_max_t: int | None = None  # teacher guided only where t_{n+k} <= this (guidance interval); None: all t
     gradient_checkpointing: bool = False  # memory, not math: the student recomputes activations in backward
 
     def __post_init__(self):
@@ -93,6 +94,8 @@ class LCDConfig:
             raise ValueError(f"cond_proj_lr_scale must be > 0, got {self.cond_proj_lr_scale}")
         if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
             raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
+        if self.guidance_max_t is not None and self.guidance_max_t < 0:
+            raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         if self.max_timestep is not None and self.max_timestep < self.skip - 1:
             raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point "
                              f"(the lowest is k - 1 = {self.skip - 1})")
@@ -290,8 +293,9 @@ class LCDTask:
         # 3. online prediction f_theta(z_{t_{n+k}}, w, c, t_{n+k})
         pred = self.student(z_s, t_start, text, w_emb)  # [B, C, h, w]
         with torch.no_grad():
-            # 4. guided solver target z_hat_{t_n} from the teacher (line 5)
-            z_hat = (self.solver_target(z_s, t_start, t_end, text, omega) if self.cfg.target == "solver"
+            # 4. guided solver target z_hat_{t_n} from the teacher (line 5), guided where t_{n+k} <= guidance_max_t
+            w_teacher = interval_omega(omega, t_start, self.cfg.guidance_max_t)  # [B]
+            z_hat = (self.solver_target(z_s, t_start, t_end, text, w_teacher) if self.cfg.target == "solver"
                      else self.same_noise_target(batch["z0"], batch["noise"], t_end))
             # 5. target network f_theta^-(z_hat_{t_n}, w, c, t_n)
             target = self.target(z_hat, t_end, text, w_emb)

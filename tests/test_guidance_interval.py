@@ -1,0 +1,159 @@
+"""Guidance in a limited interval (Kynkaanniemi et al. 2024): the w mask, the LCD target that uses it, the
+teacher samplers under it (against a hand-written loop over diffusers' DDIMScheduler), and the evaluation
+rows, tables and CLI options that carry it."""
+import json
+
+import pytest
+import torch
+
+from latentcm import world
+from latentcm.bundle import Bundle
+from latentcm.cli import main
+from latentcm.evaluation import pipeline
+from latentcm.guidance import interval_omega
+from latentcm.sampling.teacher import cfg_combine, guidance_at, initial_latents, make_scheduler
+from latentcm.training.consistency import LCDConfig, LCDTask
+from latentcm.training.data.tensors import encode_pairs
+
+
+def test_interval_omega_keeps_w_at_and_below_max_t_and_zeroes_it_above():
+    w, t = torch.tensor([2.0, 7.5, 3.0, 5.0]), torch.tensor([99, 699, 700, 999])
+    assert interval_omega(w, t, 699).tolist() == [2.0, 7.5, 0.0, 0.0]
+    assert interval_omega(w, t, None) is w
+    assert interval_omega(7.5, 500, 699) == 7.5 and interval_omega(7.5, 999, 699) == 0.0
+    assert interval_omega(7.5, torch.tensor([0, 1000]), 999).tolist() == [7.5, 0.0]  # a number, per-sample t
+    assert guidance_at(8.5, 699, 699) == 8.5 and guidance_at(8.5, 700, 699) == 1.0 and guidance_at(8.5, 999, None) == 8.5
+
+
+@pytest.fixture(scope="module")
+def bundle(micro_teacher):
+    return Bundle.load(micro_teacher)
+
+
+@pytest.fixture(scope="module")
+def data(bundle):
+    pairs = [(s.image, s.text) for s in world.iter_samples(0, 6)]
+    return encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs)
+
+
+def _task(bundle, data, **kw):
+    return LCDTask(bundle.unet, bundle.scheduler_config, data, LCDConfig(**{"batch_size": 8, "skip": 100, **kw}))
+
+
+def test_lcd_target_is_guided_only_where_t_start_is_inside_the_interval(bundle, data, monkeypatch):
+    task = _task(bundle, data, guidance_max_t=499)
+    batch = task.batch(0)
+    assert (batch["t_start"] <= 499).any() and (batch["t_start"] > 499).any()  # both sides in one batch
+    seen, real = {}, task.solver_target
+
+    def spy(z_s, t_start, t_end, text, omega):
+        seen["omega"] = omega
+        return real(z_s, t_start, t_end, text, omega)
+    monkeypatch.setattr(task, "solver_target", spy)
+    with torch.no_grad():
+        task.loss(batch, 0)
+    want = torch.where(batch["t_start"] <= 499, batch["omega"], torch.zeros_like(batch["omega"]))
+    assert torch.equal(seen["omega"], want)
+    # w = 0 is the conditional ODE step alone: the target ignores the empty prompt's prediction
+    z = torch.randn_like(batch["z0"])
+    with torch.no_grad():
+        zero = task.solver_target(z, batch["t_start"], batch["t_end"], batch["text"], torch.zeros(8))
+        data.uncond_states.add_(1.0)
+        try:
+            zero_other_uncond = task.solver_target(z, batch["t_start"], batch["t_end"], batch["text"], torch.zeros(8))
+        finally:
+            data.uncond_states.sub_(1.0)
+    torch.testing.assert_close(zero, zero_other_uncond)
+
+
+def test_an_interval_covering_every_t_changes_nothing(bundle, data):
+    batch = _task(bundle, data).batch(3)
+    with torch.no_grad():
+        full = _task(bundle, data).loss(batch, 3)[0]
+        covering = _task(bundle, data, guidance_max_t=999).loss(batch, 3)[0]
+    assert torch.equal(full, covering)
+    with pytest.raises(ValueError, match="guidance_max_t"):
+        LCDConfig(guidance_max_t=-1)
+
+
+def _hand_loop(bundle, prompts, seeds, sampler, steps, guidance, max_t):
+    """CFG sampling written out over diffusers' scheduler: g at t <= max_t, the conditional model above."""
+    sched = make_scheduler(sampler, bundle.scheduler_config)
+    sched.set_timesteps(steps)
+    z = initial_latents(seeds, bundle.latent_shape(32, 32))
+    cond, uncond = bundle.encode_prompts(prompts), bundle.encode_uncond(len(prompts))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps_c = bundle.unet(z, t, encoder_hidden_states=cond).sample
+            eps_u = bundle.unet(z, t, encoder_hidden_states=uncond).sample
+            eps = cfg_combine(eps_u, eps_c, guidance) if int(t) <= max_t else eps_c
+            z = sched.step(eps, t, z).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("sampler", ["ddim-trailing", "dpm-solver++"])
+def test_teacher_sampler_under_an_interval_equals_the_hand_written_loop(bundle, sampler):
+    prompts, seeds = ["a red circle", "a blue star"], [0, 1]
+    kw = dict(sampler=sampler, steps=4, guidance=6.0, height=32, width=32)
+    ours = bundle.sample_latents(prompts, seeds, guidance_max_t=499, **kw)
+    torch.testing.assert_close(ours, _hand_loop(bundle, prompts, seeds, sampler, 4, 6.0, 499), rtol=1e-4, atol=1e-4)
+    full = bundle.sample_latents(prompts, seeds, **kw)
+    assert torch.equal(bundle.sample_latents(prompts, seeds, guidance_max_t=999, **kw), full)
+    unguided = bundle.sample_latents(prompts, seeds, **{**kw, "guidance": 1.0})
+    torch.testing.assert_close(bundle.sample_latents(prompts, seeds, guidance_max_t=0, **kw), unguided,
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, full) and not torch.allclose(ours, unguided)
+
+
+def test_rows_tables_and_ceilings_keep_interval_rows_apart():
+    row = pipeline.Row("teacher", "ddim", 4, 8.5, 699)
+    assert row.key == "teacher-ddim-4-g8.5-gmax699" and pipeline.Row("teacher", "ddim", 4, 8.5).key == "teacher-ddim-4-g8.5"
+    rows = pipeline.table_rows(["lcm", "ddim"], [1, 2], 8.5, guidance_max_t=699)
+    assert [(r.sampler, r.steps, r.guidance_max_t) for r in rows] == [
+        ("lcm", 1, None), ("lcm", 2, None), ("ddim", 1, None), ("ddim", 2, None), ("ddim", 1, 699), ("ddim", 2, 699)]
+
+    def rec(sampler, steps, kid, **extra):
+        return {"sampler": sampler, "steps": steps, "guidance": 8.5, "kid": kid, "kid_std": 1.0, "fid": 10.0 * kid,
+                "clip_score": 80.0, "accuracy": 0.5, **extra}
+    records = [rec("ddim", 4, 40.0), rec("ddim", 4, 20.0, guidance_max_t=699), rec("lcm", 4, 10.0)]
+    table = pipeline.table1_markdown(records, ceiling=[rec("ddim-trailing", 50, 120.0),
+                                                       rec("ddim-trailing", 50, 30.0, guidance_max_t=699)])
+    assert "| DDIM, g 8.5 | 400.00 | 40.00 ± 1.00 |" in table
+    assert "| DDIM, g 8.5, guided t ≤ 699 | 200.00 | 20.00 ± 1.00 |" in table
+    assert "*ceiling: DDIM trailing, 50 steps, g 8.5, guided t ≤ 699*" in table
+    best = pipeline.best_guidance_markdown(records)
+    assert "| DDIM (g 8.5) | 40.00" in best and "| DDIM (g 8.5; guided t ≤ 699) | 20.00" in best
+    results = {"ceiling": records[0], "ceilings": [records[1]]}
+    assert pipeline.ceilings(results) == records[:2] and pipeline.ceilings({}) == []
+
+
+def test_evaluate_scores_interval_rows_and_both_ceilings(micro_lcm, micro_teacher, micro_judge, tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    out = tmp_path / "eval"
+    main(["evaluate", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
+          "--samplers", "lcm,ddim-trailing", "--steps", "1", "--num-samples", "4", "--batch-size", "4",
+          "--guidance", "4", "--ceiling", "--guidance-max-t", "499", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    pipeline.validate_results(results)
+    assert [(r["sampler"], r.get("guidance_max_t")) for r in results["records"]] == [
+        ("lcm", None), ("ddim-trailing", None), ("ddim-trailing", 499)]
+    assert "guidance_max_t" not in results["ceiling"] and results["ceilings"][0]["guidance_max_t"] == 499
+    assert results["ceilings"][0]["fid"] != results["ceiling"]["fid"]
+    assert (out / "grids" / "teacher-ddim-trailing-50-g4-gmax499.png").is_file()
+    table = (out / "table1.md").read_text()
+    assert "| DDIM trailing, g 4, guided t ≤ 499 |" in table and "guided t ≤ 499*" in table
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "a red circle", "--guidance-max-t", "500"], "for teacher samplers"),
+    (["evaluate", "--preset", "lcm", "--guidance-max-t", "500"], "table1 preset"),
+    (["distill", "--guidance-max-t", "-3", "--out", "x"], "-3"),
+])
+def test_guidance_interval_bad_input_is_one_line_and_exit_2(micro_lcm, args, needle, capsys):
+    args = [*args, "--model", str(micro_lcm)] if args[0] == "generate" else args
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and "Traceback" not in "\n".join(err)
