@@ -157,3 +157,14 @@ def test_guidance_interval_bad_input_is_one_line_and_exit_2(micro_lcm, args, nee
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_distill_cli_records_the_interval_in_the_card(micro_teacher, tmp_path, capsys):
+    out = tmp_path / "lcm"
+    main(["distill", "--teacher", str(micro_teacher), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+          "--num-data", "2", "--validate-every", "0", "--guidance-max-t", "499"])
+    card = (out / "README.md").read_text()
+    assert "--guidance-max-t 499" in card and "| teacher guided at | t_{n+k} <= 499 only" in card
+    main(["distill", "--teacher", str(micro_teacher), "--out", str(tmp_path / "full"), "--max-steps", "1",
+          "--batch-size", "2", "--num-data", "2", "--validate-every", "0"])
+    assert "| teacher guided at | every t (LCM Eq. 6) |" in (tmp_path / "full" / "README.md").read_text()
