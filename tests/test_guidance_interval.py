@@ -162,9 +162,49 @@ def test_guidance_interval_bad_input_is_one_line_and_exit_2(micro_lcm, args, nee
 def test_distill_cli_records_the_interval_in_the_card(micro_teacher, tmp_path, capsys):
     out = tmp_path / "lcm"
     main(["distill", "--teacher", str(micro_teacher), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
-          "--num-data", "2", "--validate-every", "0", "--guidance-max-t", "499"])
+          "--num-data", "2", "--validate-every", "0", "--guidance-max-t", "499", "--cond-proj-inputs", "smooth",
+          "--omega-min", "1", "--omega-max", "8"])
     card = (out / "README.md").read_text()
     assert "--guidance-max-t 499" in card and "| teacher guided at | t_{n+k} <= 499 only" in card
+    assert "| w-embedding entries the w projection reads | the ones smooth over the w range" in card
     main(["distill", "--teacher", str(micro_teacher), "--out", str(tmp_path / "full"), "--max-steps", "1",
           "--batch-size", "2", "--num-data", "2", "--validate-every", "0"])
-    assert "| teacher guided at | every t (LCM Eq. 6) |" in (tmp_path / "full" / "README.md").read_text()
+    full = (tmp_path / "full" / "README.md").read_text()
+    assert "| teacher guided at | every t (LCM Eq. 6) |" in full and "| w-embedding entries the w projection reads | all |" in full
+
+
+def test_smooth_embedding_mask_keeps_the_frequencies_that_turn_by_at_most_pi():
+    import math
+
+    from latentcm.guidance import guidance_scale_embedding, smooth_embedding_mask
+
+    keep = smooth_embedding_mask(256, 1.0, 8.0)
+    assert keep.shape == (256,) and torch.equal(keep[:128], keep[128:]) and int(keep[:128].sum()) == 21
+    assert not keep[:107].any() and keep[107:128].all()  # the lowest frequencies, j >= 107 of 128
+    w = torch.linspace(1.0, 8.0, 701)
+    emb = guidance_scale_embedding(w, 256)  # [701, 256]
+    rate = (emb[1:] - emb[:-1]).abs().amax(dim=0) / 0.01  # steepest change per unit w [256]
+    assert rate[keep].max() <= 1000 * math.exp(-math.log(10000) * 107 / 127) * 1.01  # kept: slow, phase <= pi
+    assert rate[~keep].min() > rate[keep].max()  # dropped: faster than every kept one
+    assert int(smooth_embedding_mask(257, 1.0, 8.0).sum()) == 42 and not smooth_embedding_mask(257, 1.0, 8.0)[-1]
+    assert int(smooth_embedding_mask(256, 1.0, 4.0)[:128].sum()) > 21  # a narrower range keeps more
+
+
+def test_restricted_w_projection_trains_only_its_smooth_columns(bundle, data):
+    from latentcm.guidance import smooth_embedding_mask
+
+    task = _task(bundle, data, cond_proj_inputs="smooth", cond_proj_init="default", omega_min=1.0, omega_max=8.0)
+    proj = task.student_unet.time_embedding.cond_proj
+    keep = smooth_embedding_mask(256, 1.0, 8.0)
+    assert proj.weight[:, ~keep].abs().max() == 0 and proj.weight[:, keep].abs().max() > 0
+    before = proj.weight.detach().clone()
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-2)
+    for step in range(2):
+        loss, _ = task.loss(task.batch(step), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert proj.weight[:, ~keep].abs().max() == 0 and not torch.equal(proj.weight[:, keep], before[:, keep])
+    assert task.target_unet.time_embedding.cond_proj.weight[:, ~keep].abs().max() == 0
+    with pytest.raises(ValueError, match="cond_proj_inputs"):
+        LCDConfig(cond_proj_inputs="some")

@@ -640,6 +640,9 @@ def _run_options(command):
 @click.option("--cond-proj-init", type=click.Choice(["zero", "default"]), default="zero",
               help="Init of the w projection: zero (the student starts as the teacher) or PyTorch's default "
                    "(as diffusers' scripts).")
+@click.option("--cond-proj-inputs", type=click.Choice(["all", "smooth"]), default="all",
+              help="w-embedding entries the w projection reads: all, or only those smooth over [w_min, w_max] "
+                   "(the others alias: nearby w get unrelated values). Full UNet only.")
 @click.option("--cond-proj-lr-scale", type=FiniteRange(0, 1000, min_open=True), default=1.0, metavar="X",
               help="Train the w projection at X times --lr (the rest of the student at --lr). Full UNet only.")
 @click.option("--init-student", default=None, metavar="NAME|DIR",
@@ -653,8 +656,9 @@ def _run_options(command):
 @_run_options
 def distill(teacher, out, solver, skip, omega_min, omega_max, guidance_max_t, ema, student_ema, loss, huber_c,
             max_steps, batch_size, lr, lr_schedule, min_lr_ratio, grad_clip, seed, resume, max_minutes, num_data,
-            data_dir, time_cond_proj_dim, cond_proj_init, cond_proj_lr_scale, init_student, validate_every,
-            checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing, proportion_empty_prompts, **memory):
+            data_dir, time_cond_proj_dim, cond_proj_init, cond_proj_inputs, cond_proj_lr_scale, init_student,
+            validate_every, checkpoint_every, lora_rank, lora_alpha, gradient_checkpointing, proportion_empty_prompts,
+            **memory):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -684,6 +688,8 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, guidance_max_t, em
         raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
     if lora and cond_proj_lr_scale != 1.0:
         raise UserError("--cond-proj-lr-scale is for full-UNet distillation; LCM-LoRA has no w projection")
+    if lora and cond_proj_inputs != "all":
+        raise UserError("--cond-proj-inputs is for full-UNet distillation; LCM-LoRA has no w projection")
     if lora and init_student:
         raise UserError("--init-student is for full-UNet distillation; LCM-LoRA trains an adapter on the teacher")
     w_default = (LORA_OMEGA, LORA_OMEGA) if lora else OMEGA_RANGE
@@ -693,7 +699,7 @@ def distill(teacher, out, solver, skip, omega_min, omega_max, guidance_max_t, em
                     loss=loss, huber_c=huber_c, batch_size=batch_size, seed=seed,
                     time_cond_proj_dim=time_cond_proj_dim, cond_proj_init=cond_proj_init,
                     cond_proj_lr_scale=cond_proj_lr_scale, gradient_checkpointing=gradient_checkpointing,
-                    guidance_max_t=guidance_max_t)
+                    guidance_max_t=guidance_max_t, cond_proj_inputs=cond_proj_inputs)
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                           grad_clip=grad_clip, checkpoint_every=checkpoint_every,
                           preview_every=validate_every, max_minutes=max_minutes, **memory,

@@ -69,3 +69,17 @@ def interval_omega(omega, t, max_t: int | None):
     omega = torch.as_tensor(omega, dtype=torch.float32)
     t = torch.as_tensor(t, device=omega.device)
     return torch.where(t <= max_t, omega, torch.zeros_like(omega))
+
+
+def smooth_embedding_mask(dim: int, omega_min: float, omega_max: float) -> torch.Tensor:
+    """Which entries of ``guidance_scale_embedding`` vary smoothly over w in [omega_min, omega_max]: [dim] bool.
+
+    Entry j (and its cosine twin) is sin(1000 w f_j); its phase turns by 1000 f_j (omega_max - omega_min) over
+    the range. Where that exceeds pi the entry aliases -- nearby w values get unrelated values -- so a linear
+    map of it cannot carry a smooth function of w, only noise. Kept: the frequencies whose phase turns by at
+    most pi (for [1, 8] and dim 256: the 21 lowest of 128). The zero padding of an odd dim is never kept.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))  # [half]
+    keep = 1000.0 * freqs * (omega_max - omega_min) <= math.pi  # [half]
+    return torch.cat([keep, keep, torch.zeros(dim - 2 * half, dtype=torch.bool)])  # [dim]: sin half, cos half, pad

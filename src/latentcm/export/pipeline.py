@@ -37,6 +37,7 @@ tags: [latent-consistency-model, lcm, latentcm, text-to-image]
 | skipping interval k / training grid | {skip} / `LCMScheduler` `original_inference_steps` {n_grid} (t = {grid_first}, ..., {grid_last}) |
 | guidance w ~ U[w_min, w_max] (paper convention; g = 1 + w) | [{omega_min}, {omega_max}] |
 | teacher guided at | {guided_at} |
+| w-embedding entries the w projection reads | {proj_inputs} |
 | target EMA rate mu | {ema_decay} |
 | distance | {loss} |
 | steps x batch | {steps} x {batch} ({processes} process(es)) |
@@ -82,6 +83,8 @@ def write_lcm_card(folder: Path, card_info: dict) -> Path:
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
         guided_at=("every t (LCM Eq. 6)" if lcd.get("guidance_max_t") is None else
                    f"t_{{n+k}} <= {lcd['guidance_max_t']} only, unguided above (guidance interval)"),
+        proj_inputs=("the ones smooth over the w range (`--cond-proj-inputs smooth`)"
+                     if lcd.get("cond_proj_inputs") == "smooth" else "all"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
         steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
         lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), steps_rec=LCM_STEPS, guidance_rec=LCM_GUIDANCE)

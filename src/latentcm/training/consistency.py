@@ -41,7 +41,7 @@ import torch
 
 from .. import schedules
 from ..defaults import OMEGA_RANGE, SKIP
-from ..guidance import GUIDANCE_EMBED_DIM, guidance_scale_embedding, interval_omega
+from ..guidance import GUIDANCE_EMBED_DIM, guidance_scale_embedding, interval_omega, smooth_embedding_mask
 from ..models.denoiser import ConsistencyModel, Denoiser, make_student
 from ..models.lora import ADAPTER, TARGET_ADAPTER, AdapterView, AdapterWeights, LoRAConfig, add_lora
 from ..schedules import training_grid
@@ -53,6 +53,7 @@ LOSSES = ("l2", "huber")
 # How the less-noisy point z_{t_n} is made: "solver" = LCD (Algorithm 1 line 5, teacher + ODE solver);
 # "same-noise" = LCF (LCM Sec. 4.4): alpha(t_n) z + sigma(t_n) eps with the SAME z and eps as z_{t_{n+k}}.
 TARGETS = ("solver", "same-noise")
+COND_PROJ_INPUTS = ("all", "smooth")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class LCDConfig:
     target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
     max_timestep: int | None = None    # train only t_{n+k} <= this (LCF: texture lives at low noise); None: all
     guidance_max_t: int | None = None  # teacher guided only where t_{n+k} <= this (guidance interval); None: all t
+    cond_proj_inputs: str = "all"      # w-embedding entries the w projection reads: all | smooth (no aliasing ones)
     gradient_checkpointing: bool = False  # memory, not math: the student recomputes activations in backward
 
     def __post_init__(self):
@@ -94,6 +96,9 @@ class LCDConfig:
             raise ValueError(f"cond_proj_lr_scale must be > 0, got {self.cond_proj_lr_scale}")
         if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
             raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
+        if self.cond_proj_inputs not in COND_PROJ_INPUTS:
+            raise ValueError(f"unknown cond_proj_inputs {self.cond_proj_inputs!r}; choose from "
+                             f"{', '.join(COND_PROJ_INPUTS)}")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         if self.max_timestep is not None and self.max_timestep < self.skip - 1:
@@ -151,6 +156,20 @@ def _warn_slow_ema(decay: float, dtype: torch.dtype) -> None:
             "it will barely move: use a lower --ema", decay, resolution)
 
 
+def restrict_cond_proj(unet, omega_min: float, omega_max: float) -> None:
+    """Let the w projection read only the w-embedding entries that are smooth over [omega_min, omega_max]
+    (``guidance.smooth_embedding_mask``): the other columns of ``time_embedding.cond_proj`` are zeroed and a
+    gradient hook keeps them zero, so Adam cannot turn aliasing features into noise in the time embedding. The
+    weight keeps its shape: exports load in diffusers unchanged."""
+    proj = unet.time_embedding.cond_proj
+    if proj is None or omega_min == omega_max:
+        raise ValueError("cond_proj_inputs 'smooth' needs a w projection and a w range (omega_min < omega_max)")
+    keep = smooth_embedding_mask(proj.in_features, omega_min, omega_max).to(proj.weight.device)  # [d]
+    with torch.no_grad():
+        proj.weight[:, ~keep] = 0
+    proj.weight.register_hook(lambda grad: grad * keep.to(grad.dtype))
+
+
 # --- the task ------------------------------------------------------------------------------------
 
 class LCDTask:
@@ -188,6 +207,8 @@ class LCDTask:
             teacher_unet, self.cfg.time_cond_proj_dim, cond_proj_init=self.cfg.cond_proj_init)
         if self.cfg.gradient_checkpointing:
             self.student_unet.enable_gradient_checkpointing()
+        if self.cfg.cond_proj_inputs == "smooth":
+            restrict_cond_proj(self.student_unet, self.cfg.omega_min, self.cfg.omega_max)
         self.target_unet = copy.deepcopy(self.student_unet).requires_grad_(False).eval()  # theta^- <- theta
         self.average_unet = (copy.deepcopy(self.student_unet).requires_grad_(False).eval()
                              if self.cfg.student_ema > 0 else None)  # slow EMA of theta, for sampling only
