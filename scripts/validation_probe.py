@@ -2,10 +2,11 @@
 
     python scripts/validation_probe.py ROW [ROW ...] [--num-samples 1000] [--out FILE.jsonl]
 
-ROW is MODEL:SAMPLER:STEPS:G[:MAX_T] -- a model name or folder, a sampler (lcm, ddim, ddim-trailing, ...),
-the step count, the guidance scale g, and for teacher samplers an optional guidance interval (CFG only at
-t <= MAX_T). Example: teacher:ddim-trailing:50:8.5:499 is the teacher's guided ODE from t = 999 with
-guidance below t = 500 only.
+ROW is MODEL:SAMPLER:STEPS:G[:EXTRA] -- a model name or folder, a sampler (lcm, ddim, ddim-trailing, ...),
+the step count and the guidance scale g. EXTRA is, for teacher samplers, a guidance interval MAX_T (CFG only
+at t <= MAX_T), and for the LCM an explicit schedule T/T/... of STEPS timesteps. Examples:
+teacher:ddim-trailing:50:8.5:499 is the teacher's guided ODE from t = 999 with guidance below t = 500 only;
+lcm:lcm:4:8.5:999/499/299/99 is the shipped LCM on that 4-step schedule.
 
 The prompts are held-out captions of world seed 100 (``lcm evaluate`` uses seed 99), image i is seeded
 50000 + i, and every row is scored by ``pipeline.score`` against the independent reference (KID x 10^3,
@@ -33,12 +34,19 @@ IMAGE_SEED = 50000     # image i is seeded IMAGE_SEED + i
 def parse_row(text: str) -> dict:
     parts = text.split(":")
     if len(parts) not in (4, 5):
-        sys.exit(f"error: a row is MODEL:SAMPLER:STEPS:G[:MAX_T], got {text!r}")
+        sys.exit(f"error: a row is MODEL:SAMPLER:STEPS:G[:MAX_T or T/T/...], got {text!r}")
     try:
-        return {"model": parts[0], "sampler": parts[1], "steps": int(parts[2]), "guidance": float(parts[3]),
-                "guidance_max_t": int(parts[4]) if len(parts) == 5 else None}
+        row = {"model": parts[0], "sampler": parts[1], "steps": int(parts[2]), "guidance": float(parts[3]),
+               "guidance_max_t": None, "timesteps": None}
+        if len(parts) == 5 and parts[1] == "lcm":
+            row["timesteps"] = [int(t) for t in parts[4].split("/")]
+        elif len(parts) == 5:
+            row["guidance_max_t"] = int(parts[4])
     except ValueError:
-        sys.exit(f"error: STEPS and MAX_T are integers and G a number, got {text!r}")
+        sys.exit(f"error: STEPS, MAX_T and timesteps are integers and G a number, got {text!r}")
+    if row["timesteps"] is not None and len(row["timesteps"]) != row["steps"]:
+        sys.exit(f"error: {row['steps']} steps but {len(row['timesteps'])} timesteps in {text!r}")
+    return row
 
 
 def sample(bundle: Bundle, row: dict, prompts: list[str], batch: int = 50) -> np.ndarray:
@@ -46,9 +54,15 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], batch: int = 50) -> np
     for i in range(0, len(prompts), batch):
         seeds = [IMAGE_SEED + i + j for j in range(len(prompts[i:i + batch]))]
         x = bundle.generate(prompts[i:i + batch], seeds, row["sampler"], row["steps"], row["guidance"],
-                            guidance_max_t=row["guidance_max_t"])
+                            guidance_max_t=row["guidance_max_t"], timesteps=row["timesteps"])
         images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(images)
+
+
+def extra(r: dict) -> str:
+    if r.get("timesteps"):
+        return ", ".join(map(str, r["timesteps"]))
+    return "all" if r["guidance_max_t"] is None else str(r["guidance_max_t"])
 
 
 def main() -> None:
@@ -75,12 +89,13 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(record) + "\n")
-    print("| model | sampler | steps | g | guided t ≤ | KID×10³ | FID | caption | colour | background | shape | size hist. |")
+    print("| model | sampler | steps | g | guided t ≤ / timesteps | KID×10³ | FID | caption | colour | background | shape "
+          "| size hist. |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in done:
         a = r["attribute_accuracy"]
         print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | "
-              f"{'all' if r['guidance_max_t'] is None else r['guidance_max_t']} | {r['kid']:.1f} ± {r['kid_std']:.1f} | "
+              f"{extra(r)} | {r['kid']:.1f} ± {r['kid_std']:.1f} | "
               f"{r['fid']:.1f} | {r['clip_score']:.1f} | {100 * a['colour']:.1f} | {100 * a['background']:.1f} | "
               f"{100 * a['shape']:.1f} | {r['histogram_distance']['size']:.3f} |")
     if args.out:

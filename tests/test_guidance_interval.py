@@ -208,3 +208,32 @@ def test_restricted_w_projection_trains_only_its_smooth_columns(bundle, data):
     assert task.target_unet.time_embedding.cond_proj.weight[:, ~keep].abs().max() == 0
     with pytest.raises(ValueError, match="cond_proj_inputs"):
         LCDConfig(cond_proj_inputs="some")
+
+
+def test_lcm_explicit_timesteps_match_diffusers_pipeline(micro_lcm):
+    """Bundle.generate(timesteps=...) is the LCM sampler on that schedule, as diffusers' pipeline(timesteps=...)."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(micro_lcm, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    lcm = Bundle.load(micro_lcm)
+    schedule = [999, 499, 299, 99]
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn((1, 4, 16, 16), generator=g)  # draw 0 of seed 3's stream; the step noises follow
+    ref = pipe("a red circle", timesteps=schedule, guidance_scale=8.5, latents=latents, generator=g,
+               output_type="latent").images
+    ours = lcm.sample_latents(["a red circle"], [3], "lcm", None, 8.5, timesteps=schedule)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    assert not torch.allclose(ours, lcm.sample_latents(["a red circle"], [3], "lcm", 4, 8.5))  # not the default grid
+    with pytest.raises(Exception, match="steps=2 but 4 timesteps"):
+        lcm.sample_latents(["a red circle"], [3], "lcm", 2, 8.5, timesteps=schedule)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--timesteps", "499,999"], "strictly descending"),
+    (["--timesteps", "999,x"], "comma-separated integers"),
+])
+def test_timesteps_bad_input_is_one_line_and_exit_2(micro_lcm, tmp_path, args, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "a red circle", "--model", str(micro_lcm), "--out", str(tmp_path / "x.png"), *args])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err.strip().splitlines()[-1]

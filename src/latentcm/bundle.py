@@ -275,8 +275,13 @@ class Bundle:
     def sample_latents(self, prompts: list[str], seeds: list[int], sampler: str | None = None,
                        steps: int | None = None, guidance: float | None = None, height: int | None = None,
                        width: int | None = None, latents: torch.Tensor | None = None,
-                       gamma: float | None = None, guidance_max_t: int | None = None) -> torch.Tensor:
+                       gamma: float | None = None, guidance_max_t: int | None = None,
+                       timesteps: list[int] | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] (unscaled by the VAE factor); arguments as in ``generate``."""
+        if timesteps is not None:
+            if steps is not None and steps != len(timesteps):
+                raise ModelError(f"steps={steps} but {len(timesteps)} timesteps given; pass one of them")
+            steps = len(timesteps)
         sampler, steps, guidance = self.resolve(sampler, steps, guidance)
         self.check_sampling(sampler, steps)
         if len(prompts) != len(seeds):
@@ -289,14 +294,14 @@ class Bundle:
         with self._autocast():
             out = sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, shape, steps=steps,
                                  guidance=guidance, uncond=uncond, latents=latents, gamma=gamma,
-                                 guidance_max_t=guidance_max_t)
+                                 guidance_max_t=guidance_max_t, timesteps=timesteps)
         return out if self.autocast_dtype is None else out.float()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  latents: torch.Tensor | None = None, gamma: float | None = None,
-                 guidance_max_t: int | None = None) -> torch.Tensor:
+                 guidance_max_t: int | None = None, timesteps: list[int] | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [-1, 1], one per (prompt, seed).
 
         Args:
@@ -312,9 +317,11 @@ class Bundle:
                 stochasticity gamma (Zheng et al. 2024; diffusers' TCDScheduler), 0 being deterministic.
             guidance_max_t: teacher samplers only: classifier-free guidance at the steps with t <= it, none above
                 (a guidance interval, Kynkaanniemi et al. 2024); None (default) guides every step.
+            timesteps: LCM only: an explicit descending schedule, e.g. [999, 499, 299, 99] (diffusers' LCM
+                pipelines take the same ``timesteps``); ``steps`` is then its length.
         """
         return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents,
-                                               gamma, guidance_max_t))
+                                               gamma, guidance_max_t, timesteps))
 
 
     # --- img2img (LCM only) -------------------------------------------------------------------------

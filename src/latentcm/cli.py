@@ -82,8 +82,10 @@ def cli() -> None:
               help="TCD sampling with stochasticity gamma (0 = deterministic), as diffusers' TCDScheduler; LCM only.")
 @click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
               help="Teacher samplers: guidance only at the steps with t <= T, none above (a guidance interval).")
+@click.option("--timesteps", "timesteps_text", default=None, metavar="T,T,...",
+              help="LCM: this descending schedule instead of --steps points of the grid, e.g. 999,499,299,99.")
 def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out, loras, init_image,
-             strength, gamma, guidance_max_t):
+             strength, gamma, guidance_max_t, timesteps_text):
     """Generate an image grid from a text prompt.
 
     Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
@@ -109,6 +111,9 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
         raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
     if guidance_max_t is not None and (init_image is not None or loras):
         raise UserError("--guidance-max-t is for a teacher's CFG samplers, not img2img or an LCM-LoRA")
+    timesteps = _int_list(timesteps_text, 0, 999999, "--timesteps") if timesteps_text else None
+    if timesteps is not None and init_image is not None:
+        raise UserError("--timesteps is for text-to-image; img2img picks its timesteps from --strength")
     bundle = Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
     prompts, seeds = [prompt] * num_images, [seed + i for i in range(num_images)]
     if init_image is not None:
@@ -116,8 +121,13 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
         images = bundle.img2img(prompts, seeds, init_image, strength, sampler, steps, guidance, height, width,
                                 gamma=gamma)
     else:
-        images = bundle.generate(prompts, seeds, sampler, steps, guidance, height, width, gamma=gamma,
-                                 guidance_max_t=guidance_max_t)
+        try:
+            images = bundle.generate(prompts, seeds, sampler, steps, guidance, height, width, gamma=gamma,
+                                     guidance_max_t=guidance_max_t, timesteps=timesteps)
+        except ValueError as err:  # a schedule validate_timesteps refuses
+            if timesteps is None:
+                raise
+            raise UserError(f"--timesteps: {err}") from None
     path = save_grid(images, Path(out), cols=min(8, num_images))
     click.echo(str(path))
 

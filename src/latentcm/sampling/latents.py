@@ -21,7 +21,8 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
                    shape: tuple[int, int, int], *, steps: int, guidance: float, uncond: torch.Tensor | None = None,
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                    strength: float = 1.0, original_inference_steps: int | None = None,
-                   gamma: float | None = None, guidance_max_t: int | None = None) -> torch.Tensor:
+                   gamma: float | None = None, guidance_max_t: int | None = None,
+                   timesteps: list[int] | None = None) -> torch.Tensor:
     """Final latents [B, C, h, w] (unscaled by the VAE factor), one per seed.
 
     Args:
@@ -39,6 +40,7 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
         gamma: LCM only: None keeps LCM Algorithm 3; else TCD's stochasticity in [0, 1] (``sampling.lcm.tcd_move``).
         guidance_max_t: teacher samplers only: guide the steps at t <= it, none above (a guidance interval);
             None guides every step. An LCM's interval, if any, was fixed in distillation.
+        timesteps: LCM only: an explicit descending schedule instead of the grid's ``steps`` points.
     """
     if sampler == LCM_SAMPLER:
         if guidance_max_t is not None:
@@ -46,7 +48,10 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
                              "when it was distilled (lcm distill --guidance-max-t)")
         return sample_student(unet, scheduler_config, cond, seeds, shape, steps=steps,
                               omega=omega_from_guidance(guidance), latents=latents, image_latents=image_latents,
-                              strength=strength, original_inference_steps=original_inference_steps, gamma=gamma)
+                              strength=strength, original_inference_steps=original_inference_steps, gamma=gamma,
+                              timesteps=timesteps)
+    if timesteps is not None:
+        raise ModelError("explicit timesteps are for the LCM sampler; a teacher sampler takes --steps")
     if gamma is not None:
         raise ModelError("gamma (TCD sampling) needs an LCM (sampler 'lcm'); teacher samplers do not support it")
     if image_latents is not None:

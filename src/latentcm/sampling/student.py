@@ -6,13 +6,15 @@ noised to the first timestep of the truncated skipping grid with draw 0 of the i
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .. import parameterization as P
 from ..defaults import GRID_POINTS, LCM_OMEGA, LCM_STEPS
 from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser
-from ..schedules import lcm_timesteps
+from ..schedules import lcm_timesteps, validate_timesteps
 from .lcm import per_image_noise, renoise, sample_lcm
 
 
@@ -21,7 +23,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                    shape: tuple[int, int, int], *, steps: int = LCM_STEPS, omega: float = LCM_OMEGA,
                    original_inference_steps: int | None = None, timestep_scaling: float | None = None,
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
-                   strength: float = 1.0, gamma: float | None = None) -> torch.Tensor:
+                   strength: float = 1.0, gamma: float | None = None,
+                   timesteps: Sequence[int] | None = None) -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
@@ -41,6 +44,9 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         strength: img2img strength in (0, 1]: the skipping grid is truncated to its first N * strength points.
         gamma: None (default) for LCM Algorithm 3; else TCD's stochasticity in [0, 1] (``sampling.lcm.tcd_move``,
             Zheng et al. 2024, as diffusers' TCDScheduler): 0 is deterministic.
+        timesteps: an explicit descending schedule (text-to-image; ``steps`` is then its length), as the
+            ``timesteps`` argument of diffusers' LCM pipelines; None selects ``steps`` points of the grid as
+            diffusers' LCMScheduler does. Off-grid timesteps warn (``schedules.validate_timesteps``).
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -59,7 +65,10 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         raise ValueError("strength < 1 needs image_latents (img2img)")
     if image_latents is not None and latents is not None:
         raise ValueError("pass latents (text-to-image) or image_latents (img2img), not both")
-    ts = lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid, strength)
+    if timesteps is not None and image_latents is not None:
+        raise ValueError("explicit timesteps are for text-to-image; img2img picks them from strength")
+    ts = (lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid, strength) if timesteps is None
+          else validate_timesteps(timesteps, len(f.denoiser.alpha_bar), n_grid))
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
     if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
         x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
