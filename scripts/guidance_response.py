@@ -24,13 +24,14 @@ def prompts(count: int) -> list[str]:
     return [s.text for s in world.iter_samples(99, count, "heldout")]
 
 
-def change(bundle: Bundle, sampler: str, steps: int, low: float, high: float, texts: list[str], batch: int = 64):
+def change(bundle: Bundle, sampler: str, steps: int, low: float, high: float, texts: list[str], batch: int = 64,
+           timesteps: list[int] | None = None):
     """Mean absolute pixel change (0..255) between guidance ``low`` and ``high`` over ``texts``."""
     total = 0.0
     for i in range(0, len(texts), batch):
         part, seeds = texts[i:i + batch], list(range(i, i + min(batch, len(texts) - i)))
-        a = bundle.generate(part, seeds, sampler, steps, low)
-        b = bundle.generate(part, seeds, sampler, steps, high)
+        a = bundle.generate(part, seeds, sampler, steps, low, timesteps=timesteps)
+        b = bundle.generate(part, seeds, sampler, steps, high, timesteps=timesteps)
         total += float((a - b).abs().mean()) * 127.5 * len(part)
     return total / len(texts)
 
@@ -60,8 +61,13 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--teacher-row", action="append", default=None, metavar="SAMPLER:STEPS",
                     help="more teacher rows, e.g. ddim-trailing:50 (the LCM's guided-ODE ceiling); repeatable")
+    ap.add_argument("--lcm-timesteps", default=None, metavar="T,T,...",
+                    help="the LCMs' explicit schedule (as lcm generate --timesteps); --steps is then its length")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    timesteps = [int(t) for t in args.lcm_timesteps.split(",")] if args.lcm_timesteps else None
+    if timesteps is not None and len(timesteps) != args.steps:
+        sys.exit(f"error: --steps {args.steps} but {len(timesteps)} --lcm-timesteps")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     texts = prompts(args.num_samples)
     rows = []
@@ -72,7 +78,8 @@ def main() -> None:
     for name in args.lcm or ["lcm"]:
         b = Bundle.load(registry.resolve(name))
         rows.append({"model": name, "sampler": "lcm", "steps": args.steps, **norms(b),
-                     "change": change(b, "lcm", args.steps, args.low, args.high, texts)})
+                     **({"timesteps": timesteps} if timesteps else {}),
+                     "change": change(b, "lcm", args.steps, args.low, args.high, texts, timesteps=timesteps)})
     ref = rows[0]["change"]
     for r in rows:
         r["ratio_to_teacher"] = r["change"] / ref

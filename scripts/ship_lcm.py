@@ -1,19 +1,23 @@
 """Ship a finished distillation into the package: copy, evaluate, benchmark, extend the card.
 
-    python scripts/ship_lcm.py --run runs/lcm [--num-samples 256]
+    python scripts/ship_lcm.py --run runs/lcm [--num-samples 256] [--schedule grid|refine]
 
 Copies the LatentConsistencyModelPipeline parts of RUN into src/latentcm/weights/lcm (UNet stored
-in fp16; diffusers loads it back as fp32), runs `lcm evaluate --preset lcm` on the shipped copies
+in fp16; diffusers loads it back as fp32) with a sampling.json naming the timestep schedule `lcm generate`
+uses by default (--schedule; default: the one the shipped LCM has now), runs `lcm evaluate --preset lcm` on the shipped copies
 (reports/lcm/) and the sampling benchmark (reports/lcm/bench.txt), and appends the measured
 table to the LCM's model card.
 """
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from diffusers import UNet2DConditionModel
+
+from latentcm.bundle import SAMPLING_FILE, sampling_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "latentcm" / "weights" / "lcm"
@@ -32,7 +36,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/lcm")
     ap.add_argument("--num-samples", type=int, default=256)
+    ap.add_argument("--schedule", choices=["grid", "refine"], default=None,
+                    help="timestep schedule of the shipped LCM's sampling.json (default: keep the current one)")
     args = ap.parse_args()
+    schedule = args.schedule or (sampling_schedule(DEST) if DEST.is_dir() else "grid")
     src = (ROOT / args.run).resolve()
     shutil.rmtree(DEST, ignore_errors=True)
     DEST.mkdir(parents=True)
@@ -41,6 +48,7 @@ def main() -> None:
     for name in ("model_index.json", "README.md"):
         shutil.copy(src / name, DEST / name)
     UNet2DConditionModel.from_pretrained(src / "unet").half().save_pretrained(DEST / "unet")
+    (DEST / SAMPLING_FILE).write_text(json.dumps({"timestep_schedule": schedule}, indent=2) + "\n")
     reports = ROOT / "reports" / "lcm"
     reports.mkdir(parents=True, exist_ok=True)
     eval_args = ["evaluate", "--preset", "lcm", "--model", "lcm", "--teacher", "teacher",

@@ -55,6 +55,9 @@ class Bundle:
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = True       # SDXL: zero uncond embeddings (pipeline config)
     loras: list[tuple[str, float]] = field(default_factory=list)  # LoRA files loaded into the UNet (``add_loras``)
+    # How the LCM sampler picks timesteps when none are given: "grid" (diffusers' LCMScheduler) or "refine"
+    # (schedules.refine_timesteps); an LCM folder's sampling.json sets it (SAMPLING_FILE).
+    timestep_schedule: str = "grid"
     # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
     prompt_cache_size: int = 0                  # LRU of prompt encodings, keyed by (encoder, size, prompt); 0: off
     autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast
@@ -67,6 +70,7 @@ class Bundle:
     def load(cls, path: str | Path, loras: list[tuple[str, float]] | None = None) -> "Bundle":
         """Load a local diffusers folder; ``loras`` [(file or folder, weight), ...] are stacked onto its UNet."""
         bundle = cls._load(path)
+        bundle.timestep_schedule = sampling_schedule(Path(path)) if bundle.is_lcm else "grid"
         return bundle.add_loras(loras) if loras else bundle
 
     @classmethod
@@ -276,7 +280,7 @@ class Bundle:
                        steps: int | None = None, guidance: float | None = None, height: int | None = None,
                        width: int | None = None, latents: torch.Tensor | None = None,
                        gamma: float | None = None, guidance_max_t: int | None = None,
-                       timesteps: list[int] | None = None) -> torch.Tensor:
+                       timesteps: list[int] | None = None, schedule: str | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] (unscaled by the VAE factor); arguments as in ``generate``."""
         if timesteps is not None:
             if steps is not None and steps != len(timesteps):
@@ -284,6 +288,8 @@ class Bundle:
             steps = len(timesteps)
         sampler, steps, guidance = self.resolve(sampler, steps, guidance)
         self.check_sampling(sampler, steps)
+        if schedule is not None and sampler != LCM_SAMPLER:
+            raise ModelError("a timestep schedule is for the LCM sampler; a teacher sampler takes --steps")
         if len(prompts) != len(seeds):
             raise ModelError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
         size = self.unet.config.sample_size * self.vae_factor
@@ -294,14 +300,16 @@ class Bundle:
         with self._autocast():
             out = sample_latents(self.unet, self.scheduler_config, sampler, cond, seeds, shape, steps=steps,
                                  guidance=guidance, uncond=uncond, latents=latents, gamma=gamma,
-                                 guidance_max_t=guidance_max_t, timesteps=timesteps)
+                                 guidance_max_t=guidance_max_t, timesteps=timesteps,
+                                 schedule=schedule or self.timestep_schedule)
         return out if self.autocast_dtype is None else out.float()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  latents: torch.Tensor | None = None, gamma: float | None = None,
-                 guidance_max_t: int | None = None, timesteps: list[int] | None = None) -> torch.Tensor:
+                 guidance_max_t: int | None = None, timesteps: list[int] | None = None,
+                 schedule: str | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [-1, 1], one per (prompt, seed).
 
         Args:
@@ -319,9 +327,11 @@ class Bundle:
                 (a guidance interval, Kynkaanniemi et al. 2024); None (default) guides every step.
             timesteps: LCM only: an explicit descending schedule, e.g. [999, 499, 299, 99] (diffusers' LCM
                 pipelines take the same ``timesteps``); ``steps`` is then its length.
+            schedule: LCM only: how ``steps`` timesteps are picked, "grid" (diffusers' LCMScheduler) or "refine"
+                (``schedules.refine_timesteps``); None: the model's own (``timestep_schedule``).
         """
         return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents,
-                                               gamma, guidance_max_t, timesteps))
+                                               gamma, guidance_max_t, timesteps, schedule))
 
 
     # --- img2img (LCM only) -------------------------------------------------------------------------
@@ -424,6 +434,26 @@ def _lora_scheduler_config(first: Path, teacher_config: dict) -> dict:
     if sched.get("_class_name") != "LCMScheduler":
         raise ModelError(f"{sched_file} is not an LCMScheduler config")
     return sched
+
+
+SAMPLING_FILE = "sampling.json"  # an LCM folder's sampling defaults for latentcm; diffusers ignores the file
+
+
+def sampling_schedule(path: Path) -> str:
+    """The timestep schedule an LCM folder asks for in SAMPLING_FILE ({"timestep_schedule": "grid"|"refine"});
+    "grid" (diffusers' selection) when the file is absent. ModelError on a file that is not such an object."""
+    from .defaults import TIMESTEP_SCHEDULES
+
+    file = Path(path) / SAMPLING_FILE
+    if not file.is_file():
+        return "grid"
+    try:
+        found = json.loads(file.read_text()).get("timestep_schedule", "grid")
+    except (ValueError, AttributeError):
+        raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
+    if found not in TIMESTEP_SCHEDULES:
+        raise ModelError(f"{file}: timestep_schedule must be one of {', '.join(TIMESTEP_SCHEDULES)}, got {found!r}")
+    return found
 
 
 def check_strength(strength: float) -> float:

@@ -16,7 +16,7 @@ from . import registry
 from .defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS, LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_GUIDANCE
 from .defaults import TEACHER_SAMPLERS as SAMPLER_CHOICES
 from .defaults import TEACHER_SOLVERS as SOLVER_CHOICES
-from .defaults import TEACHER_STEPS, TRAILING
+from .defaults import TEACHER_STEPS, TIMESTEP_SCHEDULES, TRAILING
 
 GENERATE_SAMPLERS = (*SAMPLER_CHOICES, LCM_SAMPLER)
 
@@ -84,8 +84,11 @@ def cli() -> None:
               help="Teacher samplers: guidance only at the steps with t <= T, none above (a guidance interval).")
 @click.option("--timesteps", "timesteps_text", default=None, metavar="T,T,...",
               help="LCM: this descending schedule instead of --steps points of the grid, e.g. 999,499,299,99.")
+@click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
+              help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "
+                   "first step, every step at low noise); the shipped LCM's sampling.json asks for refine.")
 def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, width, out, loras, init_image,
-             strength, gamma, guidance_max_t, timesteps_text):
+             strength, gamma, guidance_max_t, timesteps_text, schedule):
     """Generate an image grid from a text prompt.
 
     Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
@@ -112,8 +115,10 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
     if guidance_max_t is not None and (init_image is not None or loras):
         raise UserError("--guidance-max-t is for a teacher's CFG samplers, not img2img or an LCM-LoRA")
     timesteps = _int_list(timesteps_text, 0, 999999, "--timesteps") if timesteps_text else None
-    if timesteps is not None and init_image is not None:
-        raise UserError("--timesteps is for text-to-image; img2img picks its timesteps from --strength")
+    if (timesteps is not None or schedule is not None) and init_image is not None:
+        raise UserError("--timesteps and --schedule are for text-to-image; img2img picks its timesteps from --strength")
+    if timesteps is not None and schedule is not None:
+        raise UserError("pass --timesteps or --schedule, not both")
     bundle = Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
     prompts, seeds = [prompt] * num_images, [seed + i for i in range(num_images)]
     if init_image is not None:
@@ -123,7 +128,7 @@ def generate(prompt, model, sampler, steps, guidance, seed, num_images, height, 
     else:
         try:
             images = bundle.generate(prompts, seeds, sampler, steps, guidance, height, width, gamma=gamma,
-                                     guidance_max_t=guidance_max_t, timesteps=timesteps)
+                                     guidance_max_t=guidance_max_t, timesteps=timesteps, schedule=schedule)
         except ValueError as err:  # a schedule validate_timesteps refuses
             if timesteps is None:
                 raise
@@ -294,6 +299,10 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--sweep-guidance", "sweep_text", default=None, metavar="G,G,...",
               help="table1: also score every row at these guidance scales and add a table of each method at its "
                    "best g (lowest KID).")
+@click.option("--lcm-schedules", "lcm_schedules_text", default=None, metavar="grid,refine",
+              show_default="the model's own",
+              help="table1: the LCM rows once per timestep schedule (grid: diffusers' selection; refine: after the "
+                   "first step, every step at low noise).")
 @click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
               help="table1: also score every teacher row (and, with --ceiling, the ODE) under a guidance interval: "
                    "CFG only at the steps with t <= T (what an LCM distilled with --guidance-max-t T follows).")
@@ -307,7 +316,8 @@ def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               show_default="runs/evaluate; runs/evaluate-lcm, runs/evaluate-teacher", help="Results folder.")
 def evaluate(preset, model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text, num_samples, quick,
-             guidance, ceiling, sweep_text, guidance_max_t, reference, bootstrap, batch_size, seed, out):
+             guidance, ceiling, sweep_text, lcm_schedules_text, guidance_max_t, reference, bootstrap, batch_size, seed,
+             out):
     """FID, KID, caption score and exact accuracy of the LCM and the teacher's solvers at each step count
     (the paper's Table 1): results.json, table1.md, table1.png, grids/. Samples are cached in OUT/samples,
     so rerunning with one more sampler only samples that one. Every row is scored by the same function
@@ -331,6 +341,10 @@ def evaluate(preset, model, teacher, judge_dir, steps_text, lcm_steps_text, samp
     common = dict(batch_size=batch_size, seed=seed, reference=reference, bootstrap=bootstrap)
     if guidance_max_t is not None and preset != "table1":
         raise UserError("--guidance-max-t is for the table1 preset's teacher rows")
+    if lcm_schedules_text is not None and preset != "table1":
+        raise UserError("--lcm-schedules is for the table1 preset's LCM rows")
+    lcm_schedules = (_choice_list(lcm_schedules_text, TIMESTEP_SCHEDULES, "--lcm-schedules")
+                     if lcm_schedules_text is not None else None)
     if preset == "table1":
         steps = _int_list(steps_text or "1,2,4,8", 1, 1000, "--steps")
         samplers = _choice_list(samplers_text or ",".join((LCM_SAMPLER, *SAMPLER_CHOICES)), GENERATE_SAMPLERS,
@@ -338,10 +352,10 @@ def evaluate(preset, model, teacher, judge_dir, steps_text, lcm_steps_text, samp
         bundles = _evaluation_bundles(model or default_model(), teacher, samplers + (["ddim"] if ceiling else []))
         extractor = JudgeExtractor.load(registry.resolve(judge_dir))
         lcm_steps = _int_list(lcm_steps_text, 1, 1000, "--lcm-steps") if lcm_steps_text else None
-        rows = pipeline.table_rows(samplers, steps, guidance, lcm_steps=lcm_steps, guidance_max_t=guidance_max_t)
+        options = dict(lcm_steps=lcm_steps, guidance_max_t=guidance_max_t, lcm_schedules=lcm_schedules)
+        rows = pipeline.table_rows(samplers, steps, guidance, **options)
         sweep = [r for g in _float_list(sweep_text or "", 0, 50, "--sweep-guidance")
-                 for r in pipeline.table_rows(samplers, steps, g, lcm_steps=lcm_steps, guidance_max_t=guidance_max_t)
-                 if r not in rows]
+                 for r in pipeline.table_rows(samplers, steps, g, **options) if r not in rows]
         top = pipeline.Row("teacher", "ddim" + TRAILING, TEACHER_STEPS, LCM_GUIDANCE if guidance is None else guidance)
         tops = [top] + ([top._replace(guidance_max_t=guidance_max_t)] if guidance_max_t is not None else [])
         results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=tops if ceiling else None, sweep=sweep,

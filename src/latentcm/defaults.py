@@ -9,6 +9,10 @@ TRAILING = "-trailing"  # sampler suffix: trailing timestep spacing (first step 
 # steps), and with trailing spacing, which starts from t = 999 like the LCM sampler.
 TEACHER_SAMPLERS = (*TEACHER_SOLVERS, *(s + TRAILING for s in TEACHER_SOLVERS))
 LCM_SAMPLER = "lcm"                                        # multistep consistency sampling (Algorithm 3)
+# How the LCM sampler picks its timesteps: "grid" = diffusers' LCMScheduler selection from the skipping grid;
+# "refine" = schedules.refine_timesteps (after the first step, every step at low noise). An LCM folder's
+# sampling.json names its own; "grid" where it has none.
+TIMESTEP_SCHEDULES = ("grid", "refine")
 
 LCM_OMEGA = 7.5                   # paper w of the shipped LCM's default and of training previews
 LCM_GUIDANCE = 1.0 + LCM_OMEGA    # g = 8.5

@@ -115,6 +115,41 @@ def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ori
     return grid[idx.long()]  # [n]
 
 
+
+
+def refine_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
+                     original_inference_steps: int = 50) -> torch.Tensor:
+    """Descending LCM inference timesteps that spend every step after the first at low noise.
+
+    Step 1 is the top of the skipping grid (T - 1, pure noise); the other n - 1 are evenly spaced in t from
+    the grid's midpoint (its largest point below T / 2) down to its lowest point k - 1, rounded to integers
+    (on the grid whenever the spacing allows: 4 steps on the 10-point grid give [999, 499, 299, 99]).
+    1 and 2 steps equal diffusers' selection ([999], [999, 499]).
+
+    Why (our measurement, not the paper's): every step of Algorithm 3 re-applies the guided consistency
+    function; re-noised to t >= T / 2 it acts where guidance inflates objects, so the diffusers selection
+    (4 steps: [999, 759, 499, 259]) gets worse with more steps while this one stays flat (docs/diagnosis-guidance.md).
+
+    Args:
+        num_inference_steps: n, 1 <= n <= N.
+        num_train_timesteps: T.
+        original_inference_steps: N, size of the skipping grid (k = T // N).
+
+    Returns:
+        Descending long tensor [n].
+    """
+    grid = skipping_grid(num_train_timesteps, original_inference_steps)  # [N] ascending
+    if not 1 <= num_inference_steps <= len(grid):
+        raise ValueError(f"num_inference_steps must be in 1..{len(grid)} (the skipping grid's points), "
+                         f"got {num_inference_steps}")
+    mid = grid[grid < num_train_timesteps / 2].max() if (grid < num_train_timesteps / 2).any() else grid[-1]
+    rest = torch.linspace(float(mid), float(grid[0]), num_inference_steps - 1, dtype=torch.float64).round().long()
+    out = torch.cat([grid[-1:], rest])  # [n]
+    if (out[1:] >= out[:-1]).any():  # a grid too coarse to split: fall back to diffusers' selection
+        return lcm_timesteps(num_inference_steps, num_train_timesteps, original_inference_steps)
+    return out
+
+
 def validate_timesteps(timesteps, num_train_timesteps: int = 1000,
                        original_inference_steps: int | None = 50) -> torch.Tensor:
     """Check an explicit inference schedule: non-empty, integer, strictly descending, inside [0, T).

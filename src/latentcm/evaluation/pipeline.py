@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import world
-from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE, TEACHER_SAMPLERS, TEACHER_SOLVERS, TRAILING
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE, TEACHER_SAMPLERS, TEACHER_SOLVERS
+from ..defaults import TIMESTEP_SCHEDULES, TRAILING
 from ..images import save_grid, vae_round_trip
 from . import metrics
 from .extractors import JudgeExtractor, wanted_indices
@@ -82,6 +83,7 @@ RECORD_SCHEMA = {
         "steps": {"type": "integer", "minimum": 1},
         "guidance": {"type": "number", "minimum": 0},
         "guidance_max_t": {"type": "integer", "minimum": 0},  # present on rows guided only at t <= it
+        "schedule": {"enum": list(TIMESTEP_SCHEDULES)},  # the LCM rows' timesteps, when the row names them
         **SCORE_PROPERTIES,
         "unet_evals": {"type": "number", "minimum": 0},
         "seconds": {"type": "number", "minimum": 0},
@@ -122,11 +124,13 @@ class Row(NamedTuple):
     steps: int
     guidance: float
     guidance_max_t: int | None = None  # teacher rows: guided only at t <= this (a guidance interval); None: every t
+    schedule: str | None = None        # LCM rows: "grid" | "refine" timesteps; None: the model's own
 
     @property
     def key(self) -> str:
         interval = "" if self.guidance_max_t is None else f"-gmax{self.guidance_max_t}"
-        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}{interval}"
+        schedule = "" if self.schedule is None else f"-{self.schedule}"
+        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}{interval}{schedule}"
 
     @property
     def label(self) -> str:
@@ -289,6 +293,8 @@ def generate_cached(bundle, row: Row, prompts: list[str], seed: int, folder: Pat
                 "row": row.key, "num": len(prompts), "seed": seed, "prompts_sha": _sha(prompts)}
     if image_format != "uint8":
         identity["format"] = image_format
+    if row.sampler == LCM_SAMPLER:  # the timesteps: the row's schedule, else the one the model folder asks for
+        identity["schedule"] = row.schedule or getattr(bundle, "timestep_schedule", "grid")
     suffix = "".join(f"-{t}" for t in (tag, "f32" if image_format == "float32" else "") if t)
     path = folder / f"{row.key}-n{len(prompts)}-s{seed}{suffix}.npz"
     if path.is_file():
@@ -303,7 +309,7 @@ def generate_cached(bundle, row: Row, prompts: list[str], seed: int, folder: Pat
             batch = prompts[i:i + batch_size]
             seeds = [seed + i + j for j in range(len(batch))]
             chunks.append(convert(bundle.generate(batch, seeds, row.sampler, row.steps, row.guidance,
-                                                  guidance_max_t=row.guidance_max_t)))
+                                                  guidance_max_t=row.guidance_max_t, schedule=row.schedule)))
     finally:
         counter.remove()
     timing = {"seconds": round(time.perf_counter() - t0, 2), "unet_evals": counter.count / len(prompts)}
@@ -438,9 +444,10 @@ def score_rows(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: P
                                                     out / "samples", seed=seed, batch_size=batch_size,
                                                     bootstrap=bootstrap)
         save_grid(to_pixels(images[:32]), out / "grids" / f"{row.key}.png")
-        interval = {} if row.guidance_max_t is None else {"guidance_max_t": row.guidance_max_t}
+        options = {k: v for k, v in (("guidance_max_t", row.guidance_max_t), ("schedule", row.schedule))
+                   if v is not None}
         (records if part == "records" else found[part]).append(
-            {"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance, **interval,
+            {"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance, **options,
              **rounded(scores), **timing})
     tops_found = found["ceiling"]
     results = {"num_samples": num_samples, "seed": seed, "split": split, "extractor": f"{extractor.name}",
@@ -485,17 +492,24 @@ def _hlines(results: dict) -> dict:
 
 def _method(r: dict, with_steps: bool = False) -> str:
     """A record's method and guidance: "LCM, w 7.5" (the paper's w = g - 1), "DDIM trailing, 50 steps, g 8.5",
-    and ", guided t <= T" for a guidance interval."""
+    ", guided t <= T" for a guidance interval and ", refine timesteps" for an LCM row's named schedule."""
     name = SAMPLER_LABELS[r["sampler"]] + (f", {r['steps']} steps" if with_steps else "")
     name = f"{name}, w {r['guidance'] - 1:g}" if r["sampler"] == LCM_SAMPLER else f"{name}, g {r['guidance']:g}"
-    return name if r.get("guidance_max_t") is None else f"{name}, guided t ≤ {r['guidance_max_t']}"
+    name = name if r.get("guidance_max_t") is None else f"{name}, guided t ≤ {r['guidance_max_t']}"
+    return name if r.get("schedule") is None else f"{name}, {r['schedule']} timesteps"
 
 
-def _methods(records: list[dict]) -> list[tuple[str, int | None]]:
-    """The (sampler, guidance interval) pairs of ``records`` in table order: samplers as TABLE_SAMPLERS,
-    full guidance before an interval."""
-    found = {(r["sampler"], r.get("guidance_max_t")) for r in records}
-    return sorted(found, key=lambda m: (TABLE_SAMPLERS.index(m[0]), -1 if m[1] is None else m[1]))
+def _variant(r: dict) -> tuple:
+    """What tells a record's method apart beside its sampler: guidance interval and timestep schedule."""
+    return r.get("guidance_max_t"), r.get("schedule")
+
+
+def _methods(records: list[dict]) -> list[tuple[str, tuple]]:
+    """The (sampler, variant) pairs of ``records`` in table order: samplers as TABLE_SAMPLERS, full guidance
+    before an interval, the model's own schedule before a named one."""
+    found = {(r["sampler"], _variant(r)) for r in records}
+    return sorted(found, key=lambda m: (TABLE_SAMPLERS.index(m[0]), -1 if m[1][0] is None else m[1][0],
+                                        m[1][1] or ""))
 
 
 def results_markdown(results: dict) -> str:
@@ -527,8 +541,8 @@ def table1_markdown(records: list[dict], floor_scores: dict | None = None,
                                   + [cell(n, _kid_cell) for n in steps]
                                   + [cell(n, lambda r: f"{r['clip_score']:.1f}") for n in steps]
                                   + [cell(n, lambda r: f"{r['accuracy']:.1%}") for n in steps]) + " |")
-    for sampler, interval in _methods(records):
-        mine = [r for r in records if r["sampler"] == sampler and r.get("guidance_max_t") == interval]
+    for sampler, variant in _methods(records):
+        mine = [r for r in records if r["sampler"] == sampler and _variant(r) == variant]
         label = _method(mine[0]) if "guidance" in mine[0] else SAMPLER_LABELS[sampler]
         lines.append(line(label, {r["steps"]: r for r in mine}))
     for top in [ceiling] if isinstance(ceiling, dict) else (ceiling or []):
@@ -545,8 +559,8 @@ def best_guidance_markdown(records: list[dict]) -> str:
     lines = ["Each method at its best guidance (lowest KID×10³ of the sweep; g in brackets, the LCM's w = g − 1):", "",
              "| method | " + " | ".join(f"KID×10³ {n} (g)" for n in steps) + " | "
              + " | ".join(f"FID {n}" for n in steps) + " |", "|" + "---|" * (1 + 2 * len(steps))]
-    for sampler, interval in _methods(records):
-        mine = [r for r in records if r["sampler"] == sampler and r.get("guidance_max_t") == interval]
+    for sampler, variant in _methods(records):
+        mine = [r for r in records if r["sampler"] == sampler and _variant(r) == variant]
         best = {}
         for r in mine:
             if r["steps"] not in best or r["kid"] < best[r["steps"]]["kid"]:
@@ -554,8 +568,10 @@ def best_guidance_markdown(records: list[dict]) -> str:
         swept = sorted({r["guidance"] for r in mine})
         kid = [f"{_kid_cell(best[n])} ({best[n]['guidance']:g})" if n in best else "-" for n in steps]
         fid = [f"{best[n]['fid']:.2f}" if n in best else "-" for n in steps]
+        interval, schedule = variant
         label = (f"{SAMPLER_LABELS[sampler]} (g {', '.join(f'{g:g}' for g in swept)}"
-                 + ("" if interval is None else f"; guided t ≤ {interval}") + ")")
+                 + ("" if interval is None else f"; guided t ≤ {interval}")
+                 + ("" if schedule is None else f"; {schedule} timesteps") + ")")
         lines.append("| " + " | ".join([label, *kid, *fid]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -595,16 +611,19 @@ def plot_against_steps(records: list[dict], path: Path, x_key: str = "steps", se
 
 def table_rows(samplers: list[str], steps: list[int], guidance: float | None,
                lcm_guidance: float = LCM_GUIDANCE, teacher_guidance: float = TEACHER_GUIDANCE,
-               lcm_steps: list[int] | None = None, guidance_max_t: int | None = None) -> list[Row]:
+               lcm_steps: list[int] | None = None, guidance_max_t: int | None = None,
+               lcm_schedules: list[str] | None = None) -> list[Row]:
     """Rows of ``lcm evaluate``: the "lcm" sampler runs on the model named "lcm" (at ``lcm_steps``, default
     ``steps``), the teacher samplers (CFG, two UNet passes per step) on the one named "teacher"; guidance
-    None means each one's default. ``guidance_max_t``: every teacher row also under that guidance interval."""
+    None means each one's default. ``guidance_max_t``: every teacher row also under that guidance interval;
+    ``lcm_schedules``: the LCM rows once per named timestep schedule (None: once, with the model's own)."""
     rows = []
     for sampler in samplers:
         model = "lcm" if sampler == LCM_SAMPLER else "teacher"
         g = guidance if guidance is not None else (lcm_guidance if sampler == LCM_SAMPLER else teacher_guidance)
         counts = lcm_steps if sampler == LCM_SAMPLER and lcm_steps else steps
-        rows += [Row(model, sampler, n, g) for n in counts]
+        schedules = (lcm_schedules or [None]) if sampler == LCM_SAMPLER else [None]
+        rows += [Row(model, sampler, n, g, schedule=sch) for sch in schedules for n in counts]
     if guidance_max_t is not None:
         rows += [r._replace(guidance_max_t=guidance_max_t) for r in rows if r.sampler != LCM_SAMPLER]
     return rows

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import Bundle
+from ..bundle import SAMPLING_FILE, Bundle
 from ..defaults import LCM_DEFAULTS
 from ..errors import ModelError
+from ..schedules import refine_timesteps
 from .single_file import save_single_file
 
 CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
@@ -46,12 +47,12 @@ recommended setting (the UNet is conditioned on the paper's w = g - 1).
 {imports}from diffusers import LatentConsistencyModelPipeline
 
 pipe = LatentConsistencyModelPipeline.from_pretrained("<this folder>"{variant_kw})
-image = pipe("a large red circle on a blue background", num_inference_steps={steps},
+image = pipe("a large red circle on a blue background", {steps_kw},
              guidance_scale={guidance}).images[0]
 ```
 
 or with latentcm: `lcm generate "a large red circle on a blue background" --model <this folder>`.
-{source_card}"""
+{schedule_note}{source_card}"""
 
 
 def yaml_str(text: str) -> str:
@@ -90,16 +91,31 @@ def _files_section(name: str, fp16: bool, single_file: bool) -> str:
     return "\n".join(rows)
 
 
+def _steps_kw(bundle: Bundle | None) -> tuple[str, str]:
+    """The pipeline call's step argument and a note: ``timesteps=[...]`` for a model whose sampling.json asks for
+    the refine schedule (diffusers' own selection would differ), else ``num_inference_steps``."""
+    if bundle is None or bundle.timestep_schedule != "refine":
+        return f"num_inference_steps={RECOMMENDED_STEPS}", ""
+    ts = refine_timesteps(RECOMMENDED_STEPS, bundle.scheduler_config.get("num_train_timesteps", 1000),
+                          bundle.original_inference_steps).tolist()
+    return (f"timesteps={ts}", f"\nThis model was measured on latentcm's `refine` timesteps (`{SAMPLING_FILE}`): after the "
+            "first step, every step at low noise. diffusers picks other timesteps from `num_inference_steps`, "
+            "so pass them as `timesteps` (`latentcm.schedules.refine_timesteps(n, 1000, "
+            f"{bundle.original_inference_steps})` gives them for n steps).\n")
+
+
 def write_release_card(folder: Path, name: str, source: Path, base_model: str, fp16: bool,
-                       single_file: bool) -> Path:
+                       single_file: bool, bundle: Bundle | None = None) -> Path:
     """README.md: YAML front matter (library_name, base_model, tags, pipeline_tag, recommended settings) + usage,
-    followed by the source folder's own card body, if it has one."""
+    followed by the source folder's own card body, if it has one. ``bundle``: the model, for its timesteps."""
+    steps_kw, schedule_note = _steps_kw(bundle)
     old = source / "README.md"
     _, old_body = split_front_matter(old.read_text()) if old.is_file() else ({}, "")
     text = RELEASE_CARD.format(
         base_model=yaml_str(base_model), base_name=base_model, tags="\n".join(f"- {t}" for t in CARD_TAGS),
         steps=RECOMMENDED_STEPS, guidance=RECOMMENDED_GUIDANCE, title=f"{name}: a Latent Consistency Model",
         files=_files_section(name, fp16, single_file), imports="import torch\n" if fp16 else "",
+        steps_kw=steps_kw, schedule_note=schedule_note,
         variant_kw=', variant="fp16", torch_dtype=torch.float16' if fp16 else "",
         source_card=f"\n## Source model card\n\n{demote_headings(old_body.strip())}\n" if old_body.strip() else "")
     path = folder / "README.md"
@@ -171,7 +187,9 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         save_single_file(bundle, tmp / f"{dest.name}.safetensors")
     if fp16:
         save_fp16_variant(pipe, tmp)
-    write_release_card(tmp, dest.name, source, base_model, fp16, single_file)
+    if (source / SAMPLING_FILE).is_file():  # latentcm's sampling defaults travel with the model
+        shutil.copy(source / SAMPLING_FILE, tmp / SAMPLING_FILE)
+    write_release_card(tmp, dest.name, source, base_model, fp16, single_file, bundle)
     if dest.exists():
         dest.rmdir()
     tmp.replace(dest)

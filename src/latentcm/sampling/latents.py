@@ -22,7 +22,7 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                    strength: float = 1.0, original_inference_steps: int | None = None,
                    gamma: float | None = None, guidance_max_t: int | None = None,
-                   timesteps: list[int] | None = None) -> torch.Tensor:
+                   timesteps: list[int] | None = None, schedule: str = "grid") -> torch.Tensor:
     """Final latents [B, C, h, w] (unscaled by the VAE factor), one per seed.
 
     Args:
@@ -41,6 +41,7 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
         guidance_max_t: teacher samplers only: guide the steps at t <= it, none above (a guidance interval);
             None guides every step. An LCM's interval, if any, was fixed in distillation.
         timesteps: LCM only: an explicit descending schedule instead of the grid's ``steps`` points.
+        schedule: LCM only: "grid" (diffusers' selection) or "refine" (``schedules.refine_timesteps``).
     """
     if sampler == LCM_SAMPLER:
         if guidance_max_t is not None:
@@ -49,7 +50,7 @@ def sample_latents(unet: torch.nn.Module, scheduler_config: dict, sampler: str, 
         return sample_student(unet, scheduler_config, cond, seeds, shape, steps=steps,
                               omega=omega_from_guidance(guidance), latents=latents, image_latents=image_latents,
                               strength=strength, original_inference_steps=original_inference_steps, gamma=gamma,
-                              timesteps=timesteps)
+                              timesteps=timesteps, schedule=schedule)
     if timesteps is not None:
         raise ModelError("explicit timesteps are for the LCM sampler; a teacher sampler takes --steps")
     if gamma is not None:

@@ -11,10 +11,10 @@ from typing import Sequence
 import torch
 
 from .. import parameterization as P
-from ..defaults import GRID_POINTS, LCM_OMEGA, LCM_STEPS
+from ..defaults import GRID_POINTS, LCM_OMEGA, LCM_STEPS, TIMESTEP_SCHEDULES
 from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser
-from ..schedules import lcm_timesteps, validate_timesteps
+from ..schedules import lcm_timesteps, refine_timesteps, validate_timesteps
 from .lcm import per_image_noise, renoise, sample_lcm
 
 
@@ -24,7 +24,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                    original_inference_steps: int | None = None, timestep_scaling: float | None = None,
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                    strength: float = 1.0, gamma: float | None = None,
-                   timesteps: Sequence[int] | None = None) -> torch.Tensor:
+                   timesteps: Sequence[int] | None = None, schedule: str = "grid") -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
@@ -47,6 +47,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         timesteps: an explicit descending schedule (text-to-image; ``steps`` is then its length), as the
             ``timesteps`` argument of diffusers' LCM pipelines; None selects ``steps`` points of the grid as
             diffusers' LCMScheduler does. Off-grid timesteps warn (``schedules.validate_timesteps``).
+        schedule: how ``steps`` timesteps are picked when none are given: "grid" (diffusers' LCMScheduler) or
+            "refine" (``schedules.refine_timesteps``: after the first, every step at low noise).
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -67,10 +69,24 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         raise ValueError("pass latents (text-to-image) or image_latents (img2img), not both")
     if timesteps is not None and image_latents is not None:
         raise ValueError("explicit timesteps are for text-to-image; img2img picks them from strength")
-    ts = (lcm_timesteps(steps, len(f.denoiser.alpha_bar), n_grid, strength) if timesteps is None
+    ts = (inference_timesteps(schedule, steps, len(f.denoiser.alpha_bar), n_grid, strength) if timesteps is None
           else validate_timesteps(timesteps, len(f.denoiser.alpha_bar), n_grid))
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
     if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
         x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
     return sample_lcm(lambda x, t: f(x, t, text_states, w_emb), x_T, ts, noise_fn=noise_fn,
                       alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
+
+
+def inference_timesteps(schedule: str, num_inference_steps: int, num_train_timesteps: int = 1000,
+                        original_inference_steps: int = 50, strength: float = 1.0) -> torch.Tensor:
+    """The LCM sampler's timesteps: "grid" selects from the skipping grid as diffusers' LCMScheduler
+    (``lcm_timesteps``; img2img's ``strength`` truncates the grid), "refine" is ``refine_timesteps``
+    (text-to-image only)."""
+    if schedule == "grid":
+        return lcm_timesteps(num_inference_steps, num_train_timesteps, original_inference_steps, strength)
+    if schedule != "refine":
+        raise ValueError(f"unknown timestep schedule {schedule!r}; choose from {', '.join(TIMESTEP_SCHEDULES)}")
+    if strength != 1.0:
+        raise ValueError("the refine schedule is for text-to-image; img2img selects from the truncated grid")
+    return refine_timesteps(num_inference_steps, num_train_timesteps, original_inference_steps)
