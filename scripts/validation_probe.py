@@ -4,7 +4,8 @@
 
 ROW is MODEL:SAMPLER:STEPS:G[:EXTRA] -- a model name or folder, a sampler (lcm, ddim, ddim-trailing, ...),
 the step count and the guidance scale g. EXTRA is, for teacher samplers, a guidance interval MAX_T (CFG only
-at t <= MAX_T), and for the LCM an explicit schedule T/T/... of STEPS timesteps. Examples:
+at t <= MAX_T), and for the LCM a timestep schedule: grid or refine, or an explicit T/T/... of STEPS timesteps
+(without EXTRA the LCM samples with its folder's own schedule). Examples:
 teacher:ddim-trailing:50:8.5:499 is the teacher's guided ODE from t = 999 with guidance below t = 500 only;
 lcm:lcm:4:8.5:999/499/299/99 is the shipped LCM on that 4-step schedule.
 
@@ -37,8 +38,10 @@ def parse_row(text: str) -> dict:
         sys.exit(f"error: a row is MODEL:SAMPLER:STEPS:G[:MAX_T or T/T/...], got {text!r}")
     try:
         row = {"model": parts[0], "sampler": parts[1], "steps": int(parts[2]), "guidance": float(parts[3]),
-               "guidance_max_t": None, "timesteps": None}
-        if len(parts) == 5 and parts[1] == "lcm":
+               "guidance_max_t": None, "timesteps": None, "schedule": None}
+        if len(parts) == 5 and parts[1] == "lcm" and parts[4] in ("grid", "refine"):
+            row["schedule"] = parts[4]
+        elif len(parts) == 5 and parts[1] == "lcm":
             row["timesteps"] = [int(t) for t in parts[4].split("/")]
         elif len(parts) == 5:
             row["guidance_max_t"] = int(parts[4])
@@ -54,12 +57,14 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], batch: int = 50) -> np
     for i in range(0, len(prompts), batch):
         seeds = [IMAGE_SEED + i + j for j in range(len(prompts[i:i + batch]))]
         x = bundle.generate(prompts[i:i + batch], seeds, row["sampler"], row["steps"], row["guidance"],
-                            guidance_max_t=row["guidance_max_t"], timesteps=row["timesteps"])
+                            guidance_max_t=row["guidance_max_t"], timesteps=row["timesteps"], schedule=row["schedule"])
         images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(images)
 
 
 def extra(r: dict) -> str:
+    if r.get("schedule"):
+        return f"{r['schedule']} timesteps"
     if r.get("timesteps"):
         return ", ".join(map(str, r["timesteps"]))
     return "all" if r["guidance_max_t"] is None else str(r["guidance_max_t"])
