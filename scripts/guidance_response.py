@@ -78,7 +78,7 @@ def main() -> None:
     for name in args.lcm or ["lcm"]:
         b = Bundle.load(registry.resolve(name))
         rows.append({"model": name, "sampler": "lcm", "steps": args.steps, **norms(b),
-                     **({"timesteps": timesteps} if timesteps else {}),
+                     **({"timesteps": timesteps} if timesteps else {"schedule": b.timestep_schedule}),
                      "change": change(b, "lcm", args.steps, args.low, args.high, texts, timesteps=timesteps)})
     ref = rows[0]["change"]
     for r in rows:

@@ -58,6 +58,16 @@ def micro_bundle(micro_teacher):
     return Bundle.load(micro_teacher)
 
 
+@pytest.fixture(scope="session")
+def micro_data(micro_bundle):
+    """Six shapes-world train samples encoded by the micro teacher (LCDData; read-only tensors)."""
+    from latentcm import world
+    from latentcm.training.data.tensors import encode_pairs
+
+    pairs = [(s.image, s.text) for s in world.iter_samples(0, 6)]
+    return encode_pairs(micro_bundle.vae, micro_bundle.text_encoder, micro_bundle.tokenizer, pairs)
+
+
 @pytest.fixture
 def launch_two_cpu_processes():
     """run(args) -> CompletedProcess of `accelerate launch` with 2 CPU processes (gloo, one thread each) on a

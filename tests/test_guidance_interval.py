@@ -6,14 +6,12 @@ import json
 import pytest
 import torch
 
-from latentcm import world
 from latentcm.bundle import Bundle
 from latentcm.cli import main
 from latentcm.evaluation import pipeline
 from latentcm.guidance import interval_omega
 from latentcm.sampling.teacher import cfg_combine, guidance_at, initial_latents, make_scheduler
 from latentcm.training.consistency import LCDConfig, LCDTask
-from latentcm.training.data.tensors import encode_pairs
 
 
 def test_interval_omega_keeps_w_at_and_below_max_t_and_zeroes_it_above():
@@ -30,18 +28,12 @@ def bundle(micro_teacher):
     return Bundle.load(micro_teacher)
 
 
-@pytest.fixture(scope="module")
-def data(bundle):
-    pairs = [(s.image, s.text) for s in world.iter_samples(0, 6)]
-    return encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs)
-
-
 def _task(bundle, data, **kw):
     return LCDTask(bundle.unet, bundle.scheduler_config, data, LCDConfig(**{"batch_size": 8, "skip": 100, **kw}))
 
 
-def test_lcd_target_is_guided_only_where_t_start_is_inside_the_interval(bundle, data, monkeypatch):
-    task = _task(bundle, data, guidance_max_t=499)
+def test_lcd_target_is_guided_only_where_t_start_is_inside_the_interval(bundle, micro_data, monkeypatch):
+    task = _task(bundle, micro_data, guidance_max_t=499)
     batch = task.batch(0)
     assert (batch["t_start"] <= 499).any() and (batch["t_start"] > 499).any()  # both sides in one batch
     seen, real = {}, task.solver_target
@@ -58,19 +50,20 @@ def test_lcd_target_is_guided_only_where_t_start_is_inside_the_interval(bundle, 
     z = torch.randn_like(batch["z0"])
     with torch.no_grad():
         zero = task.solver_target(z, batch["t_start"], batch["t_end"], batch["text"], torch.zeros(8))
-        data.uncond_states.add_(1.0)
+        saved = micro_data.uncond_states.clone()  # the fixture is shared: restore it exactly
+        micro_data.uncond_states.add_(1.0)
         try:
             zero_other_uncond = task.solver_target(z, batch["t_start"], batch["t_end"], batch["text"], torch.zeros(8))
         finally:
-            data.uncond_states.sub_(1.0)
+            micro_data.uncond_states.copy_(saved)
     torch.testing.assert_close(zero, zero_other_uncond)
 
 
-def test_an_interval_covering_every_t_changes_nothing(bundle, data):
-    batch = _task(bundle, data).batch(3)
+def test_an_interval_covering_every_t_changes_nothing(bundle, micro_data):
+    batch = _task(bundle, micro_data).batch(3)
     with torch.no_grad():
-        full = _task(bundle, data).loss(batch, 3)[0]
-        covering = _task(bundle, data, guidance_max_t=999).loss(batch, 3)[0]
+        full = _task(bundle, micro_data).loss(batch, 3)[0]
+        covering = _task(bundle, micro_data, guidance_max_t=999).loss(batch, 3)[0]
     assert torch.equal(full, covering)
     with pytest.raises(ValueError, match="guidance_max_t"):
         LCDConfig(guidance_max_t=-1)
@@ -190,10 +183,10 @@ def test_smooth_embedding_mask_keeps_the_frequencies_that_turn_by_at_most_pi():
     assert int(smooth_embedding_mask(256, 1.0, 4.0)[:128].sum()) > 21  # a narrower range keeps more
 
 
-def test_restricted_w_projection_trains_only_its_smooth_columns(bundle, data):
+def test_restricted_w_projection_trains_only_its_smooth_columns(bundle, micro_data):
     from latentcm.guidance import smooth_embedding_mask
 
-    task = _task(bundle, data, cond_proj_inputs="smooth", cond_proj_init="default", omega_min=1.0, omega_max=8.0)
+    task = _task(bundle, micro_data, cond_proj_inputs="smooth", cond_proj_init="default", omega_min=1.0, omega_max=8.0)
     proj = task.student_unet.time_embedding.cond_proj
     keep = smooth_embedding_mask(256, 1.0, 8.0)
     assert proj.weight[:, ~keep].abs().max() == 0 and proj.weight[:, keep].abs().max() > 0

@@ -17,7 +17,6 @@ from latentcm.sampling.student import sample_student
 from latentcm.solvers import SOLVERS, augmented_step
 from latentcm.training.checkpoint import list_checkpoints
 from latentcm.training.consistency import LCDConfig, LCDTask, distance
-from latentcm.training.data.tensors import encode_pairs
 from latentcm.schedules import training_grid
 from latentcm.training.loop import LoopConfig, fit
 
@@ -28,9 +27,8 @@ def bundle(micro_teacher):
 
 
 @pytest.fixture(scope="module")
-def data(bundle):
-    pairs = [(s.image, s.text) for s in world.iter_samples(0, 6)]
-    return encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, pairs)
+def data(micro_data):
+    return micro_data
 
 
 def _task(bundle, data, **kw):

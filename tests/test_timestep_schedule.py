@@ -108,8 +108,10 @@ def test_evaluate_scores_each_named_schedule_and_caches_by_schedule(refine_lcm, 
     table = (out / "table1.md").read_text()
     assert "| LCM, w 7.5, grid timesteps |" in table and "| LCM, w 7.5, refine timesteps |" in table
     main(args)  # no named schedule: the folder's own (refine) -- sampled anew, not the grid row's cache
-    own = json.loads((out / "results.json").read_text())["records"][0]
+    again = json.loads((out / "results.json").read_text())
+    own = again["records"][0]
     assert "schedule" not in own and own["fid"] == results["records"][1]["fid"]
+    assert again["timestep_schedules"] == {"lcm": "refine"}  # what the unnamed rows sampled with
     assert pipeline.Row("lcm", "lcm", 4, 8.5, schedule="refine").key == "lcm-lcm-4-g8.5-refine"
 
 

@@ -74,6 +74,9 @@ SCORE_REQUIRED = ["fid", "kid", "kid_std", "precision", "recall", "clip_score", 
 FLOOR_SCHEMA = {"type": "object", "required": [*SCORE_REQUIRED, "num_samples"],
                 "properties": {**SCORE_PROPERTIES, "num_samples": {"type": "integer", "minimum": 1}}}
 
+# LCM name -> the timestep schedule its rows use when they name none (the model folder's sampling.json)
+TIMESTEP_SCHEDULES_SCHEMA = {"type": "object", "additionalProperties": {"enum": list(TIMESTEP_SCHEDULES)}}
+
 RECORD_SCHEMA = {
     "type": "object",
     "required": ["sampler", "steps", *SCORE_REQUIRED, "unet_evals", "seconds"],
@@ -103,8 +106,14 @@ RESULTS_SCHEMA = {
         "ceiling": RECORD_SCHEMA,  # optional: the teacher's guided ODE, many steps from t = T - 1
         "ceilings": {"type": "array", "items": RECORD_SCHEMA},  # optional: more ODE rows (a guidance interval)
         "sweep": {"type": "array", "items": RECORD_SCHEMA},  # optional: the rows at the other guidance scales
+        "timestep_schedules": TIMESTEP_SCHEDULES_SCHEMA,
     },
 }
+
+
+def own_schedules(bundles: dict) -> dict[str, str]:
+    """The timestep schedule each LCM in ``bundles`` samples with when a row names none (its sampling.json)."""
+    return {name: b.timestep_schedule for name, b in bundles.items() if getattr(b, "is_lcm", False)}
 
 
 def validate_results(results: dict, schema: dict | None = None) -> None:
@@ -453,6 +462,7 @@ def score_rows(bundles: dict, rows: list[Row], extractor: JudgeExtractor, out: P
     results = {"num_samples": num_samples, "seed": seed, "split": split, "extractor": f"{extractor.name}",
                "extractor_version": extractor.version, "reference": ref.name, "reference_kind": ref.kind,
                "image_format": "uint8", "models": {k: str(b.path) for k, b in bundles.items()},
+               "timestep_schedules": own_schedules(bundles),
                "records": records, "floor": floor(extractor, ref, num_samples, split, bootstrap),
                **({"ceiling": tops_found[0]} if tops_found else {}),
                **({"ceilings": tops_found[1:]} if len(tops_found) > 1 else {}),

@@ -45,12 +45,14 @@ _JUDGED = {"type": "object", "required": ["sampler", "steps", "guidance", "num_s
                           "unet_evals_per_image": {"type": "number", "minimum": 0}, **_ROW_PROPERTIES}}
 LCM_RESULTS_SCHEMA = {"type": "object", "required": ["num_samples", "seed", "rows", "reference", "floor"],
                       "properties": {"rows": {"type": "array", "minItems": 1, "items": _JUDGED},
-                                     "floor": pipeline.FLOOR_SCHEMA}}
+                                     "floor": pipeline.FLOOR_SCHEMA,
+                                     "timestep_schedules": pipeline.TIMESTEP_SCHEDULES_SCHEMA}}
 TEACHER_RESULTS_SCHEMA = {"allOf": [_JUDGED, {"type": "object",
                                               "required": ["paraphrase_accuracy", "paraphrase", "vae_psnr_db",
                                                            "judge_on_real_images", "reference", "floor"],
                                               "properties": {"paraphrase": _JUDGED,
-                                                             "floor": pipeline.FLOOR_SCHEMA}}]}
+                                                             "floor": pipeline.FLOOR_SCHEMA,
+                                     "timestep_schedules": pipeline.TIMESTEP_SCHEDULES_SCHEMA}}]}
 
 
 def judged_row(bundle, row: Row, extractor, reference, out: Path, num_samples: int = NUM_SAMPLES,
@@ -91,7 +93,7 @@ def lcm_table(bundles: dict, extractor, out: Path, num_samples: int = NUM_SAMPLE
         save_grid(pipeline.to_pixels(images[:32]), out / "grids" / f"{row.key}.png")
         records.append({"model": row.model, **record})
     results = {**(meta or {}), "num_samples": num_samples, "seed": seed, "rows": records,
-               **_reference_entries(extractor, ref), "floor": pipeline.floor(extractor, ref, num_samples)}
+               "timestep_schedules": pipeline.own_schedules(bundles), **_reference_entries(extractor, ref), "floor": pipeline.floor(extractor, ref, num_samples)}
     pipeline.validate_results(results, LCM_RESULTS_SCHEMA)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
