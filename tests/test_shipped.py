@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from latentcm import registry
+from latentcm.bundle import sampling_schedule
 from latentcm.cli import main
 from latentcm.models.judge import Judge
 
@@ -93,3 +94,5 @@ def test_lcm_card_table_comes_from_the_committed_results():
     results = json.loads((root / "reports" / "lcm" / "results.json").read_text())
     lcm4 = next(r for r in results["rows"] if r["model"] == "lcm" and r["steps"] == 4)
     assert f"| lcm | lcm | 4 | 8.5 | {100 * lcm4['accuracy']['colour']:.1f} |" in table
+    # the card's numbers were sampled on the timesteps the shipped LCM uses by default
+    assert results["timestep_schedules"] == {"lcm": sampling_schedule(registry.WEIGHTS / "lcm")}
