@@ -115,8 +115,6 @@ def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ori
     return grid[idx.long()]  # [n]
 
 
-
-
 def refine_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
                      original_inference_steps: int = 50) -> torch.Tensor:
     """Descending LCM inference timesteps that spend every step after the first at low noise.

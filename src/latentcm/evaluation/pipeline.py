@@ -505,13 +505,19 @@ def _method(r: dict, with_steps: bool = False) -> str:
     ", guided t <= T" for a guidance interval and ", refine timesteps" for an LCM row's named schedule."""
     name = SAMPLER_LABELS[r["sampler"]] + (f", {r['steps']} steps" if with_steps else "")
     name = f"{name}, w {r['guidance'] - 1:g}" if r["sampler"] == LCM_SAMPLER else f"{name}, g {r['guidance']:g}"
-    name = name if r.get("guidance_max_t") is None else f"{name}, guided t ≤ {r['guidance_max_t']}"
-    return name if r.get("schedule") is None else f"{name}, {r['schedule']} timesteps"
+    return ", ".join([name, *_variant_words(_variant(r))])
 
 
 def _variant(r: dict) -> tuple:
     """What tells a record's method apart beside its sampler: guidance interval and timestep schedule."""
     return r.get("guidance_max_t"), r.get("schedule")
+
+
+def _variant_words(variant: tuple) -> list[str]:
+    """A variant as label words: "guided t ≤ T" for a guidance interval, "refine timesteps" for a schedule."""
+    interval, schedule = variant
+    return ([] if interval is None else [f"guided t ≤ {interval}"]) + ([] if schedule is None else
+                                                                       [f"{schedule} timesteps"])
 
 
 def _methods(records: list[dict]) -> list[tuple[str, tuple]]:
@@ -578,10 +584,8 @@ def best_guidance_markdown(records: list[dict]) -> str:
         swept = sorted({r["guidance"] for r in mine})
         kid = [f"{_kid_cell(best[n])} ({best[n]['guidance']:g})" if n in best else "-" for n in steps]
         fid = [f"{best[n]['fid']:.2f}" if n in best else "-" for n in steps]
-        interval, schedule = variant
-        label = (f"{SAMPLER_LABELS[sampler]} (g {', '.join(f'{g:g}' for g in swept)}"
-                 + ("" if interval is None else f"; guided t ≤ {interval}")
-                 + ("" if schedule is None else f"; {schedule} timesteps") + ")")
+        guidances = "g " + ", ".join(f"{g:g}" for g in swept)
+        label = f"{SAMPLER_LABELS[sampler]} ({'; '.join([guidances, *_variant_words(variant)])})"
         lines.append("| " + " | ".join([label, *kid, *fid]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -51,8 +51,7 @@ TEACHER_RESULTS_SCHEMA = {"allOf": [_JUDGED, {"type": "object",
                                               "required": ["paraphrase_accuracy", "paraphrase", "vae_psnr_db",
                                                            "judge_on_real_images", "reference", "floor"],
                                               "properties": {"paraphrase": _JUDGED,
-                                                             "floor": pipeline.FLOOR_SCHEMA,
-                                     "timestep_schedules": pipeline.TIMESTEP_SCHEDULES_SCHEMA}}]}
+                                                             "floor": pipeline.FLOOR_SCHEMA}}]}
 
 
 def judged_row(bundle, row: Row, extractor, reference, out: Path, num_samples: int = NUM_SAMPLES,
@@ -93,7 +92,8 @@ def lcm_table(bundles: dict, extractor, out: Path, num_samples: int = NUM_SAMPLE
         save_grid(pipeline.to_pixels(images[:32]), out / "grids" / f"{row.key}.png")
         records.append({"model": row.model, **record})
     results = {**(meta or {}), "num_samples": num_samples, "seed": seed, "rows": records,
-               "timestep_schedules": pipeline.own_schedules(bundles), **_reference_entries(extractor, ref), "floor": pipeline.floor(extractor, ref, num_samples)}
+               "timestep_schedules": pipeline.own_schedules(bundles), **_reference_entries(extractor, ref),
+               "floor": pipeline.floor(extractor, ref, num_samples)}
     pipeline.validate_results(results, LCM_RESULTS_SCHEMA)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
