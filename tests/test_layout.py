@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "latentcm"
 # layer of each top-level module or subpackage of latentcm (docs/layout.md)
 LAYERS = {
     "__init__": 0, "errors": 0, "defaults": 0, "schedules": 0, "parameterization": 0, "guidance": 0,
-    "solvers": 0, "world": 0, "styles": 0, "images": 0, "offline": 0, "registry": 0,
+    "solvers": 0, "world": 0, "styles": 0, "images": 0, "offline": 0, "registry": 0, "files": 0,
     "models": 1, "sampling": 2, "bundle": 3, "export": 4, "training": 5,
     "teacher_build": 6, "evaluation": 6, "cli": 7, "serve": 7,
 }

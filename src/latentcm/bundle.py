@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import offline  # noqa: F401
-from .defaults import GRID_POINTS, IMG2IMG_STRENGTH, LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS
+from .defaults import IMG2IMG_STRENGTH, LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS
 from .defaults import TEACHER_SAMPLERS as SAMPLERS
 from .errors import ModelError
 from .images import load_image
@@ -25,7 +25,7 @@ from .models import sdxl
 from .registry import safetensors_files
 from .models.components import encode_text
 from .sampling.latents import sample_latents
-from .schedules import lcm_scheduler_config, skip_of
+from .schedules import GRID_POINTS, lcm_scheduler_config, skip_of
 
 __all__ = ["Bundle", "ModelError", "check_kind", "check_model_dir", "LCM_DEFAULTS", "TEACHER_DEFAULTS", "SAMPLERS"]
 

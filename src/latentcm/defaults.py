@@ -20,11 +20,12 @@ LCM_STEPS = 4                     # the usual few-step setting (Table 1's 4-step
 TEACHER_GUIDANCE = 7.5            # g of the teacher's samplers (Stable Diffusion's usual default)
 TEACHER_STEPS = 50
 
+COMPARE_TEACHER_STEPS = 25        # the teacher row of `lcm compare` and the demo: DDIM 25 steps with CFG
+
 TEACHER_DEFAULTS = ("ddim", TEACHER_STEPS, TEACHER_GUIDANCE)   # (sampler, steps, guidance scale g)
 LCM_DEFAULTS = (LCM_SAMPLER, LCM_STEPS, LCM_GUIDANCE)
 
 SKIP = 20                         # k of the skipping-step grid (Sec. 4.3); N = T // k = 50 for T = 1000
-GRID_POINTS = 50                  # N, original_inference_steps of an LCMScheduler that does not say
 OMEGA_RANGE = (2.0, 14.0)         # w ~ U[w_min, w_max] in LCD training (Sec. 5.1: [2, 14])
 LORA_OMEGA = 7.5                  # the fixed w of LCM-LoRA distillation (arXiv 2311.05556)
 IMG2IMG_STRENGTH = 0.5            # fraction of the skipping grid kept: 1 ignores the image's layout

@@ -61,9 +61,21 @@ def _grey(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.stack([v, v, v], axis=-1), "RGB")
 
 
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """Model images [B, 3, H, W] in [-1, 1] (any device / dtype) -> 8-bit pixels [B, H, W, 3]: round((x + 1) 127.5)."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_pixels(pixels) -> torch.Tensor:
+    """8-bit pixels [B, H, W, 3] or [H, W, 3] (numpy or tensor, any integer or float dtype holding 0..255)
+    -> float32 model images [B, 3, H, W] (or [3, H, W]) in [-1, 1]: x / 127.5 - 1."""
+    x = torch.as_tensor(np.asarray(pixels), dtype=torch.float32) / 127.5 - 1.0
+    return x.permute(2, 0, 1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
 def to_uint8_grid(images: torch.Tensor, cols: int = 8) -> np.ndarray:
     """images in [-1, 1], [B, 3, H, W] -> one uint8 grid [rows*H, cols*W, 3]."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    x = to_pixels(images)
     b, h, w, _ = x.shape
     rows = -(-b // cols)
     grid = np.zeros((rows * h, cols * w, 3), np.uint8)
@@ -111,5 +123,4 @@ def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001 -- PIL's decoders raise many kinds of error on corrupt bytes
         raise ModelError(f"cannot read init image {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") \
             from None
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
-    return x.permute(2, 0, 1)[None]  # [1, 3, H, W]
+    return from_pixels(np.asarray(image))[None]  # [1, 3, H, W]

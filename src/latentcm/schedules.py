@@ -5,8 +5,21 @@ import warnings
 
 import torch
 
+TRAIN_TIMESTEPS = 1000  # T of Stable Diffusion's DDPM schedule (a scheduler config that does not say)
+GRID_POINTS = 50        # N, original_inference_steps of an LCMScheduler that does not say (k = T // N = 20)
 
-def betas_for(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+
+def train_timesteps(scheduler_config: dict) -> int:
+    """T of a diffusers scheduler config (``num_train_timesteps``; TRAIN_TIMESTEPS where it does not say)."""
+    return int(scheduler_config.get("num_train_timesteps", TRAIN_TIMESTEPS))
+
+
+def img2img_points(original_inference_steps: int, strength: float) -> int:
+    """How many points of the skipping grid img2img keeps: int(N * strength), as diffusers' LCMScheduler does."""
+    return int(original_inference_steps * strength)
+
+
+def betas_for(num_train_timesteps: int = TRAIN_TIMESTEPS, beta_start: float = 0.00085, beta_end: float = 0.012,
               beta_schedule: str = "scaled_linear") -> torch.Tensor:
     """The beta table [T] in float64 ("scaled_linear" is Stable Diffusion's)."""
     if beta_schedule == "scaled_linear":
@@ -23,7 +36,7 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 def alphas_cumprod_from_config(cfg: dict) -> torch.Tensor:
     """alpha_bar from a diffusers scheduler config dict."""
-    return alphas_cumprod(betas_for(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.00085),
+    return alphas_cumprod(betas_for(train_timesteps(cfg), cfg.get("beta_start", 0.00085),
                                     cfg.get("beta_end", 0.012), cfg.get("beta_schedule", "scaled_linear")))
 
 
@@ -42,7 +55,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) 
 # LCM timestep grids (LCM Sec. 4.3 skipping step k; Algorithm 3 inference timesteps)
 # ---------------------------------------------------------------------------------------------
 
-def skipping_grid(num_train_timesteps: int = 1000, original_inference_steps: int = 50) -> torch.Tensor:
+def skipping_grid(num_train_timesteps: int = TRAIN_TIMESTEPS, original_inference_steps: int = GRID_POINTS) -> torch.Tensor:
     """The skipping-step training grid t_i = k*i - 1, i = 1..N, k = T // N (LCM Sec. 4.3; diffusers' LCMScheduler).
 
     Args:
@@ -84,7 +97,7 @@ def training_grid(num_train_timesteps: int, skip: int) -> torch.Tensor:
     return skipping_grid(num_train_timesteps, grid_size(num_train_timesteps, skip))  # [N]
 
 
-def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, original_inference_steps: int = 50,
+def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = TRAIN_TIMESTEPS, original_inference_steps: int = GRID_POINTS,
                   strength: float = 1.0) -> torch.Tensor:
     """Descending inference timesteps, selected from the skipping grid as diffusers' LCMScheduler does (Algorithm 3).
 
@@ -102,7 +115,7 @@ def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ori
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    grid = skipping_grid(num_train_timesteps, original_inference_steps)[: int(original_inference_steps * strength)]
+    grid = skipping_grid(num_train_timesteps, original_inference_steps)[: img2img_points(original_inference_steps, strength)]
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     if num_inference_steps > len(grid):
@@ -115,8 +128,8 @@ def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ori
     return grid[idx.long()]  # [n]
 
 
-def refine_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
-                     original_inference_steps: int = 50) -> torch.Tensor:
+def refine_timesteps(num_inference_steps: int, num_train_timesteps: int = TRAIN_TIMESTEPS,
+                     original_inference_steps: int = GRID_POINTS) -> torch.Tensor:
     """Descending LCM inference timesteps that spend every step after the first at low noise.
 
     Step 1 is the top of the skipping grid (T - 1, pure noise); the other n - 1 are evenly spaced in t from
@@ -148,8 +161,8 @@ def refine_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
     return out
 
 
-def validate_timesteps(timesteps, num_train_timesteps: int = 1000,
-                       original_inference_steps: int | None = 50) -> torch.Tensor:
+def validate_timesteps(timesteps, num_train_timesteps: int = TRAIN_TIMESTEPS,
+                       original_inference_steps: int | None = GRID_POINTS) -> torch.Tensor:
     """Check an explicit inference schedule: non-empty, integer, strictly descending, inside [0, T).
 
     Warns (does not fail) when a timestep is off the skipping grid the student was distilled on;
@@ -264,6 +277,6 @@ def lcm_scheduler_config(teacher_scheduler_config: dict, skip: int) -> dict:
 
     check_schedule(teacher_scheduler_config)
     base = {k: teacher_scheduler_config[k] for k in SCHEDULE_KEYS if k in teacher_scheduler_config}
-    num_train = base.get("num_train_timesteps", 1000)
+    num_train = train_timesteps(base)
     return {**base, "original_inference_steps": grid_size(num_train, skip), "timestep_scaling": TIMESTEP_SCALING,
             "clip_sample": False}

@@ -11,10 +11,10 @@ from typing import Sequence
 import torch
 
 from .. import parameterization as P
-from ..defaults import GRID_POINTS, LCM_OMEGA, LCM_STEPS, TIMESTEP_SCHEDULES
+from ..defaults import LCM_OMEGA, LCM_STEPS, TIMESTEP_SCHEDULES
 from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser
-from ..schedules import lcm_timesteps, refine_timesteps, validate_timesteps
+from ..schedules import GRID_POINTS, lcm_timesteps, refine_timesteps, validate_timesteps
 from .lcm import per_image_noise, renoise, sample_lcm
 
 
