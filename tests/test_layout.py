@@ -107,3 +107,41 @@ def test_the_graph_is_not_empty():
     assert "models.denoiser" in GRAPH["sampling.student"]
     assert "bundle" in GRAPH["training.recipes"]
     assert "parameterization" in GRAPH["sampling.lcm"]
+
+
+# --- size: a module or function that outgrows these is doing more than one thing ------------------------
+MAX_MODULE_LINES = 400
+MAX_CLI_MODULE_LINES = 300   # the command line: thin shells over library calls
+MAX_FUNCTION_LINES = 60
+
+
+@pytest.mark.parametrize("name", sorted(_modules()))
+def test_no_module_is_too_long(name):
+    path = _modules()[name]
+    limit = MAX_CLI_MODULE_LINES if name.split(".")[0] == "cli" else MAX_MODULE_LINES
+    lines = len(path.read_text().splitlines())
+    assert lines <= limit, f"{path.relative_to(PKG)} has {lines} lines (limit {limit}): split it by concern"
+
+
+def _long_functions(source: str) -> list[tuple[str, int, int]]:
+    """(name, def line, length) of every function in ``source`` longer than MAX_FUNCTION_LINES, counted from
+    its ``def`` line to its last line (decorators, such as click options, not included)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append((node.name, node.lineno, length))
+    return found
+
+
+def test_no_function_is_too_long():
+    long = [f"{path.relative_to(PKG)}:{line} {fn} ({n} lines)"
+            for _, path in sorted(_modules().items()) for fn, line, n in _long_functions(path.read_text())]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_size_limits_can_fail():
+    """The function check catches a 61-line function and passes a 60-line one."""
+    assert _long_functions("def f():\n" + "    x = 1\n" * 60) == [("f", 1, 61)]
+    assert _long_functions("def f():\n" + "    x = 1\n" * 59) == []
