@@ -100,5 +100,15 @@ def test_one_k_n_rule():
     assert cfg["original_inference_steps"] == 40 and cfg["prediction_type"] == "v_prediction"
 
 
-def test_bundle_declares_its_loras(micro_teacher):
-    assert Bundle.load(micro_teacher).loras == []
+def test_bundle_declares_its_loras(micro_teacher, tmp_path):
+    """A Bundle declares exactly the LoRAs stacked onto it (resolved path, weight), in order; none without."""
+    from latentcm.models.lora import ADAPTER, add_lora, save_diffusers_lora
+
+    unet = tiny_sd_pipeline().unet
+    add_lora(unet, LoRAConfig(rank=2))
+    file = save_diffusers_lora(unet, tmp_path / "lora", ADAPTER)  # folder/pytorch_lora_weights.safetensors
+    stacked = Bundle.load(micro_teacher, loras=[(str(file.parent), 0.5), (str(file), 0.25)])
+    assert stacked.loras == [(str(file.parent.resolve()), 0.5), (str(file.resolve()), 0.25)]
+    assert stacked.is_lcm
+    plain = Bundle.load(micro_teacher)
+    assert plain.loras == [] and not plain.is_lcm

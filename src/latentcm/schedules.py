@@ -111,7 +111,8 @@ def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = TRAIN_TIM
         strength: fraction of the grid kept, in (0, 1]; 1.0 for text-to-image.
 
     Returns:
-        Descending long tensor [n]; e.g. 4 steps -> [999, 759, 499, 259].
+        Descending long tensor [n]; 4 steps give [999, 759, 499, 259] on the default 50-point grid (k = 20)
+        and [999, 799, 499, 299] on the shipped LCM's 10-point grid (k = 100).
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -139,7 +140,8 @@ def refine_timesteps(num_inference_steps: int, num_train_timesteps: int = TRAIN_
 
     Why (our measurement, not the paper's): every step of Algorithm 3 re-applies the guided consistency
     function; re-noised to t >= T / 2 it acts where guidance inflates objects, so the diffusers selection
-    (4 steps: [999, 759, 499, 259]) gets worse with more steps while this one stays flat (docs/diagnosis-guidance.md).
+    (4 steps on the 10-point grid: [999, 799, 499, 299]) gets worse with more steps while this one stays flat
+    (docs/diagnosis-guidance.md).
 
     Args:
         num_inference_steps: n, 1 <= n <= N.
