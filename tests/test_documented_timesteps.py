@@ -1,5 +1,5 @@
-"""The timesteps the README and the shipped LCM's card state are the ones ``schedules`` gives for the shipped
-LCM's own skipping grid (N = original_inference_steps of its scheduler config), so the docs cannot drift."""
+"""The timesteps the README, docs/results.md, Table 1's README and the shipped LCM's card state are the ones
+``schedules`` gives for the shipped LCM's own skipping grid (N = original_inference_steps of its scheduler config), so the docs cannot drift."""
 import json
 import re
 from pathlib import Path
@@ -17,6 +17,8 @@ NUMBERS = r"(\d+(?:, \d+)+)"  # "999, 499, 299, 99"
 STATEMENTS = [
     ("README.md", "The LCM samples on its **refine** timesteps (4 steps: t = ", "refine", 4),
     ("README.md", "on diffusers' own selection (`--schedule grid`: ", "grid", 4),
+    ("docs/results.md", "spread over the low-noise half of the grid (4 steps: ", "refine", 4),
+    ("docs/results.md", "diffusers' selection on its 10-point grid (4 steps: ", "grid", 4),
     ("src/latentcm/weights/lcm/README.md", 'timesteps=[', "refine", 4),
     ("src/latentcm/weights/lcm/README.md", "gives them for n steps; 8 steps: ", "refine", 8),
     ("src/latentcm/weights/lcm/README.md", "pick its grid timesteps t = ", "grid", 4),
