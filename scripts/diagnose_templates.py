@@ -1,6 +1,6 @@
 """Judge accuracy of a teacher per caption-template family, on held-out attribute triples.
 
-    python scripts/diagnose_templates.py [--model teacher] [--per-template 48] > reports/teacher/templates.txt
+    python scripts/diagnose_templates.py [--model teacher] [--per-template 48] > reports/teacher/templates.md
 
 Separates the two kinds of generalisation the held-out split mixes: new attribute combinations
 (held-out triples in *training* templates) and new word orders (each held-out template alone).

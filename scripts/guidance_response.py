@@ -6,7 +6,7 @@
 
 For each model: images of the same held-out prompts and seeds at guidance scales g_low and g_high
 (paper w = g - 1), mean |x_high - x_low| in 0..255 units per pixel. The teacher runs DDIM at the same
-step count with CFG (issue "Reproduce the paper's headline honestly": the LCM should move at least half
+step count with CFG (the target for a faithful few-step LCM: it should move at least half
 as much as the teacher's DDIM-4). Also prints a checkpoint's w-projection norm beside its time embedding.
 """
 import argparse

@@ -1,4 +1,4 @@
-"""The fine-tuning experiment (issue: LCF) end to end, resumable: writes reports/lcf/.
+"""Can LCF adapt the shipped LCM to a new style without a teacher, against fine-tune-then-distil? Writes reports/lcf/.
 
     python scripts/lcf_report.py [--work runs/lcf] [--out reports/lcf] [--lcf-steps 600] [--lcf K:LR ...]
 

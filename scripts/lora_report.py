@@ -1,4 +1,4 @@
-"""LCM-LoRA on the offline world (issue: LoRA), end to end and resumable: writes reports/lora/.
+"""Does an LCM-LoRA reach the full LCM, and stack with a style LoRA? End to end and resumable: writes reports/lora/.
 
     python scripts/lora_report.py [--lcm-lora runs/lcm-lora] [--style-data runs/lcf/striped-train] [--out reports/lora]
 

@@ -1,4 +1,4 @@
-"""Teacher families through the one Denoiser / LCD code path (issue "every Stable Diffusion family", item 3).
+"""Stable Diffusion families beyond SD 1.5 (v-prediction, SDXL) distil through the one Denoiser / LCD code path.
 
 (a) v-prediction teachers (SD 2.x 768 style): x0 and eps both derived from v (LCM Sec. 4.1;
    luosiallen/latent-consistency-model#65) -- checked against diffusers, on an analytic teacher and on a micro UNet.

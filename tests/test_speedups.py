@@ -1,4 +1,4 @@
-"""The opt-in sampling speed-ups of ``Bundle.optimize`` keep the fp32 output (issue: sampling faster than
+"""The opt-in sampling speed-ups of ``Bundle.optimize`` keep the fp32 output (they exist to sample faster than
 diffusers). Their speed is a benchmark (``benchmarks/bench_sampling.py``), not a test."""
 import torch
 
