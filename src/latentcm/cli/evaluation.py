@@ -237,11 +237,8 @@ def ablate_guidance(model, judge_dir, omegas_text, steps_text, num_samples, batc
     from ..evaluation import ablate as A
 
     _torch_threads()
-    try:
-        omegas = [float(v) for v in omegas_text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--omegas must be comma-separated numbers, got {omegas_text!r}") from None
-    if not omegas or any(not 0 <= w <= 49 for w in omegas):  # g = 1 + w within --guidance's 0..50
+    omegas = _float_list(omegas_text, 0, 49, "--omegas")  # g = 1 + w within --guidance's 0..50
+    if not omegas:
         raise UserError(f"--omegas must be numbers in 0..49, got {omegas_text!r}")
     steps = _step_list(steps_text, "--steps")
     bundles = _evaluation_bundles(model, "teacher", ["lcm"])
