@@ -1,7 +1,7 @@
 """What the ``lcm`` commands share: the one-line error, typed options, list parsers, option groups and the
 mapping from library parameter names to flags.
 
-Nothing here imports torch: ``lcm --help`` and ``lcm models`` stay quick.
+Nothing here imports torch at import time: ``lcm --help`` and ``lcm models`` stay quick.
 """
 from __future__ import annotations
 
@@ -132,8 +132,8 @@ def _apply(command, options: list):
     return command
 
 
-def seed_option(help: str | None = None, default: int | None = 0):
-    return click.option("--seed", type=click.IntRange(0, SEED_MAX), default=default, help=help)
+def seed_option(help: str | None = None):
+    return click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, help=help)
 
 
 def reference_option(help: str):
