@@ -69,3 +69,25 @@ def test_cli_generate_equals_diffusers_pipeline_on_micro_teacher(micro_teacher, 
                latents=latents, output_type="np").images[0]
     ours = np.asarray(Image.open(out)).astype(np.float32) / 255
     assert np.abs(ours - ref).max() <= 1.5 / 255
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("steps must be in 1..8 for this LCM", "--steps must be in 1..8 for this LCM"),
+    ("guidance_max_t is for teacher samplers", "--guidance-max-t is for teacher samplers"),
+    ("'gamma' needs the lcm sampler", "--gamma needs the lcm sampler"),
+    ("the LCM takes at most 8 steps", "the LCM takes at most 8 steps"),  # names no parameter: unchanged
+])
+def test_library_errors_naming_a_parameter_name_its_flag(message, expected):
+    from latentcm.cli.options import UserError, flag_error
+
+    err = flag_error(ValueError(message))
+    assert isinstance(err, UserError) and err.exit_code == 2 and err.format_message() == expected
+
+
+def test_a_parameter_attribute_names_the_flag():
+    from latentcm.cli.options import flag_error
+    from latentcm.errors import ModelError
+
+    err = ModelError("must be at most 8 for this LCM")
+    err.param = "steps"
+    assert flag_error(err).format_message() == "--steps: must be at most 8 for this LCM"

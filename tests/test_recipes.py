@@ -112,3 +112,28 @@ def test_bundle_declares_its_loras(micro_teacher, tmp_path):
     assert stacked.is_lcm
     plain = Bundle.load(micro_teacher)
     assert plain.loras == [] and not plain.is_lcm
+
+
+@pytest.mark.parametrize("args, recipe", [([], "distill"), (["--lora", "4"], "distill-lora")])
+def test_cli_distill_and_python_recipes_start_from_the_same_lcd_config(args, recipe, tmp_path, monkeypatch):
+    """`lcm distill [--lora]` with its defaults builds the LCDConfig that recipes.lcd_config gives Python callers
+    (LCM-LoRA: the fixed w and no target EMA decided in recipes.py, not in the CLI)."""
+    from latentcm.cli import main
+    from latentcm.defaults import LORA_OMEGA
+
+    jobs = []
+    monkeypatch.setattr(recipes, "run", lambda name, job: jobs.append((name, job)) or recipes.Result(0, None, None))
+    main(["distill", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "out"), *args])
+    (name, job), = jobs
+    assert name == recipe and job.lcd == recipes.lcd_config(recipe)
+    if recipe == "distill-lora":
+        assert (job.lcd.omega_min, job.lcd.omega_max, job.lcd.ema_decay) == (LORA_OMEGA, LORA_OMEGA, 0.0)
+        assert job.lora == LoRAConfig(rank=4, alpha=None, seed=0)
+    else:
+        assert job.lcd == LCDConfig() and job.lora is None
+
+
+def test_lcd_config_ignores_none_overrides():
+    assert recipes.lcd_config("distill-lora", omega_min=None, ema_decay=None) == recipes.lcd_config("distill-lora")
+    assert recipes.lcd_config("distill-lora", omega_max=9.0).omega_max == 9.0
+    assert recipes.lcd_config("finetune").target == "same-noise"

@@ -21,7 +21,7 @@ from typing import Callable
 
 from .. import world
 from ..bundle import Bundle
-from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS, LORA_OMEGA
 from ..errors import ModelError
 from ..export.lora import STYLE_ADAPTER, export_lcm_lora, export_style_lora
 from ..export.pipeline import export_finetuned_teacher, export_lcm
@@ -82,6 +82,21 @@ class Recipe:
     make_task: Callable[[Bundle, "object", list[str], Job], object]
     export: Callable[[object, Bundle, Job, dict], None]
     desc: str
+
+
+# Each consistency recipe's LCDConfig defaults where they differ from LCDConfig's (LCM Sec. 5.1: w ~ U[2, 14],
+# target EMA 0.95). LCM-LoRA (arXiv 2311.05556) distils at one fixed w, and its target is the online adapter.
+LCD_DEFAULTS = {
+    "distill": {},
+    "distill-lora": {"omega_min": LORA_OMEGA, "omega_max": LORA_OMEGA, "ema_decay": 0.0},
+    "finetune": {"target": "same-noise"},  # LCF: both consistency points from the same latent and noise
+}
+
+
+def lcd_config(recipe: str, **overrides) -> LCDConfig:
+    """The LCDConfig of ``recipe`` (a key of ``LCD_DEFAULTS``): its defaults, then every override that is not
+    None, so ``lcm distill --lora`` and ``recipes.run("distill-lora", ...)`` from Python start alike."""
+    return LCDConfig(**{**LCD_DEFAULTS[recipe], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 # --- previews: few-step samples through the one sampling entry --------------------------------------

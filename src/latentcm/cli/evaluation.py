@@ -1,0 +1,247 @@
+"""Evaluation commands: ``lcm evaluate`` (presets table1, lcm, teacher) and ``lcm ablate`` (Fig. 3 and 4)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import registry
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE, TEACHER_SAMPLERS, TEACHER_SOLVERS
+from ..defaults import TEACHER_STEPS, TIMESTEP_SCHEDULES
+from .app import cli
+from .options import GENERATE_SAMPLERS, FiniteRange, UserError, _choice_list, _float_list, _int_list, _step_list
+from .options import _torch_threads, default_model, judge_option, reference_option, seed_option
+
+
+def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
+    """{"lcm": ..., "teacher": ...} Bundles the requested samplers need."""
+    from ..bundle import Bundle
+
+    main = Bundle.load(registry.resolve(model))
+    if not main.is_lcm:
+        if "lcm" in samplers:
+            raise UserError(f"--model {main.path} is a diffusion teacher: drop 'lcm' from --samplers or pass an LCM")
+        return {"teacher": main}
+    bundles = {"lcm": main}
+    if any(s != "lcm" for s in samplers):
+        bundles["teacher"] = Bundle.load(registry.resolve(teacher))
+        if bundles["teacher"].is_lcm:
+            raise UserError(f"--teacher {bundles['teacher'].path} is an LCM, not a diffusion teacher")
+    return bundles
+
+
+def _judge(judge_dir: str):
+    from ..evaluation.extractors import JudgeExtractor
+
+    return JudgeExtractor.load(registry.resolve(judge_dir))
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["table1", "lcm", "teacher"]), default="table1",
+              help="table1: FID, KID, score and accuracy per sampler and step count; lcm: judge accuracy of the "
+                   "LCM against the teacher's solvers (formerly evaluate-lcm); teacher: judge accuracy of a "
+                   "teacher, its VAE PSNR and the judge on real images (formerly evaluate-teacher).")
+@click.option("--model", default=None, metavar="NAME|DIR",
+              help="LCM (or teacher) to evaluate [default: lcm if shipped]; preset teacher: a teacher here is "
+                   "the one judged, else --teacher.")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Teacher for the DDIM/DPM rows.")
+@judge_option("Judge folder (features and scores).")
+@click.option("--steps", "steps_text", default=None, show_default=f"1,2,4,8; teacher: {TEACHER_STEPS}",
+              help="Comma-separated step counts (table1); one step count (teacher).")
+@click.option("--lcm-steps", "lcm_steps_text", default=None, show_default="--steps",
+              help="table1: the LCM row's step counts, when they differ from the teacher's (e.g. 1,2,4,8).")
+@click.option("--samplers", "samplers_text", default=None,
+              show_default="lcm and every teacher sampler (each solver with leading and trailing spacing); "
+                           "teacher: ddim",
+              help="Comma-separated (table1); one teacher sampler (teacher).")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=None,
+              show_default="256", help="Held-out prompts per row.")
+@click.option("--guidance", type=FiniteRange(0, 50), default=None,
+              help=f"Guidance scale g for every row [default: {LCM_GUIDANCE} for LCM, {TEACHER_GUIDANCE} for "
+                   "the teacher].")
+@click.option("--ceiling", is_flag=True,
+              help="table1: add the teacher's guided ODE from t = 999 (DDIM trailing, 50 steps) at the LCM's g: "
+                   "what the LCM distils towards.")
+@click.option("--sweep-guidance", "sweep_text", default=None, metavar="G,G,...",
+              help="table1: also score every row at these guidance scales and add a table of each method at its "
+                   "best g (lowest KID).")
+@click.option("--lcm-schedules", "lcm_schedules_text", default=None, metavar="grid,refine",
+              show_default="the model's own",
+              help="table1: the LCM rows once per timestep schedule (grid: diffusers' selection; refine: after the "
+                   "first step, every step at low noise).")
+@click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
+              help="table1: also score every teacher row (and, with --ceiling, the ODE) under a guidance interval: "
+                   "CFG only at the steps with t <= T (what an LCM distilled with --guidance-max-t T follows).")
+@reference_option("Real images FID/KID compare with: prompt-scenes (the committed reports': it holds the scenes "
+                  "the prompts were written from) or independent (disjoint scenes).")
+@click.option("--bootstrap", type=click.IntRange(0, 10000), default=0,
+              help="Resamples of a bootstrap interval of FID per row (0: none).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@seed_option("Seed of image 0 (image i: seed + i).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              show_default="runs/evaluate; runs/evaluate-lcm, runs/evaluate-teacher", help="Results folder.")
+def evaluate(preset, num_samples, reference, bootstrap, batch_size, seed, out, **options):
+    """FID, KID, caption score and exact accuracy of the LCM and the teacher's solvers at each step count
+    (the paper's Table 1): results.json, table1.md, table1.png, grids/. Samples are cached in OUT/samples,
+    so rerunning with one more sampler only samples that one. Every row is scored by the same function
+    (FID, KID x 10^3, precision/recall, size/position histogram distances), and results.json also holds
+    the real-image floor: real images of the same prompts at the same n.
+
+    \b
+    Examples:
+      lcm evaluate --steps 1,2,4,8 --num-samples 256 --out reports/table1
+      lcm evaluate --preset lcm --num-samples 256 --out reports/lcm
+      lcm evaluate --preset teacher --model teacher --num-samples 256 --out reports/teacher
+    """
+    from ..evaluation import pipeline
+
+    _torch_threads()
+    n = num_samples if num_samples is not None else pipeline.NUM_SAMPLES
+    folder = Path(out) if out else Path("runs/evaluate" if preset == "table1" else f"runs/evaluate-{preset}")
+    common = dict(batch_size=batch_size, seed=seed, reference=reference, bootstrap=bootstrap)
+    if options["guidance_max_t"] is not None and preset != "table1":
+        raise UserError("--guidance-max-t is for the table1 preset's teacher rows")
+    if options["lcm_schedules_text"] is not None and preset != "table1":
+        raise UserError("--lcm-schedules is for the table1 preset's LCM rows")
+    run = {"table1": _table1, "lcm": _lcm_preset, "teacher": _teacher_preset}[preset]
+    click.echo(run(folder=folder, n=n, common=common, **options))
+
+
+def _table1(model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text, guidance, ceiling, sweep_text,
+            lcm_schedules_text, guidance_max_t, folder, n, common) -> str:
+    """Preset table1 (``pipeline.run`` on ``presets.table1_rows``); what evaluate prints."""
+    from ..evaluation import pipeline, presets
+
+    schedules = (_choice_list(lcm_schedules_text, TIMESTEP_SCHEDULES, "--lcm-schedules")
+                 if lcm_schedules_text is not None else None)
+    steps = _step_list(steps_text or "1,2,4,8", "--steps")
+    samplers = _choice_list(samplers_text or ",".join((LCM_SAMPLER, *TEACHER_SAMPLERS)), GENERATE_SAMPLERS,
+                            "--samplers")
+    lcm_steps = _step_list(lcm_steps_text, "--lcm-steps") if lcm_steps_text else None
+    sweep_guidance = _float_list(sweep_text or "", 0, 50, "--sweep-guidance")
+    rows, sweep, tops = presets.table1_rows(samplers, steps, guidance, lcm_steps=lcm_steps,
+                                            guidance_max_t=guidance_max_t, lcm_schedules=schedules,
+                                            sweep_guidance=sweep_guidance, ceiling=ceiling)
+    bundles = _evaluation_bundles(model or default_model(), teacher, samplers + (["ddim"] if ceiling else []))
+    extractor = _judge(judge_dir)
+    results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=tops, sweep=sweep, **common)
+    return pipeline.results_markdown(results) + str(folder / "results.json")
+
+
+def _lcm_preset(model, teacher, judge_dir, steps_text, samplers_text, guidance, folder, n, common, **_) -> str:
+    """Preset lcm (``presets.lcm_table``); what evaluate prints."""
+    from ..evaluation import presets
+
+    if steps_text or samplers_text:
+        raise UserError("the lcm preset has fixed rows (LCM 1/2/4/8 steps, teacher DDIM and DPM-Solver++ "
+                        "1/2/4, DDIM 50); use --preset table1 for your own --steps and --samplers")
+    bundles = _evaluation_bundles(model or "lcm", teacher, ["ddim"])
+    if "lcm" not in bundles:
+        raise UserError(f"--model {bundles['teacher'].path} is a diffusion teacher; the lcm preset needs an LCM")
+    rows = presets.LCM_TABLE_ROWS if guidance is None else [r._replace(guidance=guidance)
+                                                              for r in presets.LCM_TABLE_ROWS]
+    meta = {"lcm": str(registry.resolve(model or "lcm")), "teacher": str(registry.resolve(teacher)),
+            "judge": str(registry.resolve(judge_dir))}
+    results = presets.lcm_table(bundles, _judge(judge_dir), folder, n, rows, meta=meta, **common)
+    return presets.markdown_table(results["rows"], results["floor"]) + str(folder / "results.json")
+
+
+def _teacher_preset(model, teacher, judge_dir, steps_text, samplers_text, guidance, folder, n, common, **_) -> str:
+    """Preset teacher (``presets.teacher``): one sampler at one step count; what evaluate prints."""
+    from ..evaluation import presets
+
+    steps = _step_list(steps_text or str(TEACHER_STEPS), "--steps")
+    samplers = _choice_list(samplers_text or "ddim", TEACHER_SAMPLERS, "--samplers")
+    if len(steps) > 1 or len(samplers) > 1:
+        raise UserError("the teacher preset judges one sampler at one step count; pass one --samplers and "
+                        "one --steps value")
+    bundles = _evaluation_bundles(model or "teacher", teacher, samplers)
+    results, _ = presets.teacher(bundles["teacher"], _judge(judge_dir), folder, n, samplers[0], steps[0],
+                                 TEACHER_GUIDANCE if guidance is None else guidance, **common)
+    return json.dumps(results, indent=2) + "\n" + str(folder / "results.json")
+
+
+@cli.group()
+def ablate():
+    """The paper's ablations: solver x skipping step (Fig. 3) and guidance scale (Fig. 4)."""
+
+
+def _solver_skip_pairs(solvers_text: str, skips_text: str, pairs_text: str | None) -> list[tuple[str, int]]:
+    """--pairs SOLVER:K,... if given, else every --solvers x --skips pair; a bad k fails before any run."""
+    from ..schedules import TRAIN_TIMESTEPS, training_grid
+
+    if pairs_text is None:
+        pairs = [(s, k) for s in _choice_list(solvers_text, TEACHER_SOLVERS, "--solvers")
+                 for k in _int_list(skips_text, 1, TRAIN_TIMESTEPS, "--skips")]
+    else:
+        items = [v.strip() for v in pairs_text.split(",") if v.strip()]
+        if not items or any(v.count(":") != 1 for v in items):
+            raise UserError(f"--pairs: expected SOLVER:K,... (e.g. ddim:20,dpm-solver:20), got {pairs_text!r}")
+        pairs = [(_choice_list(v.split(":")[0], TEACHER_SOLVERS, "--pairs")[0],
+                  _int_list(v.split(":")[1], 1, TRAIN_TIMESTEPS, "--pairs")[0]) for v in items]
+    for _, k in pairs:
+        training_grid(TRAIN_TIMESTEPS, k)  # the teacher's own T is checked again when its run starts
+    return list(dict.fromkeys(pairs))
+
+
+@ablate.command("solver-skip")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Teacher to distil.")
+@judge_option("Judge folder.")
+@click.option("--solvers", "solvers_text", default=",".join(TEACHER_SOLVERS), help="Comma-separated.")
+@click.option("--skips", "skips_text", default="1,5,10,20,50", help="Comma-separated skipping steps k.")
+@click.option("--pairs", "pairs_text", default=None, metavar="SOLVER:K,...",
+              help="Run these (solver, k) pairs instead of every --solvers x --skips combination.")
+@click.option("--iterations", type=click.IntRange(1, 10**6), default=1500, help="Distillation steps per run.")
+@click.option("--eval-every", type=click.IntRange(1, 10**6), default=500, help="Probe 4-step KID/FID every N steps.")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=1000,
+              help="Held-out prompts per probe (at 128 a perfect generator's FID is about 370; KID is unbiased).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16)
+@click.option("--num-data", type=click.IntRange(1, 10**6), default=4000, help="World images (encoded once, shared).")
+@reference_option("Real images FID/KID compare with (see lcm evaluate --help).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate-solver-skip")
+def ablate_solver_skip(teacher, judge_dir, solvers_text, skips_text, pairs_text, iterations, eval_every,
+                       num_samples, batch_size, num_data, reference, out):
+    """Short distillations per (solver, k), 4-step KID and FID over iterations: results.json, results.md,
+    solver-skip.png. Interrupted? Rerun the same command: finished runs are kept, the others resume.
+
+    \b
+    Example:
+      lcm ablate solver-skip --solvers ddim --skips 1,20 --batch-size 8 --reference independent
+    """
+    from ..evaluation import ablate as A
+
+    _torch_threads()
+    pairs = _solver_skip_pairs(solvers_text, skips_text, pairs_text)
+    results = A.solver_skip(registry.resolve(teacher), Path(out), pairs, iterations, eval_every, _judge(judge_dir),
+                            num_samples, batch_size, num_data, reference=reference)
+    click.echo(A.solver_skip_markdown(results["records"], results["floor"]) + str(Path(out) / "results.json"))
+
+
+@ablate.command("guidance")
+@click.option("--model", default="lcm", metavar="NAME|DIR", help="LCM to sample.")
+@judge_option("Judge folder.")
+@click.option("--omegas", "omegas_text", default="2,4,8,12", help="Comma-separated paper guidance w (g = w + 1).")
+@click.option("--steps", "steps_text", default="1,2,4,8", help="Comma-separated step counts.")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=256)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@reference_option("Real images FID/KID compare with (see lcm evaluate --help).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate-guidance")
+def ablate_guidance(model, judge_dir, omegas_text, steps_text, num_samples, batch_size, reference, out):
+    """FID and caption score of the LCM against w at each step count: results.json, results.md, guidance.png.
+
+    \b
+    Example:
+      lcm ablate guidance --omegas 2,4,8,12 --steps 1,2,4,8 --out reports/ablate-guidance
+    """
+    from ..evaluation import ablate as A
+
+    _torch_threads()
+    omegas = _float_list(omegas_text, 0, 49, "--omegas")  # g = 1 + w within --guidance's 0..50
+    if not omegas:
+        raise UserError(f"--omegas must be numbers in 0..49, got {omegas_text!r}")
+    steps = _step_list(steps_text, "--steps")
+    bundles = _evaluation_bundles(model, "teacher", ["lcm"])
+    results = A.guidance(bundles, _judge(judge_dir), Path(out), omegas, steps, num_samples, batch_size,
+                         reference=reference)
+    click.echo(A.guidance_markdown(results["records"]) + str(Path(out) / "results.json"))

@@ -1,0 +1,192 @@
+"""Sampling commands: ``lcm generate``, ``lcm compare``, ``lcm models`` and ``lcm world export``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import registry
+from ..defaults import COMPARE_TEACHER_STEPS, LCM_GUIDANCE, LCM_STEPS, TEACHER_GUIDANCE, TEACHER_STEPS
+from ..defaults import TIMESTEP_SCHEDULES
+from .app import cli
+from .options import GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, _int_list, default_model, seed_option
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", default=default_model, show_default="lcm if shipped, else teacher", metavar="NAME|DIR",
+              help="Shipped model name or diffusers folder (teacher or LCM).")
+@click.option("--sampler", type=click.Choice(GENERATE_SAMPLERS), default=None,
+              show_default="lcm for an LCM, ddim for a teacher", help="lcm for an LCM folder, else a teacher sampler.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,  # 1000: at most T steps
+              show_default=f"{LCM_STEPS} for an LCM, {TEACHER_STEPS} for a teacher",
+              help="Sampling steps (LCM: 1-8 usual, at most its original_inference_steps).")
+@click.option("--guidance", type=FiniteRange(0, 50), default=None,
+              show_default=f"{LCM_GUIDANCE} for an LCM, {TEACHER_GUIDANCE} for a teacher",
+              help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1.")
+@seed_option("Seed of the first image.")
+@click.option("--num-images", type=click.IntRange(1, 256), default=8, help="Images in the grid.")
+@click.option("--height", type=click.IntRange(8, 1024), default=None, help="Image height (default: model's).")
+@click.option("--width", type=click.IntRange(8, 1024), default=None, help="Image width (default: model's).")
+@click.option("--out", type=click.Path(dir_okay=False), default="samples/grid.png", help="Output PNG.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:WEIGHT]",
+              help="LCM-LoRA (folder or .safetensors) on a teacher --model; repeat to stack, weight default 1.")
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="img2img: start from this image, fitted to the output size (LCM or --lora only).")
+@click.option("--strength", type=FiniteRange(0, 1, min_open=True), default=None,
+              show_default="0.5 with --init-image", help="img2img: how much of the image to redo (1 = all).")
+@click.option("--gamma", type=FiniteRange(0, 1), default=None, show_default="off: LCM sampling",
+              help="TCD sampling with stochasticity gamma (0 = deterministic), as diffusers' TCDScheduler; LCM only.")
+@click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
+              help="Teacher samplers: guidance only at the steps with t <= T, none above (a guidance interval).")
+@click.option("--timesteps", "timesteps_text", default=None, metavar="T,T,...",
+              help="LCM: this descending schedule instead of --steps points of the grid, e.g. 999,499,299,99.")
+@click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
+              help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "
+                   "first step, every step at low noise); the shipped LCM's sampling.json asks for refine.")
+def generate(prompt, model, loras, num_images, seed, out, **options):
+    """Generate an image grid from a text prompt.
+
+    Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
+    folder samples with --sampler lcm (one UNet pass per step), a teacher with CFG.
+
+    \b
+    Examples:
+      lcm generate "a large red circle on a blue background" --out red.png
+      lcm generate "a large red circle on a blue background" --model teacher --steps 50 --out red50.png
+      lcm generate "a large red circle on a blue background" --model teacher --lora runs/lcm-lora --out lora.png
+      lcm generate "a large red circle on a green background" --init-image red.png --strength 0.5 --out i2i.png
+    """
+    from ..bundle import Bundle
+    from ..images import save_grid
+    from ..models.lora import parse_lora_spec
+
+    _check_prompt(prompt)
+    options["timesteps"] = _check_generate(loras=loras, **options)
+    bundle = Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
+    images = _sample(bundle, [prompt] * num_images, [seed + i for i in range(num_images)], **options)
+    click.echo(str(save_grid(images, Path(out), cols=min(8, num_images))))
+
+
+def _check_generate(loras, guidance, strength, init_image, guidance_max_t, timesteps_text, schedule,
+                    **_) -> list[int] | None:
+    """Refuse the combinations of generate's options that mean nothing; the parsed --timesteps."""
+    if strength is not None and init_image is None:
+        raise UserError("--strength needs --init-image (img2img)")
+    if loras and guidance is not None:
+        raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
+    if guidance_max_t is not None and (init_image is not None or loras):
+        raise UserError("--guidance-max-t is for a teacher's CFG samplers, not img2img or an LCM-LoRA")
+    timesteps = _int_list(timesteps_text, 0, 999999, "--timesteps") if timesteps_text else None
+    if (timesteps is not None or schedule is not None) and init_image is not None:
+        raise UserError("--timesteps and --schedule are for text-to-image; img2img picks its timesteps from --strength")
+    if timesteps is not None and schedule is not None:
+        raise UserError("pass --timesteps or --schedule, not both")
+    return timesteps
+
+
+def _sample(bundle, prompts, seeds, sampler, steps, guidance, height, width, init_image, strength, gamma,
+            guidance_max_t, timesteps, schedule, **_):
+    """generate's images: img2img from --init-image, else text-to-image."""
+    from ..defaults import IMG2IMG_STRENGTH
+
+    if init_image is not None:
+        strength = IMG2IMG_STRENGTH if strength is None else strength
+        return bundle.img2img(prompts, seeds, init_image, strength, sampler, steps, guidance, height, width,
+                              gamma=gamma)
+    try:
+        return bundle.generate(prompts, seeds, sampler, steps, guidance, height, width, gamma=gamma,
+                               guidance_max_t=guidance_max_t, timesteps=timesteps, schedule=schedule)
+    except ValueError as err:  # a schedule validate_timesteps refuses
+        if timesteps is None:
+            raise
+        raise UserError(f"--timesteps: {err}") from None
+
+
+def _load_pair(lcm_model: str, teacher: str) -> tuple[dict, dict]:
+    """({"lcm": folder, "teacher": folder}, the loaded Bundles); UserError when the kinds are swapped."""
+    from ..bundle import Bundle
+
+    dirs = {"lcm": registry.resolve(lcm_model), "teacher": registry.resolve(teacher)}
+    bundles = {name: Bundle.load(folder) for name, folder in dirs.items()}
+    for name, bundle in bundles.items():
+        if bundle.is_lcm != (name == "lcm"):
+            kind = "an LCM" if bundle.is_lcm else "a diffusion teacher"
+            raise UserError(f"--{name} {dirs[name]} is {kind}; swap --lcm and --teacher?")
+    return dirs, bundles
+
+
+@cli.command(help=f"""One PNG with labelled rows: LCM 1, 2, 4 steps and the teacher's DDIM {COMPARE_TEACHER_STEPS} steps
+    (CFG), same seeds.
+
+    Prints the PNG's path, then one line per row with its measured seconds per image.
+
+    \b
+    Example:
+      lcm compare "a small green triangle on a white background" --out compare.png
+    """)
+@click.argument("prompt")
+@click.option("--lcm", "lcm_model", default="lcm", metavar="NAME|DIR", help="Shipped LCM name or LCM folder.")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Shipped teacher name or teacher folder.")
+@click.option("--num-images", type=click.IntRange(1, 64), default=4, help="Images per row (seeds SEED..SEED+K-1).")
+@seed_option("Seed of the first image.")
+@click.option("--out", type=click.Path(dir_okay=False), default="samples/compare.png", help="Output PNG.")
+def compare(prompt, lcm_model, teacher, num_images, seed, out):
+    from ..evaluation.compare import compare as compare_rows
+
+    _check_prompt(prompt)
+    _, bundles = _load_pair(lcm_model, teacher)
+    path, timings = compare_rows(bundles, prompt, out, num_images, seed)
+    click.echo(str(path))
+    for row, sec in timings:
+        click.echo(f"{row.label.replace(chr(10), ' ')}: {sec:.3f} s/image")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object name -> folder.")
+def models(as_json):
+    """List the shipped models and their folders."""
+    found = registry.shipped_models()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+    else:
+        for name, path in found.items():
+            click.echo(f"{name}\t{path}")
+
+
+@cli.group("world")
+def world_group():
+    """The procedural shapes world."""
+
+
+@world_group.command("export")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["train", "heldout", "paraphrase"]), default="train")
+@click.option("--count", type=click.IntRange(1, 10**6), default=1000)
+@seed_option()
+@click.option("--style", type=click.Choice(["none", "striped"]), default="none",
+              help="striped: the fine-tuning set (striped objects, captions with 'striped'; splits train|heldout).")
+@click.option("--format", "fmt", type=click.Choice(["imagefolder", "shards"]), default="imagefolder",
+              help="imagefolder: PNGs + metadata.jsonl; shards: webdataset tars 000000.tar, ... (png, txt, json).")
+@click.option("--shard-size", type=click.IntRange(1, 10**6), default=1000, help="Samples per shard (--format shards).")
+def world_export(out, split, count, seed, style, fmt, shard_size):
+    """Write PNGs + metadata.jsonl (Hugging Face imagefolder layout), or webdataset shards.
+
+    \b
+    Examples (a custom set for `lcm finetune`; shards to stream with `lcm distill --data`):
+      lcm world export data/striped-train --style striped --split train --count 4000
+      lcm world export data/shards --format shards --count 4000 --shard-size 1000
+    """
+    from .. import styles, world
+
+    if fmt == "shards":
+        if style != "none":
+            raise UserError("--format shards writes the plain world (--style none)")
+        click.echo(str(world.export_shards(out, seed, count, split, shard_size)))
+    elif style == "none":
+        click.echo(str(world.export_imagefolder(out, seed, count, split)))
+    elif split not in styles.STYLE_SPLITS:
+        raise UserError(f"the striped set has splits {', '.join(styles.STYLE_SPLITS)}, not {split!r}")
+    else:
+        click.echo(str(styles.export_styled(out, seed, count, split)))
