@@ -56,11 +56,6 @@ class Reply:
     timings: dict
 
 
-def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """[B, 3, H, W] in [-1, 1] -> B arrays uint8 [H, W, 3] (the rounding of ``images.save_grid``)."""
-    return list(to_pixels(images))
-
-
 class Service:
     """Loaded models and the batcher; ``submit`` / ``generate`` take validated ``Request`` objects."""
 
@@ -160,7 +155,7 @@ class Service:
             else:
                 out = bundle.generate(prompts, seeds, options=first.options)
         run_s = time.perf_counter() - start
-        arrays = to_uint8(out)
+        arrays = list(to_pixels(out))  # uint8 [H, W, 3] each, the rounding of images.save_grid
         results, i = [], 0
         label = first.model if not first.loras else "teacher+" + "+".join(f"{n}:{w:g}" for n, w in first.loras)
         for r in requests:
