@@ -44,7 +44,7 @@ def lcm_bundle(micro_lcm):
 
 @pytest.fixture(scope="module")
 def init_png(lcm_bundle, tmp_path_factory):
-    size = lcm_bundle.unet.config.sample_size * lcm_bundle.vae_factor
+    size = lcm_bundle.default_size
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("i2i") / "init.png"
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
@@ -56,7 +56,7 @@ def test_encoding_matches_diffusers_preprocess_and_posterior_mode(micro_lcm, lcm
     from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img import retrieve_latents
 
     pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(micro_lcm, local_files_only=True)
-    size = lcm_bundle.unet.config.sample_size * lcm_bundle.vae_factor
+    size = lcm_bundle.default_size
     ours = load_image(init_png, size, size)
     ref = pipe.image_processor.preprocess(Image.open(init_png))
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
@@ -71,7 +71,7 @@ def test_img2img_latents_equal_diffusers_pipeline(micro_lcm, lcm_bundle, init_pn
 
     pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(micro_lcm, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    size = lcm_bundle.unet.config.sample_size * lcm_bundle.vae_factor
+    size = lcm_bundle.default_size
     images = load_image(init_png, size, size)  # [1, 3, H, W]
     seeds = [3, 7]
     ours = lcm_bundle.img2img_latents([PROMPT] * 2, seeds, images, strength, steps=steps, guidance=8.5)
@@ -85,7 +85,7 @@ def test_img2img_latents_equal_diffusers_pipeline(micro_lcm, lcm_bundle, init_pn
 
 
 def test_img2img_image_b_depends_on_its_seed_only(lcm_bundle, init_png):
-    size = lcm_bundle.unet.config.sample_size * lcm_bundle.vae_factor
+    size = lcm_bundle.default_size
     images = load_image(init_png, size, size)
     both = lcm_bundle.img2img_latents([PROMPT] * 2, [1, 2], images, 0.6, steps=2)
     one = lcm_bundle.img2img_latents([PROMPT], [2], images, 0.6, steps=2)

@@ -127,7 +127,7 @@ def test_validation_bounds_and_defaults():
         ({"prompt": "a", "num_images": 5}, "num_images must be in 1..4"),
         ({"prompt": "a", "height": 48 + 8}, "multiple of 16"), ({"prompt": "a", "width": 4096}, "width must be in"),
         ({"prompt": "a", "gamma": 1.5}, "gamma must be in"), ({"prompt": "a", "gamma": "x"}, "must be a number"),
-        ({"prompt": "a", "model": "teacher", "gamma": 0.3}, "LCM only"),
+        ({"prompt": "a", "model": "teacher", "gamma": 0.3}, "needs an LCM"),
         ({"prompt": "a", "steps": 2.5}, "integer"), ({"prompt": "a", "steps": True}, "must be a number"),
         ({"prompt": "a", "seed": -1}, "seed must be in"), ({"prompt": "a", "model": "../lcm"}, "model must be one of"),
         ({"prompt": "a", "path": "/etc/passwd"}, "unknown field 'path'"), ({"prompt": "a", "strength": 0.5}, "needs"),

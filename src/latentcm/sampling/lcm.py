@@ -137,7 +137,7 @@ def per_image_noise(seeds: Sequence[int], shape: Sequence[int], *, dtype: torch.
 
     Image b's stream is torch.Generator().manual_seed(seeds[b]) drawing tensors of ``shape`` ([C, H, W]);
     noise_fn(i) returns draw i + 1, and noise_fn(-1) returns draw 0, which equals
-    ``sampling.initial_latents(seeds, shape)`` -- so the initial latents and the step noises form one
+    ``sampling.teacher.initial_latents(seeds, shape)`` -- so the initial latents and the step noises form one
     stream per seed (like diffusers, which draws both from the same generator). Draws are cached, so
     noise_fn(i) is a pure function of i.
     """

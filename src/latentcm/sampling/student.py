@@ -14,7 +14,7 @@ from .. import parameterization as P
 from ..defaults import LCM_OMEGA, LCM_STEPS, TIMESTEP_SCHEDULES
 from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser
-from ..schedules import GRID_POINTS, lcm_timesteps, refine_timesteps, validate_timesteps
+from ..schedules import GRID_POINTS, TRAIN_TIMESTEPS, lcm_timesteps, refine_timesteps, validate_timesteps
 from .lcm import per_image_noise, renoise, sample_lcm
 
 
@@ -36,7 +36,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         shape: latent shape [C, h, w].
         steps: number of sampling steps, on the skipping grid of ``original_inference_steps`` points.
         omega: the paper's guidance w (= diffusers guidance_scale - 1).
-        original_inference_steps: N of the skipping grid; default the config's, else 50.
+        original_inference_steps: N of the skipping grid; default the config's, else GRID_POINTS.
         timestep_scaling: s of c_skip / c_out; default the config's, else ``parameterization.TIMESTEP_SCALING``.
         latents: initial latents [B, C, h, w] replacing each stream's first draw (the step noises stay per seed).
         image_latents: img2img: clean latents x0 [B, C, h, w] (VAE mode x scaling_factor), noised to the first
@@ -78,8 +78,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                       alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
 
 
-def inference_timesteps(schedule: str, num_inference_steps: int, num_train_timesteps: int = 1000,
-                        original_inference_steps: int = 50, strength: float = 1.0) -> torch.Tensor:
+def inference_timesteps(schedule: str, num_inference_steps: int, num_train_timesteps: int = TRAIN_TIMESTEPS,
+                        original_inference_steps: int = GRID_POINTS, strength: float = 1.0) -> torch.Tensor:
     """The LCM sampler's timesteps: "grid" selects from the skipping grid as diffusers' LCMScheduler
     (``lcm_timesteps``; img2img's ``strength`` truncates the grid), "refine" is ``refine_timesteps``
     (text-to-image only)."""

@@ -8,7 +8,7 @@ import torch
 
 from ..defaults import TEACHER_SAMPLERS, TRAILING
 from ..errors import ModelError
-from ..guidance import interval_omega
+from ..guidance import guidance_from_omega, interval_omega, omega_from_guidance
 
 # eps_fn(z, t, text_states) -> eps prediction; one UNet call on a whole batch.
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,7 +29,7 @@ def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance: floa
 def guidance_at(guidance: float, t, guidance_max_t: int | None) -> float:
     """g at timestep t under a guidance interval: g where t <= guidance_max_t, 1 (the conditional model) above
     (Kynkaanniemi et al. 2024); guidance_max_t None guides every step."""
-    return 1.0 + interval_omega(guidance - 1.0, int(t), guidance_max_t)
+    return guidance_from_omega(interval_omega(omega_from_guidance(float(guidance)), int(t), guidance_max_t))
 
 
 @torch.no_grad()

@@ -20,10 +20,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import fastapi  # noqa: E402,F401 -- the serve extra: an ImportError here is reported by `lcm serve`
 import uvicorn  # noqa: E402,F401
 
-from ..defaults import IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_STEPS  # noqa: E402
+from ..defaults import COMPARE_TEACHER_STEPS, IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_STEPS  # noqa: E402
 from ..errors import ModelError  # noqa: E402
 from .batcher import Busy, Stopped  # noqa: E402
-from .service import Result, ServeConfig, Service  # noqa: E402
+from .service import Reply, ServeConfig, Service  # noqa: E402
 from .validate import BadRequest, parse_request  # noqa: E402
 
 DEFAULT_HOST = "127.0.0.1"
@@ -72,8 +72,8 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def result_json(result: Result, job) -> dict:
-    timings = dict(result.timings, queue_s=round(job.started - job.submitted, 4))
+def result_json(result: Reply, ticket) -> dict:
+    timings = dict(result.timings, queue_s=round(ticket.started - ticket.submitted, 4))
     return {"model": result.model, "seeds": result.seeds, "timings": timings,
             "images": [png_base64(a) for a in result.images]}
 
@@ -105,9 +105,9 @@ def create_app(service: Service, *, ui: bool = True, host: str = DEFAULT_HOST, p
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest("the request body is not valid JSON") from None
             req = await run_in_threadpool(parse_request, payload, limits, service.lora_files)
-            job = service.submit(req)
-            result = await asyncio.wrap_future(job.future)
-            return JSONResponse(await run_in_threadpool(result_json, result, job))
+            ticket = service.submit(req)
+            result = await asyncio.wrap_future(ticket.future)
+            return JSONResponse(await run_in_threadpool(result_json, result, ticket))
         except Exception as exc:  # noqa: BLE001 -- every failure is one JSON line; the server goes on
             return error(exc)
 
@@ -124,91 +124,105 @@ def create_app(service: Service, *, ui: bool = True, host: str = DEFAULT_HOST, p
 
 # --- the gradio UI ---------------------------------------------------------------------------------------
 
-def _timing_line(name: str, result: Result, job, steps: int) -> str:
+def _timing_line(name: str, result: Reply, ticket, steps: int) -> str:
     t = result.timings
     return (f"**{name}** ({steps} steps): {len(result.images)} image(s) in {t['run_s']:.3f} s "
             f"(batch of {t['batch_images']} images from {t['batch_requests']} request(s), "
-            f"{t['per_image_s'] * 1000:.0f} ms/image; queued {job.started - job.submitted:.3f} s)")
+            f"{t['per_image_s'] * 1000:.0f} ms/image; queued {ticket.started - ticket.submitted:.3f} s)")
 
 
 def build_ui(service: Service):
     """The gradio Blocks: prompt, steps, guidance, seed, images, TCD gamma, LoRA weights, img2img, teacher."""
     import gradio as gr
 
-    limits, names = service.limits, sorted(service.lora_files)[:8]
-    sizes = dict(minimum=limits.min_size, maximum=limits.max_size, step=limits.size_multiple,
-                 value=limits.default_size)
+    names = sorted(service.lora_files)[:8]
     with gr.Blocks(title="latentcm: Latent Consistency Model demo", analytics_enabled=False) as demo:
         gr.Markdown("## Latent Consistency Model\nFew-step text-to-image with the shipped LCM of the shapes world, "
                     "beside its teacher. Requests from everyone are batched together on the server.")
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", value="", placeholder="a large red circle on a blue background",
-                                    max_length=limits.max_prompt_chars, lines=2, elem_id="prompt")
-                with gr.Row():
-                    steps = gr.Slider(1, limits.max_lcm_steps, value=LCM_STEPS, step=1, label="LCM steps")
-                    guidance = gr.Slider(1.0, 15.0, value=LCM_GUIDANCE, step=0.5, label="Guidance scale g (w = g - 1)")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1 - limits.max_images,
-                                     label="Seed")
-                    num_images = gr.Slider(1, limits.max_images, value=2, step=1, label="Images")
-                with gr.Row():
-                    height = gr.Slider(label="Height", **sizes)
-                    width = gr.Slider(label="Width", **sizes)
-                with gr.Row():
-                    use_tcd = gr.Checkbox(value=False, label="TCD sampler (stochasticity gamma)")
-                    gamma = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="gamma (0 = deterministic)")
-                with gr.Accordion("img2img", open=False):
-                    init_image = gr.Image(type="pil", sources=["upload"], label="Init image (optional)",
-                                          elem_id="init-image")
-                    strength = gr.Slider(0.1, 1.0, value=IMG2IMG_STRENGTH, step=0.05, label="Strength (1 redoes everything)")
-                with gr.Accordion("LCM-LoRA on the teacher", open=False):
-                    if names:
-                        gr.Markdown("Weights above 0 stack these LoRAs on the teacher (instead of the LCM); "
-                                    "an LCM-LoRA has its guidance distilled in, so the guidance slider is unused.")
-                    else:
-                        gr.Markdown("No LoRAs registered (start with `lcm serve --lora NAME=PATH`).")
-                    lora_weights = [gr.Slider(0.0, limits.lora_weight_range[1], value=0.0, step=0.05, label=n)
-                                    for n in names]
-                with gr.Row():
-                    compare = gr.Checkbox(value=service.teacher is not None, label="Also run the teacher (DDIM, CFG)",
-                                          interactive=service.teacher is not None)
-                    teacher_steps = gr.Slider(1, limits.max_teacher_steps, value=25, step=1, label="Teacher steps")
+                inputs = [*_ui_sampling_inputs(gr, service.limits), *_ui_extra_inputs(gr, service, names)]
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
-                lcm_gallery = gr.Gallery(label="LCM", columns=4, format="png", elem_id="lcm-gallery", height=260)
-                teacher_gallery = gr.Gallery(label="Teacher", columns=4, format="png", elem_id="teacher-gallery",
-                                             height=260)
-                timings = gr.Markdown(elem_id="timings")
-
-        def run(prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, init_image, strength,
-                compare, teacher_steps, *weights):
-            loras = [{"name": n, "weight": float(w)} for n, w in zip(names, weights) if w > 0]
-            base = {"prompt": prompt, "seed": int(seed or 0), "num_images": int(num_images), "height": int(height),
-                    "width": int(width)}
-            lcm = dict(base, model="lcm", steps=int(steps), gamma=float(gamma) if use_tcd else None,
-                       guidance=None if loras else float(guidance), loras=loras)
-            if init_image is not None:
-                lcm["strength"] = float(strength)
-            try:
-                requests = [("LCM" if not loras else "LCM-LoRA", int(steps),
-                             parse_request(lcm, limits, service.lora_files, image=init_image))]
-                if compare and service.teacher is not None:
-                    teacher = dict(base, model="teacher", steps=int(teacher_steps))
-                    requests.append(("Teacher DDIM", int(teacher_steps), parse_request(teacher, limits)))
-                jobs = [(name, n_steps, service.submit(req)) for name, n_steps, req in requests]
-                done = [(name, n_steps, job, job.future.result()) for name, n_steps, job in jobs]
-            except Exception as exc:  # noqa: BLE001 -- shown in the page; the server keeps serving
-                raise gr.Error(error_status(exc)[1]) from None
-            galleries = [list(done[0][3].images), list(done[1][3].images) if len(done) > 1 else []]
-            lines = [_timing_line(name, res, job, n) for name, n, job, res in done]
-            return galleries[0], galleries[1], "  \n".join(lines)
-
-        inputs = [prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, init_image, strength,
-                  compare, teacher_steps, *lora_weights]
-        button.click(run, inputs, [lcm_gallery, teacher_gallery, timings], api_name="generate")
-        prompt.submit(run, inputs, [lcm_gallery, teacher_gallery, timings], api_name=False)
+                outputs = [gr.Gallery(label="LCM", columns=4, format="png", elem_id="lcm-gallery", height=260),
+                           gr.Gallery(label="Teacher", columns=4, format="png", elem_id="teacher-gallery",
+                                      height=260),
+                           gr.Markdown(elem_id="timings")]
+        run = _ui_runner(gr, service, names)
+        button.click(run, inputs, outputs, api_name="generate")
+        inputs[0].submit(run, inputs, outputs, api_name=False)  # Enter in the prompt box
     return demo
+
+
+def _ui_sampling_inputs(gr, limits) -> list:
+    """[prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma]."""
+    sizes = dict(minimum=limits.min_size, maximum=limits.max_size, step=limits.size_multiple,
+                 value=limits.default_size)
+    prompt = gr.Textbox(label="Prompt", value="", placeholder="a large red circle on a blue background",
+                        max_length=limits.max_prompt_chars, lines=2, elem_id="prompt")
+    with gr.Row():
+        steps = gr.Slider(1, limits.max_lcm_steps, value=LCM_STEPS, step=1, label="LCM steps")
+        guidance = gr.Slider(1.0, 15.0, value=LCM_GUIDANCE, step=0.5, label="Guidance scale g (w = g - 1)")
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1 - limits.max_images, label="Seed")
+        num_images = gr.Slider(1, limits.max_images, value=2, step=1, label="Images")
+    with gr.Row():
+        height = gr.Slider(label="Height", **sizes)
+        width = gr.Slider(label="Width", **sizes)
+    with gr.Row():
+        use_tcd = gr.Checkbox(value=False, label="TCD sampler (stochasticity gamma)")
+        gamma = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="gamma (0 = deterministic)")
+    return [prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma]
+
+
+def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
+    """[init_image, strength, compare, teacher_steps, *lora_weights]."""
+    limits = service.limits
+    with gr.Accordion("img2img", open=False):
+        init_image = gr.Image(type="pil", sources=["upload"], label="Init image (optional)", elem_id="init-image")
+        strength = gr.Slider(0.1, 1.0, value=IMG2IMG_STRENGTH, step=0.05, label="Strength (1 redoes everything)")
+    with gr.Accordion("LCM-LoRA on the teacher", open=False):
+        if names:
+            gr.Markdown("Weights above 0 stack these LoRAs on the teacher (instead of the LCM); "
+                        "an LCM-LoRA has its guidance distilled in, so the guidance slider is unused.")
+        else:
+            gr.Markdown("No LoRAs registered (start with `lcm serve --lora NAME=PATH`).")
+        lora_weights = [gr.Slider(0.0, limits.lora_weight_range[1], value=0.0, step=0.05, label=n) for n in names]
+    with gr.Row():
+        compare = gr.Checkbox(value=service.teacher is not None, label="Also run the teacher (DDIM, CFG)",
+                              interactive=service.teacher is not None)
+        teacher_steps = gr.Slider(1, limits.max_teacher_steps, value=COMPARE_TEACHER_STEPS, step=1,
+                                  label="Teacher steps")
+    return [init_image, strength, compare, teacher_steps, *lora_weights]
+
+
+def _ui_runner(gr, service: Service, names: list[str]):
+    """The UI's callback: the inputs of ``build_ui`` -> (LCM images, teacher images, timing lines)."""
+    limits = service.limits
+
+    def run(prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, init_image, strength,
+            compare, teacher_steps, *weights):
+        loras = [{"name": n, "weight": float(w)} for n, w in zip(names, weights) if w > 0]
+        base = {"prompt": prompt, "seed": int(seed or 0), "num_images": int(num_images), "height": int(height),
+                "width": int(width)}
+        lcm = dict(base, model="lcm", steps=int(steps), gamma=float(gamma) if use_tcd else None,
+                   guidance=None if loras else float(guidance), loras=loras)
+        if init_image is not None:
+            lcm["strength"] = float(strength)
+        try:
+            requests = [("LCM" if not loras else "LCM-LoRA", int(steps),
+                         parse_request(lcm, limits, service.lora_files, image=init_image))]
+            if compare and service.teacher is not None:
+                teacher = dict(base, model="teacher", steps=int(teacher_steps))
+                requests.append(("Teacher DDIM", int(teacher_steps), parse_request(teacher, limits)))
+            tickets = [(name, n_steps, service.submit(req)) for name, n_steps, req in requests]
+            done = [(name, n_steps, ticket, ticket.future.result()) for name, n_steps, ticket in tickets]
+        except Exception as exc:  # noqa: BLE001 -- shown in the page; the server keeps serving
+            raise gr.Error(error_status(exc)[1]) from None
+        galleries = [list(done[0][3].images), list(done[1][3].images) if len(done) > 1 else []]
+        lines = [_timing_line(name, res, ticket, n) for name, n, ticket, res in done]
+        return galleries[0], galleries[1], "  \n".join(lines)
+    return run
 
 
 class Running:

@@ -27,7 +27,7 @@ class Stopped(RuntimeError):
 
 
 @dataclass
-class Job:
+class Ticket:
     key: Hashable
     item: Any
     size: int
@@ -38,22 +38,22 @@ class Job:
 
 
 class Batcher:
-    """A bounded queue and one worker thread that runs compatible jobs together.
+    """A bounded queue and one worker thread that runs compatible tickets together.
 
     Args:
         run_batch: called in the worker with (key, [item, ...]); returns one result per item. An exception
-            fails every job of that batch (each future gets it); the worker carries on.
-        max_batch: the most images (sum of job sizes) in one batch; 1 turns batching off. A single job larger
+            fails every ticket of that batch (each future gets it); the worker carries on.
+        max_batch: the most images (sum of ticket sizes) in one batch; 1 turns batching off. A single ticket larger
             than this still runs, alone.
-        window_s: how long a batch waits for more compatible jobs after its first.
-        max_queue: the most jobs waiting (not yet running); one more raises ``Busy``.
+        window_s: how long a batch waits for more compatible tickets after its first.
+        max_queue: the most tickets waiting (not yet running); one more raises ``Busy``.
     """
 
     def __init__(self, run_batch: RunBatch, *, max_batch: int = 16, window_s: float = 0.02, max_queue: int = 64):
         if max_batch < 1 or max_queue < 1 or window_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and window_s >= 0")
         self.run_batch, self.max_batch, self.window_s, self.max_queue = run_batch, max_batch, window_s, max_queue
-        self._queue: deque[Job] = deque()
+        self._queue: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._stopped = False
         self.stats = {"submitted": 0, "rejected_busy": 0, "completed": 0, "failed": 0, "batches": 0,
@@ -69,45 +69,45 @@ class Batcher:
         with self._cond:
             return len(self._queue)
 
-    def submit(self, key: Hashable, item: Any, size: int = 1) -> Job:
-        """Queue one job; ``job.future`` gets run_batch's result for it. Raises Busy when the queue is full."""
-        job = Job(key, item, size)
+    def submit(self, key: Hashable, item: Any, size: int = 1) -> Ticket:
+        """Queue one ticket; ``ticket.future`` gets run_batch's result for it. Raises Busy when the queue is full."""
+        ticket = Ticket(key, item, size)
         with self._cond:
             if self._stopped:
                 raise Stopped("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 self.stats["rejected_busy"] += 1
                 raise Busy(f"busy: {len(self._queue)} requests are waiting (the limit); retry shortly")
-            self._queue.append(job)
+            self._queue.append(ticket)
             self.stats["submitted"] += 1
             self._cond.notify_all()
-        return job
+        return ticket
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Finish the running batch, fail every waiting job with ``Stopped``, and end the worker."""
+        """Finish the running batch, fail every waiting ticket with ``Stopped``, and end the worker."""
         with self._cond:
             self._stopped = True
             waiting = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-        for job in waiting:
-            job.future.set_exception(Stopped("the server is shutting down"))
+        for ticket in waiting:
+            ticket.future.set_exception(Stopped("the server is shutting down"))
         self._thread.join(timeout)
 
     # --- worker -------------------------------------------------------------------------------------
 
-    def _take_compatible(self, batch: list[Job], size: int) -> int:
-        """Move waiting jobs with the batch's key into it while they fit (under the lock); the new size."""
-        for job in list(self._queue):
+    def _take_compatible(self, batch: list[Ticket], size: int) -> int:
+        """Move waiting tickets with the batch's key into it while they fit (under the lock); the new size."""
+        for ticket in list(self._queue):
             if size >= self.max_batch:
                 break
-            if job.key == batch[0].key and size + job.size <= self.max_batch:
-                self._queue.remove(job)
-                batch.append(job)
-                size += job.size
+            if ticket.key == batch[0].key and size + ticket.size <= self.max_batch:
+                self._queue.remove(ticket)
+                batch.append(ticket)
+                size += ticket.size
         return size
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self) -> list[Ticket] | None:
         with self._cond:
             while not self._queue and not self._stopped:
                 self._cond.wait()
@@ -131,20 +131,20 @@ class Batcher:
             if batch is None:
                 return
             start = time.perf_counter()
-            images = sum(job.size for job in batch)
-            for job in batch:
-                job.started, job.batch_size = start, images
+            images = sum(ticket.size for ticket in batch)
+            for ticket in batch:
+                ticket.started, ticket.batch_size = start, images
             try:
-                results = self.run_batch(batch[0].key, [job.item for job in batch])
+                results = self.run_batch(batch[0].key, [ticket.item for ticket in batch])
                 if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} jobs")
-            except BaseException as exc:  # noqa: BLE001 -- every job of the batch gets the error
-                for job in batch:
-                    job.future.set_exception(exc)
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} tickets")
+            except BaseException as exc:  # noqa: BLE001 -- every ticket of the batch gets the error
+                for ticket in batch:
+                    ticket.future.set_exception(exc)
                 self.stats["failed"] += len(batch)
             else:
-                for job, result in zip(batch, results):
-                    job.future.set_result(result)
+                for ticket, result in zip(batch, results):
+                    ticket.future.set_result(result)
                 self.stats["completed"] += len(batch)
             self.stats["batches"] += 1
             self.stats["batched_images"] += images

@@ -19,7 +19,8 @@ import torch
 from .. import registry
 from ..bundle import Bundle
 from ..errors import ModelError
-from .batcher import Batcher, Job
+from ..images import to_pixels
+from .batcher import Batcher, Ticket
 from .validate import Limits, Request
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -46,19 +47,13 @@ class ServeConfig:
 
 
 @dataclass
-class Result:
+class Reply:
     """A request's images (uint8 [H, W, 3] each) and where its time went."""
 
     images: list[np.ndarray]
     seeds: list[int]
     model: str
     timings: dict
-
-
-def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """[B, 3, H, W] in [-1, 1] -> B arrays uint8 [H, W, 3] (the rounding of ``images.save_grid``)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [B, 3, H, W]
-    return [a for a in x.permute(0, 2, 3, 1).numpy()]
 
 
 class Service:
@@ -88,7 +83,7 @@ class Service:
         b = self.lcm
         multiple = b.vae_factor * 2 ** (len(b.unet.config.block_out_channels) - 1)
         self.limits = dataclasses.replace(config.limits, size_multiple=multiple,
-                                          default_size=b.unet.config.sample_size * b.vae_factor,
+                                          default_size=b.default_size,
                                           original_inference_steps=b.original_inference_steps)
         self._stacks: OrderedDict[tuple, Bundle] = OrderedDict()
         self._lock = threading.Lock()  # the worker and warm-up never sample at once
@@ -114,14 +109,14 @@ class Service:
 
     # --- requests -----------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Job:
-        """Queue a validated request; ``job.future.result()`` is its ``Result``. Raises Busy / Stopped."""
+    def submit(self, request: Request) -> Ticket:
+        """Queue a validated request; ``ticket.future.result()`` is its ``Reply``. Raises Busy / Stopped."""
         if request.model == "teacher" and self.teacher is None:
             from .validate import BadRequest
             raise BadRequest("this server has no teacher (started without --teacher)")
         return self.batcher.submit(request.batch_key, request, request.num_images)
 
-    def generate(self, request: Request, timeout: float | None = None) -> Result:
+    def generate(self, request: Request, timeout: float | None = None) -> Reply:
         """Submit and wait (the UI's path); raises what the batch raised."""
         return self.submit(request).future.result(timeout)
 
@@ -146,31 +141,27 @@ class Service:
         self._stacks.move_to_end(request.loras)
         return stack
 
-    def _run(self, key, requests: list[Request]) -> list[Result]:
+    def _run(self, key, requests: list[Request]) -> list[Reply]:
         """One batch of requests with equal ``batch_key``: one sampling call, split back per request."""
         first = requests[0]
         prompts = [r.prompt for r in requests for _ in range(r.num_images)]
         seeds = [s for r in requests for s in r.seeds]
-        sampler = "lcm" if first.model == "lcm" else "ddim"
         start = time.perf_counter()
         with self._lock:
             bundle = self.bundle_for(first)
             if first.image is not None:
                 images = torch.cat([r.image.expand(r.num_images, -1, -1, -1) for r in requests])  # [B, 3, H, W]
-                latents = bundle.img2img_latents(prompts, seeds, images, first.strength, sampler, first.steps,
-                                                 first.guidance, gamma=first.gamma)
-                out = bundle.decode(latents)
+                out = bundle.decode(bundle.img2img_latents(prompts, seeds, images, options=first.options))
             else:
-                out = bundle.generate(prompts, seeds, sampler, first.steps, first.guidance, first.height, first.width,
-                                      gamma=first.gamma)
+                out = bundle.generate(prompts, seeds, options=first.options)
         run_s = time.perf_counter() - start
-        arrays = to_uint8(out)
+        arrays = list(to_pixels(out))  # uint8 [H, W, 3] each, the rounding of images.save_grid
         results, i = [], 0
         label = first.model if not first.loras else "teacher+" + "+".join(f"{n}:{w:g}" for n, w in first.loras)
         for r in requests:
             timings = {"run_s": round(run_s, 4), "batch_images": len(seeds), "batch_requests": len(requests),
                        "per_image_s": round(run_s / len(seeds), 4)}
-            results.append(Result(arrays[i:i + r.num_images], r.seeds, label, timings))
+            results.append(Reply(arrays[i:i + r.num_images], r.seeds, label, timings))
             i += r.num_images
         return results
 

@@ -13,9 +13,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..defaults import IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_STEPS, TEACHER_GUIDANCE
+from ..defaults import (COMPARE_TEACHER_STEPS, IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS,
+                        TEACHER_GUIDANCE, TEACHER_STEPS)
+from ..errors import ModelError
+from ..sampling.options import ModelTraits, SamplingOptions
+from ..schedules import GRID_POINTS
 
 MODELS = ("lcm", "teacher")
+SAMPLER = {"lcm": LCM_SAMPLER, "teacher": "ddim"}  # how each served model is sampled
+DEFAULT_GUIDANCE = {"lcm": LCM_GUIDANCE, "teacher": TEACHER_GUIDANCE}
 FIELDS = ("prompt", "model", "steps", "guidance", "seed", "num_images", "height", "width", "gamma", "loras",
           "init_image", "strength")
 
@@ -34,7 +40,7 @@ class Limits:
 
     max_prompt_chars: int = 500
     max_lcm_steps: int = 8
-    max_teacher_steps: int = 50
+    max_teacher_steps: int = TEACHER_STEPS
     guidance_range: tuple[float, float] = (0.0, 20.0)
     max_images: int = 4
     min_size: int = 32
@@ -45,7 +51,7 @@ class Limits:
     max_upload_pixels: int = 4096 * 4096
     max_loras: int = 4
     lora_weight_range: tuple[float, float] = (0.0, 2.0)
-    original_inference_steps: int = 50  # N of the LCM's skipping grid (img2img keeps int(N * strength) points)
+    original_inference_steps: int = GRID_POINTS  # N of the LCM's skipping grid (img2img: schedules.img2img_points)
 
     @property
     def max_body_bytes(self) -> int:
@@ -73,6 +79,12 @@ class Request:
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images)]
+
+    @property
+    def options(self) -> SamplingOptions:
+        """The request's sampling options (each model's default where the request has none)."""
+        return SamplingOptions(SAMPLER[self.model], self.steps, self.guidance, self.gamma, strength=self.strength,
+                               height=self.height, width=self.width)
 
     @property
     def batch_key(self) -> tuple:
@@ -133,10 +145,9 @@ def open_image(raw: bytes, limits: Limits) -> Image.Image:
 
 def image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """A PIL image -> [1, 3, height, width] in [-1, 1], fitted as ``images.load_image`` fits files."""
-    from ..images import fit_cover
+    from ..images import fit_cover, from_pixels
 
-    x = torch.from_numpy(np.asarray(fit_cover(image, width, height), dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
-    return x.permute(2, 0, 1)[None].contiguous()
+    return from_pixels(np.array(fit_cover(image, width, height)))[None].contiguous()  # [1, 3, H, W]
 
 
 def parse_request(payload, limits: Limits, loras: dict | tuple = (), *, image: Image.Image | None = None) -> Request:
@@ -153,13 +164,7 @@ def parse_request(payload, limits: Limits, loras: dict | tuple = (), *, image: I
     unknown = sorted(set(payload) - set(FIELDS))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; accepted: {', '.join(FIELDS)}")
-    prompt = payload.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise BadRequest("prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
-    if len(prompt) > limits.max_prompt_chars:
-        raise BadRequest(f"prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} are accepted")
-    if any(ord(c) < 32 and c not in "\t\n" for c in prompt):
-        raise BadRequest("prompt contains control characters")
+    prompt = _parse_prompt(payload.get("prompt"), limits)
     model = payload.get("model", "lcm")
     if model not in MODELS:
         raise BadRequest(f"model must be one of {', '.join(MODELS)}, got {str(model)[:40]!r}")
@@ -167,45 +172,61 @@ def parse_request(payload, limits: Limits, loras: dict | tuple = (), *, image: I
     if lora_list and model != "lcm":
         raise BadRequest("LoRAs turn the teacher into an LCM (LCM-LoRA); use model 'lcm' with loras")
     top = limits.max_lcm_steps if model == "lcm" else limits.max_teacher_steps
-    steps = _number(payload, "steps", 1, top, LCM_STEPS if model == "lcm" else 25, integer=True)
-    default_g = None if lora_list else (LCM_GUIDANCE if model == "lcm" else TEACHER_GUIDANCE)
-    if lora_list and payload.get("guidance") is not None:
-        raise BadRequest("an LCM-LoRA has its guidance distilled in (no w embedding); leave out guidance")
+    steps = _number(payload, "steps", 1, top, LCM_STEPS if model == "lcm" else COMPARE_TEACHER_STEPS, integer=True)
+    default_g = None if lora_list else DEFAULT_GUIDANCE[model]  # an LCM-LoRA has none (SamplingOptions.check_lora)
     guidance = _number(payload, "guidance", *limits.guidance_range, default_g)
     seed = _number(payload, "seed", 0, 2**31 - 1 - limits.max_images, 0, integer=True)
     num_images = _number(payload, "num_images", 1, limits.max_images, 1, integer=True)
-    size = {}
-    for name in ("height", "width"):
-        value = _number(payload, name, limits.min_size, limits.max_size, limits.default_size, integer=True)
-        if value % limits.size_multiple:
-            raise BadRequest(f"{name} must be a multiple of {limits.size_multiple}, got {value}")
-        size[name] = value
-    gamma = _number(payload, "gamma", 0.0, 1.0, None, nullable=True)
-    if gamma is not None and model != "lcm":
-        raise BadRequest("gamma (TCD sampling) applies to the LCM only, not the teacher's DDIM")
+    height, width = (_size(payload, name, limits) for name in ("height", "width"))
+    gamma = _number(payload, "gamma", -math.inf, math.inf, None, nullable=True)  # its range: SamplingOptions
+    image = _parse_image(payload, limits, image)
+    if image is None and payload.get("strength") is not None:
+        raise BadRequest("strength needs init_image (img2img)")
+    strength = None if image is None else _number(payload, "strength", -math.inf, math.inf, IMG2IMG_STRENGTH)
+    request = Request(prompt=prompt, model=model, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
+                      height=height, width=width, gamma=gamma, loras=lora_list, strength=strength,
+                      image=None if image is None else image_tensor(image, width, height))
+    check_options(request, limits)
+    return request
+
+
+def check_options(request: Request, limits: Limits) -> None:
+    """BadRequest with ``SamplingOptions``' message when the request's sampling options do not go together."""
+    try:
+        if request.loras:
+            request.options.check_lora()
+        request.options.resolve(ModelTraits(
+            request.model == "lcm", limits.original_inference_steps if request.model == "lcm" else None,
+            vae_factor=limits.size_multiple, default_size=limits.default_size, name=f"model {request.model!r}"))
+    except ModelError as err:
+        raise BadRequest(str(err)) from None
+
+
+def _parse_prompt(prompt, limits: Limits) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
+    if len(prompt) > limits.max_prompt_chars:
+        raise BadRequest(f"prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} are accepted")
+    if any(ord(c) < 32 and c not in "\t\n" for c in prompt):
+        raise BadRequest("prompt contains control characters")
+    return prompt
+
+
+def _size(payload: dict, name: str, limits: Limits) -> int:
+    value = _number(payload, name, limits.min_size, limits.max_size, limits.default_size, integer=True)
+    if value % limits.size_multiple:
+        raise BadRequest(f"{name} must be a multiple of {limits.size_multiple}, got {value}")
+    return value
+
+
+def _parse_image(payload: dict, limits: Limits, image: Image.Image | None) -> Image.Image | None:
+    """The init image: the UI's upload, else the API's base64 ``init_image``, else None."""
     if image is None and payload.get("init_image") is not None:
-        image = decode_upload(payload["init_image"], limits)
-    elif image is not None and image.width * image.height > limits.max_upload_pixels:
+        return decode_upload(payload["init_image"], limits)
+    if image is not None and image.width * image.height > limits.max_upload_pixels:
         raise BadRequest(f"init_image has {image.width}x{image.height} pixels; at most {limits.max_upload_pixels} "
                          f"are accepted", 413)
-    strength = None
-    tensor = None
-    if image is not None:
-        if model != "lcm":
-            raise BadRequest("img2img (init_image) needs model 'lcm'; the teacher's samplers do not support it")
-        strength = _number(payload, "strength", 1e-6, 1.0, IMG2IMG_STRENGTH)
-        if strength <= 0:
-            raise BadRequest(f"strength must be in (0, 1], got {strength}")
-        points = int(limits.original_inference_steps * strength)
-        if steps > points:
-            raise BadRequest(f"strength {strength} keeps {points} points of the skipping grid: use at most {points} "
-                             f"steps or raise strength")
-        tensor = image_tensor(image, size["width"], size["height"])
-    elif payload.get("strength") is not None:
-        raise BadRequest("strength needs init_image (img2img)")
-    return Request(prompt=prompt, model=model, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
-                   height=size["height"], width=size["width"], gamma=gamma, loras=lora_list, strength=strength,
-                   image=tensor)
+    return image
 
 
 def _parse_loras(value, limits: Limits, registered) -> tuple[tuple[str, float], ...]:

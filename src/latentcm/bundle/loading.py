@@ -1,0 +1,109 @@
+"""Reading a local diffusers folder: the parts sampling needs, the checks that it is one kind of model, and
+the sampling schedule an LCM folder asks for. Weights load from safetensors only; every failure is one
+``ModelError``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import offline
+from ..defaults import TIMESTEP_SCHEDULES
+from ..errors import ModelError
+from ..models import sdxl
+from ..registry import safetensors_files
+
+SAMPLING_FILE = "sampling.json"  # an LCM folder's sampling defaults for latentcm; diffusers ignores the file
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """The folder, if it holds a diffusers pipeline with every part sampling needs; else ModelError."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
+    for sub in PARTS:
+        if not (path / sub).is_dir():
+            raise ModelError(f"{path} lacks the '{sub}' subfolder")
+    return path
+
+
+def check_kind(unet_config: dict, scheduler_config: dict, path: Path) -> None:
+    """ModelError for folders that are half LCM: an LCMScheduler needs a guidance-embedding UNet and vice versa."""
+    lcm_sched = scheduler_config.get("_class_name") == "LCMScheduler"
+    w_unet = unet_config.get("time_cond_proj_dim") is not None
+    if lcm_sched != w_unet:
+        raise ModelError(f"{path}: an LCM folder needs both an LCMScheduler and a UNet with time_cond_proj_dim "
+                         f"(found scheduler {scheduler_config.get('_class_name')}, time_cond_proj_dim "
+                         f"{unet_config.get('time_cond_proj_dim')}); LCM-LoRA folders are not supported")
+    if lcm_sched and (scheduler_config.get("thresholding") or scheduler_config.get("clip_sample")):
+        raise ModelError(f"{path}: LCMScheduler with thresholding or clip_sample is not supported")
+
+
+def read_config(file: Path) -> dict:
+    """A JSON object from ``file``; ModelError when it cannot be read or is not an object."""
+    try:
+        found = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {file}: {exc}") from None
+    if not isinstance(found, dict):
+        raise ModelError(f"{file} is not a JSON object")
+    return found
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_part(folder: Path, load, weights: bool = True):
+    """Load one subfolder; weights from safetensors only (never a pickle), any failure one ModelError."""
+    if weights:
+        safetensors_files(folder)
+    try:
+        return load(folder, local_files_only=True, **({"use_safetensors": True} if weights else {}))
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- corrupt configs and weights raise many kinds of error
+        raise ModelError(f"cannot load {folder}: {one_line(exc)}") from exc
+
+
+def load_parts(path: str | Path) -> tuple:
+    """(unet, vae, text_encoder, tokenizer, scheduler_config[, text_encoder_2, tokenizer_2,
+    force_zeros_for_empty_prompt]) of a local diffusers folder: ``Bundle``'s fields, in order (SDXL: all eight)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = check_model_dir(path)
+    offline.quiet_loading()
+    unet = load_part(path / "unet", UNet2DConditionModel.from_pretrained).eval()
+    vae = load_part(path / "vae", AutoencoderKL.from_pretrained).eval()
+    text_encoder = load_part(path / "text_encoder", CLIPTextModel.from_pretrained).eval()
+    tokenizer = load_part(path / "tokenizer", CLIPTokenizer.from_pretrained, weights=False)
+    sched = read_config(path / "scheduler" / "scheduler_config.json")
+    check_kind(dict(unet.config), sched, path)
+    if not sdxl.is_text_time(unet.config):
+        return unet, vae, text_encoder, tokenizer, sched, path
+    from transformers import CLIPTextModelWithProjection
+
+    if not (path / "text_encoder_2").is_dir() or not (path / "tokenizer_2").is_dir():
+        raise ModelError(f"{path} has an SDXL UNet (text_time) but lacks text_encoder_2/ or tokenizer_2/")
+    index = read_config(path / "model_index.json")
+    return (unet, vae, text_encoder, tokenizer, sched, path,
+            load_part(path / "text_encoder_2", CLIPTextModelWithProjection.from_pretrained).eval(),
+            load_part(path / "tokenizer_2", CLIPTokenizer.from_pretrained, weights=False),
+            bool(index.get("force_zeros_for_empty_prompt", True)))
+
+
+def sampling_schedule(path: Path) -> str:
+    """The timestep schedule an LCM folder asks for in SAMPLING_FILE ({"timestep_schedule": "grid"|"refine"});
+    "grid" (diffusers' selection) when the file is absent. ModelError on a file that is not such an object."""
+    file = Path(path) / SAMPLING_FILE
+    if not file.is_file():
+        return "grid"
+    try:
+        found = json.loads(file.read_text()).get("timestep_schedule", "grid")
+    except (ValueError, AttributeError):
+        raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
+    if found not in TIMESTEP_SCHEDULES:
+        raise ModelError(f"{file}: timestep_schedule must be one of {', '.join(TIMESTEP_SCHEDULES)}, got {found!r}")
+    return found
