@@ -157,3 +157,38 @@ def test_bundle_takes_the_options_as_one_object(bundles):
                                lcm.sample_latents([PROMPT], [1], steps=2, guidance=3.0), rtol=0, atol=0)
     with pytest.raises(TypeError, match="not both"):
         lcm.generate([PROMPT], [1], steps=2, options=given)
+
+
+# --- the command line: the same rules through `lcm generate`, parameters named as flags ------------------
+# Cases click's own option types refuse first (ranges, choices): their message is click's, about the flag.
+CLICK_TYPED = {"gamma above 1", "gamma below 0", "guidance NaN", "strength 0", "strength above 1", "unknown schedule",
+               "unknown sampler", "no steps"}
+
+
+def _cli_args(case: Case, init_image: str) -> list[str]:
+    args = []
+    for key, value in case.options.items():
+        if key == "strength":
+            args += ["--init-image", init_image]
+        if key == "timesteps":
+            value = ",".join(map(str, value))
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args + (["--lora", "any-adapter"] if case.lora else [])
+
+
+@pytest.mark.parametrize("case", [c for c in INVALID_CASES if c.name not in CLICK_TYPED],
+                         ids=[c.name for c in INVALID_CASES if c.name not in CLICK_TYPED])
+def test_the_command_line_gives_the_same_message_with_flags(case, bundles, tmp_path, capsys):
+    from latentcm.cli import main
+    from latentcm.cli.options import flag_error
+
+    bundle = bundles[case.model]
+    image = tmp_path / "init.png"
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(image)
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", PROMPT, "--model", str(bundle.path), "--num-images", "1", "--out", str(tmp_path / "x.png"),
+              *_cli_args(case, str(image))])
+    assert exit_.value.code == 2
+    expected = flag_error(ModelError(_message(case, bundle))).message
+    assert capsys.readouterr().err.strip() == f"lcm: error: {expected}"
+    assert not (tmp_path / "x.png").exists()

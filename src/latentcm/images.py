@@ -69,7 +69,7 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 def from_pixels(pixels) -> torch.Tensor:
     """8-bit pixels [B, H, W, 3] or [H, W, 3] (numpy or tensor, any integer or float dtype holding 0..255)
     -> float32 model images [B, 3, H, W] (or [3, H, W]) in [-1, 1]: x / 127.5 - 1."""
-    x = torch.as_tensor(np.asarray(pixels), dtype=torch.float32) / 127.5 - 1.0
+    x = torch.from_numpy(np.array(pixels, dtype=np.float32)) / 127.5 - 1.0
     return x.permute(2, 0, 1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 

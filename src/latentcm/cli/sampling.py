@@ -10,7 +10,8 @@ from .. import registry
 from ..defaults import COMPARE_TEACHER_STEPS, LCM_GUIDANCE, LCM_STEPS, TEACHER_GUIDANCE, TEACHER_STEPS
 from ..defaults import TIMESTEP_SCHEDULES
 from .app import cli
-from .options import GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, _int_list, default_model, seed_option
+from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, _int_list, default_model, flag_error,
+                      seed_option)
 
 
 @cli.command()
@@ -59,49 +60,41 @@ def generate(prompt, model, loras, num_images, seed, out, **options):
       lcm generate "a large red circle on a green background" --init-image red.png --strength 0.5 --out i2i.png
     """
     from ..bundle import Bundle
+    from ..errors import ModelError
     from ..images import save_grid
     from ..models.lora import parse_lora_spec
 
     _check_prompt(prompt)
-    options["timesteps"] = _check_generate(loras=loras, **options)
+    sampling = _sampling_options(loras=loras, **options)
     bundle = Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
-    images = _sample(bundle, [prompt] * num_images, [seed + i for i in range(num_images)], **options)
+    prompts, seeds = [prompt] * num_images, [seed + i for i in range(num_images)]
+    try:
+        images = (bundle.img2img(prompts, seeds, options["init_image"], options=sampling) if sampling.img2img
+                  else bundle.generate(prompts, seeds, options=sampling))
+    except (ModelError, ValueError) as err:  # the model's own limits (steps, sampler, a schedule it refuses)
+        raise flag_error(err) from None
     click.echo(str(save_grid(images, Path(out), cols=min(8, num_images))))
 
 
-def _check_generate(loras, guidance, strength, init_image, guidance_max_t, timesteps_text, schedule,
-                    **_) -> list[int] | None:
-    """Refuse the combinations of generate's options that mean nothing; the parsed --timesteps."""
+def _sampling_options(loras, init_image, strength, timesteps_text, **given):
+    """generate's options as one SamplingOptions (its rules, with flags for parameters); img2img takes
+    IMG2IMG_STRENGTH unless --strength says otherwise."""
+    from ..defaults import IMG2IMG_STRENGTH
+    from ..errors import ModelError
+    from ..sampling.options import SamplingOptions
+
     if strength is not None and init_image is None:
         raise UserError("--strength needs --init-image (img2img)")
-    if loras and guidance is not None:
-        raise UserError("an LCM-LoRA has its guidance distilled in (no w embedding); leave out --guidance")
-    if guidance_max_t is not None and (init_image is not None or loras):
-        raise UserError("--guidance-max-t is for a teacher's CFG samplers, not img2img or an LCM-LoRA")
     timesteps = _int_list(timesteps_text, 0, 999999, "--timesteps") if timesteps_text else None
-    if (timesteps is not None or schedule is not None) and init_image is not None:
-        raise UserError("--timesteps and --schedule are for text-to-image; img2img picks its timesteps from --strength")
-    if timesteps is not None and schedule is not None:
-        raise UserError("pass --timesteps or --schedule, not both")
-    return timesteps
-
-
-def _sample(bundle, prompts, seeds, sampler, steps, guidance, height, width, init_image, strength, gamma,
-            guidance_max_t, timesteps, schedule, **_):
-    """generate's images: img2img from --init-image, else text-to-image."""
-    from ..defaults import IMG2IMG_STRENGTH
-
-    if init_image is not None:
-        strength = IMG2IMG_STRENGTH if strength is None else strength
-        return bundle.img2img(prompts, seeds, init_image, strength, sampler, steps, guidance, height, width,
-                              gamma=gamma)
+    if init_image is not None and strength is None:
+        strength = IMG2IMG_STRENGTH
     try:
-        return bundle.generate(prompts, seeds, sampler, steps, guidance, height, width, gamma=gamma,
-                               guidance_max_t=guidance_max_t, timesteps=timesteps, schedule=schedule)
-    except ValueError as err:  # a schedule validate_timesteps refuses
-        if timesteps is None:
-            raise
-        raise UserError(f"--timesteps: {err}") from None
+        options = SamplingOptions(timesteps=timesteps, strength=strength, **given)
+        if loras:
+            options.check_lora()
+    except ModelError as err:
+        raise flag_error(err) from None
+    return options
 
 
 def _load_pair(lcm_model: str, teacher: str) -> tuple[dict, dict]:
