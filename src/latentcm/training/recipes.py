@@ -7,7 +7,9 @@
     finetune-teacher  teacher        folder                    UNetTask (plain diffusion)  pipeline or style LoRA
 
 ``run`` holds what they share: refuse to overwrite a run, load and check the source, encode the data
-once (cached in OUT), build the task, ``loop.fit``, export on the main process. A run refused before
+once (cached in OUT), build the task, ``loop.fit``, export on the main process. An exported LCM (or LCM-LoRA)
+names its timestep schedule in sampling.json: ``Job.sampling_schedule``, else the source LCM's (finetune), else
+"grid". A run refused before
 training starts (bad settings, no usable data) leaves no OUT folder behind.
 """
 from __future__ import annotations
