@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from latentcm import registry
-from latentcm.bundle import Bundle
+from latentcm.bundle import Bundle, sampling_schedule
+from latentcm.defaults import SKIP, TIMESTEP_SCHEDULES
 from latentcm.export.pipeline import export_lcm
 from latentcm.models.denoiser import make_student
 from latentcm.training.checkpoint import load_checkpoint
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--which", choices=["student", "target", "student_ema"], default="student",
                     help="online student, EMA target, or the slow EMA of a run made with --student-ema")
+    ap.add_argument("--schedule", choices=TIMESTEP_SCHEDULES, default=None,
+                    help="timestep schedule of the folder's sampling.json (default: the run's, else grid)")
     args = ap.parse_args()
     path = Path(args.checkpoint)
     path = path if path.is_file() else Path(args.run) / "checkpoints" / args.checkpoint
@@ -43,7 +46,8 @@ def main() -> None:
     loop = {"lr": f"{lr.group(1)}{f' ({schedule.group(1)})' if schedule else ''}"} if lr else {}
     export_lcm(modules[args.which], teacher, args.out,
                {"command": f"{distill}\n{export}" if distill else export, "teacher": args.teacher,
-                "steps": meta["step"], "lcd": lcd, "loop": loop}, skip=lcd.get("skip", 20))
+                "steps": meta["step"], "lcd": lcd, "loop": loop}, skip=lcd.get("skip", SKIP),
+               schedule=args.schedule or sampling_schedule(Path(args.run)))
     print(json.dumps({"out": args.out, "step": meta["step"]}))
 
 

@@ -9,7 +9,6 @@ uses by default (--schedule; default: the one the shipped LCM has now), runs `lc
 table to the LCM's model card.
 """
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,9 @@ from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
-from latentcm.bundle import SAMPLING_FILE, sampling_schedule
+from latentcm.bundle import sampling_schedule
+from latentcm.defaults import TIMESTEP_SCHEDULES
+from latentcm.export.pipeline import write_sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "latentcm" / "weights" / "lcm"
@@ -36,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/lcm")
     ap.add_argument("--num-samples", type=int, default=256)
-    ap.add_argument("--schedule", choices=["grid", "refine"], default=None,
+    ap.add_argument("--schedule", choices=TIMESTEP_SCHEDULES, default=None,
                     help="timestep schedule of the shipped LCM's sampling.json (default: keep the current one)")
     args = ap.parse_args()
     schedule = args.schedule or (sampling_schedule(DEST) if DEST.is_dir() else "grid")
@@ -45,10 +46,10 @@ def main() -> None:
     DEST.mkdir(parents=True)
     for part in PARTS:
         shutil.copytree(src / part, DEST / part)
-    for name in ("model_index.json", "README.md"):
+    for name in ("model_index.json", "README.md"):  # the run's sampling.json is replaced by --schedule's
         shutil.copy(src / name, DEST / name)
     UNet2DConditionModel.from_pretrained(src / "unet").half().save_pretrained(DEST / "unet")
-    (DEST / SAMPLING_FILE).write_text(json.dumps({"timestep_schedule": schedule}, indent=2) + "\n")
+    write_sampling(DEST, schedule)
     reports = ROOT / "reports" / "lcm"
     reports.mkdir(parents=True, exist_ok=True)
     eval_args = ["evaluate", "--preset", "lcm", "--model", "lcm", "--teacher", "teacher",

@@ -27,10 +27,12 @@ def _latents(pipe, seed=5, steps=2):
                 output_type="latent").images
 
 
-def test_export_is_a_complete_pipeline_folder_without_run_files(exported):
+def test_export_is_a_complete_pipeline_folder_without_run_files(exported, micro_lcm):
     names = {p.name for p in exported.iterdir()}
     assert names == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "README.md",
-                     "micro-release.safetensors"}
+                     "micro-release.safetensors", "sampling.json"}
+    assert json.loads((exported / "sampling.json").read_text()) == {"timestep_schedule": "grid"}
+    assert Bundle.load(exported).timestep_schedule == Bundle.load(micro_lcm).timestep_schedule == "grid"
     index = json.loads((exported / "model_index.json").read_text())
     assert index["_class_name"] == "LatentConsistencyModelPipeline" and index["scheduler"] == ["diffusers",
                                                                                                 "LCMScheduler"]

@@ -193,7 +193,7 @@ def test_adamw8bit_trains_and_resumes_or_says_why_not(micro_teacher, data, tmp_p
         opt = prepare(_task(micro_teacher, data), cfg, make_accelerator())
     except ValueError as exc:  # this bitsandbytes build has no 8-bit AdamW for this device
         assert "does not run on" in str(exc) and "\n" not in str(exc)
-        return
+        pytest.skip(f"bitsandbytes' 8-bit AdamW cannot run here: {exc}")
     assert "8bit" in type(getattr(opt, "optimizer", opt)).__name__
     full = _task(micro_teacher, data)
     assert fit(full, cfg, tmp_path / "a") == 2
@@ -203,6 +203,65 @@ def test_adamw8bit_trains_and_resumes_or_says_why_not(micro_teacher, data, tmp_p
     a, b = full.student_unet.state_dict(), resumed.student_unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.isfinite(v).all() for v in a.values())
+
+
+class _NestedAdamW(torch.optim.AdamW):
+    """An AdamW whose state dict nests its moments one dict deep, as bitsandbytes' 8-bit optimizers do."""
+
+    def state_dict(self):
+        sd = super().state_dict()
+        return {**sd, "state": {pid: {"step": st["step"], "moments": {"m": st["exp_avg"], "v": st["exp_avg_sq"]}}
+                                for pid, st in sd["state"].items()}}
+
+    def load_state_dict(self, state_dict):
+        state = {pid: {"step": st["step"], "exp_avg": st["moments"]["m"], "exp_avg_sq": st["moments"]["v"]}
+                 for pid, st in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+
+
+def test_8bit_state_is_flat_in_a_checkpoint_and_restored_exactly(tmp_path):
+    """What the 8-bit optimizer adds to checkpoints and resume, without bitsandbytes: a nested state is stored
+    one tensor per (parameter, key) and loads back to the same optimizer state."""
+    from latentcm.training.checkpoint import load_checkpoint, save_checkpoint
+    from latentcm.training.optim8bit import _flat_state
+
+    flat_adamw = _flat_state(_NestedAdamW)
+    assert flat_adamw.__name__ == "_NestedAdamW"
+    net = torch.nn.Linear(3, 2)
+    opt = flat_adamw(net.parameters(), lr=1e-2)
+    for _ in range(2):
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+    flat = opt.state_dict()["state"][0]
+    assert set(flat) == {"step", "moments/m", "moments/v"} and all(torch.is_tensor(v) for v in flat.values())
+    save_checkpoint(tmp_path / "step-0000002.safetensors", {"net": net}, opt, {"step": 2})
+    net2 = torch.nn.Linear(3, 2)
+    opt2 = flat_adamw(net2.parameters(), lr=1e-2)
+    load_checkpoint(tmp_path / "step-0000002.safetensors", {"net": net2}, opt2)
+    a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[p][k].float(), b[p][k].float()) for p in a for k in a[p])
+    for n, o in ((net, opt), (net2, opt2)):  # and the next update is the same
+        o.zero_grad()
+        n(torch.ones(1, 3)).sum().backward()
+        o.step()
+    assert torch.equal(net.weight, net2.weight) and torch.equal(net.bias, net2.bias)
+
+
+def test_adamw8bit_that_cannot_run_on_the_device_is_one_clear_error(monkeypatch):
+    """The probe of a bitsandbytes build without a CPU 8-bit AdamW, with a stand-in module."""
+    import types
+
+    from latentcm.training.optim8bit import adamw8bit
+
+    class Broken(torch.optim.AdamW):
+        def step(self, closure=None):
+            raise RuntimeError("no CPU kernel\nsecond line")
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=Broken)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    with pytest.raises(ValueError, match="does not run on cpu here") as err:
+        adamw8bit([torch.nn.Parameter(torch.zeros(3))], _cfg(optimizer="adamw8bit"), None)
+    assert "\n" not in str(err.value) and "no CPU kernel" in str(err.value)
 
 
 def test_bad_loop_options_are_refused():

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import torch
 
+from ..bundle import SAMPLING_FILE
 from ..defaults import SKIP
+from ..files import write_text
 from ..models import lora as L
 from ..schedules import lcm_scheduler_config
+from .pipeline import check_schedule, write_sampling
 
 STYLE_ADAPTER = "style"
 STYLE_KOHYA_NAME = "style_lora_kohya.safetensors"
@@ -61,6 +64,7 @@ image = pipe("a large red circle on a blue background", num_inference_steps=4, g
 ```
 
 or `lcm generate "a large red circle on a blue background" --model {teacher} --lora <this folder>`.
+Timestep schedule: `{schedule}` (named in `{sampling_file}` beside the scheduler config; diffusers ignores it).
 """
 
 
@@ -78,15 +82,15 @@ def write_lora_card(folder: Path, info: dict) -> Path:
         solver=lcd.get("solver", "?"), skip=info.get("skip", "?"), n_grid=info.get("n_grid", "?"),
         target="online adapter under no_grad (mu = 0)" if not mu else f"EMA of the adapter, mu = {mu}",
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
-        steps=info.get("steps", "?"), batch=lcd.get("batch_size", "?"), lr=loop.get("lr", "?"))
-    path = Path(folder) / "README.md"
-    path.write_text(text)
-    return path
+        steps=info.get("steps", "?"), batch=lcd.get("batch_size", "?"), lr=loop.get("lr", "?"),
+        schedule=info.get("schedule", "grid"), sampling_file=SAMPLING_FILE)
+    return write_text(Path(folder) / "README.md", text)
 
 
 def export_lcm_lora(unet: torch.nn.Module, scheduler_config: dict, dest: str | Path, info: dict, *,
-                    skip: int = SKIP) -> Path:
-    """Write the online adapter into ``dest``: diffusers + kohya safetensors, LCMScheduler config, model card.
+                    skip: int = SKIP, schedule: str = "grid") -> Path:
+    """Write the online adapter into ``dest``: diffusers + kohya safetensors, LCMScheduler config with its
+    ``SAMPLING_FILE``, model card.
 
     Args:
         unet: the UNet carrying the ``ADAPTER`` adapter.
@@ -94,16 +98,19 @@ def export_lcm_lora(unet: torch.nn.Module, scheduler_config: dict, dest: str | P
         dest: output folder (other files in it, such as checkpoints, are left alone).
         info: what the card reports: command, teacher, steps, lcd, lora, loop.
         skip: k of the training grid (``original_inference_steps`` = T // k).
+        schedule: the timestep schedule latentcm samples with the adapter by default (``defaults.TIMESTEP_SCHEDULES``).
     """
     from diffusers import LCMScheduler
 
+    check_schedule(schedule)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     sched = LCMScheduler(**lcm_scheduler_config(scheduler_config, skip))
     sched.save_config(dest)
+    write_sampling(dest, schedule)
     L.save_diffusers_lora(unet, dest, L.ADAPTER)
     L.save_kohya(unet, dest / L.KOHYA_NAME, L.ADAPTER)
-    write_lora_card(dest, {**info, "skip": skip, "n_grid": sched.config.original_inference_steps})
+    write_lora_card(dest, {**info, "skip": skip, "n_grid": sched.config.original_inference_steps, "schedule": schedule})
     return dest
 
 
@@ -142,5 +149,5 @@ def export_style_lora(unet, dest: Path, info: dict) -> Path:
     L.save_diffusers_lora(unet, dest, STYLE_ADAPTER)
     L.save_kohya(unet, dest / STYLE_KOHYA_NAME, STYLE_ADAPTER)
     cfg = unet.peft_config[STYLE_ADAPTER]
-    (dest / "README.md").write_text(STYLE_LORA_CARD.format(rank=cfg.r, alpha=cfg.lora_alpha, **info))
+    write_text(dest / "README.md", STYLE_LORA_CARD.format(rank=cfg.r, alpha=cfg.lora_alpha, **info))
     return dest

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import Bundle
-from ..defaults import LCM_GUIDANCE, LCM_STEPS, SKIP
+from ..bundle import SAMPLING_FILE, Bundle
+from ..defaults import LCM_GUIDANCE, LCM_STEPS, SKIP, TIMESTEP_SCHEDULES
+from ..errors import ModelError
+from ..files import write_json, write_text
 from ..schedules import lcm_scheduler_config, skip_of
 
 LCM_CARD = """---
@@ -54,7 +56,30 @@ image = pipe("a large red circle on a blue background", num_inference_steps={ste
 ```
 
 `guidance_scale` g is the usual scale; the student was conditioned on the paper's w = g - 1.
+
+Timestep schedule: `{schedule}` ({schedule_note}). latentcm (`lcm generate`, `Bundle`) samples on it by default; it
+is named in `{sampling_file}`, which diffusers ignores.
 """
+
+SCHEDULE_NOTES = {
+    "grid": "diffusers' own selection from the skipping grid, Algorithm 3; `num_inference_steps` gives it",
+    "refine": "after the first step every step at low noise, `latentcm.schedules.refine_timesteps`; pass those "
+              "to diffusers as `timesteps`",
+}
+
+
+def check_schedule(schedule: str) -> str:
+    """``schedule`` when it is a timestep schedule latentcm samples on (``defaults.TIMESTEP_SCHEDULES``), else
+    a one-line ModelError."""
+    if schedule not in TIMESTEP_SCHEDULES:
+        raise ModelError(f"unknown timestep schedule {schedule!r}; choose from {', '.join(TIMESTEP_SCHEDULES)}")
+    return schedule
+
+
+def write_sampling(folder: str | Path, schedule: str) -> Path:
+    """An LCM folder's ``SAMPLING_FILE``: the timestep schedule latentcm samples it on by default (read back by
+    ``bundle.sampling_schedule``)."""
+    return write_json(Path(folder) / SAMPLING_FILE, {"timestep_schedule": check_schedule(schedule)})
 
 
 def shipped_name(path: str) -> str:
@@ -68,8 +93,9 @@ def shipped_name(path: str) -> str:
     return path
 
 
-def write_lcm_card(folder: Path, card_info: dict) -> Path:
-    """README.md with YAML front matter (library_name: diffusers) and the command that made the model."""
+def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid") -> Path:
+    """README.md with YAML front matter (library_name: diffusers), the command that made the model and its
+    timestep schedule."""
     lcd, loop = card_info.get("lcd", {}), card_info.get("loop", {})
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
@@ -87,10 +113,9 @@ def write_lcm_card(folder: Path, card_info: dict) -> Path:
                      if lcd.get("cond_proj_inputs") == "smooth" else "all"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
         steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
-        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), steps_rec=LCM_STEPS, guidance_rec=LCM_GUIDANCE)
-    path = folder / "README.md"
-    path.write_text(text)
-    return path
+        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), steps_rec=LCM_STEPS, guidance_rec=LCM_GUIDANCE,
+        schedule=schedule, schedule_note=SCHEDULE_NOTES[check_schedule(schedule)], sampling_file=SAMPLING_FILE)
+    return write_text(folder / "README.md", text)
 
 
 def _move_into(src: Path, dest: Path) -> None:
@@ -105,8 +130,8 @@ def _move_into(src: Path, dest: Path) -> None:
 
 
 def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path, card_info: dict, *,
-               skip: int = SKIP) -> Path:
-    """Write a complete diffusers LatentConsistencyModelPipeline folder into ``dest``.
+               skip: int = SKIP, schedule: str = "grid") -> Path:
+    """Write a complete diffusers LatentConsistencyModelPipeline folder into ``dest``, with its ``SAMPLING_FILE``.
 
     Args:
         student: the distilled UNet (with ``time_cond_proj_dim``).
@@ -114,12 +139,15 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
         dest: output folder (other files in it, such as checkpoints, are left alone).
         card_info: what the model card reports: command, teacher, steps, lcd (LCDConfig dict), loop (LoopConfig dict).
         skip: the skipping interval k of the training grid (original_inference_steps = T // k).
+        schedule: the timestep schedule latentcm samples the model on by default (``defaults.TIMESTEP_SCHEDULES``;
+            "grid" is diffusers' own selection).
 
     Returns:
         ``dest``.
     """
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
+    check_schedule(schedule)
     bundle = bundle_or_teacher_dir if isinstance(bundle_or_teacher_dir, Bundle) else Bundle.load(bundle_or_teacher_dir)
     if student.config.get("time_cond_proj_dim") is None:
         raise ValueError("the student UNet has no time_cond_proj_dim; export the distilled student, not the teacher")
@@ -135,9 +163,10 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    card = write_lcm_card(tmp, card_info)
+    write_sampling(tmp, schedule)
+    card = write_lcm_card(tmp, card_info, schedule)
     if getattr(bundle, "is_sdxl", False):  # diffusers has no SDXL LCM pipeline class: SDXL pipeline + LCMScheduler
-        card.write_text(card.read_text().replace("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline"))
+        write_text(card, card.read_text().replace("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline"))
     _move_into(tmp, dest)
     return dest
 
@@ -164,5 +193,5 @@ def export_finetuned_teacher(unet: torch.nn.Module, bundle: Bundle, dest: str | 
     for part in TEACHER_PARTS:
         src = Path(bundle.path) / part
         (shutil.copytree(src, dest / part, dirs_exist_ok=True) if src.is_dir() else shutil.copy2(src, dest / part))
-    (dest / "finetune.json").write_text(json.dumps(info, indent=2))
+    write_json(dest / "finetune.json", info)
     return dest

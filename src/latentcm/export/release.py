@@ -12,7 +12,9 @@ import torch
 from ..bundle import SAMPLING_FILE, Bundle
 from ..defaults import LCM_DEFAULTS
 from ..errors import ModelError
-from ..schedules import refine_timesteps
+from ..files import write_text
+from ..schedules import refine_timesteps, train_timesteps
+from .pipeline import write_sampling
 from .single_file import save_single_file
 
 CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
@@ -96,11 +98,11 @@ def _steps_kw(bundle: Bundle | None) -> tuple[str, str]:
     the refine schedule (diffusers' own selection would differ), else ``num_inference_steps``."""
     if bundle is None or bundle.timestep_schedule != "refine":
         return f"num_inference_steps={RECOMMENDED_STEPS}", ""
-    ts = refine_timesteps(RECOMMENDED_STEPS, bundle.scheduler_config.get("num_train_timesteps", 1000),
-                          bundle.original_inference_steps).tolist()
+    big_t = train_timesteps(bundle.scheduler_config)
+    ts = refine_timesteps(RECOMMENDED_STEPS, big_t, bundle.original_inference_steps).tolist()
     return (f"timesteps={ts}", f"\nThis model was measured on latentcm's `refine` timesteps (`{SAMPLING_FILE}`): after the "
             "first step, every step at low noise. diffusers picks other timesteps from `num_inference_steps`, "
-            "so pass them as `timesteps` (`latentcm.schedules.refine_timesteps(n, 1000, "
+            f"so pass them as `timesteps` (`latentcm.schedules.refine_timesteps(n, {big_t}, "
             f"{bundle.original_inference_steps})` gives them for n steps).\n")
 
 
@@ -118,9 +120,7 @@ def write_release_card(folder: Path, name: str, source: Path, base_model: str, f
         steps_kw=steps_kw, schedule_note=schedule_note,
         variant_kw=', variant="fp16", torch_dtype=torch.float16' if fp16 else "",
         source_card=f"\n## Source model card\n\n{demote_headings(old_body.strip())}\n" if old_body.strip() else "")
-    path = folder / "README.md"
-    path.write_text(text)
-    return path
+    return write_text(folder / "README.md", text)
 
 
 def lcm_pipeline(bundle: Bundle):
@@ -187,8 +187,7 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         save_single_file(bundle, tmp / f"{dest.name}.safetensors")
     if fp16:
         save_fp16_variant(pipe, tmp)
-    if (source / SAMPLING_FILE).is_file():  # latentcm's sampling defaults travel with the model
-        shutil.copy(source / SAMPLING_FILE, tmp / SAMPLING_FILE)
+    write_sampling(tmp, bundle.timestep_schedule)  # latentcm's sampling default travels with the model
     write_release_card(tmp, dest.name, source, base_model, fp16, single_file, bundle)
     if dest.exists():
         dest.rmdir()

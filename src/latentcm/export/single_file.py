@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..bundle import Bundle, ModelError, check_kind
+from ..files import atomic_path
 
 FORMAT = "latentcm.single_file/1"
 PARTS = ("unet", "vae", "text_encoder")
@@ -45,7 +46,8 @@ def _tokenizer_files(tokenizer) -> str:
 
 
 def save_single_file(bundle, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``bundle`` (weights cast to ``dtype`` if given) as one .safetensors file in the layout above."""
+    """Write ``bundle`` (weights cast to ``dtype`` if given) as one .safetensors file in the layout above
+    (atomically)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -53,7 +55,8 @@ def save_single_file(bundle, path: str | Path, dtype: torch.dtype | None = None)
                 "tokenizer": _tokenizer_files(bundle.tokenizer),
                 "unet_config": bundle.unet.to_json_string(), "vae_config": bundle.vae.to_json_string(),
                 "text_encoder_config": bundle.text_encoder.config.to_json_string()}
-    save_file(single_file_tensors(bundle, dtype), str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(single_file_tensors(bundle, dtype), str(tmp), metadata=metadata)
     return path
 
 

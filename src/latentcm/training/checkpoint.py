@@ -1,6 +1,6 @@
 """Atomic safetensors checkpoints of modules + optimizer state (no pickle anywhere).
 
-A checkpoint is written to a hidden temp file in its folder (``.tmp-step-0000012-XXXXXXXX``), fsynced,
+A checkpoint is written to a temp file in its folder (``step-0000012.tmp<pid>.safetensors``), fsynced,
 renamed over ``step-0000012.safetensors`` and the folder fsynced: a kill at any point leaves either the
 old set of checkpoints or the new one, plus at most one orphan temp file, which ``clean_temp_files``
 removes on the next start. A failed write (disk full, read-only folder, ...) removes its temp file and
@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
+
 CKPT_RE = re.compile(r"step-(\d+)\.safetensors$")
+TEMP_RE = re.compile(r"^step-\d+\.tmp\d+\.safetensors$")  # files.atomic_path's temp of a checkpoint
 TEMP_PREFIX = ".tmp-"
 _LEGACY_TEMP_RE = re.compile(r"^(step-\d+\.safetensors\.tmp|\.tmp\w+)$")  # older writers' temp names
 
@@ -70,13 +72,13 @@ def _reason(exc: BaseException) -> str:
 
 def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None, meta: dict) -> Path:
-    """Write one checkpoint atomically: a temp file, fsync, then rename over the target.
+    """Write one checkpoint atomically (``files.atomic_path``): a temp file, fsync, rename over the target, fsync
+    of the folder.
 
     Any failure (or an interrupt) removes the temp file; an OSError or a safetensors write error becomes
     :class:`CheckpointWriteError`, and the checkpoints already in the folder are untouched."""
     path = Path(path)
     directory = path.parent
-    tmp: Path | None = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"module.{name}.{k}": v.detach().contiguous().clone()
@@ -85,15 +87,10 @@ def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
         if optimizer is not None:
             opt_tensors, extra = _optimizer_tensors(optimizer)
             tensors.update(opt_tensors)
-        stem = CKPT_RE.search(path.name)
-        fd, name = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX + (path.stem if stem else "ckpt") + "-")
-        os.close(fd)
-        tmp = Path(name)
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, **extra})})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-        tmp = None
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, **extra})})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         _fsync_dir(directory)
     except Exception as exc:
         if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
@@ -102,12 +99,6 @@ def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
         last = good[-1].name if good else "none"
         raise CheckpointWriteError(f"cannot write checkpoint {path.name} in {directory}: {_reason(exc)}; "
                                    f"last good checkpoint: {last}") from exc
-    finally:
-        if tmp is not None:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
     return path
 
 
@@ -175,7 +166,8 @@ def temp_files(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir()
-                  if p.is_file() and (p.name.startswith(TEMP_PREFIX) or _LEGACY_TEMP_RE.match(p.name)))
+                  if p.is_file() and (TEMP_RE.match(p.name) or p.name.startswith(TEMP_PREFIX)
+                                          or _LEGACY_TEMP_RE.match(p.name)))
 
 
 def clean_temp_files(directory: str | Path) -> list[Path]:

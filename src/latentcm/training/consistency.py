@@ -31,129 +31,21 @@ c_out, the solver and the loss run in fp32 (the alpha / sigma table stays float6
 from __future__ import annotations
 
 import copy
-import logging
-import types
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import schedules
-from ..defaults import OMEGA_RANGE, SKIP
-from ..guidance import GUIDANCE_EMBED_DIM, guidance_scale_embedding, interval_omega, smooth_embedding_mask
+from ..guidance import guidance_scale_embedding, interval_omega, smooth_embedding_mask
 from ..models.denoiser import ConsistencyModel, Denoiser, make_student
 from ..models.lora import ADAPTER, TARGET_ADAPTER, AdapterView, AdapterWeights, LoRAConfig, add_lora
 from ..schedules import training_grid
 from ..solvers import SOLVERS, augmented_step_batched
 from .data.tensors import LCDData
+from .lcd_config import COND_PROJ_INPUTS, LOSSES, TARGETS, LCDConfig, distance  # noqa: F401 -- re-exported
 from .loop import ema_update, step_generator
-
-LOSSES = ("l2", "huber")
-# How the less-noisy point z_{t_n} is made: "solver" = LCD (Algorithm 1 line 5, teacher + ODE solver);
-# "same-noise" = LCF (LCM Sec. 4.4): alpha(t_n) z + sigma(t_n) eps with the SAME z and eps as z_{t_{n+k}}.
-TARGETS = ("solver", "same-noise")
-COND_PROJ_INPUTS = ("all", "smooth")
-
-
-@dataclass(frozen=True)
-class LCDConfig:
-    """One LCD variant (LCM Algorithm 1; Sec. 5.1 hyperparameters). w is the paper's guidance (SD guidance scale g = 1 + w)."""
-
-    solver: str = "ddim"               # Psi: ddim | dpm-solver | dpm-solver++
-    skip: int = SKIP                   # k, skipping interval; grid t_i = k i - 1, N = T // k points
-    omega_min: float = OMEGA_RANGE[0]  # w ~ U[omega_min, omega_max]; the paper's [2, 14]
-    omega_max: float = OMEGA_RANGE[1]
-    ema_decay: float = 0.95            # mu of the target network (diffusers); the paper's 0.999943 selectable
-    student_ema: float = 0.0           # > 0: also keep a slow EMA of the student, exported in its place; 0: off
-    cond_proj_lr_scale: float = 1.0    # the w projection (Eq. 9's omega-embedding -> time embedding) at lr x this
-    loss: str = "l2"                   # distance d: l2 | huber (pseudo-Huber)
-    huber_c: float = 0.001             # c of the pseudo-Huber distance
-    batch_size: int = 16               # per process
-    seed: int = 0                      # batch seed
-    time_cond_proj_dim: int = GUIDANCE_EMBED_DIM  # size of the w embedding fed as timestep_cond
-    cond_proj_init: str = "zero"       # init of the w projection: zero (starts as the teacher) | default
-    target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
-    max_timestep: int | None = None    # train only t_{n+k} <= this (LCF: texture lives at low noise); None: all
-    guidance_max_t: int | None = None  # teacher guided only where t_{n+k} <= this (guidance interval); None: all t
-    cond_proj_inputs: str = "all"      # w-embedding entries the w projection reads: all | smooth (no aliasing ones)
-    gradient_checkpointing: bool = False  # memory, not math: the student recomputes activations in backward
-
-    def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
-        if not 0 <= self.omega_min <= self.omega_max:
-            raise ValueError(f"need 0 <= omega_min <= omega_max, got [{self.omega_min}, {self.omega_max}]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.student_ema < 1.0:
-            raise ValueError(f"student_ema must be in [0, 1), got {self.student_ema}")
-        if not self.cond_proj_lr_scale > 0:
-            raise ValueError(f"cond_proj_lr_scale must be > 0, got {self.cond_proj_lr_scale}")
-        if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
-            raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
-        if self.cond_proj_inputs not in COND_PROJ_INPUTS:
-            raise ValueError(f"unknown cond_proj_inputs {self.cond_proj_inputs!r}; choose from "
-                             f"{', '.join(COND_PROJ_INPUTS)}")
-        if self.guidance_max_t is not None and self.guidance_max_t < 0:
-            raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
-        if self.max_timestep is not None and self.max_timestep < self.skip - 1:
-            raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point "
-                             f"(the lowest is k - 1 = {self.skip - 1})")
-
-
-def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.001) -> torch.Tensor:
-    """d(x, y): mean squared error, or pseudo-Huber mean(sqrt((x - y)^2 + c^2) - c)  (LCM Algorithm 1)."""
-    if kind == "l2":
-        return torch.mean((pred - target) ** 2)
-    if kind == "huber":
-        return torch.mean(torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
-    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
-
-
-class Float32Output(torch.nn.Module):
-    """A UNet whose floating inputs are cast to ``dtype`` (the stored weights') and whose output is fp32.
-
-    Wraps the network inside a ``Denoiser`` under mixed precision: the network runs in half (the teacher, the
-    target) or under autocast (the student), and everything after it -- x0 / eps, c_skip / c_out, the solver,
-    the loss -- sees fp32 tensors.
-    """
-
-    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    @property
-    def config(self):
-        return self.net.config
-
-    def _cast(self, x):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            return x.to(self.dtype)
-        if isinstance(x, dict):
-            return {k: self._cast(v) for k, v in x.items()}
-        return x
-
-    def forward(self, sample, timestep, **kwargs):
-        out = self.net(self._cast(sample), timestep, **{k: self._cast(v) for k, v in kwargs.items()})
-        return types.SimpleNamespace(sample=out.sample.float())
-
-
-def _wrap(denoiser: Denoiser, dtype: torch.dtype) -> None:
-    if not isinstance(denoiser.unet, Float32Output):
-        denoiser.unet = Float32Output(denoiser.unet, dtype)
-
-
-def _warn_slow_ema(decay: float, dtype: torch.dtype) -> None:
-    resolution = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # relative spacing of the half format
-    if 0 < 1 - decay < resolution:
-        logging.getLogger(__name__).warning(
-            "warning: EMA rate %g moves the half-precision target by less than its resolution (%g) per step; "
-            "it will barely move: use a lower --ema", decay, resolution)
+from .precision import Float32Output, warn_slow_ema, wrap_float32  # noqa: F401 -- re-exported
 
 
 def restrict_cond_proj(unet, omega_min: float, omega_max: float) -> None:
@@ -222,14 +114,14 @@ class LCDTask:
         network output is fp32 (``Float32Output``). Called by the loop before ``prepare``."""
         if self.teacher is not None:
             self.teacher.unet.to(dtype)
-            _wrap(self.teacher, dtype)
+            wrap_float32(self.teacher, dtype)
         self.target_unet.to(dtype)
-        _warn_slow_ema(self.cfg.ema_decay, dtype)
-        _wrap(self.target.denoiser, dtype)
+        warn_slow_ema(self.cfg.ema_decay, dtype)
+        wrap_float32(self.target.denoiser, dtype)
         self.student_unet.float()  # fp32 master weights, also of a student built in half
         if self.average_unet is not None:
             self.average_unet.float()  # a slow EMA moves by less than half precision resolves
-        _wrap(self.student.denoiser, torch.float32)
+        wrap_float32(self.student.denoiser, torch.float32)
 
     def modules(self):
         found = {"student": self.student_unet, "target": self.target_unet}
@@ -325,7 +217,7 @@ class LCDTask:
         return loss, {"omega_mean": float(omega.mean())}
 
     def w_embedding(self, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """The w embedding [B, d] fed as timestep_cond (LCM Sec. 4.2); LCM-LoRA has none (``lora.LoRATask``)."""
+        """The w embedding [B, d] fed as timestep_cond (LCM Sec. 4.2); LCM-LoRA has none (``LoRATask.w_embedding``)."""
         return guidance_scale_embedding(omega, self.cfg.time_cond_proj_dim).to(dtype)
 
     def after_update(self, step: int) -> None:
@@ -392,9 +284,9 @@ class LoRATask(LCDTask):
             for p in self.student_unet.parameters():  # fp32 online adapter, also of a UNet built in half
                 p.data = p.data.float() if id(p) in online else p.data.to(dtype)
         if self.lora_target is not None:
-            _warn_slow_ema(self.cfg.ema_decay, dtype)
+            warn_slow_ema(self.cfg.ema_decay, dtype)
         for denoiser in (self.teacher, self.target.denoiser, self.student.denoiser):
-            _wrap(denoiser, dtype)
+            wrap_float32(denoiser, dtype)
 
     def modules(self):
         """Only the adapter weights are checkpointed: the base UNet is the teacher folder's, unchanged."""

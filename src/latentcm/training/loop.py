@@ -24,8 +24,6 @@ adamw | adamw8bit (bitsandbytes).
 from __future__ import annotations
 
 import contextlib
-import csv
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,10 +33,9 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointReadError, clean_temp_files, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, save_checkpoint)
-
-log = logging.getLogger(__name__)
+from .optim8bit import adamw8bit
+from .runs import (METRICS, check_fresh, clean_run_folder, log_row, resume_latest, save_step,  # noqa: F401
+                   training_minutes, truncate_metrics)  # check_fresh, training_minutes: re-exported
 
 
 class NonFiniteLossError(ValueError):
@@ -129,56 +126,8 @@ def make_optimizer(task: Task, cfg: LoopConfig, device: torch.device | None = No
     over ``task.parameters()``."""
     params = task.param_groups() if hasattr(task, "param_groups") else task.parameters()
     if cfg.optimizer == "adamw8bit":
-        return _adamw8bit(params, cfg, device)
+        return adamw8bit(params, cfg, device)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def _adamw8bit(params, cfg: LoopConfig, device) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit AdamW, or a one-line ValueError saying why it cannot be used here."""
-    try:
-        import bitsandbytes as bnb
-    except Exception as exc:  # not installed, or its native library does not load
-        raise ValueError(f"--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes): "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from None
-    params = list(params)
-    where = torch.device(device if device is not None else (params[0].device if params else "cpu"))
-    if where.type != "cuda":  # bitsandbytes' CPU support depends on its version and build: probe it once
-        try:
-            probe = torch.nn.Parameter(torch.zeros(4096, device=where))
-            probe.grad = torch.ones_like(probe)
-            bnb.optim.AdamW8bit([probe], lr=1e-3).step()
-        except Exception as exc:
-            raise ValueError(f"--optimizer adamw8bit: bitsandbytes' 8-bit AdamW does not run on {where.type} here "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                             f"use a CUDA GPU or --optimizer adamw") from None
-    return _flat_state(bnb.optim.AdamW8bit)(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def _flat_state(cls):
-    """``cls`` with a flat state dict (bitsandbytes nests its quantisation state one dict deep; checkpoints hold
-    one tensor per (parameter, key)), restored on load."""
-    class Flat(cls):
-        def state_dict(self):
-            sd = super().state_dict()
-            state = {pid: {f"{k}/{kk}" if isinstance(v, dict) else k: vv
-                           for k, v in st.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
-                     for pid, st in sd["state"].items()}
-            return {**sd, "state": state}
-
-        def load_state_dict(self, state_dict):
-            state = {}
-            for pid, st in state_dict["state"].items():
-                nested: dict = {}
-                for k, v in st.items():
-                    if "/" in k:
-                        outer, inner = k.split("/", 1)
-                        nested.setdefault(outer, {})[inner] = v
-                    else:
-                        nested[k] = int(v) if k == "step" and torch.is_tensor(v) else v
-                state[pid] = nested
-            super().load_state_dict({**state_dict, "state": state})
-    Flat.__name__ = Flat.__qualname__ = cls.__name__
-    return Flat
 
 
 def precision_of(cfg: LoopConfig, accelerator) -> str:
@@ -267,78 +216,6 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
             "skipped": int(bad)}
 
 
-def _resume(task: Task, opt: torch.optim.Optimizer, ckpt_dir: Path, main: bool = True) -> dict:
-    """Load the newest readable checkpoint in ``ckpt_dir`` and return its metadata ({"step": 0} when there is
-    none). Unreadable newer ones are skipped with a warning and (main process) renamed ``*.unreadable``;
-    CheckpointReadError when checkpoints exist but none is readable."""
-    found = list_checkpoints(ckpt_dir)
-    if not found:
-        return {"step": 0}
-    bad: list[tuple[Path, CheckpointReadError]] = []
-    for path in reversed(found):
-        try:
-            meta = load_checkpoint(path, task.modules(), opt)
-        except CheckpointReadError as exc:
-            bad.append((path, exc))
-            continue
-        for old, exc in bad:
-            log.warning("warning: skipping %s: %s; resuming from %s", old.name, str(exc).splitlines()[0], path.name)
-            if main:
-                try:
-                    old.replace(old.with_name(old.name + ".unreadable"))
-                except OSError:
-                    pass
-        return meta
-    raise CheckpointReadError(f"no readable checkpoint in {ckpt_dir} ({len(bad)} found, e.g. {bad[0][1]})")
-
-
-def truncate_metrics(path: str | Path, step: int) -> int:
-    """Cut ``metrics.csv`` back to the rows of steps 1..``step`` (one each, the last written; a partial last
-    line of a killed run is dropped), so a resumed run logs every step once. Returns the rows dropped."""
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    lines = path.read_text(errors="replace").split("\n")
-    header, body, partial = lines[0], lines[1:-1], lines[-1]  # a kill mid-write leaves a partial last line
-    rows: dict[int, str] = {}
-    for line in body:
-        try:
-            at = int(line.split(",", 1)[0])
-        except ValueError:
-            continue
-        if 1 <= at <= step:
-            rows[at] = line
-    dropped = len(body) + (bool(partial) and len(lines) > 1) - len(rows)
-    if len(lines) == 1:  # not even a complete header
-        rows = {}
-    if not rows:
-        path.unlink()
-        return dropped
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join([header, *(rows[k] for k in sorted(rows))]) + "\n")
-        tmp.replace(path)
-    return dropped
-
-
-def _log_row(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def training_minutes(out_dir: str | Path) -> float:
-    """Wall minutes of a run's optimizer steps: time_s of the last row of OUT/metrics.csv (carried over resumes)."""
-    with open(Path(out_dir) / "metrics.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise ValueError(f"{out_dir}/metrics.csv has no rows")
-    return round(float(rows[-1]["time_s"]) / 60, 2)
-
-
 def _any_process(accelerator, flag: bool) -> bool:
     """True on every process when ``flag`` is true on any one (so all processes stop together)."""
     if accelerator.num_processes == 1:
@@ -346,20 +223,56 @@ def _any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
 
 
-def _save(task: Task, opt, accelerator, ckpt_dir: Path, keep: int, meta: dict) -> None:
-    """Checkpoint the unwrapped modules + optimizer, on the main process only."""
-    if accelerator.is_main_process:
-        modules = {k: accelerator.unwrap_model(m) for k, m in task.modules().items()}
-        save_checkpoint(ckpt_dir / f"step-{meta['step']:07d}.safetensors", modules, opt, meta)
-        prune_checkpoints(ckpt_dir, keep)
-    accelerator.wait_for_everyone()
+@dataclass
+class _Run:
+    """The counters of a run in progress, carried over resumes in the checkpoint metadata."""
+
+    step: int
+    spent: float        # seconds of earlier sessions
+    skipped_total: int  # skipped (non-finite) updates in all
+    bad_run: int        # skipped updates in a row now
+    t0: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "_Run":
+        bad_run = 0 if meta.get("stopped") == "non-finite" else int(meta.get("bad_in_a_row", 0))
+        return cls(int(meta["step"]), float(meta.get("elapsed_s", 0.0)), int(meta.get("skipped_steps", 0)), bad_run)
+
+    def elapsed(self) -> float:
+        return self.spent + time.time() - self.t0
+
+    def meta(self, at: int, cfg: LoopConfig, **extra) -> dict:
+        return {"step": at, "elapsed_s": self.elapsed(), "skipped_steps": self.skipped_total,
+                "bad_in_a_row": self.bad_run, "gradient_accumulation": cfg.gradient_accumulation, **extra,
+                **cfg.extra_meta}
 
 
-def check_fresh(out_dir: str | Path, resume: bool) -> None:
-    """Refuse to start over a run that already has checkpoints unless resuming."""
-    ckpt_dir = Path(out_dir) / "checkpoints"
-    if not resume and list_checkpoints(ckpt_dir):
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --resume or use a new --out")
+def _start(task: Task, cfg: LoopConfig, out: Path, resume: bool, acc) -> tuple[torch.optim.Optimizer, _Run]:
+    """Refuse to overwrite, clean what interrupted writes left, build the optimizer and resume the counters."""
+    check_fresh(out, resume)
+    if acc.is_main_process:
+        clean_run_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    opt = prepare(task, cfg, acc)
+    meta = resume_latest(task, opt, out / "checkpoints", acc.is_main_process) if resume else {"step": 0}
+    if int(meta.get("gradient_accumulation", cfg.gradient_accumulation)) != cfg.gradient_accumulation:
+        raise ValueError(f"the checkpoint was trained with --gradient-accumulation {meta['gradient_accumulation']}; "
+                         f"resume with the same value (got {cfg.gradient_accumulation})")
+    if acc.is_main_process:
+        truncate_metrics(out / METRICS, int(meta["step"]))  # rows of steps after the checkpoint are replayed
+    return opt, _Run.from_meta(meta)
+
+
+def _record(run: _Run, metrics: dict, out: Path, main: bool, bar) -> None:
+    """Count a finished step: skipped-update counters, progress bar, metrics.csv row."""
+    run.step += 1
+    run.bad_run = run.bad_run + 1 if metrics["skipped"] else 0
+    run.skipped_total += metrics["skipped"]
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"skipped": run.skipped_total} if run.skipped_total else {}))
+    if main:
+        log_row(out / METRICS, {"step": run.step, "time_s": round(run.elapsed(), 2), **metrics,
+                                "skipped_total": run.skipped_total})
 
 
 def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, desc: str = "train",
@@ -368,52 +281,26 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
     acc = accelerator if accelerator is not None else make_accelerator()
     out, main = Path(out_dir), acc.is_main_process
     ckpt_dir = out / "checkpoints"
-    check_fresh(out, resume)
-    if main:
-        for orphan in clean_temp_files(ckpt_dir):
-            log.info("removed %s (an interrupted checkpoint write)", orphan)
-        (out / "metrics.csv.tmp").unlink(missing_ok=True)  # of an interrupted truncate_metrics
-    out.mkdir(parents=True, exist_ok=True)
-    opt = prepare(task, cfg, acc)
-    meta = _resume(task, opt, ckpt_dir, main) if resume else {"step": 0}
-    if int(meta.get("gradient_accumulation", cfg.gradient_accumulation)) != cfg.gradient_accumulation:
-        raise ValueError(f"the checkpoint was trained with --gradient-accumulation {meta['gradient_accumulation']}; "
-                         f"resume with the same value (got {cfg.gradient_accumulation})")
-    step, spent = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
-    skipped_total = int(meta.get("skipped_steps", 0))
-    bad_run = 0 if meta.get("stopped") == "non-finite" else int(meta.get("bad_in_a_row", 0))
-    if main:
-        truncate_metrics(out / "metrics.csv", step)  # rows of steps after the checkpoint are replayed
-    start, t0 = step, time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, dynamic_ncols=True, disable=not main)
+    opt, run = _start(task, cfg, out, resume, acc)
+    start = run.step
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=desc, dynamic_ncols=True, disable=not main)
 
     def save(at: int, **extra) -> None:
-        _save(task, opt, acc, ckpt_dir, cfg.keep_checkpoints,
-              {"step": at, "elapsed_s": spent + time.time() - t0, "skipped_steps": skipped_total,
-               "bad_in_a_row": bad_run, "gradient_accumulation": cfg.gradient_accumulation, **extra,
-               **cfg.extra_meta})
+        save_step(task, opt, acc, ckpt_dir, cfg.keep_checkpoints, run.meta(at, cfg, **extra))
         if on_checkpoint and main:
             on_checkpoint(at)
 
     try:
-        while step < cfg.max_steps:
-            metrics = train_step(task, opt, cfg, step, acc)
-            step += 1
-            bad_run = bad_run + 1 if metrics["skipped"] else 0
-            skipped_total += metrics["skipped"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"skipped": skipped_total} if skipped_total else {}))
-            if main:
-                _log_row(out / "metrics.csv", {"step": step, "time_s": round(spent + time.time() - t0, 2), **metrics,
-                                               "skipped_total": skipped_total})
-            diverged = bool(cfg.max_bad_steps) and bad_run >= cfg.max_bad_steps
-            if diverged:
+        while run.step < cfg.max_steps:
+            _record(run, train_step(task, opt, cfg, run.step, acc), out, main, bar)
+            step = run.step
+            if cfg.max_bad_steps and run.bad_run >= cfg.max_bad_steps:
                 save(step, stopped="non-finite")
                 raise NonFiniteLossError(
-                    f"training stopped at step {step}: {bad_run} updates in a row had a non-finite loss or gradient "
-                    f"and were skipped ({skipped_total} in all); the last good weights are in "
+                    f"training stopped at step {step}: {run.bad_run} updates in a row had a non-finite loss or "
+                    f"gradient and were skipped ({run.skipped_total} in all); the last good weights are in "
                     f"{ckpt_dir / f'step-{step:07d}.safetensors'}; lower the learning rate or check the data")
-            timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes)
+            timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - run.t0 > 60 * cfg.max_minutes)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
                 save(step)
             if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
@@ -423,6 +310,6 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
                 break
     finally:
         bar.close()
-    if step == start and step < cfg.max_steps:
-        save(step)
-    return step
+    if run.step == start and run.step < cfg.max_steps:
+        save(run.step)
+    return run.step

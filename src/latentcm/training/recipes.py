@@ -7,7 +7,9 @@
     finetune-teacher  teacher        folder                    UNetTask (plain diffusion)  pipeline or style LoRA
 
 ``run`` holds what they share: refuse to overwrite a run, load and check the source, encode the data
-once (cached in OUT), build the task, ``loop.fit``, export on the main process. A run refused before
+once (cached in OUT), build the task, ``loop.fit``, export on the main process. An exported LCM (or LCM-LoRA)
+names its timestep schedule in sampling.json: ``Job.sampling_schedule``, else the source LCM's (finetune), else
+"grid". A run refused before
 training starts (bad settings, no usable data) leaves no OUT folder behind.
 """
 from __future__ import annotations
@@ -24,18 +26,19 @@ from ..bundle import Bundle
 from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS, LORA_OMEGA
 from ..errors import ModelError
 from ..export.lora import STYLE_ADAPTER, export_lcm_lora, export_style_lora
-from ..export.pipeline import export_finetuned_teacher, export_lcm
+from ..export.pipeline import check_schedule, export_finetuned_teacher, export_lcm
 from ..images import save_grid
 from ..models.denoiser import load_student, student_weights
 from ..models.lora import LoRAConfig, add_lora
 from ..sampling.latents import sample_latents
-from ..schedules import grid_size, skip_of
+from ..schedules import grid_size, skip_of, train_timesteps
 from .consistency import LCDConfig, LCDTask, LoRATask
 from .data.folders import LoadReport, folder_data
 from .data.shapes import world_data
 from .data.shards import ShardSource
 from .diffusion import UNetTask
-from .loop import LoopConfig, check_fresh, fit, make_accelerator
+from .loop import LoopConfig, fit, make_accelerator
+from .runs import check_fresh
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Job:
     preview_fn: Callable | None = None  # replaces the validation grid (ablations pass a metric probe)
     export: bool = True
     init_student: Path | None = None  # distill: start the student from this LCM's UNet instead of the teacher's
+    sampling_schedule: str | None = None  # the exported LCM's default timesteps (defaults.TIMESTEP_SCHEDULES);
+    # None: "grid" (diffusers' selection) for distill / distill-lora, the source LCM's own for finetune (LCF)
 
 
 @dataclass
@@ -120,7 +125,7 @@ def make_preview(bundle: Bundle, original_inference_steps: int, num: int = 8, pr
 
 
 def _grid_n(bundle: Bundle, skip: int) -> int:
-    return grid_size(bundle.scheduler_config.get("num_train_timesteps", 1000), skip)
+    return grid_size(train_timesteps(bundle.scheduler_config), skip)
 
 
 # --- the four recipes ----------------------------------------------------------------------------------
@@ -153,13 +158,21 @@ def _diffusion_task(bundle, data, captions, job):
                     ema_decay=d.get("ema_decay", 0.999), captions=captions, preview_fn=job.preview_fn)
 
 
+def schedule_of(job: Job, bundle: Bundle) -> str:
+    """The timestep schedule the exported model names in its sampling.json: the job's, else the source LCM's
+    own (LCF keeps what its LCM samples on), else "grid"."""
+    if job.sampling_schedule is not None:
+        return check_schedule(job.sampling_schedule)
+    return bundle.timestep_schedule if bundle.is_lcm else "grid"
+
+
 def _export_lcm(task, bundle, job, info):
-    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip)
+    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle))
 
 
 def _export_lcm_lora(task, bundle, job, info):
     export_lcm_lora(task.student_unet, bundle.scheduler_config, job.out, {**info, "lora": asdict(job.lora)},
-                    skip=job.lcd.skip)
+                    skip=job.lcd.skip, schedule=schedule_of(job, bundle))
 
 
 def _export_lcf(task, bundle, job, info):
@@ -168,7 +181,7 @@ def _export_lcf(task, bundle, job, info):
             "intro": (f"Latent Consistency Fine-tuning (LCF; Luo et al. 2023, Sec. 4.4) of the LCM `{job.source}` "
                       f"on the image folder `{job.data_dir}` ({info['data_report']}), made with latentcm: no "
                       "teacher, both consistency points from the same latent and noise.")}
-    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip)
+    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle))
 
 
 def _export_diffusion(task, bundle, job, info):
@@ -205,7 +218,7 @@ def lcm_skip(bundle: Bundle) -> int:
     """An LCM's own skipping interval k = T // original_inference_steps (LCF keeps the grid it was distilled on)."""
     if not bundle.is_lcm:
         raise ModelError(f"{bundle.path} is a diffusion teacher; LCF fine-tunes an LCM (distil one with `lcm distill`)")
-    return skip_of(bundle.scheduler_config.get("num_train_timesteps", 1000), bundle.original_inference_steps)
+    return skip_of(train_timesteps(bundle.scheduler_config), bundle.original_inference_steps)
 
 
 def _data(bundle: Bundle, job: Job, write: bool, accelerator=None):
@@ -253,6 +266,7 @@ def run(name: str, job: Job, accelerator=None) -> Result:
     t0, out = time.time(), Path(job.out)
     check_fresh(out, job.resume)
     bundle = load_source(job.source, recipe.source_kind)
+    schedule_of(job, bundle)  # an unknown timestep schedule fails before any encoding
     if job.lcd is not None:
         _grid_n(bundle, job.lcd.skip)  # a bad k fails before any encoding
     if job.init_student is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ...files import atomic_path, write_json
 from .folders import MAX_PIXELS, LoadReport, fit_square, list_pairs
 from .latent_format import FORMAT, META_KEY, VERSION, sample_bytes
 from .shards import _caption, _check, _image_bytes, _samples, expand, is_shard_spec
@@ -129,30 +130,34 @@ def prepare_unit(bundle, unit, final: Path, cfg: PrepareConfig) -> LoadReport:
     resolution = bundle.unet.config.sample_size * bundle.vae_factor
     report = LoadReport()
     rows = list(_unit_pairs(unit, resolution, cfg.min_size, report))
-    dtype = DTYPES[cfg.dtype]
-    tmp = final.with_name(final.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        data = None
-        if rows:
-            data = encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, [(im, c) for _, im, c in rows],
-                                batch_size=cfg.batch_size, **bundle_text_fns(bundle))
-            meta = _meta(bundle, cfg, data.latents.shape[1:], data.text_states.shape[1:])
-        else:
-            meta = _meta(bundle, cfg, [], [])
-        _add(tar, f"{META_KEY}.json", json.dumps(meta).encode())
-        if cfg.text == "states" and data is not None:
-            _add(tar, f"{META_KEY}.uncond.safetensors", sample_bytes({"uncond_states": data.uncond_states.to(dtype)}))
-        for i, (key, _, caption) in enumerate(rows):
-            tensors = {"latent": data.latents[i].to(dtype)}
-            if cfg.text == "states":
-                tensors["text_states"] = data.text_states[i].to(dtype)
-            _add(tar, f"{key}.latent.safetensors", sample_bytes(tensors))
-            _add(tar, f"{key}.txt", caption.encode())
-    # the report first: a finished tar always has one
-    _write_json(final.with_suffix(".json"), {"loaded": report.loaded,
-                                             "skipped": {k: len(v) for k, v in report.skipped.items()}})
-    tmp.replace(final)
+    with atomic_path(final) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            _write_unit(tar, bundle, rows, cfg)
+        # the report first: a finished tar always has one
+        write_json(final.with_suffix(".json"), {"loaded": report.loaded,
+                                                "skipped": {k: len(v) for k, v in report.skipped.items()}}, indent=1)
     return report
+
+
+def _write_unit(tar: tarfile.TarFile, bundle, rows: list, cfg: PrepareConfig) -> None:
+    """The shard's members: its meta, the empty prompt's states, then each sample's latent and caption."""
+    dtype = DTYPES[cfg.dtype]
+    data = None
+    if rows:
+        data = encode_pairs(bundle.vae, bundle.text_encoder, bundle.tokenizer, [(im, c) for _, im, c in rows],
+                            batch_size=cfg.batch_size, **bundle_text_fns(bundle))
+        meta = _meta(bundle, cfg, data.latents.shape[1:], data.text_states.shape[1:])
+    else:
+        meta = _meta(bundle, cfg, [], [])
+    _add(tar, f"{META_KEY}.json", json.dumps(meta).encode())
+    if cfg.text == "states" and data is not None:
+        _add(tar, f"{META_KEY}.uncond.safetensors", sample_bytes({"uncond_states": data.uncond_states.to(dtype)}))
+    for i, (key, _, caption) in enumerate(rows):
+        tensors = {"latent": data.latents[i].to(dtype)}
+        if cfg.text == "states":
+            tensors["text_states"] = data.text_states[i].to(dtype)
+        _add(tar, f"{key}.latent.safetensors", sample_bytes(tensors))
+        _add(tar, f"{key}.txt", caption.encode())
 
 
 def prepare(bundle, data: str | Path, out: Path, cfg: PrepareConfig, *, process_index: int = 0,
@@ -162,9 +167,9 @@ def prepare(bundle, data: str | Path, out: Path, cfg: PrepareConfig, *, process_
     out.mkdir(parents=True, exist_ok=True)
     todo, listing = units(data, cfg.shard_size)
     if process_index == 0:  # what the folder listing skipped, counted once in the summary
-        _write_json(out / "listing.json", {"skipped": {k: len(v) for k, v in listing.skipped.items()}})
+        write_json(out / "listing.json", {"skipped": {k: len(v) for k, v in listing.skipped.items()}}, indent=1)
     mine = [i for i in range(len(todo)) if i % num_processes == process_index]
-    for stale in out.glob("*.tmp"):  # a killed earlier run's partial file (only this process's units)
+    for stale in [*out.glob("*.tmp"), *out.glob("*.tmp[0-9]*.*")]:  # a killed run's partial files (this process's)
         if _unit_index(stale) in mine:
             stale.unlink()
     done = existing = 0
@@ -178,12 +183,6 @@ def prepare(bundle, data: str | Path, out: Path, cfg: PrepareConfig, *, process_
         if progress is not None:
             progress(1)
     return {"done": done, "skipped_existing": existing, "units": len(todo)}
-
-
-def _write_json(path: Path, row: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(row, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _unit_index(path: Path) -> int | None:
@@ -208,5 +207,5 @@ def summarize(out: Path, num_units: int) -> dict:
             skipped[k] = skipped.get(k, 0) + v
     summary = {"shards": num_units, "loaded": loaded, "skipped": skipped, "missing_units": missing,
                "spec": str(out / ("{%06d..%06d}.tar" % (0, num_units - 1)) if num_units > 1 else out / "000000.tar")}
-    _write_json(out / "prepare.json", summary)
+    write_json(out / "prepare.json", summary, indent=1)
     return summary

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ... import world
+from ...images import from_pixels
 from .tensors import LCDData, bundle_text_fns, encode_pairs
 
 DATA_WORLD_SEED = 1238          # shapes-world seed of the distillation data (the teacher stages use 1234..1237)
@@ -29,7 +30,7 @@ class WorldData:
 
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 -> float in [-1, 1]."""
-        return self.images[idx].float() / 127.5 - 1.0
+        return from_pixels(self.images[idx].permute(0, 2, 3, 1)).contiguous()  # [B, 3, H, W]
 
 
 def sample_captions(scenes: list[world.Scene], seed: int, step: int, offset: int = 0) -> list[str]:

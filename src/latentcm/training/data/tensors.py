@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ...files import atomic_path
+from ...images import from_pixels
 from ...models.components import encode_text
 
 
@@ -35,9 +37,9 @@ class LCDData:
         """Atomic safetensors file (temp file, then rename)."""
         from safetensors.torch import save_file
 
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in asdict(self).items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in asdict(self).items()}, str(tmp),
+                      metadata={"meta": json.dumps(meta)})
         return path
 
     @classmethod
@@ -56,8 +58,8 @@ class LCDData:
 
 def _pixels(images) -> torch.Tensor:
     """PIL images or uint8 [H, W, 3] arrays -> float [B, 3, H, W] in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return from_pixels(np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8)
+                                 for im in images]))
 
 
 @torch.no_grad()

@@ -1,0 +1,77 @@
+"""The LCD / LCF / LCM-LoRA variant as data (:class:`LCDConfig`, LCM Algorithm 1 and Sec. 5.1) and the distance
+d of Algorithm 1 line 6."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..defaults import OMEGA_RANGE, SKIP
+from ..guidance import GUIDANCE_EMBED_DIM
+from ..solvers import SOLVERS
+
+LOSSES = ("l2", "huber")
+# How the less-noisy point z_{t_n} is made: "solver" = LCD (Algorithm 1 line 5, teacher + ODE solver);
+# "same-noise" = LCF (LCM Sec. 4.4): alpha(t_n) z + sigma(t_n) eps with the SAME z and eps as z_{t_{n+k}}.
+TARGETS = ("solver", "same-noise")
+COND_PROJ_INPUTS = ("all", "smooth")
+
+
+@dataclass(frozen=True)
+class LCDConfig:
+    """One LCD variant (LCM Algorithm 1; Sec. 5.1 hyperparameters). w is the paper's guidance (SD guidance scale g = 1 + w)."""
+
+    solver: str = "ddim"               # Psi: ddim | dpm-solver | dpm-solver++
+    skip: int = SKIP                   # k, skipping interval; grid t_i = k i - 1, N = T // k points
+    omega_min: float = OMEGA_RANGE[0]  # w ~ U[omega_min, omega_max]; the paper's [2, 14]
+    omega_max: float = OMEGA_RANGE[1]
+    ema_decay: float = 0.95            # mu of the target network (diffusers); the paper's 0.999943 selectable
+    student_ema: float = 0.0           # > 0: also keep a slow EMA of the student, exported in its place; 0: off
+    cond_proj_lr_scale: float = 1.0    # the w projection (Eq. 9's omega-embedding -> time embedding) at lr x this
+    loss: str = "l2"                   # distance d: l2 | huber (pseudo-Huber)
+    huber_c: float = 0.001             # c of the pseudo-Huber distance
+    batch_size: int = 16               # per process
+    seed: int = 0                      # batch seed
+    time_cond_proj_dim: int = GUIDANCE_EMBED_DIM  # size of the w embedding fed as timestep_cond
+    cond_proj_init: str = "zero"       # init of the w projection: zero (starts as the teacher) | default
+    target: str = "solver"             # solver (LCD, needs a teacher) | same-noise (LCF, teacher-free)
+    max_timestep: int | None = None    # train only t_{n+k} <= this (LCF: texture lives at low noise); None: all
+    guidance_max_t: int | None = None  # teacher guided only where t_{n+k} <= this (guidance interval); None: all t
+    cond_proj_inputs: str = "all"      # w-embedding entries the w projection reads: all | smooth (no aliasing ones)
+    gradient_checkpointing: bool = False  # memory, not math: the student recomputes activations in backward
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if not 0 <= self.omega_min <= self.omega_max:
+            raise ValueError(f"need 0 <= omega_min <= omega_max, got [{self.omega_min}, {self.omega_max}]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.student_ema < 1.0:
+            raise ValueError(f"student_ema must be in [0, 1), got {self.student_ema}")
+        if not self.cond_proj_lr_scale > 0:
+            raise ValueError(f"cond_proj_lr_scale must be > 0, got {self.cond_proj_lr_scale}")
+        if self.huber_c <= 0 or self.batch_size < 1 or self.skip < 1:
+            raise ValueError("huber_c must be > 0, batch_size >= 1 and skip >= 1")
+        if self.cond_proj_inputs not in COND_PROJ_INPUTS:
+            raise ValueError(f"unknown cond_proj_inputs {self.cond_proj_inputs!r}; choose from "
+                             f"{', '.join(COND_PROJ_INPUTS)}")
+        if self.guidance_max_t is not None and self.guidance_max_t < 0:
+            raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
+        if self.max_timestep is not None and self.max_timestep < self.skip - 1:
+            raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point "
+                             f"(the lowest is k - 1 = {self.skip - 1})")
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.001) -> torch.Tensor:
+    """d(x, y): mean squared error, or pseudo-Huber mean(sqrt((x - y)^2 + c^2) - c)  (LCM Algorithm 1)."""
+    if kind == "l2":
+        return torch.mean((pred - target) ** 2)
+    if kind == "huber":
+        return torch.mean(torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
+    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
