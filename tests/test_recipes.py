@@ -137,3 +137,21 @@ def test_lcd_config_ignores_none_overrides():
     assert recipes.lcd_config("distill-lora", omega_min=None, ema_decay=None) == recipes.lcd_config("distill-lora")
     assert recipes.lcd_config("distill-lora", omega_max=9.0).omega_max == 9.0
     assert recipes.lcd_config("finetune").target == "same-noise"
+
+
+@pytest.mark.parametrize("command", ["distill", "finetune"])
+def test_cli_passes_the_timestep_schedule_to_the_job(command, tmp_path, monkeypatch):
+    """`lcm distill|finetune --schedule refine` asks the exporter for refine; without it the recipe decides."""
+    from latentcm.cli import main
+
+    from types import SimpleNamespace
+
+    jobs, report = [], SimpleNamespace(summary=lambda: "loaded 0 pairs", skipped={})
+    monkeypatch.setattr(recipes, "run", lambda name, job: jobs.append(job) or recipes.Result(0, None, report))
+    monkeypatch.setattr(recipes, "lcm_skip", lambda bundle: 20)
+    monkeypatch.setattr(recipes, "load_source", lambda path, kind: None)
+    base = (["distill", "--teacher", str(tmp_path / "t")] if command == "distill"
+            else ["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path)])
+    main([*base, "--out", str(tmp_path / "a"), "--schedule", "refine"])
+    main([*base, "--out", str(tmp_path / "b")])
+    assert [job.sampling_schedule for job in jobs] == ["refine", None]

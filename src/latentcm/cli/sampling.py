@@ -1,4 +1,4 @@
-"""Sampling commands: ``lcm generate``, ``lcm compare``, ``lcm models`` and ``lcm world export``."""
+"""Sampling commands: ``lcm generate``, ``lcm compare`` and ``lcm models``."""
 from __future__ import annotations
 
 import json
@@ -146,40 +146,3 @@ def models(as_json):
     else:
         for name, path in found.items():
             click.echo(f"{name}\t{path}")
-
-
-@cli.group("world")
-def world_group():
-    """The procedural shapes world."""
-
-
-@world_group.command("export")
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--split", type=click.Choice(["train", "heldout", "paraphrase"]), default="train")
-@click.option("--count", type=click.IntRange(1, 10**6), default=1000)
-@seed_option()
-@click.option("--style", type=click.Choice(["none", "striped"]), default="none",
-              help="striped: the fine-tuning set (striped objects, captions with 'striped'; splits train|heldout).")
-@click.option("--format", "fmt", type=click.Choice(["imagefolder", "shards"]), default="imagefolder",
-              help="imagefolder: PNGs + metadata.jsonl; shards: webdataset tars 000000.tar, ... (png, txt, json).")
-@click.option("--shard-size", type=click.IntRange(1, 10**6), default=1000, help="Samples per shard (--format shards).")
-def world_export(out, split, count, seed, style, fmt, shard_size):
-    """Write PNGs + metadata.jsonl (Hugging Face imagefolder layout), or webdataset shards.
-
-    \b
-    Examples (a custom set for `lcm finetune`; shards to stream with `lcm distill --data`):
-      lcm world export data/striped-train --style striped --split train --count 4000
-      lcm world export data/shards --format shards --count 4000 --shard-size 1000
-    """
-    from .. import styles, world
-
-    if fmt == "shards":
-        if style != "none":
-            raise UserError("--format shards writes the plain world (--style none)")
-        click.echo(str(world.export_shards(out, seed, count, split, shard_size)))
-    elif style == "none":
-        click.echo(str(world.export_imagefolder(out, seed, count, split)))
-    elif split not in styles.STYLE_SPLITS:
-        raise UserError(f"the striped set has splits {', '.join(styles.STYLE_SPLITS)}, not {split!r}")
-    else:
-        click.echo(str(styles.export_styled(out, seed, count, split)))

@@ -1,5 +1,5 @@
-"""Training commands: ``lcm distill``, ``lcm finetune``, ``lcm finetune-teacher``, ``lcm train-teacher`` and
-``lcm prepare``; each builds a ``recipes.Job`` (or a teacher-build / prepare call) and runs it."""
+"""Training commands: ``lcm distill``, ``lcm finetune``, ``lcm finetune-teacher`` and ``lcm train-teacher``;
+each builds a ``recipes.Job`` (or a teacher-build call) and runs it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import registry
-from ..defaults import LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_SOLVERS
+from ..defaults import LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_SOLVERS, TIMESTEP_SCHEDULES
 from .app import cli
 from .options import FiniteRange, UserError, _command_line, _lora_config, _loop_config, _run_options, _stopped
 from .options import _torch_threads, lora_rank_options, seed_option
@@ -88,13 +88,16 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--init-student", default=None, metavar="NAME|DIR",
               help="Start the student (and its target) from this LCM instead of the teacher: continue a "
                    "distillation on a new schedule. Full UNet only; it must have the teacher's architecture.")
+@click.option("--schedule", "sampling_schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None,
+              show_default="grid", help="Timestep schedule the exported LCM samples on (its sampling.json): grid "
+                                         "(diffusers' LCMScheduler) or refine (after the first step, low noise only).")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
 @lora_rank_options("LCM-LoRA: train a rank-RANK LoRA on the teacher's UNet (paper 64; 16 for the tiny teacher).",
                    "RANK (scale 1)", "LoRA alpha (scale alpha / RANK).")
 @_run_options
 def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, resume, max_minutes, num_data,
             data_dir, init_student, validate_every, checkpoint_every, lora_rank, lora_alpha, proportion_empty_prompts,
-            mixed_precision, gradient_accumulation, optimizer, **lcd):
+            mixed_precision, gradient_accumulation, optimizer, sampling_schedule, **lcd):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -134,7 +137,7 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
                       data_dir=Path(data_dir) if data_dir and not shards else None, num_data=num_data, resume=resume,
                       data_shards=shards, shard_options={"proportion_empty_prompts": proportion_empty_prompts or 0.0},
                       init_student=registry.resolve(init_student) if init_student else None,
-                      command=_command_line(click.get_current_context()))
+                      sampling_schedule=sampling_schedule, command=_command_line(click.get_current_context()))
     result = recipes.run(recipe, job)
     click.echo(_stopped(result.folder, result.steps))
 
@@ -165,12 +168,15 @@ def _check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_input
 @click.option("--max-steps", type=click.IntRange(1, 10**7), default=1000, help="Optimizer steps.")
 @click.option("--lr", type=FiniteRange(0, 1, min_open=True), default=5e-5, help="AdamW learning rate (constant).")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=250, help="Validation grid every N steps (0: off).")
+@click.option("--schedule", "sampling_schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None,
+              show_default="the source LCM's", help="Timestep schedule the fine-tuned LCM samples on (its "
+                                                  "sampling.json): grid or refine.")
 @click.option("--max-timestep", type=click.IntRange(0, 100000), default=499,
               help="Train only grid points t <= this: adapt the low-noise end (texture, style) and leave the "
                    "high-noise end (layout, attributes) alone; the number of train timesteps - 1 trains all.")
 @_run_options
 def finetune(model, data_dir, out, skip, ema, max_steps, lr, resume, max_minutes, validate_every, checkpoint_every,
-             mixed_precision, gradient_accumulation, optimizer, **lcd):
+             mixed_precision, gradient_accumulation, optimizer, sampling_schedule, **lcd):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
 
     Unreadable images and images without a caption are skipped, counted and reported at the end.
@@ -192,8 +198,9 @@ def finetune(model, data_dir, out, skip, ema, max_steps, lr, resume, max_minutes
     memory = dict(mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation, optimizer=optimizer)
     loop_cfg = _loop_config(max_steps, lr, validate_every, checkpoint_every, max_minutes, memory,
                             {"lcf": asdict(cfg)}, schedule="constant")
-    result = recipes.run("finetune", recipes.Job(model_dir, Path(out), loop_cfg, lcd=cfg, data_dir=Path(data_dir),
-                                                 resume=resume, command=_command_line(click.get_current_context())))
+    job = recipes.Job(model_dir, Path(out), loop_cfg, lcd=cfg, data_dir=Path(data_dir), resume=resume,
+                      sampling_schedule=sampling_schedule, command=_command_line(click.get_current_context()))
+    result = recipes.run("finetune", job)
     click.echo(result.report.summary())
     for reason, names in sorted(result.report.skipped.items()):
         click.echo(f"  {reason}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
@@ -236,64 +243,3 @@ def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, re
     result = recipes.run("finetune-teacher", job)
     click.echo(result.report.summary())
     click.echo(_stopped(result.folder, result.steps))
-
-
-@cli.command("prepare")
-@click.option("--model", default="teacher", show_default=True, metavar="NAME|DIR",
-              help="The model whose VAE and text encoder encode the data (the teacher you will distil).")
-@click.option("--data", "data", required=True, metavar="SHARDS|FOLDER",
-              help="Image shards ('shards/{000000..000009}.tar', a .tar, 'pipe:CMD') or an image folder.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder of the latent shards.")
-@click.option("--text", type=click.Choice(["states", "captions"]), default="states", show_default=True,
-              help="states: store the text encoder's states (training needs no text encoder); captions: only the "
-                   "caption text (smaller; encoded per batch in training).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage precision of the latents and states (training reads fp32).")
-@click.option("--shard-size", type=click.IntRange(1, 10**6), default=1000, show_default=True,
-              help="Images per latent shard when --data is a folder (shards map one to one).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Encoder batch.")
-@click.option("--min-size", type=click.IntRange(0, 10**5), default=0, show_default=True,
-              help="Skip (and count) images whose shorter side is smaller.")
-def prepare_cmd(model, data, out, text, dtype, shard_size, batch_size, min_size):
-    """Encode images once into latent shards for `lcm distill --data` (see the README's shard format).
-
-    Each input shard (or --shard-size images of a folder) becomes OUT/NNNNNN.tar plus a report NNNNNN.json;
-    finished shards are kept, so an interrupted run continues where it stopped. Under `accelerate launch`
-    each process encodes its own shards (shard i goes to process i % W).
-
-    \b
-    Examples:
-      lcm world export data/shards --format shards --count 10000
-      lcm prepare --data 'data/shards/{000000..000009}.tar' --out data/latents
-      ACCELERATE_USE_CPU=true accelerate launch --num_processes 2 -m latentcm.cli prepare \\
-          --data 'data/shards/{000000..000009}.tar' --out data/latents
-      lcm distill --data 'data/latents/{000000..000009}.tar' --out runs/lcm-latents
-    """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-    from tqdm.auto import tqdm
-
-    from ..bundle import Bundle
-    from ..training.data import prepare as prep
-
-    cfg = prep.PrepareConfig(text=text, dtype=dtype, shard_size=shard_size, batch_size=batch_size, min_size=min_size)
-    bundle = Bundle.load(registry.resolve(model))
-    if bundle.is_lcm:
-        raise UserError(f"--model {bundle.path} is an LCM; prepare with the teacher you will distil")
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
-    rank, world = state.process_index, state.num_processes
-    bundle.to(state.device)
-    num_units = len(prep.units(data, shard_size)[0])
-    mine = len(range(rank, num_units, world))
-    with tqdm(total=mine, desc=f"prepare (process {rank + 1}/{world})", unit="shard", disable=not state.is_main_process,
-              dynamic_ncols=True) as bar:
-        done = prep.prepare(bundle, data, Path(out), cfg, process_index=rank, num_processes=world, progress=bar.update)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        summary = prep.summarize(Path(out), num_units)
-        skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
-        click.echo(f"{summary['loaded']} samples in {num_units} latent shards ({done['skipped_existing']} kept from "
-                   f"an earlier run by this process); skipped: {skipped}")
-        if summary["missing_units"]:
-            raise UserError(f"{len(summary['missing_units'])} shards are missing; rerun the same command to finish")
-        click.echo(f"train with: lcm distill --teacher {model} --data '{summary['spec']}'")
