@@ -166,7 +166,9 @@ def vs_diffusers(args: argparse.Namespace) -> dict:
 def _judge(bundles: dict[str, Bundle], count: int, steps: int = 4, guidance: float = 8.5) -> dict:
     """Attribute accuracy (%) of each mode's images of ``count`` held-out prompts, scored by the shipped judge."""
     from latentcm.evaluation.extractors import JudgeExtractor
-    from latentcm.evaluation.pipeline import attribute_accuracy, heldout_prompts, to_pixels
+    from latentcm.evaluation.references import heldout_prompts
+    from latentcm.evaluation.scoring import attribute_accuracy
+    from latentcm.images import from_pixels, to_pixels
 
     judge = JudgeExtractor.load(registry.resolve("judge"))
     prompts, wanted = zip(*heldout_prompts(count))
@@ -174,8 +176,8 @@ def _judge(bundles: dict[str, Bundle], count: int, steps: int = 4, guidance: flo
     for mode, bundle in bundles.items():
         images = torch.cat([bundle.generate(list(prompts[i:i + 16]), list(range(i, min(i + 16, count))), "lcm",
                                             steps, guidance).cpu() for i in range(0, count, 16)])
-        saved = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # 8-bit
-        scores[mode] = {k: 100 * v for k, v in attribute_accuracy(judge.predict(to_pixels(saved)), list(wanted)).items()}
+        saved = from_pixels(to_pixels(images))  # through 8-bit pixels, as a user saves them
+        scores[mode] = {k: 100 * v for k, v in attribute_accuracy(judge.predict(saved), list(wanted)).items()}
         print(f"judge, {count} held-out prompts, {steps} steps, {mode:8s}: "
               + ", ".join(f"{k} {v:.1f}" for k, v in scores[mode].items()), flush=True)
     return {"count": count, "steps": steps, "guidance": guidance, "accuracy": scores}

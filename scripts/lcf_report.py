@@ -22,7 +22,7 @@ from latentcm import registry
 from latentcm.defaults import LCM_GUIDANCE
 from latentcm.evaluation import lcf_eval, style
 from latentcm.evaluation.extractors import JudgeExtractor
-from latentcm.evaluation.pipeline import default_cache_dir
+from latentcm.evaluation.references import default_cache_dir
 from latentcm.bundle import Bundle
 from latentcm.training.loop import training_minutes
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from latentcm import registry
 from latentcm.defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_DEFAULTS
-from latentcm.evaluation import lcf_eval, pipeline, style
+from latentcm.evaluation import lcf_eval, pipeline, references, style
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.models import lora as lora_io
 from latentcm.bundle import Bundle
@@ -81,7 +81,7 @@ def main() -> None:
     cost = {"lcm-lora": {"trainable_parameters": lora_parameters(lcm_lora), "minutes": training_minutes(lcm_lora)},
             "lcm": {"trainable_parameters": full_params, "minutes": training_minutes(Path(args.full_lcm_run))}}
 
-    style_judge, tag, _ = style.load_or_train_for(registry.resolve("lcm"), pipeline.default_cache_dir())
+    style_judge, tag, _ = style.load_or_train_for(registry.resolve("lcm"), references.default_cache_dir())
     combos = {"lcm-lora": lcm_lora_only}
     for lam_style, lam_lcm in LAMBDAS:
         combos[f"lcm-lora{lam_lcm:g}+style{lam_style:g}"] = with_loras(
@@ -109,8 +109,8 @@ def markdown(results: dict) -> str:
         minutes = f"{c['minutes']:.1f} min" if c else "-"
         name = {"lcm-lora": "LCM-LoRA (r = 16)", "lcm": "full LCM (shipped)", "teacher": "teacher"}[r["model"]]
         kid = f"{r['kid']:.2f} ± {r['kid_std']:.2f}" if "kid" in r else "-"
-        lines.append(f"| {name} | {r['sampler']} | {r['steps']} | {r['fid']:.1f} | {kid} | {r['clip_score']:.1f} | "
-                     f"{r['accuracy']:.1%} | {params} | {minutes} |")
+        lines.append(f"| {name} | {r['sampler']} | {r['steps']} | {r['fid']:.1f} | {kid} | {r['caption_score']:.1f} | "
+                     f"{r['exact_match']:.1%} | {params} | {minutes} |")
     lines += ["", lcf_eval.markdown(results["style_combination"])]
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from latentcm.defaults import TEACHER_DEFAULTS
+from latentcm.evaluation.results import read_results
 from latentcm.teacher_build import card
 from latentcm.teacher_build import stages as build
 
@@ -43,7 +44,7 @@ def main() -> None:
                  "--out", "reports/teacher"]
     if not args.card_only:
         ship_and_evaluate(out, eval_args)
-    results = json.loads((ROOT / "reports" / "teacher" / "results.json").read_text())
+    results = read_results(ROOT / "reports" / "teacher" / "results.json")
     info = build.build_info(out)
     (ROOT / "reports" / "teacher" / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     templates = ROOT / "reports" / "teacher" / "templates.md"

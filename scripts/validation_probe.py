@@ -10,7 +10,7 @@ teacher:ddim-trailing:50:8.5:499 is the teacher's guided ODE from t = 999 with g
 lcm:lcm:4:8.5:999/499/299/99 is the shipped LCM on that 4-step schedule.
 
 The prompts are held-out captions of world seed 100 (``lcm evaluate`` uses seed 99), image i is seeded
-50000 + i, and every row is scored by ``pipeline.score`` against the independent reference (KID x 10^3,
+50000 + i, and every row is scored by ``scoring.score`` against the independent reference (KID x 10^3,
 FID, caption score, per-attribute judge accuracy). One JSON line per row is appended to --out, and a
 markdown table of all rows is printed.
 """
@@ -25,10 +25,11 @@ import torch
 
 from latentcm import registry
 from latentcm.bundle import Bundle
-from latentcm.evaluation import pipeline
+from latentcm.images import to_pixels
+from latentcm.evaluation import references, scoring
 from latentcm.evaluation.extractors import JudgeExtractor
 
-VALIDATION_SEED = 100  # world seed of the validation prompts (Table 1's are pipeline.PROMPT_SEED = 99)
+VALIDATION_SEED = 100  # world seed of the validation prompts (Table 1's are references.PROMPT_SEED = 99)
 IMAGE_SEED = 50000     # image i is seeded IMAGE_SEED + i
 
 
@@ -58,7 +59,7 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], batch: int = 50) -> np
         seeds = [IMAGE_SEED + i + j for j in range(len(prompts[i:i + batch]))]
         x = bundle.generate(prompts[i:i + batch], seeds, row["sampler"], row["steps"], row["guidance"],
                             guidance_max_t=row["guidance_max_t"], timesteps=row["timesteps"], schedule=row["schedule"])
-        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        images.append(to_pixels(x))  # 8-bit [B, H, W, 3]
     return np.concatenate(images)
 
 
@@ -79,16 +80,16 @@ def main() -> None:
     args = ap.parse_args()
     rows = [parse_row(r) for r in args.rows]
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    prompts = [p for p, _ in pipeline.heldout_prompts(args.num_samples, seed=VALIDATION_SEED)]
+    prompts = [p for p, _ in references.heldout_prompts(args.num_samples, seed=VALIDATION_SEED)]
     extractor = JudgeExtractor.load(registry.resolve(args.judge))
-    reference = pipeline.reference_set(extractor, "independent")
+    reference = references.reference_set(extractor, "independent")
     bundles, done = {}, []
     for row in rows:
         bundle = bundles.setdefault(row["model"], Bundle.load(registry.resolve(row["model"])))
         t0 = time.perf_counter()
-        scores = pipeline.rounded(pipeline.score(sample(bundle, row, prompts), prompts, extractor, reference))
+        scores = scoring.rounded(scoring.score(sample(bundle, row, prompts), prompts, extractor, reference))
         record = {**row, "num_samples": args.num_samples, "validation_seed": VALIDATION_SEED,
-                  **{k: scores[k] for k in ("kid", "kid_std", "fid", "clip_score", "attribute_accuracy",
+                  **{k: scores[k] for k in ("kid", "kid_std", "fid", "caption_score", "attribute_accuracy",
                                             "histogram_distance")}, "seconds": round(time.perf_counter() - t0)}
         done.append(record)
         if args.out:
@@ -101,7 +102,7 @@ def main() -> None:
         a = r["attribute_accuracy"]
         print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | "
               f"{extra(r)} | {r['kid']:.1f} ± {r['kid_std']:.1f} | "
-              f"{r['fid']:.1f} | {r['clip_score']:.1f} | {100 * a['colour']:.1f} | {100 * a['background']:.1f} | "
+              f"{r['fid']:.1f} | {r['caption_score']:.1f} | {100 * a['colour']:.1f} | {100 * a['background']:.1f} | "
               f"{100 * a['shape']:.1f} | {r['histogram_distance']['size']:.3f} |")
     if args.out:
         print(Path(args.out))

@@ -17,7 +17,8 @@ from PIL import Image
 from latentcm import cli as cli_module
 from latentcm.bundle import Bundle
 from latentcm.cli import main
-from latentcm.evaluation import pipeline
+from latentcm.evaluation import references
+from latentcm.evaluation import results as results_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle on a blue background"
@@ -59,7 +60,7 @@ def eval_cache(tmp_path_factory):
 @pytest.fixture
 def cached(eval_cache, monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(eval_cache))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)  # real images of a reference set (micro judge)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)  # real images of a reference set (micro judge)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +246,7 @@ def test_evaluate_presets(micro_lcm, micro_teacher, micro_judge, tmp_path, cache
     lines = run(["evaluate", "--model", micro_lcm, *common, "--steps", "1", "--samplers", "lcm,ddim",
                  "--out", out], capsys)
     assert lines[-1] == str(out / "results.json")
-    pipeline.validate_results(json.loads((out / "results.json").read_text()))
+    results_file.validate_results(json.loads((out / "results.json").read_text()))
     assert (out / "table1.md").is_file() and (out / "table1.png").is_file()
     # the judge-accuracy evaluations (formerly evaluate-lcm and evaluate-teacher)
     out = tmp_path / "lcm"

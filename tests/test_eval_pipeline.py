@@ -1,4 +1,4 @@
-"""One evaluation path: every command that scores images goes through ``pipeline.score``; the presets of
+"""One evaluation path: every command that scores images goes through ``scoring.score``; the presets of
 ``lcm evaluate`` write results.json with KID (and the other new metrics) and the real-image floor; the
 independent reference set holds scenes disjoint from the prompts'."""
 import ast
@@ -10,7 +10,8 @@ import pytest
 
 from latentcm import world
 from latentcm.cli import main
-from latentcm.evaluation import compare, lcf_eval, pipeline, presets, style
+from latentcm.evaluation import compare, lcf_eval, pipeline, presets, references, scoring, style
+from latentcm.evaluation import results as results_file
 from latentcm.evaluation.extractors import JudgeExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,11 +21,11 @@ KID_FIELDS = ("fid", "kid", "kid_std", "precision", "recall", "histogram_distanc
 
 @pytest.fixture(scope="module")
 def scored(micro_lcm, micro_teacher, micro_judge, tmp_path_factory):
-    """Run every scoring command once on micro models with ``pipeline.score`` wrapped: {command: (out, calls)},
-    calls being the images count of each ``pipeline.score`` call the command made."""
+    """Run every scoring command once on micro models with ``scoring.score`` wrapped: {command: (out, calls)},
+    calls being the images count of each ``scoring.score`` call the command made."""
     tmp = tmp_path_factory.mktemp("eval-pipeline")
     calls: list[int] = []
-    real_score = pipeline.score
+    real_score = scoring.score
 
     def counting(images, prompts, *args, **kwargs):
         calls.append(len(images))
@@ -46,8 +47,8 @@ def scored(micro_lcm, micro_teacher, micro_judge, tmp_path_factory):
     found = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LATENTCM_CACHE", str(tmp / "cache"))
-        mp.setattr(pipeline, "REFERENCE_COUNT", 40)
-        mp.setattr(pipeline, "score", counting)
+        mp.setattr(references, "REFERENCE_COUNT", 40)
+        mp.setattr(scoring, "score", counting)
         mp.setattr(presets, "VAE_PSNR_COUNT", 8)
         mp.setattr(presets, "JUDGE_REAL_COUNT", 16)
         for name, args in commands.items():
@@ -84,8 +85,8 @@ def test_every_scoring_command_calls_the_one_score_function(scored):
     assert {name: calls for name, (_, calls) in scored.items()} == expected
 
 
-def test_no_module_scores_images_outside_pipeline_score():
-    """The metric calls (FID, KID, judge predictions, ...) live in pipeline.score only."""
+def test_no_module_scores_images_outside_scoring_score():
+    """The metric calls (FID, KID, judge predictions, ...) live in scoring.score only."""
     scoring = {"frechet_distance", "kid", "attribute_agreement", "exact_accuracy", "precision_recall",
                "histogram_distance", "probabilities", "predict", "predict_from", "attribute_accuracy"}
     files = [*sorted((ROOT / "src" / "latentcm" / "evaluation").glob("*.py")), ROOT / "src" / "latentcm" / "cli.py",
@@ -99,7 +100,7 @@ def test_no_module_scores_images_outside_pipeline_score():
         for fn in ast.walk(tree):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
-            if path.name == "pipeline.py" and fn.name in ("score", "attribute_accuracy"):
+            if path.name == "scoring.py" and fn.name in ("score", "attribute_accuracy"):
                 continue
             for node in ast.walk(fn):
                 if isinstance(node, ast.Call):
@@ -127,7 +128,7 @@ def _has_kid(record: dict) -> None:
 
 def test_table1_results_carry_kid_and_the_floor(scored):
     results = _results(scored, "table1")
-    pipeline.validate_results(results)
+    results_file.validate_results(results)
     assert results["reference_kind"] == "prompt-scenes" and results["image_format"] == "uint8"
     for r in [*results["records"], results["floor"]]:
         _has_kid(r)
@@ -139,7 +140,7 @@ def test_table1_results_carry_kid_and_the_floor(scored):
 
 def test_lcm_preset_writes_the_judge_table_with_kid(scored, micro_lcm):
     results = _results(scored, "lcm")
-    pipeline.validate_results(results, presets.LCM_RESULTS_SCHEMA)
+    results_file.validate_results(results, presets.LCM_RESULTS_SCHEMA)
     assert results["lcm"] == str(micro_lcm) and results["num_samples"] == N
     assert [tuple(r[k] for k in ("model", "sampler", "steps", "guidance")) for r in results["rows"]] == \
         [tuple(r)[:4] for r in presets.LCM_TABLE_ROWS]
@@ -156,10 +157,10 @@ def test_lcm_preset_writes_the_judge_table_with_kid(scored, micro_lcm):
 def test_teacher_preset_writes_what_evaluate_teacher_did_plus_kid(scored):
     out = scored["teacher"][0]
     results = _results(scored, "teacher")
-    pipeline.validate_results(results, presets.TEACHER_RESULTS_SCHEMA)
+    results_file.validate_results(results, presets.TEACHER_RESULTS_SCHEMA)
     assert (results["sampler"], results["steps"], results["guidance"], results["num_samples"]) == ("ddim", 2, 7.5, N)
     assert results["unet_evals_per_image"] == 4 and results["paraphrase"]["split"] == "paraphrase"
-    assert set(results["judge_on_real_images"]) == set(pipeline.SCORED) and results["vae_psnr_db"] > 0
+    assert set(results["judge_on_real_images"]) == set(scoring.SCORED) and results["vae_psnr_db"] > 0
     for r in (results, results["paraphrase"], results["floor"]):
         _has_kid(r)
     assert (out / "heldout-grid.png").is_file() and len((out / "prompts.txt").read_text().splitlines()) == N
@@ -180,26 +181,26 @@ def test_ablations_and_lcf_rows_carry_kid(scored):
 
 def test_independent_reference_holds_scenes_disjoint_from_the_prompts(scored, micro_judge, tmp_path):
     results = _results(scored, "independent")
-    assert results["reference_kind"] == "independent" and f"from{pipeline.INDEPENDENT_START}" in results["reference"]
+    assert results["reference_kind"] == "independent" and f"from{references.INDEPENDENT_START}" in results["reference"]
     assert results["reference"] != _results(scored, "table1")["reference"]
     n, count = 256, 300
-    prompts = pipeline.heldout_samples(n)
-    start = pipeline.INDEPENDENT_START
-    independent = list(world.iter_samples(pipeline.PROMPT_SEED, count, "heldout", start=start))
-    overlapping = list(world.iter_samples(pipeline.PROMPT_SEED, count, "heldout"))
+    prompts = references.heldout_samples(n)
+    start = references.INDEPENDENT_START
+    independent = list(world.iter_samples(references.PROMPT_SEED, count, "heldout", start=start))
+    overlapping = list(world.iter_samples(references.PROMPT_SEED, count, "heldout"))
     # sample identities (seed, split, index) and the rng seeds they hash to are disjoint ...
     assert start >= 100000  # beyond every --num-samples
-    prompt_seeds = {world._stable_hash(pipeline.PROMPT_SEED, "heldout", i) for i in range(n)}
-    reference_seeds = {world._stable_hash(pipeline.PROMPT_SEED, "heldout", i) for i in range(start, start + count)}
+    prompt_seeds = {world._stable_hash(references.PROMPT_SEED, "heldout", i) for i in range(n)}
+    reference_seeds = {world._stable_hash(references.PROMPT_SEED, "heldout", i) for i in range(start, start + count)}
     assert not prompt_seeds & reference_seeds
     assert not {s.scene for s in prompts} & {s.scene for s in independent}
     # ... while the committed reports' reference holds the prompts' very scenes
     assert [s.scene for s in overlapping[:n]] == [s.scene for s in prompts]
-    ref = pipeline.reference_set(JudgeExtractor.load(micro_judge), "independent", count=12, cache_dir=tmp_path)
+    ref = references.reference_set(JudgeExtractor.load(micro_judge), "independent", count=12, cache_dir=tmp_path)
     assert ref.kind == "independent" and ref.path.name.endswith(f"-from{start}.npz")
     assert list(ref.labels["size"]) == [s.scene.size for s in independent[:12]]
     with pytest.raises(ValueError, match="unknown reference"):
-        pipeline.reference_set(JudgeExtractor.load(micro_judge), "train", count=12, cache_dir=tmp_path)
+        references.reference_set(JudgeExtractor.load(micro_judge), "train", count=12, cache_dir=tmp_path)
 
 
 def test_floor_sits_lower_on_a_reference_that_holds_its_own_images(tmp_path):
@@ -208,11 +209,11 @@ def test_floor_sits_lower_on_a_reference_that_holds_its_own_images(tmp_path):
     from latentcm import registry
 
     extractor = JudgeExtractor.load(registry.resolve("judge"))
-    kinds = {kind: pipeline.floor(extractor, pipeline.reference_set(extractor, kind, count=128, cache_dir=tmp_path), 64)
-             for kind in pipeline.REFERENCE_KINDS}
+    kinds = {kind: scoring.floor(extractor, references.reference_set(extractor, kind, count=128, cache_dir=tmp_path), 64)
+             for kind in references.REFERENCE_KINDS}
     assert kinds["prompt-scenes"]["kid"] < kinds["independent"]["kid"]
     assert kinds["prompt-scenes"]["fid"] < kinds["independent"]["fid"]
-    assert all(f["accuracy"] > 0.9 for f in kinds.values())  # the shipped judge reads real images right
+    assert all(f["exact_match"] > 0.9 for f in kinds.values())  # the shipped judge reads real images right
 
 
 def test_score_returns_every_metric_and_rounded_rounds():
@@ -229,23 +230,23 @@ def test_score_returns_every_metric_and_rounded_rounds():
         predict_from = staticmethod(JudgeExtractor.predict_from)
 
     feats = rng.normal(size=(20, 3))
-    ref = pipeline.Reference(feats, feats.mean(0), np.cov(feats, rowvar=False),
-                             {k: np.array([world.ATTRIBUTES[k][0]] * 20) for k in pipeline.HISTOGRAM_ATTRIBUTES},
-                             Path("ref.npz"))
+    ref = references.Reference(feats, feats.mean(0), np.cov(feats, rowvar=False),
+                               {k: np.array([world.ATTRIBUTES[k][0]] * 20) for k in references.HISTOGRAM_ATTRIBUTES},
+                               Path("ref.npz"))
     prompts = ["a large red circle in the top left on a blue background"] * 6
-    scores = pipeline.score(images, prompts, Fake(), ref, bootstrap=5)
-    assert set(pipeline.SCORE_REQUIRED) | {"fid_ci"} == set(scores)
+    scores = scoring.score(images, prompts, Fake(), ref, bootstrap=5)
+    assert set(scoring.SCORE_REQUIRED) | {"fid_ci"} == set(scores)
     assert scores["histogram_distance"] == {"size": 0.0, "position": 0.0}  # argmax of uniform = category 0
     assert scores["fid_ci"][0] <= scores["fid_ci"][1]
-    small = pipeline.score(images[:2], prompts[:2], Fake(), ref)
+    small = scoring.score(images[:2], prompts[:2], Fake(), ref)
     assert small["precision"] is None and small["recall"] is None  # too few images for k = 3 neighbours
-    assert pipeline.rounded({"fid": 1.23456, "kid": None, "x": 1.23456}) == {"fid": 1.235, "kid": None, "x": 1.23456}
+    assert scoring.rounded({"fid": 1.23456, "kid": None, "x": 1.23456}) == {"fid": 1.235, "kid": None, "x": 1.23456}
 
 
 def test_quick_sets_the_sample_count_and_refuses_num_samples(micro_lcm, micro_judge, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     monkeypatch.setattr(pipeline, "QUICK_SAMPLES", 3)
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--quick", "--num-samples", "8", "--model", str(micro_lcm)])
@@ -279,3 +280,20 @@ def test_removed_commands_are_gone_and_defaults_come_from_defaults():
     for script in ("ship_teacher.py", "ship_lcm.py"):
         text = (ROOT / "scripts" / script).read_text()
         assert "evaluate-teacher" not in text and "evaluate-lcm" not in text and '"--preset"' in text
+
+
+def test_older_results_files_read_with_the_current_keys():
+    """Committed results.json files written before the renames read with the current keys and schemas."""
+    old = {"clip_score": 80.0, "accuracy": 0.5, "attribute_accuracy": {"colour": 1.0},
+           "rows": [{"accuracy": {"colour": 0.5}, "exact_accuracy": 0.25}]}
+    assert results_file.upgrade_keys(old) == {"caption_score": 80.0, "exact_match": 0.5,
+                                              "attribute_accuracy": {"colour": 1.0},
+                                              "rows": [{"attribute_accuracy": {"colour": 0.5}, "exact_match": 0.25}]}
+    assert results_file.upgrade_keys(results_file.upgrade_keys(old)) == results_file.upgrade_keys(old)
+    reports = ROOT / "reports"
+    results_file.validate_results(results_file.read_results(reports / "table1" / "results.json"))
+    lcm = results_file.read_results(reports / "lcm" / "results.json")
+    results_file.validate_results(lcm, presets.LCM_RESULTS_SCHEMA)
+    teacher = results_file.read_results(reports / "teacher" / "results.json")  # written before KID: keys only
+    for r in [*lcm["rows"], teacher]:
+        assert "attribute_accuracy" in r and "accuracy" not in r

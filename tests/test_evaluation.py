@@ -7,7 +7,8 @@ import torch
 
 from latentcm import registry, world
 from latentcm.cli import main
-from latentcm.evaluation import metrics, pipeline
+from latentcm.evaluation import generation, metrics, pipeline, references, reports
+from latentcm.evaluation import results as results_file
 from latentcm.evaluation.extractors import HFClipScorer, InceptionExtractor, JudgeExtractor, wanted_indices
 
 
@@ -98,12 +99,12 @@ def test_inception_backend_loads_or_says_why_not():
 
 def test_reference_stats_are_cached_per_judge_version(micro_judge, tmp_path):
     extractor = JudgeExtractor.load(micro_judge)
-    ref = pipeline.reference_set(extractor, count=40, cache_dir=tmp_path)
+    ref = references.reference_set(extractor, count=40, cache_dir=tmp_path)
     mu, sigma, path = ref.mu, ref.sigma, ref.path
     assert extractor.version in path.name and path.is_file() and mu.shape == (256,) and sigma.shape == (256, 256)
     assert ref.features.shape == (40, 256) and {len(v) for v in ref.labels.values()} == {40}
     extractor.features = None  # a second call must not recompute
-    again = pipeline.reference_set(extractor, count=40, cache_dir=tmp_path)
+    again = references.reference_set(extractor, count=40, cache_dir=tmp_path)
     np.testing.assert_array_equal(mu, again.mu)
     np.testing.assert_array_equal(ref.features, again.features)
     assert {k: list(v) for k, v in again.labels.items()} == {k: list(v) for k, v in ref.labels.items()}
@@ -112,13 +113,13 @@ def test_reference_stats_are_cached_per_judge_version(micro_judge, tmp_path):
 def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, micro_teacher, micro_judge,
                                                                       tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "eval"
     args = ["evaluate", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
             "--steps", "1,2", "--num-samples", "6", "--batch-size", "4", "--out", str(out)]
     main([*args, "--samplers", "lcm,ddim"])
     results = json.loads((out / "results.json").read_text())
-    pipeline.validate_results(results)
+    results_file.validate_results(results)
     assert [(r["sampler"], r["steps"]) for r in results["records"]] == [("lcm", 1), ("lcm", 2), ("ddim", 1), ("ddim", 2)]
     assert [r["unet_evals"] for r in results["records"]] == [1, 2, 2, 4]  # counted: the teacher's CFG costs two
     table = (out / "table1.md").read_text()
@@ -133,7 +134,7 @@ def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, 
     assert _close(rerun[:4], results["records"])
     bad = {**results, "records": [{**results["records"][0], "fid": -1.0}]}
     with pytest.raises(jsonschema.ValidationError):
-        pipeline.validate_results(bad)
+        results_file.validate_results(bad)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -156,7 +157,7 @@ def test_evaluate_refuses_the_lcm_sampler_on_a_teacher(micro_teacher, capsys):
 def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher, micro_judge, tmp_path,
                                                                   monkeypatch, capsys):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "ablate"
     args = ["ablate", "solver-skip", "--teacher", str(micro_teacher), "--judge", str(micro_judge),
             "--solvers", "ddim,dpm-solver++", "--skips", "20,50", "--iterations", "2", "--eval-every", "1",
@@ -167,7 +168,7 @@ def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher
     assert keys == [(s, k, i) for s in ("ddim", "dpm-solver++") for k in (20, 50) for i in (0, 1, 2)]
     at0 = [r for r in results["records"] if r["iteration"] == 0]  # the untrained student is the teacher
     assert all(r["kid"] == at0[0]["kid"] for r in at0 if r["skip"] == at0[0]["skip"])
-    assert all(r["fid"] >= 0 and 0 <= r["clip_score"] <= 100 for r in results["records"])
+    assert all(r["fid"] >= 0 and 0 <= r["caption_score"] <= 100 for r in results["records"])
     table = (out / "results.md").read_text()
     assert "| ddim | 20 |" in table and "KID×10³ @0" in table and "KID×10³ @2" in table and (out / "solver-skip.png").is_file()
     assert f"| real images (floor, n = 4) | - | {results['floor']['kid']:.1f} ± " in table
@@ -190,7 +191,7 @@ def test_ablate_solver_skip_refuses_bad_pairs(pairs, capsys):
 
 def test_ablate_guidance_records_omega(micro_lcm, micro_judge, tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "guidance"
     main(["ablate", "guidance", "--model", str(micro_lcm), "--judge", str(micro_judge), "--omegas", "2,8",
           "--steps", "1,2", "--num-samples", "4", "--out", str(out)])
@@ -208,8 +209,8 @@ def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path
 
     model = shutil.copytree(micro_lcm, tmp_path / "lcm")
     row, prompts = pipeline.Row("m", "lcm", 1, 8.5), ["a red circle on a blue background"] * 2
-    first, _ = pipeline.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
-    again, _ = pipeline.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    first, _ = generation.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    again, _ = generation.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
     assert np.array_equal(first, again)
     retrained = Bundle.load(model)
     with torch.no_grad():
@@ -218,7 +219,7 @@ def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path
     retrained.unet.save_pretrained(model / "unet")  # a new run exported into the same folder
     weights = next((model / "unet").glob("*.safetensors"))
     os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))
-    fresh, _ = pipeline.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
+    fresh, _ = generation.generate_cached(Bundle.load(model), row, prompts, 0, tmp_path / "samples")
     assert not np.array_equal(first, fresh)
 
 
@@ -256,14 +257,14 @@ def test_evaluate_ceiling_row_and_guidance_sweep(micro_lcm, micro_teacher, micro
     """--ceiling scores the teacher's guided ODE from t = 999 (DDIM trailing, 50 steps) at the LCM's g;
     --sweep-guidance scores every row again at each g and picks each method's best (lowest KID)."""
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "eval"
     main(["evaluate", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
           "--samplers", "lcm,ddim-trailing", "--steps", "1", "--lcm-steps", "1,2", "--num-samples", "6",
           "--batch-size", "6",
           "--guidance", "4", "--ceiling", "--sweep-guidance", "2,4", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
-    pipeline.validate_results(results)
+    results_file.validate_results(results)
     top = results["ceiling"]
     assert (top["sampler"], top["steps"], top["guidance"], top["unet_evals"]) == ("ddim-trailing", 50, 4.0, 100)
     assert [(r["sampler"], r["steps"], r["guidance"]) for r in results["records"]] == [
@@ -280,6 +281,6 @@ def test_best_guidance_table_picks_the_lowest_kid_per_method_and_steps():
         return {"sampler": sampler, "steps": steps, "guidance": g, "kid": kid, "kid_std": 1.0, "fid": 10 * kid}
     records = [rec("ddim", 1, 3.0, 50.0), rec("ddim", 1, 8.5, 40.0), rec("ddim", 2, 3.0, 20.0),
                rec("ddim", 2, 8.5, 30.0), rec("lcm", 1, 8.5, 5.0)]
-    table = pipeline.best_guidance_markdown(records)
+    table = reports.best_guidance_markdown(records)
     assert "| DDIM (g 3, 8.5) | 40.00 ± 1.00 (8.5) | 20.00 ± 1.00 (3) | 400.00 | 200.00 |" in table
     assert "| LCM (g 8.5) | 5.00 ± 1.00 (8.5) | - | 50.00 | - |" in table

@@ -8,7 +8,8 @@ import torch
 
 from latentcm.bundle import Bundle
 from latentcm.cli import main
-from latentcm.evaluation import pipeline
+from latentcm.evaluation import pipeline, references, reports
+from latentcm.evaluation import results as results_file
 from latentcm.guidance import interval_omega
 from latentcm.sampling.teacher import cfg_combine, guidance_at, initial_latents, make_scheduler
 from latentcm.training.consistency import LCDConfig, LCDTask
@@ -107,28 +108,28 @@ def test_rows_tables_and_ceilings_keep_interval_rows_apart():
 
     def rec(sampler, steps, kid, **extra):
         return {"sampler": sampler, "steps": steps, "guidance": 8.5, "kid": kid, "kid_std": 1.0, "fid": 10.0 * kid,
-                "clip_score": 80.0, "accuracy": 0.5, **extra}
+                "caption_score": 80.0, "exact_match": 0.5, **extra}
     records = [rec("ddim", 4, 40.0), rec("ddim", 4, 20.0, guidance_max_t=699), rec("lcm", 4, 10.0)]
-    table = pipeline.table1_markdown(records, ceiling=[rec("ddim-trailing", 50, 120.0),
+    table = reports.table1_markdown(records, ceiling=[rec("ddim-trailing", 50, 120.0),
                                                        rec("ddim-trailing", 50, 30.0, guidance_max_t=699)])
     assert "| DDIM, g 8.5 | 400.00 | 40.00 ± 1.00 |" in table
     assert "| DDIM, g 8.5, guided t ≤ 699 | 200.00 | 20.00 ± 1.00 |" in table
     assert "*ceiling: DDIM trailing, 50 steps, g 8.5, guided t ≤ 699*" in table
-    best = pipeline.best_guidance_markdown(records)
+    best = reports.best_guidance_markdown(records)
     assert "| DDIM (g 8.5) | 40.00" in best and "| DDIM (g 8.5; guided t ≤ 699) | 20.00" in best
     results = {"ceiling": records[0], "ceilings": [records[1]]}
-    assert pipeline.ceilings(results) == records[:2] and pipeline.ceilings({}) == []
+    assert reports.ceilings(results) == records[:2] and reports.ceilings({}) == []
 
 
 def test_evaluate_scores_interval_rows_and_both_ceilings(micro_lcm, micro_teacher, micro_judge, tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "eval"
     main(["evaluate", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
           "--samplers", "lcm,ddim-trailing", "--steps", "1", "--num-samples", "4", "--batch-size", "4",
           "--guidance", "4", "--ceiling", "--guidance-max-t", "499", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
-    pipeline.validate_results(results)
+    results_file.validate_results(results)
     assert [(r["sampler"], r.get("guidance_max_t")) for r in results["records"]] == [
         ("lcm", None), ("ddim-trailing", None), ("ddim-trailing", 499)]
     assert "guidance_max_t" not in results["ceiling"] and results["ceilings"][0]["guidance_max_t"] == 499

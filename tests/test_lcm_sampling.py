@@ -10,10 +10,10 @@ from PIL import Image
 
 from latentcm import registry
 from latentcm.cli import default_model, main
-from latentcm.evaluation import pipeline, presets
+from latentcm.evaluation import presets, references
 from latentcm.evaluation.compare import LABEL_MARGIN
 from latentcm.evaluation.extractors import JudgeExtractor
-from latentcm.evaluation.pipeline import SCORED
+from latentcm.evaluation.scoring import SCORED
 from latentcm.evaluation.presets import LCM_TABLE_ROWS
 from latentcm.evaluation.presets import teacher as evaluate_teacher
 from latentcm.bundle import LCM_DEFAULTS, Bundle, ModelError, check_kind
@@ -179,7 +179,7 @@ def test_swapped_lcm_and_teacher_is_exit_2(micro_lcm, micro_teacher, tmp_path, c
 def test_evaluate_lcm_writes_results_json_and_table(micro_lcm, micro_teacher, micro_judge, tmp_path, capsys,
                                                      monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "eval"
     main(["evaluate", "--preset", "lcm", "--model", str(micro_lcm), "--teacher", str(micro_teacher),
           "--judge", str(micro_judge), "--num-samples", "4", "--batch-size", "4", "--out", str(out)])
@@ -190,8 +190,8 @@ def test_evaluate_lcm_writes_results_json_and_table(micro_lcm, micro_teacher, mi
         [tuple(r)[:4] for r in LCM_TABLE_ROWS]
     for r in rows:
         assert r["unet_evals_per_image"] == (r["steps"] if r["sampler"] == "lcm" else 2 * r["steps"])
-        assert set(r["accuracy"]) <= set(SCORED) and {"colour", "shape"} <= set(r["accuracy"])
-        assert all(0 <= v <= 1 for v in r["accuracy"].values()) and r["seconds"] >= 0
+        assert set(r["attribute_accuracy"]) <= set(SCORED) and {"colour", "shape"} <= set(r["attribute_accuracy"])
+        assert all(0 <= v <= 1 for v in r["attribute_accuracy"].values()) and r["seconds"] >= 0
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) + 1 and "UNet evals / image" in table[0]  # + the real-image floor
     assert "real images (floor" in table[-1]
@@ -199,12 +199,12 @@ def test_evaluate_lcm_writes_results_json_and_table(micro_lcm, micro_teacher, mi
 
 
 def test_evaluate_teacher_keeps_its_interface(micro_teacher, micro_judge, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     monkeypatch.setattr(presets, "VAE_PSNR_COUNT", 8)
     monkeypatch.setattr(presets, "JUDGE_REAL_COUNT", 16)
     result, images = evaluate_teacher(Bundle.load(micro_teacher), JudgeExtractor.load(micro_judge), tmp_path, 2,
                                       "dpm-solver++", 2, 5.0, cache_dir=tmp_path / "cache")
-    assert {"sampler", "steps", "guidance", "num_samples", "accuracy", "seconds"} <= result.keys()
+    assert {"sampler", "steps", "guidance", "num_samples", "attribute_accuracy", "seconds"} <= result.keys()
     assert result["unet_evals_per_image"] == 4 and images.shape == (2, 3, 64, 64)
 
 

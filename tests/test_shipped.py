@@ -1,5 +1,4 @@
 """The shipped offline default: diffusers loads it with no code of ours, and it draws."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,7 @@ from PIL import Image
 from latentcm import registry
 from latentcm.bundle import sampling_schedule
 from latentcm.cli import main
+from latentcm.evaluation.results import read_results
 from latentcm.models.judge import Judge
 
 
@@ -49,10 +49,10 @@ def test_shipped_teacher_follows_a_prompt():
 
 def test_teacher_card_numbers_come_from_the_committed_results():
     root = Path(__file__).resolve().parents[1]
-    results = json.loads((root / "reports" / "teacher" / "results.json").read_text())
+    results = read_results(root / "reports" / "teacher" / "results.json")
     card = (registry.WEIGHTS / "teacher" / "README.md").read_text()
     for key in ("colour", "background", "shape"):
-        assert f"{100 * results['accuracy'][key]:.1f}%" in card
+        assert f"{100 * results['attribute_accuracy'][key]:.1f}%" in card
     assert f"{results['vae_psnr_db']:.2f} dB" in card
 
 
@@ -91,8 +91,8 @@ def test_lcm_card_table_comes_from_the_committed_results():
     root = Path(__file__).resolve().parents[1]
     table = (root / "reports" / "lcm" / "results.md").read_text()
     assert table in (registry.WEIGHTS / "lcm" / "README.md").read_text()
-    results = json.loads((root / "reports" / "lcm" / "results.json").read_text())
+    results = read_results(root / "reports" / "lcm" / "results.json")
     lcm4 = next(r for r in results["rows"] if r["model"] == "lcm" and r["steps"] == 4)
-    assert f"| lcm | lcm | 4 | 8.5 | {100 * lcm4['accuracy']['colour']:.1f} |" in table
+    assert f"| lcm | lcm | 4 | 8.5 | {100 * lcm4['attribute_accuracy']['colour']:.1f} |" in table
     # the card's numbers were sampled on the timesteps the shipped LCM uses by default
     assert results["timestep_schedules"] == {"lcm": sampling_schedule(registry.WEIGHTS / "lcm")}

@@ -10,7 +10,8 @@ from latentcm import registry
 from latentcm.bundle import SAMPLING_FILE, Bundle
 from latentcm.cli import main
 from latentcm.errors import ModelError
-from latentcm.evaluation import pipeline
+from latentcm.evaluation import pipeline, references
+from latentcm.evaluation import results as results_file
 from latentcm.sampling.student import inference_timesteps
 from latentcm.schedules import lcm_timesteps, refine_timesteps
 
@@ -96,13 +97,13 @@ def test_release_export_keeps_the_schedule_and_its_card_passes_the_timesteps(ref
 def test_evaluate_scores_each_named_schedule_and_caches_by_schedule(refine_lcm, micro_teacher, micro_judge,
                                                                    tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "eval"
     args = ["evaluate", "--model", str(refine_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
             "--samplers", "lcm", "--steps", "4", "--num-samples", "4", "--batch-size", "4", "--out", str(out)]
     main([*args, "--lcm-schedules", "grid,refine"])
     results = json.loads((out / "results.json").read_text())
-    pipeline.validate_results(results)
+    results_file.validate_results(results)
     assert [r.get("schedule") for r in results["records"]] == ["grid", "refine"]
     assert results["records"][0]["fid"] != results["records"][1]["fid"]
     table = (out / "table1.md").read_text()

@@ -16,25 +16,28 @@ import torch
 
 from ..bundle import Bundle
 from ..defaults import LCM_OMEGA, LCM_SAMPLER, LCM_STEPS
+from ..files import write_text
+from ..guidance import guidance_from_omega, omega_from_guidance
 from ..models.denoiser import make_student
 from ..sampling.latents import sample_latents
-from ..schedules import grid_size
+from ..schedules import grid_size, train_timesteps
 from ..training import recipes
 from ..training.consistency import LCDConfig
 from ..training.loop import LoopConfig
-from . import pipeline
+from . import pipeline, references, reports, scoring
+from .results import upgrade_keys, write_results
 from .extractors import JudgeExtractor
 
 PROBE_STEPS, PROBE_OMEGA = LCM_STEPS, LCM_OMEGA  # Fig. 3 tracks 4-step FID at the shipped default w
 
 
-def fid_probe(bundle, extractor: JudgeExtractor, reference: pipeline.Reference, num_samples: int,
+def fid_probe(bundle, extractor: JudgeExtractor, reference: references.Reference, num_samples: int,
               original_inference_steps: int, log_path: Path, batch_size: int = 64, seed: int = 0):
     """A ``preview_fn`` for ``recipes.run`` that appends {iteration, fid, kid, kid_std, precision, recall,
-    clip_score, accuracy, histogram_distance} of the student's PROBE_STEPS-step samples (w = PROBE_OMEGA)
+    caption_score, exact_match, histogram_distance} of the student's PROBE_STEPS-step samples (w = PROBE_OMEGA)
     on held-out prompts to ``log_path`` (JSON lines). The samples come from the in-training UNet
-    (``sample_latents``), not a cached row; they are scored by ``pipeline.score`` like every other row."""
-    prompts = [p for p, _ in pipeline.heldout_prompts(num_samples)]
+    (``sample_latents``), not a cached row; they are scored by ``scoring.score`` like every other row."""
+    prompts = [p for p, _ in references.heldout_prompts(num_samples)]
     states = bundle.encode_prompts(prompts)  # [N, L, D]
     size = bundle.unet.config.sample_size * bundle.vae_factor
 
@@ -46,10 +49,10 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: pipeline.Reference, 
             z = sample_latents(student_unet, bundle.scheduler_config, LCM_SAMPLER,
                                states[i:i + batch_size].to(p.device, p.dtype),
                                [seed + j for j in range(i, min(i + batch_size, num_samples))],
-                               bundle.latent_shape(size, size), steps=PROBE_STEPS, guidance=1.0 + PROBE_OMEGA,
+                               bundle.latent_shape(size, size), steps=PROBE_STEPS, guidance=guidance_from_omega(PROBE_OMEGA),
                                original_inference_steps=original_inference_steps)
             images.append(bundle.decode(z.to(bundle.vae.device, bundle.vae.dtype)).float().cpu())
-        scored = pipeline.rounded(pipeline.score(torch.cat(images), prompts, extractor, reference))
+        scored = scoring.rounded(scoring.score(torch.cat(images), prompts, extractor, reference))
         record = {"iteration": step, **{k: v for k, v in scored.items() if k != "attribute_accuracy"}}
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -57,13 +60,14 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: pipeline.Reference, 
 
 
 def read_probe_log(path: Path) -> list[dict]:
-    """Probe records, the last one per iteration (a resumed run may probe an iteration twice)."""
+    """Probe records, the last one per iteration (a resumed run may probe an iteration twice); keys of
+    older logs renamed (``results.upgrade_keys``)."""
     if not path.is_file():
         return []
     by_iter = {}
     for line in path.read_text().splitlines():
         if line.strip():
-            r = json.loads(line)
+            r = upgrade_keys(json.loads(line))
             by_iter[r["iteration"]] = r
     return [by_iter[k] for k in sorted(by_iter)]
 
@@ -76,12 +80,12 @@ def solver_skip(teacher_dir: Path, out: Path, pairs: list[tuple[str, int]], iter
     KID and FID every ``eval_every``."""
     out = Path(out)
     bundle = Bundle.load(teacher_dir)
-    ref = pipeline.reference_set(extractor, reference)
+    ref = references.reference_set(extractor, reference)
     records = []
     for solver, k in pairs:
         run_dir = out / "runs" / f"{solver}-k{k}"
         log = run_dir / "probe.jsonl"
-        n_grid = grid_size(bundle.scheduler_config.get("num_train_timesteps", 1000), k)
+        n_grid = grid_size(train_timesteps(bundle.scheduler_config), k)
         cfg = LCDConfig(solver=solver, skip=k, loss=loss, batch_size=batch_size, seed=seed)
         probe = fid_probe(bundle, extractor, ref, num_samples, n_grid, log)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,7 @@ def solver_skip(teacher_dir: Path, out: Path, pairs: list[tuple[str, int]], iter
     results = {"iterations": iterations, "eval_every": eval_every, "num_samples": num_samples,
                "probe": {"steps": PROBE_STEPS, "omega": PROBE_OMEGA}, "batch_size": batch_size,
                "reference": ref.name, "reference_kind": ref.kind, "records": records,
-               "floor": pipeline.floor(extractor, ref, num_samples)}
+               "floor": scoring.floor(extractor, ref, num_samples)}
     _write(out, results, solver_skip_markdown(records, results["floor"]),
            plot_solver_skip(records, out / "solver-skip.png", results["floor"]))
     return results
@@ -138,7 +142,7 @@ def plot_solver_skip(records: list[dict], path: Path, floor: dict | None = None)
                         marker="o", capsize=3, label=f"k = {k}")
         if floor:
             ax.axhline(floor["kid"], color="grey", ls="--", lw=1, label="real images")
-        ax.set_title(f"{pipeline.SAMPLER_LABELS.get(solver, solver)}: 4-step KID", fontsize=10)
+        ax.set_title(f"{reports.SAMPLER_LABELS.get(solver, solver)}: 4-step KID", fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -153,13 +157,13 @@ def guidance(bundles: dict, extractor: JudgeExtractor, out: Path, omegas: list[f
              num_samples: int = pipeline.NUM_SAMPLES, batch_size: int = 32, seed: int = 0,
              reference: str = "prompt-scenes") -> dict:
     """Fig. 4: the LCM at each w and step count; records carry ``omega`` (= guidance - 1)."""
-    rows = [pipeline.Row("lcm", LCM_SAMPLER, n, 1.0 + w) for w in omegas for n in steps]
+    rows = [pipeline.Row("lcm", LCM_SAMPLER, n, guidance_from_omega(w)) for w in omegas for n in steps]
     results = pipeline.score_rows(bundles, rows, extractor, Path(out), num_samples, seed, batch_size,
                                   reference=reference)
     for r in results["records"]:
-        r["omega"] = round(r["guidance"] - 1.0, 6)
-    path = pipeline.plot_against_steps(results["records"], Path(out) / "guidance.png", x_key="omega",
-                                        series_key="steps", label=lambda n: f"{n} steps", log_x=False)
+        r["omega"] = round(omega_from_guidance(r["guidance"]), 6)
+    path = reports.plot_against_steps(results["records"], Path(out) / "guidance.png", x_key="omega",
+                                       series_key="steps", label=lambda n: f"{n} steps", log_x=False)
     _write(Path(out), results, guidance_markdown(results["records"]), path)
     return results
 
@@ -173,14 +177,13 @@ def guidance_markdown(records: list[dict]) -> str:
         by = {r["steps"]: r for r in records if r["omega"] == w}
         lines.append(f"| {w:g} | " + " | ".join(f"{by[n]['fid']:.2f}" for n in steps) + " | "
                      + " | ".join(f"{by[n]['kid']:.2f} ± {by[n]['kid_std']:.2f}" for n in steps) + " | "
-                     + " | ".join(f"{by[n]['clip_score']:.1f}" for n in steps) + " |")
+                     + " | ".join(f"{by[n]['caption_score']:.1f}" for n in steps) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _write(out: Path, results: dict, table: str, plot: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table)
+    write_results(out / "results.json", results)
+    write_text(out / "results.md", table)
 
 
 __all__ = ["solver_skip", "guidance", "fid_probe", "read_probe_log"]

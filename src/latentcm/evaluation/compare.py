@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE
+from ..defaults import COMPARE_TEACHER_STEPS, LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE
 from ..images import to_uint8_grid
 from .pipeline import Row  # the evaluation pipeline's row type (model, sampler, steps, guidance; .label)
 
 LABEL_MARGIN = 150  # px of left margin that holds each row's label
 
 COMPARE_ROWS = (*(Row("lcm", LCM_SAMPLER, n, LCM_GUIDANCE) for n in (1, 2, 4)),
-                Row("teacher", "ddim", 25, TEACHER_GUIDANCE))
+                Row("teacher", "ddim", COMPARE_TEACHER_STEPS, TEACHER_GUIDANCE))
 
 
 def timed_rows(bundles: dict, prompt: str, seeds: list[int],

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import world
+from ..images import to_pixels
 from ..models.judge import Judge
 
 
@@ -142,5 +143,6 @@ class InceptionExtractor:
     def features(self, images: torch.Tensor) -> np.ndarray:
         out = []
         for b in _batches(images, self.batch_size):
-            out.append(self.net(((b.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)).reshape(len(b), -1))
+            pixels = torch.from_numpy(to_pixels(b)).permute(0, 3, 1, 2).to(b.device)  # uint8 [B, 3, H, W]
+            out.append(self.net(pixels).reshape(len(b), -1))
         return torch.cat(out).numpy()

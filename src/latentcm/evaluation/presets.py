@@ -1,8 +1,8 @@
 """The ``lcm`` and ``teacher`` presets of ``lcm evaluate`` (``table1`` is ``pipeline.run``): layouts of
 ``pipeline.generate_and_score`` rows, nothing that samples or scores on its own.
 
-* ``lcm_table``: judge accuracy per attribute, UNet evaluations and seconds of ``LCM_TABLE_ROWS``
-  (formerly ``lcm evaluate-lcm``; ``reports/lcm/``).
+* ``lcm_table``: judge accuracy per attribute (``attribute_accuracy``), UNet evaluations and seconds of
+  ``LCM_TABLE_ROWS`` (formerly ``lcm evaluate-lcm``; ``reports/lcm/``).
 * ``teacher``: a teacher on held-out prompts and on paraphrases with unseen words, its VAE's
   reconstruction PSNR and the judge's ceiling on real images (formerly ``lcm evaluate-teacher``;
   ``reports/teacher/``).
@@ -15,60 +15,63 @@ real-image floor at the same n.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_DEFAULTS, TEACHER_GUIDANCE, TEACHER_STEPS
+from ..files import write_text
 from ..images import save_grid
-from . import pipeline
-from .pipeline import NUM_SAMPLES, SCORED, Row
+from . import pipeline, references, results as results_file, scoring
+from .pipeline import NUM_SAMPLES, Row
+from .scoring import SCORED
 
 PRESETS = ("table1", "lcm", "teacher")
 IMAGE_FORMAT = "float32"
 VAE_PSNR_COUNT = 512      # held-out images of the teacher preset's VAE round trip
 JUDGE_REAL_COUNT = 1000   # held-out real images the teacher preset's judge ceiling is measured on
+TEACHER_SAMPLER, _, _ = TEACHER_DEFAULTS  # the teacher preset's sampler (steps, g: TEACHER_STEPS, TEACHER_GUIDANCE)
 
-# One row per (model, sampler, steps, guidance g) of the LCM-vs-teacher table (issue 3, "Must show").
+# One row per (model, sampler, steps, guidance g) of the LCM-vs-teacher table.
 LCM_TABLE_ROWS = (
     *(Row("lcm", LCM_SAMPLER, n, LCM_GUIDANCE) for n in (1, 2, 4, 8)),
     *(Row("teacher", s, n, TEACHER_GUIDANCE) for s in ("ddim", "dpm-solver++") for n in (1, 2, 4)),
     Row("teacher", "ddim", TEACHER_STEPS, TEACHER_GUIDANCE),
 )
 
-NEW_METRICS = ("fid", "kid", "kid_std", "precision", "recall", "clip_score", "histogram_distance", "fid_ci")
-_ROW_PROPERTIES = {k: v for k, v in pipeline.SCORE_PROPERTIES.items() if k in NEW_METRICS}
-_JUDGED = {"type": "object", "required": ["sampler", "steps", "guidance", "num_samples", "accuracy",
-                                          "exact_accuracy", "unet_evals_per_image", "seconds", "fid", "kid",
+# the scores a preset row carries beside the judge's accuracies: the distribution metrics and the caption score
+EXTRA_METRICS = ("fid", "kid", "kid_std", "precision", "recall", "caption_score", "histogram_distance", "fid_ci")
+_ROW_PROPERTIES = {k: v for k, v in scoring.SCORE_PROPERTIES.items() if k in EXTRA_METRICS}
+_JUDGED = {"type": "object", "required": ["sampler", "steps", "guidance", "num_samples", "attribute_accuracy",
+                                          "exact_match", "unet_evals_per_image", "seconds", "fid", "kid",
                                           "kid_std", "precision", "recall", "histogram_distance"],
-           "properties": {"accuracy": {"type": "object", "additionalProperties": {"type": "number"}},
-                          "exact_accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+           "properties": {"attribute_accuracy": {"type": "object", "additionalProperties": {"type": "number"}},
+                          "exact_match": {"type": "number", "minimum": 0, "maximum": 1},
                           "unet_evals_per_image": {"type": "number", "minimum": 0}, **_ROW_PROPERTIES}}
 LCM_RESULTS_SCHEMA = {"type": "object", "required": ["num_samples", "seed", "rows", "reference", "floor"],
                       "properties": {"rows": {"type": "array", "minItems": 1, "items": _JUDGED},
-                                     "floor": pipeline.FLOOR_SCHEMA,
-                                     "timestep_schedules": pipeline.TIMESTEP_SCHEDULES_SCHEMA}}
+                                     "floor": results_file.FLOOR_SCHEMA,
+                                     "timestep_schedules": results_file.TIMESTEP_SCHEDULES_SCHEMA}}
 TEACHER_RESULTS_SCHEMA = {"allOf": [_JUDGED, {"type": "object",
                                               "required": ["paraphrase_accuracy", "paraphrase", "vae_psnr_db",
                                                            "judge_on_real_images", "reference", "floor"],
                                               "properties": {"paraphrase": _JUDGED,
-                                                             "floor": pipeline.FLOOR_SCHEMA}}]}
+                                                             "floor": results_file.FLOOR_SCHEMA}}]}
 
 
 def judged_row(bundle, row: Row, extractor, reference, out: Path, num_samples: int = NUM_SAMPLES,
                split: str = "heldout", seed: int = 0, batch_size: int = 32, bootstrap: int = 0) -> tuple[dict, object]:
-    """One row in the presets' layout (``accuracy`` is the per-attribute dict, unrounded), and its images.
+    """One row in the presets' layout (``attribute_accuracy`` unrounded), and its images.
 
     Image i uses prompt i of ``heldout_prompts(num_samples, split=split)`` and seed ``seed + i``;
     UNet evaluations are counted, not assumed (LCM: one per step; CFG teacher: two).
     """
-    prompts = [p for p, _ in pipeline.heldout_prompts(num_samples, split=split)]
+    prompts = [p for p, _ in references.heldout_prompts(num_samples, split=split)]
     scores, images, timing = pipeline.generate_and_score(
         bundle, row, prompts, extractor, reference, Path(out) / "samples", seed=seed, batch_size=batch_size,
         image_format=IMAGE_FORMAT, tag="" if split == "heldout" else split, bootstrap=bootstrap)
-    extra = pipeline.rounded({k: v for k, v in scores.items() if k in NEW_METRICS})
+    extra = scoring.rounded({k: v for k, v in scores.items() if k in EXTRA_METRICS})
     return {"sampler": row.sampler, "steps": row.steps, "guidance": row.guidance, "num_samples": num_samples,
-            "split": split, "accuracy": scores["attribute_accuracy"],
-            "exact_accuracy": round(scores["accuracy"], 4), "unet_evals_per_image": timing["unet_evals"],
+            "split": split, "attribute_accuracy": scores["attribute_accuracy"],
+            "exact_match": round(scores["exact_match"], 4), "unet_evals_per_image": timing["unet_evals"],
             "seconds": timing["seconds"], "seconds_per_image": round(timing["seconds"] / num_samples, 4),
             **extra}, images
 
@@ -84,47 +87,45 @@ def lcm_table(bundles: dict, extractor, out: Path, num_samples: int = NUM_SAMPLE
         meta: entries put first in results.json (the CLI's model folders).
     """
     out = Path(out)
-    ref = pipeline.reference_set(extractor, reference, cache_dir=cache_dir)
+    ref = references.reference_set(extractor, reference, cache_dir=cache_dir)
     records = []
     for row in rows:
         record, images = judged_row(bundles[row.model], row, extractor, ref, out, num_samples, seed=seed,
                                     batch_size=batch_size, bootstrap=bootstrap)
-        save_grid(pipeline.to_pixels(images[:32]), out / "grids" / f"{row.key}.png")
+        save_grid(scoring.model_images(images[:32]), out / "grids" / f"{row.key}.png")
         records.append({"model": row.model, **record})
     results = {**(meta or {}), "num_samples": num_samples, "seed": seed, "rows": records,
-               "timestep_schedules": pipeline.own_schedules(bundles), **_reference_entries(extractor, ref),
-               "floor": pipeline.floor(extractor, ref, num_samples)}
-    pipeline.validate_results(results, LCM_RESULTS_SCHEMA)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(records, results["floor"]))
+               "timestep_schedules": results_file.own_schedules(bundles), **_reference_entries(extractor, ref),
+               "floor": scoring.floor(extractor, ref, num_samples)}
+    results_file.validate_results(results, LCM_RESULTS_SCHEMA)
+    results_file.write_results(out / "results.json", results)
+    write_text(out / "results.md", markdown_table(records, results["floor"]))
     return results
 
 
-def teacher(bundle, extractor, out: Path, num_samples: int = NUM_SAMPLES, sampler: str = TEACHER_DEFAULTS[0],
-            steps: int = TEACHER_DEFAULTS[1], guidance: float = TEACHER_DEFAULTS[2], batch_size: int = 32,
+def teacher(bundle, extractor, out: Path, num_samples: int = NUM_SAMPLES, sampler: str = TEACHER_SAMPLER,
+            steps: int = TEACHER_STEPS, guidance: float = TEACHER_GUIDANCE, batch_size: int = 32,
             seed: int = 0, reference: str = "prompt-scenes", cache_dir: Path | None = None,
             bootstrap: int = 0) -> tuple[dict, object]:
     """Preset ``teacher``: the held-out row, the paraphrase row (``paraphrase_accuracy``, and all its
     scores under ``paraphrase``), ``vae_psnr_db``, ``judge_on_real_images`` and the floor. Writes
     results.json, heldout-grid.png and prompts.txt into ``out``; returns (results, held-out images)."""
     out = Path(out)
-    ref = pipeline.reference_set(extractor, reference, cache_dir=cache_dir)
+    ref = references.reference_set(extractor, reference, cache_dir=cache_dir)
     row = Row("teacher", sampler, steps, guidance)
     result, images = judged_row(bundle, row, extractor, ref, out, num_samples, seed=seed, batch_size=batch_size,
                                 bootstrap=bootstrap)
     para, _ = judged_row(bundle, row, extractor, ref, out, num_samples, split="paraphrase", seed=seed,
                          batch_size=batch_size, bootstrap=bootstrap)
-    result.update(paraphrase_accuracy=para["accuracy"],
-                  vae_psnr_db=round(pipeline.vae_psnr(bundle.vae, VAE_PSNR_COUNT), 2),
-                  judge_on_real_images=pipeline.judge_on_real(extractor, ref, JUDGE_REAL_COUNT), paraphrase=para,
-                  **_reference_entries(extractor, ref), floor=pipeline.floor(extractor, ref, num_samples))
-    pipeline.validate_results(result, TEACHER_RESULTS_SCHEMA)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    save_grid(pipeline.to_pixels(images[:32]), out / "heldout-grid.png")
-    prompts = [p for p, _ in pipeline.heldout_prompts(min(32, num_samples))]
-    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    result.update(paraphrase_accuracy=para["attribute_accuracy"],
+                  vae_psnr_db=round(scoring.vae_psnr(bundle.vae, VAE_PSNR_COUNT), 2),
+                  judge_on_real_images=scoring.judge_on_real(extractor, ref, JUDGE_REAL_COUNT), paraphrase=para,
+                  **_reference_entries(extractor, ref), floor=scoring.floor(extractor, ref, num_samples))
+    results_file.validate_results(result, TEACHER_RESULTS_SCHEMA)
+    results_file.write_results(out / "results.json", result)
+    save_grid(scoring.model_images(images[:32]), out / "heldout-grid.png")
+    prompts = [p for p, _ in references.heldout_prompts(min(32, num_samples))]
+    write_text(out / "prompts.txt", "\n".join(prompts) + "\n")
     return result, images
 
 
@@ -140,7 +141,7 @@ def markdown_table(results: list[dict], floor: dict | None = None) -> str:
             "FID", "KID×10³"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        acc = [f"{100 * r['accuracy'][k]:.1f}" if k in r["accuracy"] else "-" for k in SCORED]
+        acc = [f"{100 * r['attribute_accuracy'][k]:.1f}" if k in r["attribute_accuracy"] else "-" for k in SCORED]
         cells = [r.get("model", "?"), r["sampler"], str(r["steps"]), f"{r['guidance']:g}", *acc,
                  f"{r['unet_evals_per_image']:g}", f"{r['seconds']:.1f}", f"{r['seconds_per_image']:.3f}",
                  f"{r['fid']:.2f}", f"{r['kid']:.2f} ± {r['kid_std']:.2f}"]

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import styles, world
-from ..images import vae_round_trip
+from ..files import atomic_path
+from ..images import from_pixels, vae_round_trip
 
 VERSION = "v2"  # v2: trained on real images and their VAE round trips
 
@@ -48,7 +49,7 @@ def labelled_images(count: int, seed: int, split: str) -> tuple[torch.Tensor, to
     plain = [world.make_sample(seed, i, plain_split).image for i in range(count)]
     striped = [styles.make_styled_sample(seed, i, split).image for i in range(count)]
     x = np.stack([np.asarray(im) for im in plain + striped])
-    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = from_pixels(x)  # [2 count, 3, H, W] in [-1, 1]
     return images, torch.cat([torch.zeros(count), torch.ones(count)])
 
 
@@ -83,10 +84,8 @@ def load_or_train(cache_dir: Path, steps: int = 400, seed: int = 0, vae=None, va
         judge.load_state_dict(load_file(str(path)))
         return judge.eval().requires_grad_(False), tag
     judge = train_style_judge(steps, count=count, seed=seed, vae=vae)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(judge.state_dict(), str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(judge.state_dict(), str(tmp))
     return judge, tag
 
 

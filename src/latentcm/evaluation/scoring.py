@@ -1,0 +1,157 @@
+"""The one scoring function, ``score``: FID, KID, precision / recall, the caption score, exact-match and
+per-attribute accuracy and per-attribute histogram distances of images against a ``Reference`` of real
+images; ``floor``, ``judge_on_real`` and ``vae_psnr`` score the real images themselves (the ceilings a
+generator is read against). Every command that scores images calls ``score``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import world
+from ..images import from_pixels, to_pixels, vae_round_trip
+from . import metrics
+from .extractors import JudgeExtractor, wanted_indices
+from .references import HISTOGRAM_ATTRIBUTES, PROMPT_SEED, Reference, heldout_samples
+
+SCORED = ("colour", "background", "shape", "size", "position")
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+PR_K = 3                  # k of improved precision / recall
+KID_SCALE = 1000.0        # KID is reported x 10^3
+ROUNDING = {"fid": 3, "kid": 4, "kid_std": 4, "precision": 4, "recall": 4, "caption_score": 3, "exact_match": 4,
+            "attribute_accuracy": 4, "histogram_distance": 4, "fid_ci": 3}
+
+_UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+_UNIT_OR_NULL = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
+SCORE_PROPERTIES = {
+    "fid": {"type": "number", "minimum": 0},
+    "kid": {"type": "number", "description": "KID x 10^3: mean over subsets (can be negative)"},
+    "kid_std": {"type": "number", "minimum": 0, "description": "KID x 10^3: std over subsets"},
+    "precision": _UNIT_OR_NULL,   # null when a set has at most PR_K images
+    "recall": _UNIT_OR_NULL,
+    "caption_score": {"type": "number", "minimum": 0, "maximum": 100},  # the judge's agreement with the prompt
+    "exact_match": _UNIT,         # every attribute the caption names judged right
+    "attribute_accuracy": {"type": "object", "additionalProperties": {"type": "number"}},
+    "histogram_distance": {"type": "object", "required": list(HISTOGRAM_ATTRIBUTES),
+                           "additionalProperties": _UNIT},
+    "fid_ci": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+}
+SCORE_REQUIRED = ["fid", "kid", "kid_std", "precision", "recall", "caption_score", "exact_match",
+                  "attribute_accuracy", "histogram_distance"]
+
+
+def model_images(images) -> torch.Tensor:
+    """Images as float [N, 3, H, W] in [-1, 1]: from uint8 [N, H, W, 3] (8-bit images), float32
+    [N, 3, H, W] arrays (the decoder's output, cached) or tensors."""
+    if isinstance(images, torch.Tensor):
+        return images.float()
+    if images.dtype == np.uint8:
+        return from_pixels(images)
+    return torch.from_numpy(np.ascontiguousarray(images)).float()
+
+
+def attribute_accuracy(predicted: list[dict[str, str]], wanted: list[dict[str, str]]) -> dict[str, float]:
+    """Per attribute: the share of images whose judged value equals the one the prompt named
+    (only images whose prompt names that attribute count)."""
+    out = {}
+    for key in SCORED:
+        hits = [p[key] == w[key] for p, w in zip(predicted, wanted) if key in w]
+        if hits:
+            out[key] = float(np.mean(hits))
+    return out
+
+
+def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Reference, *,
+          wanted: list[dict[str, str]] | None = None, bootstrap: int = 0) -> dict:
+    """The one scoring function: every command that scores images calls it.
+
+    Args:
+        images: uint8 [N, H, W, 3], or float [N, 3, H, W] in [-1, 1] (array or tensor), drawn for ``prompts``.
+        reference: real images (``reference_set``), for FID, KID, precision / recall and histograms.
+        wanted: per image, attribute -> the value it should have (default: what its prompt names).
+        bootstrap: resamples of a percentile bootstrap interval of FID (0: none).
+
+    Returns (unrounded; ``rounded`` rounds for tables):
+        fid, kid and kid_std (x 10^3: mean and std over KID_SUBSETS subsets of min(KID_SUBSET_SIZE, N, M)
+        rows, on features divided by the reference features' RMS), precision and recall (k = PR_K, against an equal-size random subset of the reference;
+        None when N <= PR_K), caption_score (the judge's agreement with the prompt), exact_match (every
+        named attribute right), attribute_accuracy, histogram_distance (attribute -> total variation between
+        the judge's labels of the images and the reference's labels, for HISTOGRAM_ATTRIBUTES), and fid_ci
+        [lower, upper] with ``bootstrap``.
+    """
+    x = model_images(images)
+    features = extractor.features(x)
+    probs = extractor.probabilities(x)
+    predicted = extractor.predict_from(probs)
+    if wanted is None:
+        wanted = [world.parse_caption(p) for p in prompts]
+    mu, sigma = metrics.gaussian_stats(features)
+    # the cubic kernel depends on the feature scale: scale both sets by the reference's RMS per dimension
+    # (one fixed linear map, so rows stay comparable; Inception-like magnitudes)
+    scale = float(np.sqrt(np.mean(reference.features.astype(np.float64) ** 2))) or 1.0
+    kid_mean, kid_std = metrics.kid(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
+                                    KID_SUBSETS, KID_SUBSET_SIZE)  # float64: no last-digit jitter between runs
+    n = min(len(features), len(reference.features))
+    if n > PR_K:
+        pick = np.sort(np.random.default_rng(0).choice(len(reference.features), n, replace=False))
+        precision, recall = metrics.precision_recall(reference.features[pick], features, PR_K)
+    else:
+        precision = recall = None
+    out = {"fid": metrics.frechet_distance(mu, sigma, reference.mu, reference.sigma),
+           "kid": KID_SCALE * kid_mean, "kid_std": KID_SCALE * kid_std,
+           "precision": precision, "recall": recall,
+           "caption_score": metrics.attribute_agreement(probs, wanted_indices(prompts)),
+           "exact_match": metrics.exact_accuracy(predicted, wanted),
+           "attribute_accuracy": attribute_accuracy(predicted, wanted),
+           "histogram_distance": {k: metrics.histogram_distance([p[k] for p in predicted], list(reference.labels[k]),
+                                                                world.ATTRIBUTES[k])
+                                  for k in HISTOGRAM_ATTRIBUTES}}
+    if bootstrap:
+        _, lower, upper = metrics.bootstrap_ci(features, reference.features, metrics.fid, num_resamples=bootstrap)
+        out["fid_ci"] = [lower, upper]
+    return out
+
+
+def rounded(scores: dict) -> dict:
+    """``score``'s values rounded as the tables print them (ROUNDING digits)."""
+    def rnd(value, digits):
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return {k: rnd(v, digits) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rnd(v, digits) for v in value]
+        return round(float(value), digits)
+    return {k: rnd(v, ROUNDING[k]) if k in ROUNDING else v for k, v in scores.items()}
+
+
+def floor(extractor: JudgeExtractor, reference: Reference, num_samples: int, split: str = "heldout",
+          bootstrap: int = 0) -> dict:
+    """The scores of the real images the prompts were written from, at the rows' n: what a perfect
+    generator scores (FID's small-sample bias; with the "prompt-scenes" reference these images are
+    inside the reference set, so KID and FID come out lower than an independent set would give)."""
+    samples = heldout_samples(num_samples, split=split)
+    scores = score(world.images_array(samples), [s.text for s in samples], extractor, reference,
+                   bootstrap=bootstrap)
+    return {**rounded(scores), "num_samples": num_samples}
+
+
+def judge_on_real(extractor: JudgeExtractor, reference: Reference, count: int = 1000,
+                  seed: int = PROMPT_SEED) -> dict[str, float]:
+    """The judge's own accuracy on real held-out images, every attribute (its ceiling)."""
+    samples = heldout_samples(count, seed)
+    return score(world.images_array(samples), [s.text for s in samples], extractor, reference,
+                 wanted=[s.scene.attributes() for s in samples])["attribute_accuracy"]
+
+
+@torch.no_grad()
+def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 128) -> float:
+    """Mean reconstruction PSNR (dB, 8-bit images) on held-out world images."""
+    real = world.images_array(heldout_samples(count, seed))  # [N, H, W, 3] uint8
+    rec = to_pixels(vae_round_trip(vae, from_pixels(real), batch_size))  # [N, H, W, 3] uint8
+    mse = (torch.from_numpy(rec).double() - torch.from_numpy(real).double()).pow(2).mean(dim=(1, 2, 3))
+    return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
+
+
+__all__ = ["score", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images",
+           "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]
