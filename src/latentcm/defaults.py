@@ -17,12 +17,13 @@ TIMESTEP_SCHEDULES = ("grid", "refine")
 LCM_OMEGA = 7.5                   # paper w of the shipped LCM's default and of training previews
 LCM_GUIDANCE = 1.0 + LCM_OMEGA    # g = 8.5
 LCM_STEPS = 4                     # the usual few-step setting (Table 1's 4-step column)
+TEACHER_SAMPLER = "ddim"          # the teacher's default sampler
 TEACHER_GUIDANCE = 7.5            # g of the teacher's samplers (Stable Diffusion's usual default)
 TEACHER_STEPS = 50
 
 COMPARE_TEACHER_STEPS = 25        # the teacher row of `lcm compare` and the demo: DDIM 25 steps with CFG
 
-TEACHER_DEFAULTS = ("ddim", TEACHER_STEPS, TEACHER_GUIDANCE)   # (sampler, steps, guidance scale g)
+TEACHER_DEFAULTS = (TEACHER_SAMPLER, TEACHER_STEPS, TEACHER_GUIDANCE)   # (sampler, steps, guidance scale g)
 LCM_DEFAULTS = (LCM_SAMPLER, LCM_STEPS, LCM_GUIDANCE)
 
 SKIP = 20                         # k of the skipping-step grid (Sec. 4.3); N = T // k = 50 for T = 1000

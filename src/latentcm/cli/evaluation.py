@@ -111,7 +111,7 @@ def evaluate(preset, num_samples, reference, bootstrap, batch_size, seed, out, *
 def _table1(model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text, guidance, ceiling, sweep_text,
             lcm_schedules_text, guidance_max_t, folder, n, common) -> str:
     """Preset table1 (``pipeline.run`` on ``presets.table1_rows``); what evaluate prints."""
-    from ..evaluation import pipeline, presets
+    from ..evaluation import pipeline, presets, reports
 
     schedules = (_choice_list(lcm_schedules_text, TIMESTEP_SCHEDULES, "--lcm-schedules")
                  if lcm_schedules_text is not None else None)
@@ -126,7 +126,7 @@ def _table1(model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text
     bundles = _evaluation_bundles(model or default_model(), teacher, samplers + (["ddim"] if ceiling else []))
     extractor = _judge(judge_dir)
     results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=tops, sweep=sweep, **common)
-    return pipeline.results_markdown(results) + str(folder / "results.json")
+    return reports.results_markdown(results) + str(folder / "results.json")
 
 
 def _lcm_preset(model, teacher, judge_dir, steps_text, samplers_text, guidance, folder, n, common, **_) -> str:

@@ -27,7 +27,6 @@ from .references import Reference, heldout_prompts, reference_set
 from .results import own_schedules, validate_results, write_results
 
 NUM_SAMPLES = 256         # images per row by default (the committed reports' n)
-QUICK_SAMPLES = 256       # ``--quick``
 
 
 class Row(NamedTuple):
@@ -136,4 +135,4 @@ def table_rows(samplers: list[str], steps: list[int], guidance: float | None,
     return rows
 
 
-__all__ = ["Row", "run", "score_rows", "generate_and_score", "table_rows", "NUM_SAMPLES", "QUICK_SAMPLES"]
+__all__ = ["Row", "run", "score_rows", "generate_and_score", "table_rows", "NUM_SAMPLES"]

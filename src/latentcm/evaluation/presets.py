@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_DEFAULTS, TEACHER_GUIDANCE, TEACHER_STEPS
+from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE, TEACHER_SAMPLER, TEACHER_STEPS
 from ..files import write_text
 from ..images import save_grid
 from . import pipeline, references, results as results_file, scoring
@@ -28,7 +28,6 @@ PRESETS = ("table1", "lcm", "teacher")
 IMAGE_FORMAT = "float32"
 VAE_PSNR_COUNT = 512      # held-out images of the teacher preset's VAE round trip
 JUDGE_REAL_COUNT = 1000   # held-out real images the teacher preset's judge ceiling is measured on
-TEACHER_SAMPLER, _, _ = TEACHER_DEFAULTS  # the teacher preset's sampler (steps, g: TEACHER_STEPS, TEACHER_GUIDANCE)
 
 # One row per (model, sampler, steps, guidance g) of the LCM-vs-teacher table.
 LCM_TABLE_ROWS = (

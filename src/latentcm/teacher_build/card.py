@@ -113,7 +113,7 @@ def write_teacher_card(teacher: Path, results: dict, info: dict, commands: list[
     acc_rows = "\n".join(
         f"| {k} | {100 * v:.1f}% | {100 * results['paraphrase_accuracy'].get(k, float('nan')):.1f}% "
         f"| {100 * results['judge_on_real_images'].get(k, float('nan')):.1f}% |"
-        for k, v in results["accuracy"].items())
+        for k, v in results["attribute_accuracy"].items())
     text = TEACHER_CARD.format(
         params_total=sum(sizes.values()), params_vae=sizes["vae"], params_text=sizes["text_encoder"],
         params_unet=sizes["unet"], scaling_factor=vae_cfg["scaling_factor"], text_hidden=te_cfg["hidden_size"],
