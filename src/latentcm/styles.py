@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from . import world
+from .files import write_text
 
 STYLE_WORD = "striped"
 STYLE_SPLITS = ("train", "heldout")
@@ -78,7 +79,5 @@ def export_styled(out_dir: str | Path, seed: int, count: int, split: str = "trai
         name = f"{STYLE_WORD}_{split}_{i:06d}.png"
         s.image.save(out / name)
         lines.append(json.dumps({"file_name": name, "text": s.text, "style": STYLE_WORD, **s.scene.attributes()}))
-    tmp = out / "metadata.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "metadata.jsonl")
+    write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
     return out

@@ -25,6 +25,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .files import atomic_path, write_text
+
 RESOLUTION = 64
 SUPERSAMPLE = 4  # render at 4x and downsample with a box filter = anti-aliasing
 
@@ -324,9 +326,7 @@ def export_imagefolder(out_dir: str | Path, seed: int, count: int, split: str = 
         lines.append(json.dumps({"file_name": name, "text": s.text, **s.scene.attributes(),
                                  "geometry": {k: v for k, v in asdict(s.scene).items()
                                               if k in ("cx", "cy", "angle")}}))
-    tmp = out / "metadata.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "metadata.jsonl")
+    write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
     return out
 
 
@@ -355,8 +355,7 @@ def export_shards(out_dir: str | Path, seed: int, count: int, split: str = "trai
     samples = iter_samples(seed, count, split)
     for shard, start in enumerate(range(0, count, shard_size)):
         final = out / f"{shard:06d}.tar"
-        tmp = final.with_name(final.name + ".tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(start, min(start + shard_size, count)):
                 s, key = next(samples), f"{split}_{i:06d}"
                 png = io.BytesIO()
@@ -364,7 +363,6 @@ def export_shards(out_dir: str | Path, seed: int, count: int, split: str = "trai
                 add(tar, f"{key}.png", png.getvalue())
                 add(tar, f"{key}.txt", s.text.encode())
                 add(tar, f"{key}.json", json.dumps(_sample_row(s)).encode())
-        tmp.replace(final)
     return out
 
 

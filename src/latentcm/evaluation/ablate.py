@@ -39,7 +39,7 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: references.Reference
     (``sample_latents``), not a cached row; they are scored by ``scoring.score`` like every other row."""
     prompts = [p for p, _ in references.heldout_prompts(num_samples)]
     states = bundle.encode_prompts(prompts)  # [N, L, D]
-    size = bundle.unet.config.sample_size * bundle.vae_factor
+    size = bundle.default_size
 
     @torch.no_grad()
     def probe(student_unet, step: int, out_dir: Path) -> None:

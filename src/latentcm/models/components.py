@@ -7,9 +7,7 @@ second), ``default`` for the shipped offline model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import offline  # noqa: F401  (sets the Hugging Face offline switches)
 from .. import world
@@ -212,9 +210,3 @@ def encode_text(text_encoder, tokenizer, prompts: list[str]):
                     truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return text_encoder(ids.to(text_encoder.device))[0]
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)

@@ -22,7 +22,7 @@ import torch
 
 from .. import world
 from ..bundle import Bundle
-from ..defaults import TEACHER_GUIDANCE
+from ..defaults import COMPARE_TEACHER_STEPS, TEACHER_GUIDANCE, TEACHER_SAMPLER
 from ..images import save_grid
 from ..models import components
 from ..models.judge import Judge
@@ -135,7 +135,7 @@ def _unet_preview(vae, text_encoder, tok, sched_cfg):
 
     def preview(ema, step, out_dir):
         bundle = Bundle(ema, vae, text_encoder, tok, sched_cfg)
-        imgs = bundle.generate(prompts, list(range(8)), "ddim", 25, TEACHER_GUIDANCE)
+        imgs = bundle.generate(prompts, list(range(8)), TEACHER_SAMPLER, COMPARE_TEACHER_STEPS, TEACHER_GUIDANCE)
         save_grid(imgs, out_dir / f"unet-{step:07d}.png")
     return preview
 

@@ -112,7 +112,7 @@ def make_preview(bundle: Bundle, original_inference_steps: int, num: int = 8, pr
     prompts = prompts[:num] if prompts else [s.text for s in world.iter_samples(7, num, "heldout")]
     num = len(prompts)
     states = bundle.encode_prompts(prompts)  # [num, L, D]
-    size = bundle.unet.config.sample_size * bundle.vae_factor
+    size = bundle.default_size
 
     def preview(student_unet, step: int, out_dir: Path) -> None:
         p = next(student_unet.parameters())

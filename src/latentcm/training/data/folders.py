@@ -204,7 +204,7 @@ def load_pairs(folder: str | Path, resolution: int) -> tuple[list[tuple[Image.Im
 def folder_data(bundle, folder: Path, cache: Path | None, write: bool = True) -> tuple[LCDData, LoadReport, list[str]]:
     """Encode a user folder once (latents and caption states; reused while the folder is unchanged).
     Returns the data, the load report and the captions."""
-    resolution = bundle.unet.config.sample_size * bundle.vae_factor
+    resolution = bundle.default_size
     pairs, report = load_pairs(folder, resolution)
     if not pairs:
         raise ValueError(f"no usable image-caption pairs in {folder}: {report.summary()}")

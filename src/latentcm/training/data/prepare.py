@@ -117,7 +117,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _meta(bundle, cfg: PrepareConfig, latent_shape, text_shape) -> dict:
     meta = {"format": FORMAT, "version": VERSION, "model": str(bundle.path),
-            "resolution": bundle.unet.config.sample_size * bundle.vae_factor, "latent_shape": list(latent_shape),
+            "resolution": bundle.default_size, "latent_shape": list(latent_shape),
             "text": cfg.text, "dtype": cfg.dtype}
     if cfg.text == "states":
         meta["text_shape"] = list(text_shape)
@@ -127,7 +127,7 @@ def _meta(bundle, cfg: PrepareConfig, latent_shape, text_shape) -> dict:
 @torch.no_grad()
 def prepare_unit(bundle, unit, final: Path, cfg: PrepareConfig) -> LoadReport:
     """Encode one unit into the latent shard ``final`` (atomically) and its report ``final.json``."""
-    resolution = bundle.unet.config.sample_size * bundle.vae_factor
+    resolution = bundle.default_size
     report = LoadReport()
     rows = list(_unit_pairs(unit, resolution, cfg.min_size, report))
     with atomic_path(final) as tmp:

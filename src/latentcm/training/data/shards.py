@@ -175,7 +175,7 @@ class ShardSource:
         self.urls = [u for i, u in enumerate(urls) if i % num_processes == process_index]
         if not self.urls:
             raise ValueError(f"--data {spec} has {len(urls)} shards, fewer than the {num_processes} processes")
-        self.resolution = bundle.unet.config.sample_size * bundle.vae_factor
+        self.resolution = bundle.default_size
         self.report = LoadReport()
         self._shard_skips: dict[str, dict[str, list[str]]] = {}  # per finished shard, counted once
         self._shard_loaded: dict[str, int] = {}
