@@ -116,9 +116,11 @@ def test_gamma_zero_is_deterministic_and_gamma_changes_the_images(lcm):
     assert torch.equal(a, lcm.generate(PROMPTS, SEEDS, "lcm", 4, 8.5, gamma=0.0)) and not torch.equal(a, b)
     mid = lcm.generate(PROMPTS, SEEDS, "lcm", 4, 8.5, gamma=0.3)
     assert (mid - a).abs().max() > 1e-2
-    # image b depends on its seed only, under TCD too
+    # image b depends on its seed only, under TCD too. A batch of 1 and a batch of 2 run different conv kernels,
+    # so they agree to float rounding (seen: 2e-5), not bit for bit; 1e-4 is 0.013 of an 8-bit level, and another
+    # seed's noise would move the image by > 1e-2 (the gamma check above)
     single = lcm.generate(PROMPTS[1:], SEEDS[1:], "lcm", 4, 8.5, gamma=0.3)
-    torch.testing.assert_close(mid[1:], single, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mid[1:], single, rtol=0, atol=1e-4)
 
 
 @pytest.mark.shipped
