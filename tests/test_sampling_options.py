@@ -82,6 +82,12 @@ INVALID_CASES = [
          "steps must be in 1..50 for {model} (its skipping grid has original_inference_steps=50; 1-8 are the usual "
          "LCM range), got 51"),
     Case("no steps", dict(steps=0), "teacher", "steps must be in 1..1000 for {model}, got 0"),
+    Case("negative prompt on an LCM", dict(negative_prompt="red"), "lcm",
+         "a negative prompt replaces the unconditional branch of CFG, which an LCM does not run (its guidance is the "
+         "w input, distilled from CFG with the empty prompt); use a teacher sampler for negative_prompt",
+         serve={"negative_prompt": "red"}),
+    Case("negative prompt not a string", dict(sampler="ddim", negative_prompt=["red"]), "teacher",
+         "negative_prompt must be a string, got list", serve={"model": "teacher", "negative_prompt": ["red"]}),
     Case("size off the VAE factor", dict(height=17, width=17), "lcm",
          "height and width must be divisible by the VAE factor {vae}, got 17x17"),
 ]
@@ -162,7 +168,8 @@ def test_bundle_takes_the_options_as_one_object(bundles):
 # --- the command line: the same rules through `lcm generate`, parameters named as flags ------------------
 # Cases click's own option types refuse first (ranges, choices): their message is click's, about the flag.
 CLICK_TYPED = {"gamma above 1", "gamma below 0", "guidance NaN", "strength 0", "strength above 1", "unknown schedule",
-               "unknown sampler", "no steps"}
+               "unknown sampler", "no steps",
+               "negative prompt not a string"}  # (a flag's value is always a string)
 
 
 def _cli_args(case: Case, init_image: str) -> list[str]:

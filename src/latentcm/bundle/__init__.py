@@ -182,9 +182,13 @@ class Bundle:
         return encode_text(self.text_encoder, self.tokenizer, prompts)
 
     @torch.no_grad()
-    def encode_uncond(self, n: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def encode_uncond(self, n: int, size: tuple[int, int] | None = None,
+                      negative_prompt: str | None = None) -> torch.Tensor:
         """The unconditional branch of CFG for n images: the empty prompt (SDXL: zeros when
-        force_zeros_for_empty_prompt, as StableDiffusionXLPipeline)."""
+        force_zeros_for_empty_prompt, as StableDiffusionXLPipeline), or ``negative_prompt`` encoded as a prompt
+        is (as diffusers' pipelines encode ``negative_prompt``)."""
+        if negative_prompt is not None:
+            return self.encode_prompts([negative_prompt] * n, size)
         if self.is_sdxl:
             return sdxl.encode_uncond((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2),
                                       n, self._time_ids(size), self.force_zeros_for_empty_prompt)
@@ -221,17 +225,17 @@ class Bundle:
                        width: int | None = None, latents: torch.Tensor | None = None,
                        gamma: float | None = None, guidance_max_t: int | None = None,
                        timesteps: list[int] | None = None, schedule: str | None = None, *,
-                       options: SamplingOptions | None = None) -> torch.Tensor:
+                       negative_prompt: str | None = None, options: SamplingOptions | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] (unscaled by the VAE factor); arguments as in ``generate``."""
         o = self.sampling_options(options, sampler=sampler, steps=steps, guidance=guidance, gamma=gamma,
                                   guidance_max_t=guidance_max_t, timesteps=timesteps, schedule=schedule,
-                                  height=height, width=width)
+                                  height=height, width=width, negative_prompt=negative_prompt)
         if len(prompts) != len(seeds):
             raise ModelError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
         shape = self.latent_shape(o.height, o.width)
         image_size = (o.height, o.width)  # SDXL time_ids
         cond = self.encode_prompts(prompts, image_size)  # [B, L, D]
-        uncond = None if o.sampler == LCM_SAMPLER else self.encode_uncond(len(prompts), image_size)
+        uncond = None if o.sampler == LCM_SAMPLER else self.encode_uncond(len(prompts), image_size, o.negative_prompt)
         with self._autocast():
             out = sample(self.unet, self.scheduler_config, o, cond, seeds, shape, uncond=uncond, latents=latents)
         return out if self.autocast_dtype is None else out.float()
@@ -241,7 +245,8 @@ class Bundle:
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  latents: torch.Tensor | None = None, gamma: float | None = None,
                  guidance_max_t: int | None = None, timesteps: list[int] | None = None,
-                 schedule: str | None = None, *, options: SamplingOptions | None = None) -> torch.Tensor:
+                 schedule: str | None = None, *, negative_prompt: str | None = None,
+                 options: SamplingOptions | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [-1, 1], one per (prompt, seed).
 
         Args:
@@ -250,11 +255,14 @@ class Bundle:
             sampler, steps, guidance, height, width, gamma, guidance_max_t, timesteps, schedule: the sampling
                 options (``sampling.options.SamplingOptions``, where each is described); None: the model's
                 default (``self.defaults``, ``self.default_size``, ``self.timestep_schedule``).
+            negative_prompt: teacher samplers: the text of CFG's unconditional branch instead of "" (an LCM
+                refuses one: ``SamplingOptions``).
             latents: initial latents [B, C, h, w] instead of the seeds' first draws.
             options: the sampling options as one ``SamplingOptions`` instead of the keywords.
         """
         return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents,
-                                               gamma, guidance_max_t, timesteps, schedule, options=options))
+                                               gamma, guidance_max_t, timesteps, schedule,
+                                               negative_prompt=negative_prompt, options=options))
 
     @torch.no_grad()
     def img2img_latents(self, prompts: list[str], seeds: list[int], images: torch.Tensor,

@@ -22,7 +22,7 @@ SEED_MAX = 2**31 - 1
 FLAGS = {
     "steps": "--steps", "guidance": "--guidance", "gamma": "--gamma", "strength": "--strength",
     "timesteps": "--timesteps", "schedule": "--schedule", "guidance_max_t": "--guidance-max-t",
-    "sampler": "--sampler", "height": "--height", "width": "--width",
+    "sampler": "--sampler", "height": "--height", "width": "--width", "negative_prompt": "--negative-prompt",
 }
 
 

@@ -43,6 +43,9 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
               help="Teacher samplers: guidance only at the steps with t <= T, none above (a guidance interval).")
 @click.option("--timesteps", "timesteps_text", default=None, metavar="T,T,...",
               help="LCM: this descending schedule instead of --steps points of the grid, e.g. 999,499,299,99.")
+@click.option("--negative-prompt", default=None, metavar="TEXT",
+              help="Teacher samplers: what to steer away from (CFG's unconditional branch, instead of the empty "
+                   "prompt). An LCM refuses it: its guidance is the distilled w input, with no such branch.")
 @click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
               help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "
                    "first step, every step at low noise); the shipped LCM's sampling.json asks for refine.")

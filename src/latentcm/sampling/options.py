@@ -18,6 +18,8 @@ from ..schedules import TRAIN_TIMESTEPS, img2img_points
 
 SAMPLERS = (LCM_SAMPLER, *TEACHER_SAMPLERS)
 LORA_GUIDANCE = "an LCM-LoRA has its guidance distilled in (no w embedding); leave out guidance"
+NEGATIVE_LCM = ("a negative prompt replaces the unconditional branch of CFG, which an LCM does not run (its guidance "
+                "is the w input, distilled from CFG with the empty prompt); use a teacher sampler for negative_prompt")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class SamplingOptions:
     timesteps: LCM text-to-image only: an explicit descending schedule; ``steps`` is then its length.
     schedule: LCM text-to-image only: "grid" or "refine" (``defaults.TIMESTEP_SCHEDULES``).
     strength: img2img (LCM only): the fraction of the skipping grid kept, in (0, 1]; None: text-to-image.
+    negative_prompt: teacher samplers only: the text of CFG's unconditional branch, eps_u in
+        eps_u + g (eps_c - eps_u), instead of the empty prompt (as diffusers' ``negative_prompt``); None: "".
+        An LCM distilled with guided consistency distillation has no unconditional branch to replace (its
+        guidance is an input, w): it refuses one.
     height, width: image size, multiples of the VAE factor (text-to-image; img2img takes the image's).
     """
 
@@ -68,8 +74,8 @@ class SamplingOptions:
     strength: float | None = None
     height: int | None = None
     width: int | None = None
-    # Room for the options to come, with their rules below: negative_prompt (the text of CFG's unconditional
-    # branch) and guidance_mode (how the guided prediction is formed).
+    negative_prompt: str | None = None
+    # Room for guidance_mode (how the guided prediction is formed), with its rules below.
 
     def __post_init__(self):
         if self.timesteps is not None:
@@ -100,6 +106,10 @@ class SamplingOptions:
             raise ModelError("pass timesteps or schedule, not both")
         if self.strength is not None and (self.timesteps is not None or self.schedule is not None):
             raise ModelError("timesteps and schedule are for text-to-image; img2img picks its timesteps from strength")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ModelError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        if self.sampler == LCM_SAMPLER and self.negative_prompt is not None:
+            raise ModelError(NEGATIVE_LCM)
         if self.sampler == LCM_SAMPLER and self.guidance_max_t is not None:
             raise ModelError("a guidance interval (guidance_max_t) is for teacher samplers; an LCM's was fixed "
                              "when it was distilled (its own guidance_max_t)")

@@ -176,7 +176,7 @@ def _ui_sampling_inputs(gr, limits) -> list:
 
 
 def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
-    """[init_image, strength, compare, teacher_steps, *lora_weights]."""
+    """[init_image, strength, compare, teacher_steps, teacher_negative, *lora_weights]."""
     limits = service.limits
     with gr.Accordion("img2img", open=False):
         init_image = gr.Image(type="pil", sources=["upload"], label="Init image (optional)", elem_id="init-image")
@@ -193,7 +193,9 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
                               interactive=service.teacher is not None)
         teacher_steps = gr.Slider(1, limits.max_teacher_steps, value=COMPARE_TEACHER_STEPS, step=1,
                                   label="Teacher steps")
-    return [init_image, strength, compare, teacher_steps, *lora_weights]
+    teacher_negative = gr.Textbox(label="Teacher's negative prompt (CFG's unconditional branch; the LCM has none)",
+                                  value="", max_length=limits.max_prompt_chars, elem_id="negative-prompt")
+    return [init_image, strength, compare, teacher_steps, teacher_negative, *lora_weights]
 
 
 def _ui_runner(gr, service: Service, names: list[str]):
@@ -201,7 +203,7 @@ def _ui_runner(gr, service: Service, names: list[str]):
     limits = service.limits
 
     def run(prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, init_image, strength,
-            compare, teacher_steps, *weights):
+            compare, teacher_steps, teacher_negative, *weights):
         loras = [{"name": n, "weight": float(w)} for n, w in zip(names, weights) if w > 0]
         base = {"prompt": prompt, "seed": int(seed or 0), "num_images": int(num_images), "height": int(height),
                 "width": int(width)}
@@ -213,7 +215,7 @@ def _ui_runner(gr, service: Service, names: list[str]):
             requests = [("LCM" if not loras else "LCM-LoRA", int(steps),
                          parse_request(lcm, limits, service.lora_files, image=init_image))]
             if compare and service.teacher is not None:
-                teacher = dict(base, model="teacher", steps=int(teacher_steps))
+                teacher = dict(base, model="teacher", steps=int(teacher_steps), negative_prompt=teacher_negative or None)
                 requests.append(("Teacher DDIM", int(teacher_steps), parse_request(teacher, limits)))
             tickets = [(name, n_steps, service.submit(req)) for name, n_steps, req in requests]
             done = [(name, n_steps, ticket, ticket.future.result()) for name, n_steps, ticket in tickets]

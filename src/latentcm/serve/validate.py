@@ -23,7 +23,7 @@ MODELS = ("lcm", "teacher")
 SAMPLER = {"lcm": LCM_SAMPLER, "teacher": "ddim"}  # how each served model is sampled
 DEFAULT_GUIDANCE = {"lcm": LCM_GUIDANCE, "teacher": TEACHER_GUIDANCE}
 FIELDS = ("prompt", "model", "steps", "guidance", "seed", "num_images", "height", "width", "gamma", "loras",
-          "init_image", "strength")
+          "init_image", "strength", "negative_prompt")
 
 
 class BadRequest(ValueError):
@@ -74,6 +74,7 @@ class Request:
     gamma: float | None = None               # TCD stochasticity (LCM only); None: LCM Algorithm 3
     loras: tuple[tuple[str, float], ...] = ()  # registered LoRA names and weights, stacked on the teacher
     strength: float | None = None            # img2img only
+    negative_prompt: str | None = None       # teacher only: CFG's unconditional text instead of ""
     image: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [1, 3, H, W] in [-1, 1]
 
     @property
@@ -84,13 +85,13 @@ class Request:
     def options(self) -> SamplingOptions:
         """The request's sampling options (each model's default where the request has none)."""
         return SamplingOptions(SAMPLER[self.model], self.steps, self.guidance, self.gamma, strength=self.strength,
-                               height=self.height, width=self.width)
+                               height=self.height, width=self.width, negative_prompt=self.negative_prompt)
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one UNet batch: same model, steps, guidance, gamma, size, LoRAs."""
         return (self.model, self.loras, self.steps, self.guidance, self.gamma, self.height, self.width,
-                self.image is not None, self.strength)
+                self.image is not None, self.strength, self.negative_prompt)
 
 
 def _number(payload: dict, name: str, lo: float, hi: float, default, *, integer: bool = False, nullable=False):
@@ -185,6 +186,7 @@ def parse_request(payload, limits: Limits, loras: dict | tuple = (), *, image: I
     strength = None if image is None else _number(payload, "strength", -math.inf, math.inf, IMG2IMG_STRENGTH)
     request = Request(prompt=prompt, model=model, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
                       height=height, width=width, gamma=gamma, loras=lora_list, strength=strength,
+                      negative_prompt=_parse_negative(payload.get("negative_prompt"), limits),
                       image=None if image is None else image_tensor(image, width, height))
     check_options(request, limits)
     return request
@@ -210,6 +212,19 @@ def _parse_prompt(prompt, limits: Limits) -> str:
     if any(ord(c) < 32 and c not in "\t\n" for c in prompt):
         raise BadRequest("prompt contains control characters")
     return prompt
+
+
+def _parse_negative(text, limits: Limits) -> str | None:
+    """An optional negative prompt: a string (empty allowed: CFG's default) within the prompt limits."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise BadRequest(f"negative_prompt must be a string, got {type(text).__name__}")
+    if len(text) > limits.max_prompt_chars:
+        raise BadRequest(f"negative_prompt has {len(text)} characters; at most {limits.max_prompt_chars} are accepted")
+    if any(ord(c) < 32 and c not in "\t\n" for c in text):
+        raise BadRequest("negative_prompt contains control characters")
+    return text
 
 
 def _size(payload: dict, name: str, limits: Limits) -> int:
