@@ -45,3 +45,24 @@ def test_serve_carries_the_negative_prompt_and_batches_it_apart():
     b = parse_request({"prompt": PROMPTS[0], "model": "teacher"}, Limits())
     assert a.options.negative_prompt == "blue" and b.options.negative_prompt is None
     assert a.batch_key != b.batch_key
+
+
+def test_evaluation_rows_carry_the_negative_prompt(micro_teacher, micro_lcm, tmp_path):
+    """A Row's options reach Bundle.generate through the cached generation; an LCM row refuses one up front."""
+    import pytest
+
+    from latentcm.errors import ModelError
+    from latentcm.evaluation.generation import generate_cached
+    from latentcm.evaluation.pipeline import Row
+    from latentcm.images import to_pixels
+
+    b = Bundle.load(micro_teacher)
+    row = Row("teacher", "ddim", 2, 4.0, negative_prompt="blue")
+    assert row.key != row._replace(negative_prompt=None).key and row.options.negative_prompt == "blue"
+    images, _ = generate_cached(b, row, PROMPTS, 0, tmp_path)
+    np_expected = to_pixels(b.generate(PROMPTS, [0, 1], "ddim", 2, 4.0, negative_prompt="blue"))
+    assert (images == np_expected).all()
+    with pytest.raises(ModelError, match="negative prompt"):
+        generate_cached(Bundle.load(micro_lcm), Row("lcm", "lcm", 2, 4.0, negative_prompt="blue"), PROMPTS, 0,
+                        tmp_path)
+    assert not list(tmp_path.glob("lcm-*"))  # nothing written for the refused row

@@ -77,15 +77,14 @@ def generate_cached(bundle, row, prompts: list[str], seed: int, folder: Path, ba
         with np.load(path, allow_pickle=False) as f:
             if json.loads(str(f["identity"])) == identity:
                 return f["images"], json.loads(str(f["timing"]))
-    bundle.check_sampling(row.sampler, row.steps)
+    bundle.sampling_options(row.options)  # refuses what the model cannot sample before any work
     convert = to_pixels if image_format == "uint8" else (lambda x: x.float().cpu().numpy())
     chunks, counter, t0 = [], UNetCounter(bundle.unet), time.perf_counter()
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=row.key, leave=False):
             batch = prompts[i:i + batch_size]
             seeds = [seed + i + j for j in range(len(batch))]
-            chunks.append(convert(bundle.generate(batch, seeds, row.sampler, row.steps, row.guidance,
-                                                  guidance_max_t=row.guidance_max_t, schedule=row.schedule)))
+            chunks.append(convert(bundle.generate(batch, seeds, options=row.options)))
     finally:
         counter.remove()
     timing = {"seconds": round(time.perf_counter() - t0, 2), "unet_evals": counter.count / len(prompts)}

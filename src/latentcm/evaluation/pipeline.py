@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+from hashlib import sha256
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE
 from ..files import write_text
 from ..images import save_grid
+from ..sampling.options import SamplingOptions
 from . import reports, scoring
 from .extractors import JudgeExtractor
 from .generation import generate_cached
@@ -38,12 +40,20 @@ class Row(NamedTuple):
     guidance: float
     guidance_max_t: int | None = None  # teacher rows: guided only at t <= this (a guidance interval); None: every t
     schedule: str | None = None        # LCM rows: "grid" | "refine" timesteps; None: the model's own
+    negative_prompt: str | None = None  # teacher rows: CFG's unconditional text; None: the empty prompt
 
     @property
     def key(self) -> str:
         interval = "" if self.guidance_max_t is None else f"-gmax{self.guidance_max_t}"
         schedule = "" if self.schedule is None else f"-{self.schedule}"
-        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}{interval}{schedule}"
+        negative = "" if self.negative_prompt is None else f"-neg{sha256(self.negative_prompt.encode()).hexdigest()[:8]}"
+        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}{interval}{schedule}{negative}"
+
+    @property
+    def options(self) -> SamplingOptions:
+        """The row's sampling options (checked once, by ``SamplingOptions``)."""
+        return SamplingOptions(self.sampler, self.steps, self.guidance, guidance_max_t=self.guidance_max_t,
+                               schedule=self.schedule, negative_prompt=self.negative_prompt)
 
     @property
     def label(self) -> str:

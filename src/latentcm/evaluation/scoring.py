@@ -61,6 +61,13 @@ def attribute_accuracy(predicted: list[dict[str, str]], wanted: list[dict[str, s
     return out
 
 
+def shows_value(images, extractor: JudgeExtractor, attribute: str, values: list[str]) -> np.ndarray:
+    """Per image, whether the judge sees ``values[i]`` as its ``attribute`` (e.g. the colour a negative prompt
+    named): a 0/1 array [N], whose mean is the share of images showing that value."""
+    predicted = extractor.predict(model_images(images))
+    return np.array([p[attribute] == v for p, v in zip(predicted, values)], dtype=np.float64)
+
+
 def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Reference, *,
           wanted: list[dict[str, str]] | None = None, bootstrap: int = 0) -> dict:
     """The one scoring function: every command that scores images calls it.
@@ -153,5 +160,5 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
     return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
 
 
-__all__ = ["score", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images",
+__all__ = ["score", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "shows_value",
            "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]
