@@ -55,6 +55,8 @@ def flag_error(err: Exception) -> UserError:
     names = "|".join(sorted(FLAGS, key=len, reverse=True))
     text = re.sub(rf"^({names})\b(?!-)", lambda m: FLAGS[m.group(1)], text)
     text = re.sub(rf"([`'\"])({names})\1", lambda m: FLAGS[m.group(2)], text)
+    identifiers = "|".join(n for n in FLAGS if "_" in n)  # negative_prompt, guidance_max_t: never plain words
+    text = re.sub(rf"(?<![-\w])({identifiers})\b", lambda m: FLAGS[m.group(1)], text)
     return UserError(text)
 
 
