@@ -155,3 +155,15 @@ def test_cli_passes_the_timestep_schedule_to_the_job(command, tmp_path, monkeypa
     main([*base, "--out", str(tmp_path / "a"), "--schedule", "refine"])
     main([*base, "--out", str(tmp_path / "b")])
     assert [job.sampling_schedule for job in jobs] == ["refine", None]
+
+
+def test_run_without_an_lcd_config_uses_the_recipes_defaults(micro_teacher, tmp_path, monkeypatch):
+    """A Python Job without ``lcd`` trains with ``lcd_config(recipe)``: the LCM-LoRA's fixed w and no EMA."""
+    seen = []
+    monkeypatch.setattr(recipes, "fit", lambda task, *a, **k: seen.append(task) or 0)
+    from latentcm.training.loop import LoopConfig
+
+    job = recipes.Job(micro_teacher, tmp_path / "out", LoopConfig(max_steps=1), lora=LoRAConfig(rank=2),
+                      num_data=4, export=False)
+    recipes.run("distill-lora", job)
+    assert seen[0].cfg == recipes.lcd_config("distill-lora")

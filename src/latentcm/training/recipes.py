@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -266,6 +266,8 @@ def run(name: str, job: Job, accelerator=None) -> Result:
     t0, out = time.time(), Path(job.out)
     check_fresh(out, job.resume)
     bundle = load_source(job.source, recipe.source_kind)
+    if job.lcd is None and name in LCD_DEFAULTS:  # the recipe's own settings, as the CLI's defaults give
+        job = replace(job, lcd=lcd_config(name, skip=lcm_skip(bundle) if name == "finetune" else None))
     schedule_of(job, bundle)  # an unknown timestep schedule fails before any encoding
     if job.lcd is not None:
         _grid_n(bundle, job.lcd.skip)  # a bad k fails before any encoding
