@@ -272,7 +272,7 @@ def test_export_prints_each_step_and_what_it_wrote(micro_lcm, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
     err = captured.err
-    for words in (f"loading {micro_lcm}", "writing the diffusers pipeline", "  unet/ (", "  vae/ (",
+    for words in (f"loaded the LCM {micro_lcm}", "writing the diffusers pipeline", "  unet/ (", "  vae/ (",
                   "writing the single file release.safetensors", "README.md"):
         assert words in err, err
     closing = err.strip().splitlines()[-1]

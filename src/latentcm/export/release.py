@@ -179,11 +179,11 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         ``dest``.
     """
     source, dest = Path(source), Path(dest)
-    progress(f"loading {source}")
     bundle = Bundle.load(source)
     if not bundle.is_lcm:
         raise ModelError(f"{source} is a diffusion teacher, not an LCM; distil it first (lcm distill)")
     _check_dest(source, dest)
+    progress(f"loaded the LCM {source}")  # after the checks: a refused export stays one line
     old = source / "README.md"
     base_model = base_model or split_front_matter(old.read_text() if old.is_file() else "")[0].get(
         "base_model") or source.resolve().name
