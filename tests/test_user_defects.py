@@ -4,6 +4,7 @@ and summary lines. Each is one line on stderr with exit 2 (130 for Ctrl-C), or o
 import io
 import json
 import shutil
+import signal
 import tarfile
 from types import SimpleNamespace
 
@@ -144,6 +145,11 @@ class LinTask:
         pass
 
 
+def _losses(run) -> list[list[str]]:
+    """(step, loss, grad_norm) of every row of a run's metrics.csv, header included."""
+    return [[line.split(",")[0], *line.split(",")[2:4]] for line in (run / "metrics.csv").read_text().splitlines()]
+
+
 def _ctrl_c_at(monkeypatch, at: int) -> None:
     """Ctrl-C inside the train step of step index ``at`` (``at`` steps are finished)."""
     real = loop.train_step
@@ -168,10 +174,31 @@ def test_ctrl_c_checkpoints_the_last_step_and_resume_continues_exactly(tmp_path,
                              "to continue" and ckpt.is_file()
     resumed = LinTask()
     assert loop.fit(resumed, cfg, tmp_path / "b", resume=True) == 8
-    rows = [[line.split(",")[2:4] for line in (tmp_path / d / "metrics.csv").read_text().splitlines()] for d in "ab"]
-    assert len(rows[1]) == 9 and rows[0] == rows[1]  # loss and grad_norm of every step, once each
+    assert len(_losses(tmp_path / "b")) == 9 and _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(full.net.state_dict().values(), resumed.net.state_dict().values()))
     assert torch.equal(full.ema.weight, resumed.ema.weight)
+
+
+def test_ctrl_c_during_an_update_finishes_and_counts_it(tmp_path):
+    """SIGINT inside the optimizer update / EMA: the update completes, counts as step 6, and is checkpointed."""
+    cfg = loop.LoopConfig(max_steps=8, lr=1e-2, warmup=0, schedule="constant", checkpoint_every=4)
+    full = LinTask()
+    loop.fit(full, cfg, tmp_path / "a")
+    task = LinTask()
+    after_update = task.after_update
+
+    def signalled(step):
+        if step == 5:
+            signal.raise_signal(signal.SIGINT)  # held until the EMA below is done
+        after_update(step)
+    task.after_update = signalled
+    with pytest.raises(loop.TrainingInterrupted, match="interrupted after step 6;"):
+        loop.fit(task, cfg, tmp_path / "b")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = LinTask()
+    loop.fit(resumed, cfg, tmp_path / "b", resume=True)
+    assert torch.equal(full.net.weight, resumed.net.weight) and torch.equal(full.ema.weight, resumed.ema.weight)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_ctrl_c_in_lcm_distill_is_exit_130_with_the_resume_hint(micro_teacher, tmp_path, monkeypatch, capsys):

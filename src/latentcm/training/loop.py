@@ -10,7 +10,7 @@ last good weights and :class:`NonFiniteLossError`. Resume continues from the new
 checkpoint (an unreadable one is moved aside as ``*.unreadable`` with a warning), removes temp files
 of interrupted writes and cuts metrics.csv back to the checkpoint's step, so every step has one row.
 Ctrl-C (SIGINT) checkpoints the last finished step and raises :class:`TrainingInterrupted`, whose message
-says where it stopped; an update in progress is finished first, so the checkpoint is never half updated.
+says where it stopped; an update in progress is finished (and counted) first, so no checkpoint is half updated.
 
 Both run through ``accelerate.Accelerator``: a single process by default, and unchanged under
 ``accelerate launch`` with several processes (data parallel: process r of W draws batch index
@@ -180,21 +180,28 @@ def _average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
             p.grad = accelerator.reduce(p.grad, "mean")
 
 
+class _UpdatedThenInterrupted(KeyboardInterrupt):
+    """Ctrl-C that came during an update, raised once the update is whole; ``metrics`` are the finished step's."""
+
+    def __init__(self, metrics: dict):
+        super().__init__()
+        self.metrics = metrics
+
+
 @contextlib.contextmanager
-def _whole_on_interrupt():
-    """Ctrl-C waits until the block is done, so weights, optimizer state and EMA never stop half updated."""
+def _holding_interrupt():
+    """Hold Ctrl-C until the block is done (yields a list that is non-empty if one came): weights, optimizer
+    state and EMA never stop half updated."""
+    held: list = []
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
+        yield held
         return
-    caught = []
-    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
-        yield
+        yield held
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: int, accelerator=None) -> dict:
@@ -224,10 +231,11 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
     bad = _any_process(acc, not finite)  # every process skips together
     if scaler is not None and bad:
         scaler.update()  # an fp16 overflow shrinks the loss scale; the step is skipped below
+    held = []
     if bad:  # no update and no EMA from a NaN / Inf loss or gradient
         opt.zero_grad(set_to_none=True)
     else:
-        with _whole_on_interrupt():
+        with _holding_interrupt() as held:
             if scaler is not None:
                 scaler.step(opt.optimizer if hasattr(opt, "optimizer") else opt)
                 scaler.update()
@@ -235,8 +243,11 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
                 opt.step()
             task.after_update(step)
     loss = loss if acc.num_processes == 1 else acc.reduce(loss, "mean")
-    return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics,
-            "skipped": int(bad)}
+    metrics = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics,
+               "skipped": int(bad)}
+    if held:
+        raise _UpdatedThenInterrupted(metrics)
+    return metrics
 
 
 def _any_process(accelerator, flag: bool) -> bool:
@@ -319,7 +330,9 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
 
     try:
         _train(task, opt, cfg, run, out, acc, bar, save)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _UpdatedThenInterrupted):  # the step's update was applied: it counts as finished
+            _record(run, exc.metrics, out, main, bar)
         raise TrainingInterrupted(_interrupted(run.step, start, ckpt_dir, acc, save)) from None
     finally:
         bar.close()
