@@ -55,8 +55,8 @@ def _quiet():
         diffusers_logging.set_verbosity(level)
 
 
-_SIZE = re.compile(r"size mismatch for (\S+?)(?:\.lora\d+)?\.weight: copying a param with shape torch\.Size\((\[.*?\])\) "
-                   r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+_SIZE = re.compile(r"size mismatch for (\S+?)(?:\.lora\d+)?\.weight: copying a param with shape "
+                   r"torch\.Size\((\[.*?\])\) from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
 _KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)")
 
 
