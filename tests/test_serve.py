@@ -131,7 +131,8 @@ def test_validation_bounds_and_defaults():
         ({"prompt": "a", "steps": 2.5}, "integer"), ({"prompt": "a", "steps": True}, "must be a number"),
         ({"prompt": "a", "seed": -1}, "seed must be in"), ({"prompt": "a", "model": "../lcm"}, "model must be one of"),
         ({"prompt": "a", "path": "/etc/passwd"}, "unknown field 'path'"), ({"prompt": "a", "strength": 0.5}, "needs"),
-        ({"prompt": "a", "guidance": float("inf")}, "finite"), ({"prompt": ["a"]}, "prompt is empty"),
+        ({"prompt": "a", "guidance": float("inf")}, "finite"),
+        ({"prompt": ["a"]}, "prompt must be a string, got an array"),
         ({"prompt": "a\x00b"}, "control characters"),
     ]:
         with pytest.raises(BadRequest, match=needle.replace("(", r"\(").replace(".", r"\.")):

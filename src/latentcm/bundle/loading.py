@@ -21,6 +21,7 @@ def check_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
+    read_config(path / "model_index.json")  # a corrupt index is refused, not sampled past
     for sub in PARTS:
         if not (path / sub).is_dir():
             raise ModelError(f"{path} lacks the '{sub}' subfolder")

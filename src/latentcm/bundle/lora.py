@@ -2,7 +2,9 @@
 samples with."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -28,14 +30,50 @@ def load_loras(bundle, loras: list[tuple[str, float]]) -> None:
             raise ModelError(f"{path} is not a .safetensors file; latentcm loads LoRA weights from safetensors only")
         kw = {"weight_name": path.name} if path.is_file() else {}
         try:
-            with warnings.catch_warnings():  # peft warns on every adapter after the first: stacking is intended
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            with _quiet():
                 pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=f"lora{i}",
                                        use_safetensors=True, **kw)
         except Exception as exc:  # diffusers/peft raise many types on malformed files: one line for the user
-            raise ModelError(f"cannot load LoRA {path}: {one_line(exc)}") from exc
+            raise ModelError(f"cannot load LoRA {path}: {mismatch(exc) or one_line(exc)}") from exc
         names.append(f"lora{i}")
     pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """peft's warnings (one per adapter after the first, and per key of a mismatched file) and diffusers' logged
+    copy of a load error are silenced: the error, if any, is reported once as a ModelError."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+_SIZE = re.compile(r"size mismatch for (\S+?)(?:\.lora\d+)?\.weight: copying a param with shape "
+                   r"torch\.Size\((\[.*?\])\) from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)")
+
+
+def mismatch(exc: BaseException, shown: int = 3) -> str | None:
+    """A load_state_dict error as one line: how many weights disagree and the first few (file vs model), or the
+    first missing / unexpected keys; None for another error."""
+    text = str(exc)
+    sizes = _SIZE.findall(text)
+    if sizes:
+        first = "; ".join(f"{name}: file {a}, model {b}" for name, a, b in sizes[:shown])
+        return f"made for another model: {len(sizes)} weights disagree in shape, e.g. {first}"
+    keys = _KEYS.search(text)
+    if keys:
+        names = [k.strip(" .\"") for k in keys.group(2).split(",")]
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return f"made for another model: {keys.group(1).lower()} keys {', '.join(names[:shown])}{more}"
+    return None
 
 
 def lora_scheduler_config(first: Path, teacher_config: dict) -> dict:

@@ -36,16 +36,23 @@ def world_export(out, split, count, seed, style, fmt, shard_size):
     """
     from .. import styles, world
 
+    what = f"{count} {'striped ' if style == 'striped' else ''}{split} images (seed {seed})"
     if fmt == "shards":
         if style != "none":
             raise UserError("--format shards writes the plain world (--style none)")
-        click.echo(str(world.export_shards(out, seed, count, split, shard_size)))
+        folder = world.export_shards(out, seed, count, split, shard_size)
+        shards = -(-count // shard_size)
+        what += f" as {shards} webdataset shard{'s' if shards > 1 else ''} of up to {shard_size} (png, txt, json)"
     elif style == "none":
-        click.echo(str(world.export_imagefolder(out, seed, count, split)))
+        folder = world.export_imagefolder(out, seed, count, split)
+        what += " as PNGs + metadata.jsonl (imagefolder)"
     elif split not in styles.STYLE_SPLITS:
         raise UserError(f"the striped set has splits {', '.join(styles.STYLE_SPLITS)}, not {split!r}")
     else:
-        click.echo(str(styles.export_styled(out, seed, count, split)))
+        folder = styles.export_styled(out, seed, count, split)
+        what += " as PNGs + metadata.jsonl (imagefolder)"
+    click.echo(f"wrote {what}", err=True)
+    click.echo(str(folder))
 
 
 @cli.command("prepare")
@@ -102,8 +109,11 @@ def prepare_cmd(model, data, out, text, dtype, shard_size, batch_size, min_size)
     if state.is_main_process:
         summary = prep.summarize(Path(out), num_units)
         skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+        if not summary["loaded"] and not summary["missing_units"]:
+            prep.discard(Path(out), num_units)  # no empty shard is left behind as a finished unit
+            raise UserError(f"no usable image in {data} (skipped: {skipped}); nothing written")
         click.echo(f"{summary['loaded']} samples in {num_units} latent shards ({done['skipped_existing']} kept from "
                    f"an earlier run by this process); skipped: {skipped}")
         if summary["missing_units"]:
             raise UserError(f"{len(summary['missing_units'])} shards are missing; rerun the same command to finish")
-        click.echo(f"train with: lcm distill --teacher {model} --data '{summary['spec']}'")
+        click.echo(f"train with: lcm distill --teacher {model} --data '{summary['spec']}' --out runs/lcm")

@@ -25,6 +25,37 @@ FLAGS = {
     "sampler": "--sampler", "height": "--height", "width": "--width", "negative_prompt": "--negative-prompt",
 }
 
+# Flags of diffusers' training scripts (train_lcm_distill_*.py, train_text_to_image*.py) -> ours, first one the
+# command has; a flag that is ours with '_' for '-' is matched without a row here.
+DIFFUSERS_FLAGS = {
+    "--output_dir": ("--out",), "--pretrained_teacher_model": ("--teacher",),
+    "--pretrained_model_name_or_path": ("--teacher", "--model"), "--train_data_dir": ("--data",),
+    "--train_shards_path_or_url": ("--data",), "--dataset_name": ("--data",),
+    "--max_train_steps": ("--max-steps",), "--num_train_steps": ("--max-steps",),
+    "--learning_rate": ("--lr",), "--train_batch_size": ("--batch-size",),
+    "--gradient_accumulation_steps": ("--gradient-accumulation",), "--checkpointing_steps": ("--checkpoint-every",),
+    "--resume_from_checkpoint": ("--resume",), "--validation_steps": ("--validate-every",),
+    "--lr_scheduler": ("--lr-schedule",), "--max_grad_norm": ("--grad-clip",), "--ema_decay": ("--ema",),
+    "--loss_type": ("--loss",), "--lora_rank": ("--lora",), "--lora_alpha": ("--lora-alpha",),
+    "--w_min": ("--omega-min",), "--w_max": ("--omega-max",), "--use_8bit_adam": ("--optimizer adamw8bit",),
+    "--unet_time_cond_proj_dim": ("--time-cond-proj-dim",), "--num_inference_steps": ("--steps",),
+    "--guidance_scale": ("--guidance",),
+}
+
+
+def diffusers_hint(exc: click.NoSuchOption) -> str | None:
+    """"lcm distill takes --out, not --output_dir" for a diffusers-style flag the command has an equivalent of."""
+    ctx, name = exc.ctx, exc.option_name
+    if ctx is None or not name.startswith("--"):
+        return None
+    have = {opt for param in ctx.command.params for opt in param.opts}
+    for flag in (*DIFFUSERS_FLAGS.get(name, ()), name.replace("_", "-")):
+        if flag.split()[0] in have and flag != name:
+            return f"{ctx.command_path} takes {flag}, not {name}"
+    if name == "--resolution" and "--height" not in have:
+        return f"{ctx.command_path} has no --resolution: it trains at the model's own size"
+    return None
+
 
 class UserError(click.ClickException):
     exit_code = 2

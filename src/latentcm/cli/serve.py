@@ -19,7 +19,7 @@ def export_model(model, out, fp16, single_file, base_model):
     """Export an LCM as a complete diffusers LatentConsistencyModelPipeline folder with a model card.
 
     The card's YAML front matter names library_name, base_model, tags, pipeline_tag and the
-    recommended 4 steps at guidance 8.5. Prints the folder.
+    recommended 4 steps at guidance 8.5. Prints each step written (stderr), then the folder.
 
     \b
     Examples:
@@ -28,8 +28,13 @@ def export_model(model, out, fp16, single_file, base_model):
     """
     from ..export.release import export_release
 
-    click.echo(str(export_release(registry.resolve(model), out, fp16=fp16, single_file=single_file,
-                                  base_model=base_model)))
+    folder = export_release(registry.resolve(model), out, fp16=fp16, single_file=single_file, base_model=base_model,
+                            progress=lambda line: click.echo(line, err=True))
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    extras = [what for what, on in (("float16 variant", fp16), ("single file", single_file)) if on]
+    click.echo(f"wrote a LatentConsistencyModelPipeline folder{' with ' + ' and '.join(extras) if extras else ''}: "
+               f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB", err=True)
+    click.echo(str(folder))
 
 
 def _registered_loras(specs: tuple[str, ...]) -> dict[str, str]:

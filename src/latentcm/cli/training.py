@@ -179,7 +179,7 @@ def finetune(model, data_dir, out, skip, ema, max_steps, lr, resume, max_minutes
              mixed_precision, gradient_accumulation, optimizer, sampling_schedule, **lcd):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
 
-    Unreadable images and images without a caption are skipped, counted and reported at the end.
+    Unreadable images and images without a caption are skipped, counted and reported before training.
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv, previews/).
 
     \b
@@ -199,12 +199,17 @@ def finetune(model, data_dir, out, skip, ema, max_steps, lr, resume, max_minutes
     loop_cfg = _loop_config(max_steps, lr, validate_every, checkpoint_every, max_minutes, memory,
                             {"lcf": asdict(cfg)}, schedule="constant")
     job = recipes.Job(model_dir, Path(out), loop_cfg, lcd=cfg, data_dir=Path(data_dir), resume=resume,
-                      sampling_schedule=sampling_schedule, command=_command_line(click.get_current_context()))
+                      sampling_schedule=sampling_schedule, command=_command_line(click.get_current_context()),
+                      on_data=_echo_report)
     result = recipes.run("finetune", job)
-    click.echo(result.report.summary())
-    for reason, names in sorted(result.report.skipped.items()):
-        click.echo(f"  {reason}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
     click.echo(_stopped(result.folder, result.steps))
+
+
+def _echo_report(report) -> None:
+    """What the data folder gave, printed before training: loaded and skipped, the first few names per reason."""
+    click.echo(report.summary())
+    for reason, names in sorted(report.skipped.items()):
+        click.echo(f"  {reason}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
 
 
 @cli.command("finetune-teacher")
@@ -239,7 +244,6 @@ def finetune_teacher(teacher, data_dir, out, max_steps, batch_size, lr, seed, re
     loop_cfg = LoopConfig(max_steps=max_steps, lr=lr, warmup=0, schedule="constant", max_minutes=max_minutes)
     job = recipes.Job(registry.resolve(teacher), Path(out), loop_cfg, lora=_lora_config(lora_rank, lora_alpha, seed),
                       data_dir=Path(data_dir), diffusion={"batch_size": batch_size, "seed": seed}, resume=resume,
-                      command=_command_line(click.get_current_context()))
+                      command=_command_line(click.get_current_context()), on_data=_echo_report)
     result = recipes.run("finetune-teacher", job)
-    click.echo(result.report.summary())
     click.echo(_stopped(result.folder, result.steps))

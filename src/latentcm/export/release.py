@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -156,8 +157,13 @@ def _check_dest(source: Path, dest: Path) -> None:
         raise FileExistsError(f"--out {dest} exists and is not empty; choose a new folder")
 
 
+def _megabytes(path: Path) -> str:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
+
+
 def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, single_file: bool = False,
-                   base_model: str | None = None) -> Path:
+                   base_model: str | None = None, progress: Callable[[str], None] = lambda line: None) -> Path:
     """Write a complete diffusers LatentConsistencyModelPipeline folder for an LCM folder ``source``.
 
     Args:
@@ -167,6 +173,7 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         fp16: also write diffusers' ``variant="fp16"`` weight files (``*.fp16.safetensors``).
         single_file: also write ``<dest name>.safetensors`` (layout in ``export.single_file``).
         base_model: the card's ``base_model``; default the source card's, else the source folder's name.
+        progress: called with one line per step written (the CLI prints them).
 
     Returns:
         ``dest``.
@@ -176,17 +183,24 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
     if not bundle.is_lcm:
         raise ModelError(f"{source} is a diffusion teacher, not an LCM; distil it first (lcm distill)")
     _check_dest(source, dest)
+    progress(f"loaded the LCM {source}")  # after the checks: a refused export stays one line
     old = source / "README.md"
     base_model = base_model or split_front_matter(old.read_text() if old.is_file() else "")[0].get(
         "base_model") or source.resolve().name
     tmp = dest.parent / f".{dest.name}.export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = lcm_pipeline(bundle)
+    progress("writing the diffusers pipeline (model_index.json and one folder per component)")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for part in sorted(p for p in tmp.iterdir() if p.is_dir()):
+        progress(f"  {part.name}/ ({_megabytes(part)})")
     if single_file:
+        progress(f"writing the single file {dest.name}.safetensors")
         save_single_file(bundle, tmp / f"{dest.name}.safetensors")
     if fp16:
+        progress("writing the float16 variant (*.fp16.safetensors)")
         save_fp16_variant(pipe, tmp)
+    progress(f"writing {SAMPLING_FILE} and the model card README.md")
     write_sampling(tmp, bundle.timestep_schedule)  # latentcm's sampling default travels with the model
     write_release_card(tmp, dest.name, source, base_model, fp16, single_file, bundle)
     if dest.exists():

@@ -131,6 +131,10 @@ def _timing_line(name: str, result: Reply, ticket, steps: int) -> str:
             f"{t['per_image_s'] * 1000:.0f} ms/image; queued {ticket.started - ticket.submitted:.3f} s)")
 
 
+# Whole images at every page width: the gallery grows with its rows, each image scaled to fit its cell.
+GALLERY = {"columns": 4, "format": "png", "height": "auto", "object_fit": "contain"}
+
+
 def build_ui(service: Service):
     """The gradio Blocks: prompt, steps, guidance, seed, images, TCD gamma, LoRA weights, img2img, teacher."""
     import gradio as gr
@@ -144,9 +148,8 @@ def build_ui(service: Service):
                 inputs = [*_ui_sampling_inputs(gr, service.limits), *_ui_extra_inputs(gr, service, names)]
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
-                outputs = [gr.Gallery(label="LCM", columns=4, format="png", elem_id="lcm-gallery", height=260),
-                           gr.Gallery(label="Teacher", columns=4, format="png", elem_id="teacher-gallery",
-                                      height=260),
+                outputs = [gr.Gallery(label="LCM", elem_id="lcm-gallery", **GALLERY),
+                           gr.Gallery(label="Teacher", elem_id="teacher-gallery", **GALLERY),
                            gr.Markdown(elem_id="timings")]
         run = _ui_runner(gr, service, names)
         button.click(run, inputs, outputs, api_name="generate")

@@ -205,6 +205,9 @@ def check_options(request: Request, limits: Limits) -> None:
 
 
 def _parse_prompt(prompt, limits: Limits) -> str:
+    if prompt is not None and not isinstance(prompt, str):
+        kind = {"list": "an array", "dict": "an object", "bool": "a boolean"}.get(type(prompt).__name__, "a number")
+        raise BadRequest(f"prompt must be a string, got {kind}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("prompt is empty; describe the image, e.g. \"a red circle on a blue background\"")
     if len(prompt) > limits.max_prompt_chars:

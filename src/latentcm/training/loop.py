@@ -9,6 +9,8 @@ metrics.csv) and ``LoopConfig.max_bad_steps`` of them in a row stop the run with
 last good weights and :class:`NonFiniteLossError`. Resume continues from the newest *readable*
 checkpoint (an unreadable one is moved aside as ``*.unreadable`` with a warning), removes temp files
 of interrupted writes and cuts metrics.csv back to the checkpoint's step, so every step has one row.
+Ctrl-C (SIGINT) checkpoints the last finished step and raises :class:`TrainingInterrupted`, whose message
+says where it stopped; an update in progress is finished (and counted) first, so no checkpoint is half updated.
 
 Both run through ``accelerate.Accelerator``: a single process by default, and unchanged under
 ``accelerate launch`` with several processes (data parallel: process r of W draws batch index
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import list_checkpoints
 from .optim8bit import adamw8bit
 from .runs import (METRICS, check_fresh, clean_run_folder, log_row, resume_latest, save_step,  # noqa: F401
                    training_minutes, truncate_metrics)  # check_fresh, training_minutes: re-exported
@@ -175,6 +180,30 @@ def _average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
             p.grad = accelerator.reduce(p.grad, "mean")
 
 
+class _UpdatedThenInterrupted(KeyboardInterrupt):
+    """Ctrl-C that came during an update, raised once the update is whole; ``metrics`` are the finished step's."""
+
+    def __init__(self, metrics: dict):
+        super().__init__()
+        self.metrics = metrics
+
+
+@contextlib.contextmanager
+def _holding_interrupt():
+    """Hold Ctrl-C until the block is done (yields a list that is non-empty if one came): weights, optimizer
+    state and EMA never stop half updated."""
+    held: list = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield held
+        return
+    signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: int, accelerator=None) -> dict:
     """One optimizer update at ``step``; returns the step's metrics. No I/O."""
     acc = accelerator if accelerator is not None else make_accelerator()
@@ -202,18 +231,23 @@ def train_step(task: Task, opt: torch.optim.Optimizer, cfg: LoopConfig, step: in
     bad = _any_process(acc, not finite)  # every process skips together
     if scaler is not None and bad:
         scaler.update()  # an fp16 overflow shrinks the loss scale; the step is skipped below
+    held = []
     if bad:  # no update and no EMA from a NaN / Inf loss or gradient
         opt.zero_grad(set_to_none=True)
     else:
-        if scaler is not None:
-            scaler.step(opt.optimizer if hasattr(opt, "optimizer") else opt)
-            scaler.update()
-        else:
-            opt.step()
-        task.after_update(step)
+        with _holding_interrupt() as held:
+            if scaler is not None:
+                scaler.step(opt.optimizer if hasattr(opt, "optimizer") else opt)
+                scaler.update()
+            else:
+                opt.step()
+            task.after_update(step)
     loss = loss if acc.num_processes == 1 else acc.reduce(loss, "mean")
-    return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics,
-            "skipped": int(bad)}
+    metrics = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], **metrics,
+               "skipped": int(bad)}
+    if held:
+        raise _UpdatedThenInterrupted(metrics)
+    return metrics
 
 
 def _any_process(accelerator, flag: bool) -> bool:
@@ -221,6 +255,10 @@ def _any_process(accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C in ``fit``: the last finished step was checkpointed; the message says where and how to continue."""
 
 
 @dataclass
@@ -291,25 +329,48 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
             on_checkpoint(at)
 
     try:
-        while run.step < cfg.max_steps:
-            _record(run, train_step(task, opt, cfg, run.step, acc), out, main, bar)
-            step = run.step
-            if cfg.max_bad_steps and run.bad_run >= cfg.max_bad_steps:
-                save(step, stopped="non-finite")
-                raise NonFiniteLossError(
-                    f"training stopped at step {step}: {run.bad_run} updates in a row had a non-finite loss or "
-                    f"gradient and were skipped ({run.skipped_total} in all); the last good weights are in "
-                    f"{ckpt_dir / f'step-{step:07d}.safetensors'}; lower the learning rate or check the data")
-            timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - run.t0 > 60 * cfg.max_minutes)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
-                save(step)
-            if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
-                with _autocast(cfg, acc):  # a half-stored network (LoRA's base UNet) samples under autocast
-                    task.preview(step, out / "previews")
-            if timed_out:
-                break
+        _train(task, opt, cfg, run, out, acc, bar, save)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _UpdatedThenInterrupted):  # the step's update was applied: it counts as finished
+            _record(run, exc.metrics, out, main, bar)
+        raise TrainingInterrupted(_interrupted(run.step, start, ckpt_dir, acc, save)) from None
     finally:
         bar.close()
     if run.step == start and run.step < cfg.max_steps:
         save(run.step)
     return run.step
+
+
+def _interrupted(step: int, start: int, ckpt_dir: Path, acc, save) -> str:
+    """Ctrl-C: checkpoint the last finished step (one process only: several may stop at different points)."""
+    path = ckpt_dir / f"step-{step:07d}.safetensors"
+    if step > start and acc.num_processes == 1 and not path.is_file():
+        save(step, stopped="interrupted")
+    if not path.is_file():
+        found = list_checkpoints(ckpt_dir)
+        if not found:
+            return f"interrupted at step {step}; no checkpoint yet: rerunning the same command starts over"
+        path = found[-1]
+    return f"interrupted after step {step}; checkpoint {path}: rerun the same command with --resume to continue"
+
+
+def _train(task: Task, opt, cfg: LoopConfig, run: _Run, out: Path, acc, bar, save) -> None:
+    """The steps of ``fit``: update, record, checkpoint, preview, until max_steps, the time limit or a fault."""
+    main, ckpt_dir = acc.is_main_process, out / "checkpoints"
+    while run.step < cfg.max_steps:
+        _record(run, train_step(task, opt, cfg, run.step, acc), out, main, bar)
+        step = run.step
+        if cfg.max_bad_steps and run.bad_run >= cfg.max_bad_steps:
+            save(step, stopped="non-finite")
+            raise NonFiniteLossError(
+                f"training stopped at step {step}: {run.bad_run} updates in a row had a non-finite loss or "
+                f"gradient and were skipped ({run.skipped_total} in all); the last good weights are in "
+                f"{ckpt_dir / f'step-{step:07d}.safetensors'}; lower the learning rate or check the data")
+        timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - run.t0 > 60 * cfg.max_minutes)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
+            save(step)
+        if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
+            with _autocast(cfg, acc):  # a half-stored network (LoRA's base UNet) samples under autocast
+                task.preview(step, out / "previews")
+        if timed_out:
+            break

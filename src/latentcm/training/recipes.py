@@ -69,6 +69,7 @@ class Job:
     init_student: Path | None = None  # distill: start the student from this LCM's UNet instead of the teacher's
     sampling_schedule: str | None = None  # the exported LCM's default timesteps (defaults.TIMESTEP_SCHEDULES);
     # None: "grid" (diffusers' selection) for distill / distill-lora, the source LCM's own for finetune (LCF)
+    on_data: Callable | None = None  # called with the data's LoadReport (None: the shapes world) before training
 
 
 @dataclass
@@ -278,6 +279,8 @@ def run(name: str, job: Job, accelerator=None) -> Result:
         out.mkdir(parents=True, exist_ok=True)
         data, captions, report = _data(bundle, job, write=acc.is_main_process, accelerator=acc)
         task = recipe.make_task(bundle, data, captions, job)
+        if job.on_data is not None and acc.is_main_process:
+            job.on_data(report)  # what was loaded and skipped, before the (long) training
     except BaseException:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

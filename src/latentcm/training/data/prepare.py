@@ -6,7 +6,8 @@ stored, no text encoder call either. The format (version 1), one tar per input u
 
 * ``__meta__.json``: {"format": "latentcm-latents", "version": 1, "model": ..., "resolution": R,
   "latent_shape": [C, h, w], "text": "states" | "captions", "dtype": "float16" | "float32",
-  "text_shape": [L, D] (states only)};
+  "text_shape": [L, D] (states only), "vae_config_hash": H (``latent_format.vae_config_hash``; shards of older
+  versions lack it)};
 * ``__meta__.uncond.safetensors`` (states only): tensor ``uncond_states`` [1, L, D], the empty prompt;
 * per sample ``{key}.latent.safetensors`` (tensor ``latent`` [C, h, w] = VAE posterior mode * scaling factor,
   and with states ``text_states`` [L, D]) and ``{key}.txt``, its caption.
@@ -29,7 +30,7 @@ from PIL import Image
 
 from ...files import atomic_path, write_json
 from .folders import MAX_PIXELS, LoadReport, fit_square, list_pairs
-from .latent_format import FORMAT, META_KEY, VERSION, sample_bytes
+from .latent_format import FORMAT, META_KEY, VERSION, sample_bytes, vae_config_hash
 from .shards import _caption, _check, _image_bytes, _samples, expand, is_shard_spec
 from .tensors import bundle_text_fns, encode_pairs
 
@@ -118,7 +119,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _meta(bundle, cfg: PrepareConfig, latent_shape, text_shape) -> dict:
     meta = {"format": FORMAT, "version": VERSION, "model": str(bundle.path),
             "resolution": bundle.default_size, "latent_shape": list(latent_shape),
-            "text": cfg.text, "dtype": cfg.dtype}
+            "text": cfg.text, "dtype": cfg.dtype, "vae_config_hash": vae_config_hash(bundle.vae.config)}
     if cfg.text == "states":
         meta["text_shape"] = list(text_shape)
     return meta
@@ -209,3 +210,17 @@ def summarize(out: Path, num_units: int) -> dict:
                "spec": str(out / ("{%06d..%06d}.tar" % (0, num_units - 1)) if num_units > 1 else out / "000000.tar")}
     write_json(out / "prepare.json", summary, indent=1)
     return summary
+
+
+def discard(out: Path, num_units: int) -> None:
+    """Remove the units' shards and reports and the summary: a run that loaded nothing leaves no finished unit."""
+    out = Path(out)
+    for i in range(num_units):
+        for suffix in (".tar", ".json"):
+            (out / f"{i:06d}{suffix}").unlink(missing_ok=True)
+    for name in ("prepare.json", "listing.json"):
+        (out / name).unlink(missing_ok=True)
+    try:
+        out.rmdir()  # only when nothing else is in it
+    except OSError:
+        pass

@@ -38,7 +38,7 @@ from PIL import Image
 
 from ...models.components import encode_text
 from .folders import MAX_PIXELS, LoadReport, fit_square
-from .latent_format import META_KEY, is_latent_sample, read_meta, read_tensors
+from .latent_format import META_KEY, check_model, is_latent_sample, read_meta, read_tensors
 from .tensors import LCDData, bundle_text_fns, encode_pairs
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -268,28 +268,13 @@ class ShardSource:
         if not meta["latent_shape"]:  # a shard that `lcm prepare` found no usable image for: nothing to agree on
             return
         if self.meta is None:
-            self._check_model(meta, url)
+            check_model(meta, self.bundle, url)
             self.meta = meta
             return
         keys = ("latent_shape", "text", "text_shape", "resolution")
         if any(meta.get(k) != self.meta.get(k) for k in keys):
             raise ValueError(f"latent shard {url} differs from the first one in {', '.join(keys)}: "
                              f"{[meta.get(k) for k in keys]} vs {[self.meta.get(k) for k in keys]}")
-
-    def _check_model(self, meta: dict, url: str) -> None:
-        """Latent shards were encoded for one model's latent space and resolution: refuse another's."""
-        unet = self.bundle.unet.config
-        if meta["latent_shape"][0] != unet.in_channels:
-            raise ValueError(f"latent shard {url} holds {meta['latent_shape'][0]}-channel latents; the model takes "
-                             f"{unet.in_channels}")
-        if meta["resolution"] != self.resolution:
-            raise ValueError(f"latent shard {url} was prepared at {meta['resolution']} px; the model samples at "
-                             f"{self.resolution} px (prepare again with this model)")
-        if meta["text"] == "states" and not getattr(self.bundle, "is_sdxl", False) \
-                and meta.get("text_shape", [0, unet.cross_attention_dim])[-1] != unet.cross_attention_dim:
-            raise ValueError(f"latent shard {url} holds text states of width {meta['text_shape'][-1]}; the model's "
-                             f"cross-attention takes {unet.cross_attention_dim} (prepare with --text captions, or "
-                             f"with this model)")
 
     def _update_report(self) -> None:
         report = LoadReport(loaded=sum(self._shard_loaded.values()) - len(self._late))
