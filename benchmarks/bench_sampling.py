@@ -119,6 +119,17 @@ def _time_round(fns: dict, sync) -> tuple[dict, dict]:
     return outputs, seconds
 
 
+def _own_timesteps(bundle, steps: int) -> list[int]:
+    """The timesteps latentcm samples ``bundle`` on at ``steps`` (its sampling.json's schedule), for diffusers'
+    ``timesteps=`` argument: a comparison on diffusers' own grid selection would compare two schedules."""
+    from latentcm.sampling.student import inference_timesteps
+    from latentcm.schedules import train_timesteps
+
+    options = bundle.sampling_options(steps=steps)
+    return inference_timesteps(options.schedule, steps, train_timesteps(bundle.scheduler_config),
+                               bundle.original_inference_steps).tolist()
+
+
 def vs_diffusers(args: argparse.Namespace) -> dict:
     """Interleaved timings of every mode and of diffusers' fp32 pipeline (median of ``repeats``), pixel errors
     against fp32 latentcm in [0, 1] units; with ``--judge`` the judge's accuracy per mode."""
@@ -130,9 +141,11 @@ def vs_diffusers(args: argparse.Namespace) -> dict:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts, seeds = [PROMPT] * batch, list(range(batch))
         for steps in [int(s) for s in args.steps.split(",")]:
+            timesteps = _own_timesteps(bundles["fp32"], steps)  # diffusers samples the same timesteps as latentcm
+
             def theirs():
                 gens = [torch.Generator().manual_seed(s) for s in seeds]
-                out = pipe(prompts, num_inference_steps=steps, guidance_scale=8.5, generator=gens,
+                out = pipe(prompts, timesteps=timesteps, guidance_scale=8.5, generator=gens,
                            output_type="pt").images
                 return out.float() * 2 - 1  # [0, 1] -> [-1, 1]
 
