@@ -27,7 +27,7 @@ from latentcm.evaluation import intervals
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.evaluation.generation import generate_cached
 from latentcm.evaluation.pipeline import Row
-from latentcm.evaluation.scoring import shows_value
+from latentcm.evaluation.scoring import judged_values
 from latentcm.files import write_json, write_text
 from latentcm.images import from_pixels, save_grid
 
@@ -43,12 +43,13 @@ def colour_open_prompts(count: int) -> list[str]:
 
 def measure(bundle, extractor, prompts: list[str], base: Row, folder: Path) -> dict:
     """Per prompt, the mean over NEGATED of "shows that colour", without and with it as the negative prompt."""
-    without, _ = generate_cached(bundle, base, prompts, 0, folder)
+    seen_without = judged_values(generate_cached(bundle, base, prompts, 0, folder)[0], extractor, "colour")
     shares = {"without": np.zeros(len(prompts)), "with": np.zeros(len(prompts))}
     per_colour = {}
     for colour in NEGATED:
         images, _ = generate_cached(bundle, base._replace(negative_prompt=colour), prompts, 0, folder)
-        off, on = (shows_value(x, extractor, "colour", [colour] * len(prompts)) for x in (without, images))
+        off = (seen_without == colour).astype(np.float64)
+        on = (judged_values(images, extractor, "colour") == colour).astype(np.float64)
         per_colour[colour] = {"without": float(off.mean()), "with": float(on.mean())}
         shares["without"] += off / len(NEGATED)
         shares["with"] += on / len(NEGATED)

@@ -199,3 +199,13 @@ def test_the_command_line_gives_the_same_message_with_flags(case, bundles, tmp_p
     expected = flag_error(ModelError(_message(case, bundle))).message
     assert capsys.readouterr().err.strip() == f"lcm: error: {expected}"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_every_option_has_its_flag():
+    """The CLI's parameter -> flag map covers every SamplingOptions field (it is written out to keep torch out
+    of `lcm --help`)."""
+    import dataclasses
+
+    from latentcm.cli.options import FLAGS
+
+    assert set(FLAGS) == {f.name for f in dataclasses.fields(SamplingOptions)}

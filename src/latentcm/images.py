@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 BACKGROUND = (255, 255, 255)  # transparency is composited on white (documented in ``to_rgb``)
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -121,6 +121,5 @@ def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
             im.load()
             image = fit_cover(im, width, height)
     except Exception as exc:  # noqa: BLE001 -- PIL's decoders raise many kinds of error on corrupt bytes
-        raise ModelError(f"cannot read init image {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") \
-            from None
+        raise ModelError(f"cannot read init image {path}: {one_line(exc)}") from None
     return from_pixels(np.asarray(image))[None]  # [1, 3, H, W]

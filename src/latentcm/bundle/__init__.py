@@ -114,8 +114,8 @@ class Bundle:
 
     @property
     def defaults(self) -> tuple[str, int, float]:
-        """(sampler, steps, guidance scale) used when the caller gives none."""
-        return LCM_DEFAULTS if self.is_lcm else TEACHER_DEFAULTS
+        """(sampler, steps, guidance scale) used when the caller gives none (``ModelTraits.defaults``)."""
+        return self.traits.defaults
 
     @property
     def vae_factor(self) -> int:
@@ -145,10 +145,6 @@ class Bundle:
         elif any(v is not None for v in given.values()):
             raise TypeError("pass SamplingOptions or sampling keywords, not both")
         return options.resolve(self.traits)
-
-    def check_sampling(self, sampler: str, steps: int) -> None:
-        """ModelError unless ``sampler`` suits this kind of model and ``steps`` fits it."""
-        self.sampling_options(sampler=sampler, steps=steps)
 
     def unet_evals_per_image(self, sampler: str, steps: int) -> int:
         """UNet passes one image costs: LCM one per step, a CFG teacher two (cond + uncond)."""

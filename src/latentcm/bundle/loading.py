@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import offline
 from ..defaults import TIMESTEP_SCHEDULES
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from ..models import sdxl
 from ..registry import safetensors_files
 
@@ -49,11 +49,6 @@ def read_config(file: Path) -> dict:
     if not isinstance(found, dict):
         raise ModelError(f"{file} is not a JSON object")
     return found
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_part(folder: Path, load, weights: bool = True):

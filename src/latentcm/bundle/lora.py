@@ -8,9 +8,8 @@ import re
 import warnings
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from ..schedules import GRID_POINTS, lcm_scheduler_config, skip_of, train_timesteps
-from .loading import one_line
 
 
 def load_loras(bundle, loras: list[tuple[str, float]]) -> None:

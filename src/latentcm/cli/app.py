@@ -20,7 +20,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click errors and bad input become one line and exit code 2."""
-    from ..errors import ModelError
+    from ..errors import ModelError, one_line
 
     try:
         cli.main(args=argv, prog_name="lcm", standalone_mode=False)
@@ -41,5 +41,5 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"lcm: error: {' '.join(exc.format_message().split())}", err=True)  # click's can be multi-line
         sys.exit(2 if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
     except (ModelError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
-        click.echo(f"lcm: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+        click.echo(f"lcm: error: {one_line(exc)}", err=True)
         sys.exit(2)

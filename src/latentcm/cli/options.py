@@ -13,17 +13,17 @@ import click
 
 from .. import registry
 from ..defaults import LCM_SAMPLER, TEACHER_SAMPLERS
+from ..errors import one_line
 
 GENERATE_SAMPLERS = (*TEACHER_SAMPLERS, LCM_SAMPLER)
 REFERENCES = ("prompt-scenes", "independent")  # real-image sets FID / KID compare with
 SEED_MAX = 2**31 - 1
 
-# Library parameter names -> the flags that set them: library errors speak of parameters, the CLI of flags.
-FLAGS = {
-    "steps": "--steps", "guidance": "--guidance", "gamma": "--gamma", "strength": "--strength",
-    "timesteps": "--timesteps", "schedule": "--schedule", "guidance_max_t": "--guidance-max-t",
-    "sampler": "--sampler", "height": "--height", "width": "--width", "negative_prompt": "--negative-prompt",
-}
+# Library parameter names -> the flags that set them (name with '-' for '_'): library errors speak of
+# parameters, the CLI of flags. The names are SamplingOptions' fields (not imported: that would load torch).
+FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "sampler", "steps", "guidance", "gamma", "guidance_max_t", "timesteps", "schedule", "strength", "height",
+    "width", "negative_prompt")}
 
 # Flags of diffusers' training scripts (train_lcm_distill_*.py, train_text_to_image*.py) -> ours, first one the
 # command has; a flag that is ours with '_' for '-' is matched without a row here.
@@ -78,7 +78,7 @@ def flag_error(err: Exception) -> UserError:
 
     The parameter is ``err.param`` when the error carries one, else a parameter name the message starts
     with or quotes ("steps must be ...", "'guidance' ..."); a message naming none is kept as it is."""
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    text = one_line(err)
     name = getattr(err, "param", None)
     if name in FLAGS:
         flag = FLAGS[name]

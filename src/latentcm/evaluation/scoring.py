@@ -61,11 +61,9 @@ def attribute_accuracy(predicted: list[dict[str, str]], wanted: list[dict[str, s
     return out
 
 
-def shows_value(images, extractor: JudgeExtractor, attribute: str, values: list[str]) -> np.ndarray:
-    """Per image, whether the judge sees ``values[i]`` as its ``attribute`` (e.g. the colour a negative prompt
-    named): a 0/1 array [N], whose mean is the share of images showing that value."""
-    predicted = extractor.predict(model_images(images))
-    return np.array([p[attribute] == v for p, v in zip(predicted, values)], dtype=np.float64)
+def judged_values(images, extractor: JudgeExtractor, attribute: str) -> np.ndarray:
+    """Per image, the value of ``attribute`` the judge sees (e.g. its colour): an array of strings [N]."""
+    return np.array([p[attribute] for p in extractor.predict(model_images(images))])
 
 
 def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Reference, *,
@@ -160,5 +158,5 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
     return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
 
 
-__all__ = ["score", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "shows_value",
+__all__ = ["score", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values",
            "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]

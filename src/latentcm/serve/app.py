@@ -21,7 +21,7 @@ import fastapi  # noqa: E402,F401 -- the serve extra: an ImportError here is rep
 import uvicorn  # noqa: E402,F401
 
 from ..defaults import COMPARE_TEACHER_STEPS, IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_STEPS  # noqa: E402
-from ..errors import ModelError  # noqa: E402
+from ..errors import ModelError, one_line  # noqa: E402
 from .batcher import Busy, Stopped  # noqa: E402
 from .service import Reply, ServeConfig, Service  # noqa: E402
 from .validate import BadRequest, parse_request  # noqa: E402
@@ -48,7 +48,7 @@ def error_status(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, Stopped):
         return 503, str(exc)
     if isinstance(exc, (ModelError, ValueError)):
-        return 400, (str(exc).splitlines() or [type(exc).__name__])[0]
+        return 400, one_line(exc)
     return 500, f"internal error ({type(exc).__name__}); the server keeps serving"
 
 
