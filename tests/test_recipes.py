@@ -22,7 +22,7 @@ def _data(n=4):
 
 
 def test_every_cli_training_job_is_a_recipe_row():
-    assert set(recipes.RECIPES) == {"distill", "distill-lora", "finetune", "finetune-teacher"}
+    assert set(recipes.RECIPES) == {"distill", "distill-lora", "finetune", "finetune-teacher", "distill-guidance"}
     assert recipes.RECIPES["finetune"].source_kind == "lcm"
     assert {r.source_kind for n, r in recipes.RECIPES.items() if n != "finetune"} == {"teacher"}
 

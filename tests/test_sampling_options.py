@@ -84,7 +84,8 @@ INVALID_CASES = [
     Case("no steps", dict(steps=0), "teacher", "steps must be in 1..1000 for {model}, got 0"),
     Case("negative prompt on an LCM", dict(negative_prompt="red"), "lcm",
          "a negative prompt replaces the unconditional branch of CFG, which an LCM does not run (its guidance is the "
-         "w input, distilled from CFG with the empty prompt); use a teacher sampler for negative_prompt",
+         "w input, distilled from CFG with the empty prompt); use a teacher sampler or a real-CFG LCM (guidance_mode "
+         "'cfg') for negative_prompt",
          serve={"negative_prompt": "red"}),
     Case("negative prompt not a string", dict(sampler="ddim", negative_prompt=["red"]), "teacher",
          "negative_prompt must be a string, got list", serve={"model": "teacher", "negative_prompt": ["red"]}),

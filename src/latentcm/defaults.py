@@ -13,6 +13,10 @@ LCM_SAMPLER = "lcm"                                        # multistep consisten
 # "refine" = schedules.refine_timesteps (after the first step, every step at low noise). An LCM folder's
 # sampling.json names its own; "grid" where it has none.
 TIMESTEP_SCHEDULES = ("grid", "refine")
+# How an LCM forms its guided prediction: "embedding" (LCM Sec. 4.2: w is an input, one pass per step) or "cfg"
+# (real classifier-free guidance over a student distilled on the unguided ODE: two passes, takes negative prompts)
+GUIDANCE_MODES = ("embedding", "cfg")
+CFG_LCM_GUIDANCE = 2.0            # default g of a real-CFG LCM whose sampling.json names none (small g: PCM, TDD)
 
 LCM_OMEGA = 7.5                   # paper w of the shipped LCM's default and of training previews
 LCM_GUIDANCE = 1.0 + LCM_OMEGA    # g = 8.5
@@ -29,4 +33,5 @@ LCM_DEFAULTS = (LCM_SAMPLER, LCM_STEPS, LCM_GUIDANCE)
 SKIP = 20                         # k of the skipping-step grid (Sec. 4.3); N = T // k = 50 for T = 1000
 OMEGA_RANGE = (2.0, 14.0)         # w ~ U[w_min, w_max] in LCD training (Sec. 5.1: [2, 14])
 LORA_OMEGA = 7.5                  # the fixed w of LCM-LoRA distillation (arXiv 2311.05556)
+GUIDED_OMEGA_MAX = 11.0           # guidance distillation: w ~ U[0, 11], g = 1 (unguided) .. 12 (the sweep's top)
 IMG2IMG_STRENGTH = 0.5            # fraction of the skipping grid kept: 1 ignores the image's layout

@@ -26,7 +26,7 @@ from ..models.components import encode_text
 from ..sampling.latents import sample
 from ..sampling.options import ModelTraits, SamplingOptions, check_size
 from ..schedules import GRID_POINTS, train_timesteps
-from .loading import SAMPLING_FILE, check_kind, check_model_dir, load_parts, sampling_schedule
+from .loading import SAMPLING_FILE, check_kind, check_model_dir, load_parts, sampling_schedule, sampling_settings
 from .lora import load_loras, lora_scheduler_config
 from .prompts import PromptCache
 
@@ -51,6 +51,9 @@ class Bundle:
     # How the LCM sampler picks timesteps when none are given: "grid" (diffusers' LCMScheduler) or "refine"
     # (schedules.refine_timesteps); an LCM folder's sampling.json sets it (SAMPLING_FILE).
     timestep_schedule: str = "grid"
+    # How an LCM forms its guided prediction (SAMPLING_FILE): "embedding" (w input) or "cfg" (real CFG, two passes)
+    guidance_mode: str = "embedding"
+    default_guidance: float | None = None  # the g the folder's SAMPLING_FILE recommends; None: the kind's default
     # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
     autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast
     channels_last_vae: bool = False             # VAE weights and inputs in channels_last memory format
@@ -61,7 +64,10 @@ class Bundle:
     def load(cls, path: str | Path, loras: list[tuple[str, float]] | None = None) -> "Bundle":
         """Load a local diffusers folder; ``loras`` [(file or folder, weight), ...] are stacked onto its UNet."""
         bundle = cls(*load_parts(path))
-        bundle.timestep_schedule = sampling_schedule(Path(path)) if bundle.is_lcm else "grid"
+        if bundle.is_lcm:
+            settings = sampling_settings(Path(path))
+            bundle.timestep_schedule, bundle.guidance_mode = settings["timestep_schedule"], settings["guidance_mode"]
+            bundle.default_guidance = settings["guidance"]
         return bundle.add_loras(loras) if loras else bundle
 
     def to(self, device: str | torch.device) -> "Bundle":
@@ -135,7 +141,9 @@ class Bundle:
     def traits(self) -> ModelTraits:
         """What ``SamplingOptions.resolve`` needs to know about this model."""
         return ModelTraits(self.is_lcm, self.original_inference_steps, train_timesteps(self.scheduler_config),
-                           self.vae_factor, self.default_size, self.timestep_schedule, str(self.path or "this model"))
+                           self.vae_factor, self.default_size, self.timestep_schedule, str(self.path or "this model"),
+                           self.unet.config.get("time_cond_proj_dim") is not None, self.guidance_mode,
+                           self.default_guidance)
 
     def sampling_options(self, options: SamplingOptions | None = None, **given) -> SamplingOptions:
         """``options`` (or ones built from the keywords ``given``) resolved for this model; ModelError when
@@ -147,8 +155,11 @@ class Bundle:
         return options.resolve(self.traits)
 
     def unet_evals_per_image(self, sampler: str, steps: int) -> int:
-        """UNet passes one image costs: LCM one per step, a CFG teacher two (cond + uncond)."""
-        return steps if sampler == LCM_SAMPLER else 2 * steps
+        """UNet passes one image costs: an LCM with a w input one per step; a CFG teacher and a real-CFG LCM two
+        (cond + uncond); a guidance-distilled teacher one."""
+        if sampler == LCM_SAMPLER:
+            return 2 * steps if self.guidance_mode == "cfg" else steps
+        return steps if self.unet.config.get("time_cond_proj_dim") is not None else 2 * steps
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_factor
@@ -178,6 +189,12 @@ class Bundle:
         return encode_text(self.text_encoder, self.tokenizer, prompts)
 
     @torch.no_grad()
+    def _cfg_uncond(self, o: SamplingOptions, n: int, size) -> torch.Tensor | None:
+        """CFG's unconditional branch (the negative prompt or ""): teacher samplers and a real-CFG LCM take one."""
+        if o.sampler == LCM_SAMPLER and self.guidance_mode != "cfg":
+            return None
+        return self.encode_uncond(n, size, o.negative_prompt)
+
     def encode_uncond(self, n: int, size: tuple[int, int] | None = None,
                       negative_prompt: str | None = None) -> torch.Tensor:
         """The unconditional branch of CFG for n images: the empty prompt (SDXL: zeros when
@@ -231,7 +248,7 @@ class Bundle:
         shape = self.latent_shape(o.height, o.width)
         image_size = (o.height, o.width)  # SDXL time_ids
         cond = self.encode_prompts(prompts, image_size)  # [B, L, D]
-        uncond = None if o.sampler == LCM_SAMPLER else self.encode_uncond(len(prompts), image_size, o.negative_prompt)
+        uncond = self._cfg_uncond(o, len(prompts), image_size)
         with self._autocast():
             out = sample(self.unet, self.scheduler_config, o, cond, seeds, shape, uncond=uncond, latents=latents)
         return out if self.autocast_dtype is None else out.float()
@@ -281,7 +298,8 @@ class Bundle:
         x0 = self.encode_images(images).expand(len(seeds), -1, -1, -1)  # [B, C, h, w]
         cond = self.encode_prompts(prompts, (images.shape[2], images.shape[3]))  # [B, L, D]; SDXL: the image's size
         with self._autocast():
-            out = sample(self.unet, self.scheduler_config, o, cond, seeds, tuple(x0.shape[1:]), image_latents=x0)
+            out = sample(self.unet, self.scheduler_config, o, cond, seeds, tuple(x0.shape[1:]), image_latents=x0,
+                         uncond=self._cfg_uncond(o, len(prompts), (images.shape[2], images.shape[3])))
         return out if self.autocast_dtype is None else out.float()
 
     def img2img(self, prompts: list[str], seeds: list[int], image_path: str | Path,

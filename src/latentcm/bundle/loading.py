@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .. import offline
-from ..defaults import TIMESTEP_SCHEDULES
+from ..defaults import GUIDANCE_MODES, TIMESTEP_SCHEDULES
 from ..errors import ModelError, one_line
 from ..models import sdxl
 from ..registry import safetensors_files
@@ -28,11 +28,16 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def check_kind(unet_config: dict, scheduler_config: dict, path: Path) -> None:
-    """ModelError for folders that are half LCM: an LCMScheduler needs a guidance-embedding UNet and vice versa."""
+def check_kind(unet_config: dict, scheduler_config: dict, path: Path, guidance_mode: str = "embedding") -> None:
+    """ModelError for folders that are half LCM: an LCMScheduler needs a guidance-embedding UNet, unless the folder
+    is a real-CFG LCM (``guidance_mode`` "cfg" in SAMPLING_FILE), whose UNet has none. (A diffusion scheduler with a
+    w input is a guidance-distilled teacher, ``lcm distill --stage guidance``: allowed.)"""
     lcm_sched = scheduler_config.get("_class_name") == "LCMScheduler"
     w_unet = unet_config.get("time_cond_proj_dim") is not None
-    if lcm_sched != w_unet:
+    if lcm_sched and guidance_mode == "cfg" and w_unet:
+        raise ModelError(f"{path}: a real-CFG LCM (guidance_mode cfg) has no w input, but this UNet has "
+                         "time_cond_proj_dim: real CFG on a guidance-distilled LCM over-saturates")
+    if lcm_sched and guidance_mode != "cfg" and not w_unet:
         raise ModelError(f"{path}: an LCM folder needs both an LCMScheduler and a UNet with time_cond_proj_dim "
                          f"(found scheduler {scheduler_config.get('_class_name')}, time_cond_proj_dim "
                          f"{unet_config.get('time_cond_proj_dim')}); LCM-LoRA folders are not supported")
@@ -76,7 +81,7 @@ def load_parts(path: str | Path) -> tuple:
     text_encoder = load_part(path / "text_encoder", CLIPTextModel.from_pretrained).eval()
     tokenizer = load_part(path / "tokenizer", CLIPTokenizer.from_pretrained, weights=False)
     sched = read_config(path / "scheduler" / "scheduler_config.json")
-    check_kind(dict(unet.config), sched, path)
+    check_kind(dict(unet.config), sched, path, sampling_settings(path)["guidance_mode"])
     if not sdxl.is_text_time(unet.config):
         return unet, vae, text_encoder, tokenizer, sched, path
     from transformers import CLIPTextModelWithProjection
@@ -90,16 +95,32 @@ def load_parts(path: str | Path) -> tuple:
             bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
-def sampling_schedule(path: Path) -> str:
-    """The timestep schedule an LCM folder asks for in SAMPLING_FILE ({"timestep_schedule": "grid"|"refine"});
-    "grid" (diffusers' selection) when the file is absent. ModelError on a file that is not such an object."""
+def sampling_settings(path: Path) -> dict:
+    """What an LCM folder's SAMPLING_FILE asks for: {"timestep_schedule": "grid"|"refine", "guidance_mode":
+    "embedding"|"cfg", "guidance": default g or None}; each absent key (or an absent file) gives the first /
+    None. ModelError on a file that is not such an object."""
     file = Path(path) / SAMPLING_FILE
-    if not file.is_file():
-        return "grid"
-    try:
-        found = json.loads(file.read_text()).get("timestep_schedule", "grid")
-    except (ValueError, AttributeError):
-        raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
-    if found not in TIMESTEP_SCHEDULES:
-        raise ModelError(f"{file}: timestep_schedule must be one of {', '.join(TIMESTEP_SCHEDULES)}, got {found!r}")
+    found = {}
+    if file.is_file():
+        try:
+            found = json.loads(file.read_text())
+            found.get("timestep_schedule")
+        except (ValueError, AttributeError):
+            raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
+    out = {"timestep_schedule": found.get("timestep_schedule", "grid"),
+           "guidance_mode": found.get("guidance_mode", "embedding"), "guidance": found.get("guidance")}
+    if out["timestep_schedule"] not in TIMESTEP_SCHEDULES:
+        raise ModelError(f"{file}: timestep_schedule must be one of {', '.join(TIMESTEP_SCHEDULES)}, "
+                         f"got {out['timestep_schedule']!r}")
+    if out["guidance_mode"] not in GUIDANCE_MODES:
+        raise ModelError(f"{file}: guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {out['guidance_mode']!r}")
+    g = out["guidance"]
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 1 <= g <= 50):
+        raise ModelError(f"{file}: guidance must be a number in [1, 50], got {g!r}")
+    return out
+
+
+def sampling_schedule(path: Path) -> str:
+    """The timestep schedule an LCM folder asks for in SAMPLING_FILE; "grid" (diffusers' selection) without one."""
+    found = sampling_settings(path)["timestep_schedule"]
     return found

@@ -11,6 +11,7 @@ from ..defaults import LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_SOLVERS, TIMESTEP_
 from .app import cli
 from .options import FiniteRange, UserError, _command_line, _lora_config, _loop_config, _run_options, _stopped
 from .options import _torch_threads, lora_rank_options, seed_option
+from .distill_checks import check_full_unet_only, check_guidance_mode, check_stage, shard_share
 
 
 @cli.command("train-teacher")
@@ -74,8 +75,9 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--data", "data_dir", default=None, metavar="FOLDER|SHARDS",
               help="Distil on this image folder (metadata.jsonl or .txt captions), or stream webdataset shards "
                    "('shards/{000000..000009}.tar', a .tar path, 'pipe:CMD'), instead of the shapes world.")
-@click.option("--proportion-empty-prompts", type=FiniteRange(0, 1), default=None, show_default="0",
-              help="Shards: replace this share of captions by the empty prompt (deterministic per sample).")
+@click.option("--proportion-empty-prompts", type=FiniteRange(0, 1, max_open=True), default=None,
+              show_default="0; 0.1 with --guidance-mode cfg",
+              help="Replace this share of captions by the empty prompt (deterministic per sample or per batch).")
 @click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096), default=256, help="Size of the w embedding.")
 @click.option("--cond-proj-init", type=click.Choice(["zero", "default"]), default="zero",
               help="Init of the w projection: zero (the student starts as the teacher) or PyTorch's default "
@@ -88,6 +90,17 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--init-student", default=None, metavar="NAME|DIR",
               help="Start the student (and its target) from this LCM instead of the teacher: continue a "
                    "distillation on a new schedule. Full UNet only; it must have the teacher's architecture.")
+@click.option("--stage", type=click.Choice(["consistency", "guidance"]), default="consistency",
+              help="consistency: LCD (an LCM). guidance: guidance distillation (Meng et al. 2023 stage 1): the "
+                   "w-conditioned student learns the teacher's CFG output at every t, w ~ U[0, 11] by default; OUT "
+                   "becomes a guided-teacher folder for --init-student / --guided-teacher.")
+@click.option("--guidance-mode", type=click.Choice(["embedding", "cfg"]), default="embedding",
+              help="embedding: w is a student input (LCM Sec. 4.2; one pass per step, no negative prompt). cfg: distil "
+                   "the unguided ODE (w = 0, 10% empty prompts unless --proportion-empty-prompts) into a student "
+                   "without a w input, sampled with real CFG at small g (two passes, negative prompts work).")
+@click.option("--guided-teacher", default=None, metavar="DIR",
+              help="A --stage guidance output that replaces the teacher in LCD's solver step: one UNet pass per "
+                   "stage instead of two (CFG distilled in). Full UNet only.")
 @click.option("--schedule", "sampling_schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None,
               show_default="grid", help="Timestep schedule the exported LCM samples on (its sampling.json): grid "
                                          "(diffusers' LCMScheduler) or refine (after the first step, low noise only).")
@@ -97,7 +110,7 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @_run_options
 def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, resume, max_minutes, num_data,
             data_dir, init_student, validate_every, checkpoint_every, lora_rank, lora_alpha, proportion_empty_prompts,
-            mixed_precision, gradient_accumulation, optimizer, sampling_schedule, **lcd):
+            mixed_precision, gradient_accumulation, optimizer, sampling_schedule, stage, guided_teacher, **lcd):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -112,6 +125,8 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
     Examples:
       lcm distill --teacher teacher --out runs/lcm --max-steps 2000 --loss huber
       lcm distill --teacher teacher --out runs/lcm-lora --lora 16 --loss huber
+      lcm distill --stage guidance --out runs/guided --max-steps 4000      # then:
+      lcm distill --init-student runs/guided --guided-teacher runs/guided --out runs/lcm-g
       ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
           -m latentcm.cli distill --out runs/lcm2      # two CPU processes (gloo)
     """
@@ -122,36 +137,26 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
 
     _torch_threads()
     lora = _lora_config(lora_rank, lora_alpha, lcd["seed"])
-    _check_full_unet_only(lora, lcd["student_ema"], lcd["cond_proj_lr_scale"], lcd["cond_proj_inputs"], init_student)
-    recipe = "distill-lora" if lora else "distill"
+    check_full_unet_only(lora, lcd["student_ema"], lcd["cond_proj_lr_scale"], lcd["cond_proj_inputs"], init_student)
+    check_stage(stage, lora, guided_teacher)
+    recipe = "distill-guidance" if stage == "guidance" else "distill-lora" if lora else "distill"
+    shards = data_dir if data_dir and is_shard_spec(data_dir) else None
+    check_guidance_mode(lcd["guidance_mode"], lcd["omega_min"], lcd["omega_max"], lora, stage)
     cfg = recipes.lcd_config(recipe, omega_min=lcd.pop("omega_min"), omega_max=lcd.pop("omega_max"),
-                             ema_decay=lcd.pop("ema"), **lcd)
+                             ema_decay=lcd.pop("ema"), empty_prompt_share=0.0 if shards else proportion_empty_prompts,
+                             **lcd)
     memory = dict(mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation, optimizer=optimizer)
     loop_cfg = _loop_config(max_steps, lr, validate_every, checkpoint_every, max_minutes, memory,
                             {"lcd": asdict(cfg), **({"lora": asdict(lora)} if lora else {})},
                             schedule=lr_schedule, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip)
-    shards = data_dir if data_dir and is_shard_spec(data_dir) else None
-    if proportion_empty_prompts and shards is None:
-        raise UserError("--proportion-empty-prompts needs webdataset shards as --data")
     job = recipes.Job(registry.resolve(teacher), Path(out), loop_cfg, lcd=cfg, lora=lora,
                       data_dir=Path(data_dir) if data_dir and not shards else None, num_data=num_data, resume=resume,
-                      data_shards=shards, shard_options={"proportion_empty_prompts": proportion_empty_prompts or 0.0},
+                      data_shards=shards, shard_options={"proportion_empty_prompts": shard_share(proportion_empty_prompts, cfg)},
                       init_student=registry.resolve(init_student) if init_student else None,
+                      guided_teacher=registry.resolve(guided_teacher) if guided_teacher else None,
                       sampling_schedule=sampling_schedule, command=_command_line(click.get_current_context()))
     result = recipes.run(recipe, job)
     click.echo(_stopped(result.folder, result.steps))
-
-
-def _check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_inputs, init_student) -> None:
-    """Refuse the full-UNet options of distill together with --lora."""
-    if lora and student_ema:
-        raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
-    if lora and cond_proj_lr_scale != 1.0:
-        raise UserError("--cond-proj-lr-scale is for full-UNet distillation; LCM-LoRA has no w projection")
-    if lora and cond_proj_inputs != "all":
-        raise UserError("--cond-proj-inputs is for full-UNet distillation; LCM-LoRA has no w projection")
-    if lora and init_student:
-        raise UserError("--init-student is for full-UNet distillation; LCM-LoRA trains an adapter on the teacher")
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..bundle import SAMPLING_FILE, Bundle
-from ..defaults import LCM_GUIDANCE, LCM_STEPS, SKIP, TIMESTEP_SCHEDULES
+from ..defaults import CFG_LCM_GUIDANCE, GUIDANCE_MODES, LCM_GUIDANCE, LCM_STEPS, SKIP, TIMESTEP_SCHEDULES
 from ..errors import ModelError
 from ..files import write_json, write_text
 from ..schedules import lcm_scheduler_config, skip_of
@@ -22,8 +22,7 @@ tags: [latent-consistency-model, lcm, latentcm, text-to-image]
 
 # {title}
 
-{intro} The UNet takes the guidance w as a `timestep_cond` embedding
-(`time_cond_proj_dim` {dim}), so sampling needs one UNet pass per step and no negative prompt.
+{intro} {guidance_note}
 
 ## Command that made it
 
@@ -48,7 +47,15 @@ tags: [latent-consistency-model, lcm, latentcm, text-to-image]
 
 ## Use
 
-```python
+{use}
+
+Timestep schedule: `{schedule}` ({schedule_note}). latentcm (`lcm generate`, `Bundle`) samples on it by default; it
+is named in `{sampling_file}`, which diffusers ignores.
+"""
+
+EMBEDDING_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding (`time_cond_proj_dim` {dim}), so "
+                  "sampling needs one UNet pass per step and takes no negative prompt.")
+EMBEDDING_USE = """```python
 from diffusers import LatentConsistencyModelPipeline
 
 pipe = LatentConsistencyModelPipeline.from_pretrained("<this folder>")
@@ -56,9 +63,20 @@ image = pipe("a large red circle on a blue background", num_inference_steps={ste
 ```
 
 `guidance_scale` g is the usual scale; the student was conditioned on the paper's w = g - 1.
+"""
+CFG_NOTE = ("Real-CFG mode: the student was distilled on the teacher's UNGUIDED ODE (w = 0), with {share:.0%} of the "
+            "captions replaced by the empty prompt so it also knows the unconditional branch; it has no w input. "
+            "Guidance is classifier-free guidance at sampling time, two UNet passes per step, and it takes a negative "
+            "prompt. Use a small guidance scale (1-3); never distil this model again with guidance.")
+CFG_USE = """```python
+from diffusers import LCMScheduler, StableDiffusionPipeline
 
-Timestep schedule: `{schedule}` ({schedule_note}). latentcm (`lcm generate`, `Bundle`) samples on it by default; it
-is named in `{sampling_file}`, which diffusers ignores.
+pipe = StableDiffusionPipeline.from_pretrained("<this folder>")  # its scheduler is an LCMScheduler
+image = pipe("a star on a white background", negative_prompt="red", num_inference_steps={steps_rec},
+             guidance_scale={guidance_rec}).images[0]
+```
+
+`guidance_scale` g is CFG's scale on the consistency function (f_0 + g (f_c - f_0)); g = 1 runs one pass.
 """
 
 SCHEDULE_NOTES = {
@@ -76,10 +94,18 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
-def write_sampling(folder: str | Path, schedule: str) -> Path:
-    """An LCM folder's ``SAMPLING_FILE``: the timestep schedule latentcm samples it on by default (read back by
-    ``bundle.sampling_schedule``)."""
-    return write_json(Path(folder) / SAMPLING_FILE, {"timestep_schedule": check_schedule(schedule)})
+def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embedding",
+                   guidance: float | None = None) -> Path:
+    """An LCM folder's ``SAMPLING_FILE``: the timestep schedule latentcm samples it on by default, and for a
+    real-CFG LCM its guidance mode and default g (read back by ``bundle.sampling_settings``)."""
+    if guidance_mode not in GUIDANCE_MODES:
+        raise ModelError(f"unknown guidance mode {guidance_mode!r}; choose from {', '.join(GUIDANCE_MODES)}")
+    found = {"timestep_schedule": check_schedule(schedule)}
+    if guidance_mode != "embedding":
+        found["guidance_mode"] = guidance_mode
+    if guidance is not None:
+        found["guidance"] = float(guidance)
+    return write_json(Path(folder) / SAMPLING_FILE, found)
 
 
 def shipped_name(path: str) -> str:
@@ -93,7 +119,17 @@ def shipped_name(path: str) -> str:
     return path
 
 
-def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid") -> Path:
+def _guidance_text(lcd: dict, unet: dict, guidance: float | None) -> dict:
+    """The card's guidance sentence and usage snippet for its guidance mode."""
+    cfg = lcd.get("guidance_mode") == "cfg"
+    g = guidance if guidance is not None else CFG_LCM_GUIDANCE if cfg else LCM_GUIDANCE
+    use = (CFG_USE if cfg else EMBEDDING_USE).format(steps_rec=LCM_STEPS, guidance_rec=g)
+    note = (CFG_NOTE.format(share=lcd.get("empty_prompt_share", 0.0)) if cfg
+            else EMBEDDING_NOTE.format(dim=unet.get("time_cond_proj_dim")))
+    return {"guidance_note": note, "use": use}
+
+
+def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidance: float | None = None) -> Path:
     """README.md with YAML front matter (library_name: diffusers), the command that made the model and its
     timestep schedule."""
     lcd, loop = card_info.get("lcd", {}), card_info.get("loop", {})
@@ -104,7 +140,7 @@ def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid") -> Pat
     text = LCM_CARD.format(
         title=card_info.get("title", f"Latent Consistency Model distilled from `{teacher}`"),
         intro=card_info.get("intro", "Latent Consistency Distillation (Luo et al. 2023, arXiv 2310.04378, Algorithm 1) "
-                                     f"of the teacher `{teacher}`, made with latentcm."), dim=unet["time_cond_proj_dim"], command=card_info.get("command") or "# made through the Python API: latentcm.training.recipes.run",
+                                     f"of the teacher `{teacher}`, made with latentcm."), command=card_info.get("command") or "# made through the Python API: latentcm.training.recipes.run",
         solver=lcd.get("solver", "?"), skip=k, n_grid=n, grid_first=k - 1, grid_last=n * k - 1,
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
         guided_at=("every t (LCM Eq. 6)" if lcd.get("guidance_max_t") is None else
@@ -113,7 +149,7 @@ def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid") -> Pat
                      if lcd.get("cond_proj_inputs") == "smooth" else "all"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
         steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
-        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), steps_rec=LCM_STEPS, guidance_rec=LCM_GUIDANCE,
+        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), **_guidance_text(lcd, unet, guidance),
         schedule=schedule, schedule_note=SCHEDULE_NOTES[check_schedule(schedule)], sampling_file=SAMPLING_FILE)
     return write_text(folder / "README.md", text)
 
@@ -130,8 +166,10 @@ def _move_into(src: Path, dest: Path) -> None:
 
 
 def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path, card_info: dict, *,
-               skip: int = SKIP, schedule: str = "grid") -> Path:
-    """Write a complete diffusers LatentConsistencyModelPipeline folder into ``dest``, with its ``SAMPLING_FILE``.
+               skip: int = SKIP, schedule: str = "grid", guidance: float | None = None) -> Path:
+    """Write a complete diffusers LatentConsistencyModelPipeline folder into ``dest``, with its ``SAMPLING_FILE``
+    (a real-CFG LCM, ``card_info["lcd"]["guidance_mode"] == "cfg"``: a StableDiffusionPipeline folder with an
+    LCMScheduler).
 
     Args:
         student: the distilled UNet (with ``time_cond_proj_dim``).
@@ -141,19 +179,25 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
         skip: the skipping interval k of the training grid (original_inference_steps = T // k).
         schedule: the timestep schedule latentcm samples the model on by default (``defaults.TIMESTEP_SCHEDULES``;
             "grid" is diffusers' own selection).
+        guidance: the default g written to ``SAMPLING_FILE`` and the card; None: the kind's default.
 
     Returns:
         ``dest``.
     """
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 
     check_schedule(schedule)
     bundle = bundle_or_teacher_dir if isinstance(bundle_or_teacher_dir, Bundle) else Bundle.load(bundle_or_teacher_dir)
-    if student.config.get("time_cond_proj_dim") is None:
-        raise ValueError("the student UNet has no time_cond_proj_dim; export the distilled student, not the teacher")
+    cfg_mode = card_info.get("lcd", {}).get("guidance_mode") == "cfg"
+    if (student.config.get("time_cond_proj_dim") is None) != cfg_mode:
+        raise ValueError("an LCM's UNet has a time_cond_proj_dim (w input) unless it is a real-CFG LCM, which has none")
     scheduler = LCMScheduler(**lcm_scheduler_config(bundle.scheduler_config, skip))
     if getattr(bundle, "is_sdxl", False):
         pipe = sdxl_pipeline(bundle, student, scheduler)
+    elif cfg_mode:  # real CFG: diffusers' StableDiffusionPipeline runs it with an LCMScheduler (as LCM-LoRA users do)
+        pipe = StableDiffusionPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=student,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         pipe = LatentConsistencyModelPipeline(
             vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=student,
@@ -163,8 +207,8 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    write_sampling(tmp, schedule)
-    card = write_lcm_card(tmp, card_info, schedule)
+    write_sampling(tmp, schedule, "cfg" if cfg_mode else "embedding", guidance)
+    card = write_lcm_card(tmp, card_info, schedule, guidance)
     if getattr(bundle, "is_sdxl", False):  # diffusers has no SDXL LCM pipeline class: SDXL pipeline + LCMScheduler
         write_text(card, card.read_text().replace("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline"))
     _move_into(tmp, dest)
@@ -194,4 +238,42 @@ def export_finetuned_teacher(unet: torch.nn.Module, bundle: Bundle, dest: str | 
         src = Path(bundle.path) / part
         (shutil.copytree(src, dest / part, dirs_exist_ok=True) if src.is_dir() else shutil.copy2(src, dest / part))
     write_json(dest / "finetune.json", info)
+    return dest
+
+
+GUIDED_CARD = """---
+library_name: diffusers
+tags: [guidance-distillation, latentcm]
+---
+# Guidance-distilled teacher from `{teacher}`
+
+A diffusion model whose UNet takes the guidance scale as an input: trained with latentcm's guidance distillation
+(Meng et al. 2023, "On distillation of guided diffusion models", stage 1) to reproduce its teacher's
+classifier-free-guided prediction eps_c + w (eps_c - eps_0) in ONE pass, for w in [{omega_min}, {omega_max}]
+(guidance scale g = 1 + w), the w embedding fed as `timestep_cond` (`time_cond_proj_dim` = {dim}) as an LCM's.
+
+It is a stage, not an end product: `lcm distill --init-student THIS --guided-teacher THIS` continues it into an LCM
+(LCD starts from it, and its one-pass guided prediction replaces the teacher's two-pass CFG in the solver step).
+`lcm generate --model THIS` samples it with the teacher samplers, one UNet pass per step; it takes no negative
+prompt (its unconditional branch, the empty prompt, is distilled in). How well it follows w per timestep, as it
+trained: `previews/w-following.jsonl` of its run folder.
+
+Made with {steps} steps, batch {batch}, lr {lr}, seed {seed}:
+
+```bash
+{command}
+```
+"""
+
+
+def export_guided_teacher(unet: torch.nn.Module, bundle: Bundle, dest: str | Path, info: dict) -> Path:
+    """A guidance-distilled teacher (``training.guided``) as a StableDiffusionPipeline folder: the w-conditioned
+    UNet, every other part copied from the teacher folder, ``finetune.json`` and a model card."""
+    dest = export_finetuned_teacher(unet, bundle, dest, {
+        k: info[k] for k in ("command", "teacher", "steps", "data_report", "minutes_this_session", "lcd", "recipe")})
+    lcd, loop = info.get("lcd", {}), info.get("loop", {})
+    write_text(dest / "README.md", GUIDED_CARD.format(
+        teacher=shipped_name(info.get("teacher", "?")), omega_min=lcd.get("omega_min"), omega_max=lcd.get("omega_max"),
+        dim=unet.config.time_cond_proj_dim, steps=info.get("steps"), batch=lcd.get("batch_size"), lr=loop.get("lr"),
+        seed=lcd.get("seed"), command=info.get("command") or "# Python API: recipes.run('distill-guidance')"))
     return dest

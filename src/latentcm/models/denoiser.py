@@ -19,6 +19,7 @@ from ..schedules import alpha_sigma_at, alphas_cumprod_from_config, check_schedu
 from .sdxl import unet_forward
 
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"  # the omega-embedding projection (LCM Sec. 4.2)
+LINEAR_1_BIAS = "time_embedding.linear_1.bias"
 
 
 class Denoiser(torch.nn.Module):
@@ -127,3 +128,49 @@ def load_student(folder, teacher_unet: torch.nn.Module, time_cond_proj_dim: int 
                          f"(first mismatch: {bad[0]})")
     student.load_state_dict(state)  # copies into the teacher's dtype
     return student
+
+
+def fold_omega(state: dict[str, torch.Tensor], omega: float) -> dict[str, torch.Tensor]:
+    """A w-conditioned UNet's state dict at one fixed w, without the w input: diffusers' time embedding computes
+    linear_1(t_emb + cond_proj(e(w))) = W1 t_emb + (b1 + W1 cond_proj(e(w))), so folding W1 cond_proj(e(w)) into
+    linear_1's bias and dropping ``cond_proj`` is exact at that w (LCM Sec. 4.2; e = the w embedding)."""
+    from ..guidance import guidance_scale_embedding
+
+    state = dict(state)
+    cond_proj = state.pop(COND_PROJ_KEY)  # [C, d], no bias
+    emb = guidance_scale_embedding(torch.tensor([float(omega)]), cond_proj.shape[1])[0]  # [d]
+    shift = cond_proj.double() @ emb.double()  # cond_proj(e(w)) [C]
+    weight, bias = state["time_embedding.linear_1.weight"], state[LINEAR_1_BIAS]
+    state[LINEAR_1_BIAS] = (bias.double() + weight.double() @ shift).to(bias.dtype)
+    return state
+
+
+def fold_w_input(unet: torch.nn.Module, omega: float) -> torch.nn.Module:
+    """A UNet without ``time_cond_proj_dim`` that computes ``unet`` at the fixed paper guidance ``omega``
+    (``fold_omega``): e.g. an LCM at w = 0 as the start of a real-CFG student."""
+    from diffusers import UNet2DConditionModel
+
+    plain = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=None)
+    plain.load_state_dict(fold_omega(unet.state_dict(), omega))
+    p = next(unet.parameters())
+    return plain.to(p.device, p.dtype).train(unet.training)
+
+
+def load_plain_student(folder, teacher_unet: torch.nn.Module) -> torch.nn.Module:
+    """An LCM's UNet as a student WITHOUT a w input (the real-CFG mode): a w-conditioned LCM is folded at w = 0
+    (the unguided ODE it starts from), a plain one loads as it is. ModelError when it does not fit the teacher."""
+    from safetensors.torch import load_file
+
+    state = {k: v for f in student_weights(folder) for k, v in load_file(f).items()}
+    if COND_PROJ_KEY in state:
+        dim = state[COND_PROJ_KEY].shape[1]
+        return fold_w_input(load_student(folder, teacher_unet, dim), 0.0)
+    import copy
+
+    student = copy.deepcopy(teacher_unet)
+    ref = student.state_dict()
+    bad = sorted(set(ref) ^ set(state)) + [k for k in ref if k in state and ref[k].shape != state[k].shape]
+    if bad:
+        raise ModelError(f"{folder} does not fit the teacher (first mismatch: {bad[0]})")
+    student.load_state_dict(state)
+    return student.train().requires_grad_(True)

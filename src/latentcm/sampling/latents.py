@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..defaults import LCM_SAMPLER
-from ..guidance import omega_from_guidance
+from ..guidance import guidance_scale_embedding, interval_omega, omega_from_guidance
 from ..models.sdxl import unet_forward
 from .options import SamplingOptions
 from .student import sample_student
@@ -31,7 +31,8 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, options: SamplingOptio
         cond: prompt encodings [B, L, D] (SDXL: the packed conditioning of ``models.sdxl``).
         seeds: one per image; image b depends on seeds[b] only, never on the batch.
         shape: latent shape [C, h, w].
-        uncond: the unconditional encodings [B, L, D] of CFG (teacher samplers only).
+        uncond: the unconditional (or negative-prompt) encodings [B, L, D] of CFG: teacher samplers, and a real-CFG
+            LCM (guidance_mode "cfg"); None for an LCM with a w input.
         latents: initial latents [B, C, h, w] instead of each seed's first draw.
         image_latents: img2img (LCM only): the clean latents, noised to the first kept grid point.
         original_inference_steps: N of the skipping grid when the config has none (a student in training).
@@ -44,16 +45,34 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, options: SamplingOptio
                               omega=omega_from_guidance(o.guidance), latents=latents, image_latents=image_latents,
                               strength=1.0 if o.strength is None else o.strength,
                               original_inference_steps=original_inference_steps, gamma=o.gamma,
-                              timesteps=o.timesteps, schedule=o.schedule or "grid")
+                              timesteps=o.timesteps, schedule=o.schedule or "grid", uncond=uncond)
     if uncond is None:
         raise ValueError("teacher samplers need the unconditional encodings (uncond) for CFG")
     if latents is None:
         latents = initial_latents(seeds, shape, device=cond.device)
 
+    dim = unet.config.get("time_cond_proj_dim") if hasattr(unet, "config") else None
+    if dim is not None:  # a guidance-distilled teacher: w is an input, one pass per step
+        return sample_guided_teacher(unet, make_scheduler(o.sampler, scheduler_config), latents, cond, o, dim)
+
     def eps_fn(z, t, text):  # the raw output (eps, v or x0 per the config), SD or SDXL conditioning
         return unet_forward(unet, z, t, text).sample
     return sample_teacher(eps_fn, make_scheduler(o.sampler, scheduler_config), latents, cond, uncond, o.guidance,
                           o.steps, guidance_max_t=o.guidance_max_t)
+
+
+def sample_guided_teacher(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, o: SamplingOptions,
+                          dim: int) -> torch.Tensor:
+    """A guidance-distilled teacher (``training.guided``) with a diffusers scheduler: its one pass at w = g - 1
+    (w = 0 above ``guidance_max_t``) stands for CFG's two."""
+    omega = torch.full((len(latents),), omega_from_guidance(o.guidance), device=latents.device)  # [B]
+
+    def eps_fn(z, t, text):  # text is [uncond; cond] from sample_teacher: the guided pass reads cond only
+        w = interval_omega(omega, int(t), o.guidance_max_t)
+        out = unet_forward(unet, z[len(omega):], t, text[len(omega):],
+                           guidance_scale_embedding(w, dim).to(z.dtype)).sample
+        return torch.cat([out, out])  # eps_u = eps_c = the guided eps: cfg_combine returns it for any g
+    return sample_teacher(eps_fn, scheduler, latents, cond, cond, 1.0, o.steps)
 
 
 @torch.no_grad()

@@ -12,14 +12,18 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..defaults import LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS, TEACHER_SAMPLERS, TIMESTEP_SCHEDULES
+from ..defaults import CFG_LCM_GUIDANCE, LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS, TEACHER_SAMPLERS, TIMESTEP_SCHEDULES
 from ..errors import ModelError
 from ..schedules import TRAIN_TIMESTEPS, img2img_points
 
 SAMPLERS = (LCM_SAMPLER, *TEACHER_SAMPLERS)
 LORA_GUIDANCE = "an LCM-LoRA has its guidance distilled in (no w embedding); leave out guidance"
 NEGATIVE_LCM = ("a negative prompt replaces the unconditional branch of CFG, which an LCM does not run (its guidance "
-                "is the w input, distilled from CFG with the empty prompt); use a teacher sampler for negative_prompt")
+                "is the w input, distilled from CFG with the empty prompt); use a teacher sampler or a real-CFG LCM "
+                "(guidance_mode 'cfg') for negative_prompt")
+
+NEGATIVE_GUIDED = ("this guidance-distilled teacher takes w as an input, with the empty prompt's branch distilled in: "
+                   "it cannot take a negative prompt; use its source teacher for negative_prompt")
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,17 @@ class ModelTraits:
     default_size: int = 64                       # the default image side (``Bundle.default_size``)
     timestep_schedule: str = "grid"              # the LCM sampler's schedule when none is given
     name: str = "this model"                     # how messages name the model (its folder)
+    guidance_input: bool = False                 # the UNet takes w (time_cond_proj_dim): an LCM, a guided teacher
+    guidance_mode: str = "embedding"             # an LCM's: "embedding" (w input) or "cfg" (real CFG, two passes)
+    default_guidance: float | None = None        # the g its folder recommends (sampling.json); None: the kind's
 
     @property
     def defaults(self) -> tuple[str, int, float]:
         """(sampler, steps, guidance scale) used when the caller gives none."""
-        return LCM_DEFAULTS if self.is_lcm else TEACHER_DEFAULTS
+        sampler, steps, guidance = LCM_DEFAULTS if self.is_lcm else TEACHER_DEFAULTS
+        if self.is_lcm and self.guidance_mode == "cfg":
+            guidance = CFG_LCM_GUIDANCE
+        return sampler, steps, guidance if self.default_guidance is None else float(self.default_guidance)
 
     @property
     def max_steps(self) -> int:
@@ -60,7 +70,7 @@ class SamplingOptions:
     negative_prompt: teacher samplers only: the text of CFG's unconditional branch, eps_u in
         eps_u + g (eps_c - eps_u), instead of the empty prompt (as diffusers' ``negative_prompt``); None: "".
         An LCM distilled with guided consistency distillation has no unconditional branch to replace (its
-        guidance is an input, w): it refuses one.
+        guidance is an input, w): it refuses one; a real-CFG LCM (guidance_mode "cfg") takes one.
     height, width: image size, multiples of the VAE factor (text-to-image; img2img takes the image's).
     """
 
@@ -108,8 +118,6 @@ class SamplingOptions:
             raise ModelError("timesteps and schedule are for text-to-image; img2img picks its timesteps from strength")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ModelError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
-        if self.sampler == LCM_SAMPLER and self.negative_prompt is not None:
-            raise ModelError(NEGATIVE_LCM)
         if self.sampler == LCM_SAMPLER and self.guidance_max_t is not None:
             raise ModelError("a guidance interval (guidance_max_t) is for teacher samplers; an LCM's was fixed "
                              "when it was distilled (its own guidance_max_t)")
@@ -146,6 +154,10 @@ class SamplingOptions:
         return out
 
     def _check_model(self, model: ModelTraits) -> None:
+        if model.is_lcm and model.guidance_mode != "cfg" and self.negative_prompt is not None:
+            raise ModelError(NEGATIVE_LCM)
+        if model.guidance_input and not model.is_lcm and self.negative_prompt is not None:
+            raise ModelError(NEGATIVE_GUIDED)
         if model.is_lcm and self.sampler != LCM_SAMPLER:
             raise ModelError(f"{model.name} is an LCM: sample it with sampler {LCM_SAMPLER!r} (teacher samplers "
                              f"would ignore its consistency training), not {self.sampler!r}")

@@ -14,6 +14,7 @@ from .. import parameterization as P
 from ..defaults import LCM_OMEGA, LCM_STEPS, TIMESTEP_SCHEDULES
 from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser
+from ..solvers import guide
 from ..schedules import GRID_POINTS, TRAIN_TIMESTEPS, lcm_timesteps, refine_timesteps, validate_timesteps
 from .lcm import per_image_noise, renoise, sample_lcm
 
@@ -24,7 +25,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                    original_inference_steps: int | None = None, timestep_scaling: float | None = None,
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                    strength: float = 1.0, gamma: float | None = None,
-                   timesteps: Sequence[int] | None = None, schedule: str = "grid") -> torch.Tensor:
+                   timesteps: Sequence[int] | None = None, schedule: str = "grid",
+                   uncond: torch.Tensor | None = None) -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
@@ -49,6 +51,9 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
             diffusers' LCMScheduler does. Off-grid timesteps warn (``schedules.validate_timesteps``).
         schedule: how ``steps`` timesteps are picked when none are given: "grid" (diffusers' LCMScheduler) or
             "refine" (``schedules.refine_timesteps``: after the first, every step at low noise).
+        uncond: a real-CFG LCM (no w input): the unconditional (or negative-prompt) encodings [B, L, D]; each step
+            then guides the consistency function, f_0 + g (f_c - f_0) with g = 1 + omega, which is CFG on the raw
+            output as diffusers' StableDiffusionPipeline + LCMScheduler does (f is affine in it at fixed z_t).
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -63,19 +68,33 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     # An LCM-LoRA'd teacher has no w input: its guidance is distilled in (LCM-LoRA, arXiv 2311.05556), omega is unused.
     w_emb = guidance_scale_embedding(w, d).to(p.dtype) if d is not None else None  # [B, d]
     noise_fn = per_image_noise(seeds, shape, dtype=p.dtype, device=p.device)
+    _check_inputs(latents, image_latents, strength, timesteps)
+    ts = (inference_timesteps(schedule, steps, len(f.denoiser.alpha_bar), n_grid, strength) if timesteps is None
+          else validate_timesteps(timesteps, len(f.denoiser.alpha_bar), n_grid))
+    x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
+    if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
+        x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
+    fn = (lambda x, t: f(x, t, text_states, w_emb)) if uncond is None else cfg_consistency(f, text_states, uncond, w)
+    return sample_lcm(fn, x_T, ts, noise_fn=noise_fn, alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
+
+
+def _check_inputs(latents, image_latents, strength: float, timesteps) -> None:
     if image_latents is None and strength != 1.0:
         raise ValueError("strength < 1 needs image_latents (img2img)")
     if image_latents is not None and latents is not None:
         raise ValueError("pass latents (text-to-image) or image_latents (img2img), not both")
     if timesteps is not None and image_latents is not None:
         raise ValueError("explicit timesteps are for text-to-image; img2img picks them from strength")
-    ts = (inference_timesteps(schedule, steps, len(f.denoiser.alpha_bar), n_grid, strength) if timesteps is None
-          else validate_timesteps(timesteps, len(f.denoiser.alpha_bar), n_grid))
-    x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
-    if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
-        x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
-    return sample_lcm(lambda x, t: f(x, t, text_states, w_emb), x_T, ts, noise_fn=noise_fn,
-                      alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
+
+
+def cfg_consistency(f: ConsistencyModel, cond: torch.Tensor, uncond: torch.Tensor, omega: torch.Tensor):
+    """Real CFG on a consistency model: f_c + w (f_c - f_0) (LCM Eq. 6 form), cond and uncond in one batched pass."""
+    text = torch.cat([cond, uncond])  # [2B, L, D]
+
+    def fn(x, t):
+        f_c, f_0 = f(torch.cat([x, x]), torch.cat([t, t]), text, None).chunk(2)
+        return guide(f_c, f_0, omega)
+    return fn
 
 
 def inference_timesteps(schedule: str, num_inference_steps: int, num_train_timesteps: int = TRAIN_TIMESTEPS,

@@ -76,16 +76,23 @@ class LCDTask:
         cfg: the variant.
         student: the online network; by default ``make_student(teacher_unet, cfg.time_cond_proj_dim)``.
         preview_fn: preview_fn(student_unet, step, out_dir) writes a validation grid.
+        guided_teacher: a guidance-distilled UNet (``training.guided``: takes w as ``timestep_cond``) that stands in
+            for the teacher in the solver step: one pass per solver stage instead of the cond/uncond pair.
     """
 
     def __init__(self, teacher_unet, scheduler_config: dict, data: LCDData, cfg: LCDConfig, *,
-                 student=None, preview_fn=None):
+                 student=None, preview_fn=None, guided_teacher=None):
         self.cfg, self.data, self.preview_fn = cfg, data, preview_fn
+        self.one_pass = guided_teacher is not None
+        if self.one_pass and cfg.target != "solver":
+            raise ValueError("a guided teacher stands in for the teacher of LCD (target 'solver')")
         if (teacher_unet is None) != (cfg.target == "same-noise"):
             raise ValueError("LCD (target 'solver') needs a teacher UNet; LCF (target 'same-noise') takes none")
         if student is None and teacher_unet is None:
             raise ValueError("LCF needs the LCM's UNet as student")
         self._networks(teacher_unet, scheduler_config, student)
+        if self.one_pass:  # the solver's x0_eps_fn is the guided teacher's single pass
+            self.teacher = Denoiser(guided_teacher.requires_grad_(False).eval(), scheduler_config)
         self.alpha_bar = self.student.denoiser.alpha_bar  # [T] float64
         self.grid = training_grid(len(self.alpha_bar), cfg.skip)  # [N]
         if cfg.max_timestep is not None:
@@ -95,6 +102,8 @@ class LCDTask:
 
     def _networks(self, teacher_unet, scheduler_config: dict, student) -> None:
         """Online student theta, EMA target theta^- <- theta, frozen teacher (LCM Algorithm 1 line 2)."""
+        if student is None and self.cfg.guidance_mode == "cfg":  # real-CFG mode: the teacher's UNet, no w input
+            student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
         self.student_unet = student if student is not None else make_student(
             teacher_unet, self.cfg.time_cond_proj_dim, cond_proj_init=self.cfg.cond_proj_init)
         if self.cfg.gradient_checkpointing:
@@ -168,9 +177,18 @@ class LCDTask:
         noise = torch.randn((b, *self.data.latents.shape[1:]), generator=g)  # [B, C, h, w]
         omega = self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * torch.rand(b, generator=g)  # [B]
         idx_d = idx.to(self.data.latents.device)
-        out = {"z0": self.data.latents[idx_d], "text": self.data.text_states[idx_d], "noise": noise,
+        text = self._drop_prompts(self.data.text_states[idx_d], g)
+        out = {"z0": self.data.latents[idx_d], "text": text, "noise": noise,
                "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}  # t_n = max(t_{n+k} - k, 0)
         return {key: v.to(self.device) for key, v in out.items()}
+
+    def _drop_prompts(self, text: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """``empty_prompt_share`` of the captions replaced by the empty prompt (drawn last: a share of 0 leaves the
+        batch stream as it was)."""
+        if self.cfg.empty_prompt_share == 0:
+            return text
+        drop = (torch.rand(len(text), generator=g) < self.cfg.empty_prompt_share).to(text.device)  # [B]
+        return torch.where(drop.view(-1, 1, 1), self.data.uncond_states.to(text.device).expand_as(text), text)
 
     def _streamed_batch(self, chunk: LCDData, g: torch.Generator, k: int) -> dict:
         """A batch of a streaming source: its encoded samples, with t, noise and w drawn as for cached data."""
@@ -178,14 +196,24 @@ class LCDTask:
         t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
         noise = torch.randn((b, *chunk.latents.shape[1:]), generator=g)  # [B, C, h, w]
         omega = self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * torch.rand(b, generator=g)  # [B]
-        out = {"z0": chunk.latents, "text": chunk.text_states, "noise": noise,
+        out = {"z0": chunk.latents, "text": self._drop_prompts(chunk.text_states, g), "noise": noise,
                "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}
         return {key: v.to(self.device) for key, v in out.items()}
 
     @torch.no_grad()
     def solver_target(self, z_s: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor, text: torch.Tensor,
                       omega: torch.Tensor) -> torch.Tensor:
-        """z_hat_{t_n} = z_s + (1 + w) Psi(z_s, c) - w Psi(z_s, 0)  (Algorithm 1 line 5); teacher, no grad."""
+        """z_hat_{t_n} = z_s + (1 + w) Psi(z_s, c) - w Psi(z_s, 0)  (Algorithm 1 line 5); teacher, no grad.
+        With a guided teacher: z_s + Psi(z_s, w, c), its one pass already guided (the CFG combination is
+        exact for DDIM; for the second-order solvers it is the guided eps at each stage, as diffusers samples)."""
+        if self.one_pass:
+            w_emb = guidance_scale_embedding(omega, self.teacher.unet.config.time_cond_proj_dim).to(z_s.dtype)  # [B, d]
+
+            def fn(x, t):  # one teacher forward, w as input
+                return self.teacher(x, t, text, w_emb)
+            return self.solver(z_s, t_start, t_end, fn, alpha_bar=self.alpha_bar)
+        if self.cfg.omega_max == 0:  # the unguided ODE (w = 0 everywhere): the conditional pass alone
+            return self.solver(z_s, t_start, t_end, lambda x, t: self.teacher(x, t, text), alpha_bar=self.alpha_bar)
         text_pair = torch.cat([text, self.data.uncond_states.expand_as(text)])  # [2B, L, D]: [c; empty prompt]
 
         def fn_pair(x2, t2):  # one batched teacher forward on [cond; uncond]
@@ -217,7 +245,10 @@ class LCDTask:
         return loss, {"omega_mean": float(omega.mean())}
 
     def w_embedding(self, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """The w embedding [B, d] fed as timestep_cond (LCM Sec. 4.2); LCM-LoRA has none (``LoRATask.w_embedding``)."""
+        """The w embedding [B, d] fed as timestep_cond (LCM Sec. 4.2); None for a student without a w input (the
+        real-CFG mode; LCM-LoRA, ``LoRATask.w_embedding``)."""
+        if self.student_unet.config.get("time_cond_proj_dim") is None:
+            return None
         return guidance_scale_embedding(omega, self.cfg.time_cond_proj_dim).to(dtype)
 
     def after_update(self, step: int) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..defaults import OMEGA_RANGE, SKIP
+from ..defaults import GUIDANCE_MODES, OMEGA_RANGE, SKIP
 from ..guidance import GUIDANCE_EMBED_DIM
 from ..solvers import SOLVERS
 
@@ -39,6 +39,9 @@ class LCDConfig:
     guidance_max_t: int | None = None  # teacher guided only where t_{n+k} <= this (guidance interval); None: all t
     cond_proj_inputs: str = "all"      # w-embedding entries the w projection reads: all | smooth (no aliasing ones)
     gradient_checkpointing: bool = False  # memory, not math: the student recomputes activations in backward
+    guidance_mode: str = "embedding"   # embedding: w is a student input (LCM Sec. 4.2) | cfg: the unguided ODE
+    # (w = 0), no w input; sampled with real CFG over a student that also learnt the empty prompt
+    empty_prompt_share: float = 0.0    # share of training captions replaced by the empty prompt (cfg mode: > 0)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -60,6 +63,13 @@ class LCDConfig:
         if self.cond_proj_inputs not in COND_PROJ_INPUTS:
             raise ValueError(f"unknown cond_proj_inputs {self.cond_proj_inputs!r}; choose from "
                              f"{', '.join(COND_PROJ_INPUTS)}")
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"unknown guidance_mode {self.guidance_mode!r}; choose from {', '.join(GUIDANCE_MODES)}")
+        if self.guidance_mode == "cfg" and (self.omega_max != 0 or self.cond_proj_inputs != "all"):
+            raise ValueError("guidance_mode 'cfg' distils the unguided ODE (w = 0) into a student without a w input: "
+                             "it takes no w range or w-projection setting")
+        if not 0.0 <= self.empty_prompt_share < 1.0:
+            raise ValueError(f"empty_prompt_share must be in [0, 1), got {self.empty_prompt_share}")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         if self.max_timestep is not None and self.max_timestep < self.skip - 1:

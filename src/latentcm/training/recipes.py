@@ -5,6 +5,7 @@
     distill-lora      teacher        shapes world or folder    LoRATask (LCM-LoRA)         LCM-LoRA folder
     finetune          LCM            folder                    LCDTask, same-noise (LCF)   LCM pipeline folder
     finetune-teacher  teacher        folder                    UNetTask (plain diffusion)  pipeline or style LoRA
+    distill-guidance  teacher        shapes world or folder    GuidanceTask (one-pass CFG)  guided-teacher folder
 
 ``run`` holds what they share: refuse to overwrite a run, load and check the source, encode the data
 once (cached in OUT), build the task, ``loop.fit``, export on the main process. An exported LCM (or LCM-LoRA)
@@ -23,12 +24,12 @@ from typing import Callable
 
 from .. import world
 from ..bundle import Bundle
-from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS, LORA_OMEGA
+from ..defaults import GUIDED_OMEGA_MAX, LCM_GUIDANCE, LCM_SAMPLER, LCM_STEPS, LORA_OMEGA
 from ..errors import ModelError
 from ..export.lora import STYLE_ADAPTER, export_lcm_lora, export_style_lora
-from ..export.pipeline import check_schedule, export_finetuned_teacher, export_lcm
+from ..export.pipeline import check_schedule, export_finetuned_teacher, export_guided_teacher, export_lcm
 from ..images import save_grid
-from ..models.denoiser import load_student, student_weights
+from ..models.denoiser import load_plain_student, load_student, student_weights
 from ..models.lora import LoRAConfig, add_lora
 from ..sampling.latents import sample_latents
 from ..schedules import grid_size, skip_of, train_timesteps
@@ -37,6 +38,7 @@ from .data.folders import LoadReport, folder_data
 from .data.shapes import world_data
 from .data.shards import ShardSource
 from .diffusion import UNetTask
+from .guided import GuidanceTask, w_following_probe
 from .loop import LoopConfig, fit, make_accelerator
 from .runs import check_fresh
 
@@ -67,6 +69,7 @@ class Job:
     preview_fn: Callable | None = None  # replaces the validation grid (ablations pass a metric probe)
     export: bool = True
     init_student: Path | None = None  # distill: start the student from this LCM's UNet instead of the teacher's
+    guided_teacher: Path | None = None  # distill: a guidance-distilled teacher (distill-guidance) for the solver step
     sampling_schedule: str | None = None  # the exported LCM's default timesteps (defaults.TIMESTEP_SCHEDULES);
     # None: "grid" (diffusers' selection) for distill / distill-lora, the source LCM's own for finetune (LCF)
     on_data: Callable | None = None  # called with the data's LoadReport (None: the shapes world) before training
@@ -96,13 +99,23 @@ LCD_DEFAULTS = {
     "distill": {},
     "distill-lora": {"omega_min": LORA_OMEGA, "omega_max": LORA_OMEGA, "ema_decay": 0.0},
     "finetune": {"target": "same-noise"},  # LCF: both consistency points from the same latent and noise
+    # guidance distillation (Meng et al. 2023 stage 1): w from 0 (g = 1, unguided) to the top of the sweep (g = 12)
+    "distill-guidance": {"omega_min": 0.0, "omega_max": GUIDED_OMEGA_MAX},
 }
 
 
+# The real-CFG mode's defaults (PCM's unguided-ODE recipe): w = 0 and a share of empty prompts to learn CFG's
+# unconditional branch from.
+CFG_MODE_DEFAULTS = {"omega_min": 0.0, "omega_max": 0.0, "empty_prompt_share": 0.1}
+
+
 def lcd_config(recipe: str, **overrides) -> LCDConfig:
-    """The LCDConfig of ``recipe`` (a key of ``LCD_DEFAULTS``): its defaults, then every override that is not
-    None, so ``lcm distill --lora`` and ``recipes.run("distill-lora", ...)`` from Python start alike."""
-    return LCDConfig(**{**LCD_DEFAULTS[recipe], **{k: v for k, v in overrides.items() if v is not None}})
+    """The LCDConfig of ``recipe`` (a key of ``LCD_DEFAULTS``): its defaults (and the real-CFG mode's when
+    ``guidance_mode="cfg"``), then every override that is not None, so ``lcm distill --lora`` and
+    ``recipes.run("distill-lora", ...)`` from Python start alike."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    mode = CFG_MODE_DEFAULTS if given.get("guidance_mode") == "cfg" else {}
+    return LCDConfig(**{**LCD_DEFAULTS[recipe], **mode, **given})
 
 
 # --- previews: few-step samples through the one sampling entry --------------------------------------
@@ -134,10 +147,26 @@ def _grid_n(bundle: Bundle, skip: int) -> int:
 def _lcd_task(bundle, data, captions, job):
     preview = job.preview_fn or make_preview(bundle, _grid_n(bundle, job.lcd.skip))
     if job.lora is None:
-        student = (load_student(job.init_student, bundle.unet, job.lcd.time_cond_proj_dim)
-                   if job.init_student is not None else None)
-        return LCDTask(bundle.unet, bundle.scheduler_config, data, job.lcd, student=student, preview_fn=preview)
+        student = None if job.init_student is None else (
+            load_plain_student(job.init_student, bundle.unet) if job.lcd.guidance_mode == "cfg"
+            else load_student(job.init_student, bundle.unet, job.lcd.time_cond_proj_dim))
+        guided = (load_student(job.guided_teacher, bundle.unet, job.lcd.time_cond_proj_dim)
+                  if job.guided_teacher is not None else None)
+        return LCDTask(bundle.unet, bundle.scheduler_config, data, job.lcd, student=student, preview_fn=preview,
+                       guided_teacher=guided)
+    if job.guided_teacher is not None:
+        raise ValueError("a guided teacher (one-pass solver step) is for full-UNet distillation, not LCM-LoRA")
     return LoRATask(bundle.unet, bundle.scheduler_config, data, job.lcd, job.lora, preview_fn=preview)
+
+
+def _guidance_task(bundle, data, captions, job):
+    student = (load_student(job.init_student, bundle.unet, job.lcd.time_cond_proj_dim)
+               if job.init_student is not None else None)
+    task = GuidanceTask(bundle.unet, bundle.scheduler_config, data, job.lcd, student=student,
+                        preview_fn=job.preview_fn)
+    if job.preview_fn is None and hasattr(data, "latents"):  # cached data: log how the student follows w per t
+        task.preview_fn = w_following_probe(task.teacher, bundle.scheduler_config, data)
+    return task
 
 
 def _lcf_task(bundle, data, captions, job):
@@ -171,6 +200,13 @@ def _export_lcm(task, bundle, job, info):
     export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle))
 
 
+def _inherit_guidance_mode(job: Job, bundle: Bundle) -> Job:
+    """LCF of a real-CFG LCM stays a real-CFG LCM (no w input to condition, w = 0)."""
+    if not bundle.is_lcm or bundle.guidance_mode != "cfg" or job.lcd.guidance_mode == "cfg":
+        return job
+    return replace(job, lcd=replace(job.lcd, guidance_mode="cfg", omega_min=0.0, omega_max=0.0))
+
+
 def _export_lcm_lora(task, bundle, job, info):
     export_lcm_lora(task.student_unet, bundle.scheduler_config, job.out, {**info, "lora": asdict(job.lora)},
                     skip=job.lcd.skip, schedule=schedule_of(job, bundle))
@@ -182,7 +218,12 @@ def _export_lcf(task, bundle, job, info):
             "intro": (f"Latent Consistency Fine-tuning (LCF; Luo et al. 2023, Sec. 4.4) of the LCM `{job.source}` "
                       f"on the image folder `{job.data_dir}` ({info['data_report']}), made with latentcm: no "
                       "teacher, both consistency points from the same latent and noise.")}
-    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle))
+    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle),
+               guidance=bundle.default_guidance)
+
+
+def _export_guided(task, bundle, job, info):
+    export_guided_teacher(task.export_unet, bundle, job.out, info)
 
 
 def _export_diffusion(task, bundle, job, info):
@@ -200,6 +241,7 @@ RECIPES = {r.name: r for r in (
     Recipe("distill-lora", "teacher", _lcd_task, _export_lcm_lora, "distill"),
     Recipe("finetune", "lcm", _lcf_task, _export_lcf, "finetune"),
     Recipe("finetune-teacher", "teacher", _diffusion_task, _export_diffusion, "finetune-teacher"),
+    Recipe("distill-guidance", "teacher", _guidance_task, _export_guided, "guidance"),
 )}
 
 
@@ -269,9 +311,12 @@ def run(name: str, job: Job, accelerator=None) -> Result:
     bundle = load_source(job.source, recipe.source_kind)
     if job.lcd is None and name in LCD_DEFAULTS:  # the recipe's own settings, as the CLI's defaults give
         job = replace(job, lcd=lcd_config(name, skip=lcm_skip(bundle) if name == "finetune" else None))
+    job = _inherit_guidance_mode(job, bundle) if name == "finetune" else job
     schedule_of(job, bundle)  # an unknown timestep schedule fails before any encoding
     if job.lcd is not None:
         _grid_n(bundle, job.lcd.skip)  # a bad k fails before any encoding
+    if job.guided_teacher is not None:
+        student_weights(job.guided_teacher)
     if job.init_student is not None:
         student_weights(job.init_student)  # and so does a folder without weights
     made = _first_missing(out)  # removed again if the run is refused before training starts

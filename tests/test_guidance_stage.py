@@ -1,0 +1,145 @@
+"""Guidance distillation (Meng et al. 2023 stage 1) and the one-pass guided teacher in LCD, on micro models."""
+import json
+import types
+
+import pytest
+import torch
+
+from latentcm.bundle import Bundle
+from latentcm.cli import main
+from latentcm.solvers import SOLVERS, augmented_step
+from latentcm.training.consistency import LCDConfig, LCDTask
+from latentcm.training.guided import GuidanceTask, w_following, w_following_probe
+from latentcm.training.loop import LoopConfig, fit
+
+
+@pytest.fixture(scope="module")
+def bundle(micro_teacher):
+    return Bundle.load(micro_teacher)
+
+
+class CFGNet(torch.nn.Module):
+    """A 'student' that IS the teacher's CFG combination eps_c + w (eps_c - eps_0) at a fixed w (it ignores the w
+    embedding): the case where guidance distillation has nothing left to learn."""
+
+    def __init__(self, teacher, uncond, omega: float):
+        super().__init__()
+        self.teacher, self.uncond, self.omega = teacher, uncond, omega
+        self.config = types.SimpleNamespace(**{**dict(teacher.config), "time_cond_proj_dim": 256})
+        self.config.get = lambda key, default=None: getattr(self.config, key, default)
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, **_):
+        eps_c = self.teacher(sample, timestep, encoder_hidden_states).sample
+        eps_0 = self.teacher(sample, timestep, self.uncond.expand_as(encoder_hidden_states)).sample
+        return types.SimpleNamespace(sample=eps_c + self.omega * (eps_c - eps_0))
+
+
+def _cfg(**kw):
+    return LCDConfig(**{"batch_size": 3, "omega_min": 0.0, "omega_max": 11.0, **kw})
+
+
+def test_batches_draw_every_t_and_w_from_zero(bundle, micro_data):
+    task = GuidanceTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(batch_size=64))
+    b, again = task.batch(2), GuidanceTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(batch_size=64)).batch(2)
+    assert b.keys() == {"z0", "text", "noise", "t", "omega"}
+    assert all(torch.equal(b[k], again[k]) for k in b)
+    assert b["t"].min() >= 0 and b["t"].max() <= 999 and len(b["t"].unique()) > 40  # t ~ U{0..T-1}, not a grid
+    assert b["omega"].min() >= 0 and b["omega"].max() <= 11
+
+
+def test_loss_is_zero_for_a_student_equal_to_the_cfg_output(bundle, micro_data):
+    """Hand-computed cases: the CFG combination itself has loss 0, and the zero-initialised student (= the
+    conditional teacher at every w) has loss mean((w (eps_c - eps_0))^2)."""
+    cfg = _cfg(omega_min=3.0, omega_max=3.0)
+    exact = GuidanceTask(bundle.unet, bundle.scheduler_config, micro_data, cfg,
+                         student=CFGNet(bundle.unet, micro_data.uncond_states, 3.0))
+    with torch.no_grad():
+        loss, _ = exact.loss(exact.batch(0), 0)
+    assert float(loss) < 1e-10
+
+    task = GuidanceTask(bundle.unet, bundle.scheduler_config, micro_data, cfg)
+    b = task.batch(0)
+    with torch.no_grad():
+        loss, _ = task.loss(b, 0)
+        z_t = (task.alpha_bar[b["t"]].sqrt().view(-1, 1, 1, 1) * b["z0"]
+               + (1 - task.alpha_bar[b["t"]]).sqrt().view(-1, 1, 1, 1) * b["noise"]).float()
+        eps_c = bundle.unet(z_t, b["t"], b["text"]).sample
+        eps_0 = bundle.unet(z_t, b["t"], micro_data.uncond_states.expand_as(b["text"])).sample
+    torch.testing.assert_close(loss, torch.mean((3.0 * (eps_c - eps_0)) ** 2), rtol=1e-4, atol=1e-8)
+    loss_l2 = task.loss(b, 0)[0]
+    loss_l2.backward()
+    assert task.student_unet.time_embedding.cond_proj.weight.grad.abs().sum() > 0  # the w pathway learns
+    assert all(p.grad is None for p in task.teacher.parameters())
+
+
+def test_training_makes_the_student_follow_w(bundle, micro_data, tmp_path):
+    task = GuidanceTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(batch_size=4),
+                        preview_fn=None)
+    task.preview_fn = w_following_probe(task.teacher, bundle.scheduler_config, micro_data)
+    before = w_following(task.teacher, task.student, micro_data, num=4)
+    assert all(r["norm_ratio"] == 0 for r in before)  # zero-init w projection: no w response yet
+    fit(task, LoopConfig(max_steps=12, lr=2e-3, warmup=0, preview_every=12, checkpoint_every=100), tmp_path)
+    after = w_following(task.teacher, task.student, micro_data, num=4)
+    assert sum(r["norm_ratio"] for r in after) > 0.01 and sum(r["cosine"] for r in after) > 0
+    log = [json.loads(line) for line in (tmp_path / "previews" / "w-following.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 12 and [r["t"] for r in log[-1]["per_t"]] == [99, 299, 499, 699, 899]
+
+
+@pytest.mark.parametrize("solver, calls", [("ddim", 1), ("dpm-solver", 2)])
+def test_one_pass_guided_teacher_runs_one_forward_of_batch_b(bundle, micro_data, solver, calls):
+    guided = CFGNet(bundle.unet, micro_data.uncond_states, 2.0)
+    task = LCDTask(bundle.unet, bundle.scheduler_config, micro_data,
+                   LCDConfig(batch_size=2, solver=solver, omega_min=2.0, omega_max=2.0), guided_teacher=guided)
+    seen = []
+    handle = bundle.unet.register_forward_pre_hook(lambda m, a, k: seen.append(a[0].shape[0]), with_kwargs=True)
+    try:
+        task.solver_target(torch.randn(2, 4, 16, 16), torch.tensor([499, 899]), torch.tensor([399, 799]),
+                           micro_data.text_states[:2], torch.tensor([2.0, 2.0]))
+    finally:
+        handle.remove()
+    assert len(seen) == 2 * calls and set(seen) == {2}  # CFGNet itself runs cond and uncond: 2 calls per stage
+
+
+def test_one_pass_target_equals_the_two_pass_target_for_an_exact_guided_teacher(bundle, micro_data):
+    """DDIM is affine in the prediction, so an exact CFG network gives LCD's two-pass target (Algorithm 1 line 5)."""
+    cfg = LCDConfig(batch_size=2, solver="ddim", omega_min=2.0, omega_max=2.0)
+    two = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, cfg)
+    one = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, cfg,
+                  guided_teacher=CFGNet(bundle.unet, micro_data.uncond_states, 2.0))
+    b = two.batch(1)
+    z = torch.randn_like(b["z0"])
+    with torch.no_grad():
+        ours = one.solver_target(z, b["t_start"], b["t_end"], b["text"], b["omega"])
+        ref = augmented_step(SOLVERS["ddim"], z, b["t_start"], b["t_end"], lambda x, t: two.teacher(x, t, b["text"]),
+                             lambda x, t: two.teacher(x, t, micro_data.uncond_states.expand_as(b["text"])),
+                             b["omega"], alpha_bar=two.alpha_bar)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
+    guided = tmp_path / "guided"
+    main(["distill", "--stage", "guidance", "--teacher", str(micro_teacher), "--out", str(guided), "--max-steps", "2",
+          "--batch-size", "2", "--num-data", "4", "--validate-every", "2"])
+    cfg = json.loads((guided / "unet" / "config.json").read_text())
+    assert cfg["time_cond_proj_dim"] == 256
+    assert "Guidance-distilled" in (guided / "README.md").read_text()
+    assert (guided / "previews" / "w-following.jsonl").is_file()
+    assert not Bundle.load(guided).is_lcm
+    lcm = tmp_path / "lcm"
+    main(["distill", "--teacher", str(micro_teacher), "--init-student", str(guided), "--guided-teacher", str(guided),
+          "--out", str(lcm), "--max-steps", "2", "--batch-size", "2", "--num-data", "4", "--validate-every", "0"])
+    assert Bundle.load(lcm).is_lcm
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--solver", "dpm-solver"], "--solver is an LCD option"),
+    (["--schedule", "refine"], "--schedule is an LCD option"),
+    (["--lora", "4"], "--lora is an LCD option"),
+])
+def test_cli_guidance_stage_refuses_lcd_options(micro_teacher, tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--stage", "guidance", "--teacher", str(micro_teacher), "--out", str(tmp_path / "o"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
