@@ -15,7 +15,7 @@ from ..defaults import LCM_DEFAULTS
 from ..errors import ModelError
 from ..files import write_text
 from ..schedules import refine_timesteps, train_timesteps
-from .pipeline import write_sampling
+from .pipeline import carry_safety_parts, write_sampling
 from .single_file import NOT_IN_LAYOUT, check_layout, save_single_file
 
 CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
@@ -202,8 +202,12 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
     pipe = lcm_pipeline(bundle)
     progress("writing the diffusers pipeline (model_index.json and one folder per component)")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    carried, dropped = carry_safety_parts(source, tmp)  # the LCM folder's, from its SD-1.x teacher
     for part in sorted(p for p in tmp.iterdir() if p.is_dir()):
-        progress(f"  {part.name}/ ({_megabytes(part)})")
+        progress(f"  {part.name}/ ({_megabytes(part)})" + (" carried over from the source" if part.name in carried
+                                                            else ""))
+    if dropped:
+        progress(dropped)
     if single_file:
         progress(f"writing the single file {dest.name}.safetensors (Stable Diffusion checkpoint layout)")
         progress(NOT_IN_LAYOUT.format(g=RECOMMENDED_GUIDANCE))
