@@ -216,7 +216,7 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
     card = write_lcm_card(tmp, card_info, schedule)
     if carried or dropped:
         write_text(card, card.read_text() + (SAFETY_CARD.format(parts="`, `".join(carried)) if carried else
-                                              f"\n## Safety checker\n\n{dropped.removeprefix('warning: ')}.\n"))
+                                              f"\n## Safety checker\n\nThe {dropped.removeprefix('warning: the ')}.\n"))
     if getattr(bundle, "is_sdxl", False):  # diffusers has no SDXL LCM pipeline class: SDXL pipeline + LCMScheduler
         write_text(card, card.read_text().replace("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline"))
     _move_into(tmp, dest)
