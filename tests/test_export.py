@@ -71,7 +71,7 @@ def test_single_file_round_trips_to_identical_tensors(micro_lcm, exported):
     path = exported / "micro-release.safetensors"
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["format"] == FORMAT
-        assert {k.split(".")[0] for k in f.keys()} == {"unet", "vae", "text_encoder"}
+        assert {k.split(".")[0] for k in f.keys()} == {"model", "first_stage_model", "cond_stage_model", "latentcm"}
     src, restored = Bundle.load(micro_lcm), load_single_file(path)
     for part in ("unet", "vae", "text_encoder"):
         a, b = getattr(src, part).state_dict(), getattr(restored, part).state_dict()

@@ -2,6 +2,7 @@
 ``lcm prepare`` (encode images once into latent shards for ``lcm distill --data``)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -82,7 +83,7 @@ def prepare_cmd(model, data, out, text, dtype, shard_size, batch_size, min_size)
     Examples:
       lcm world export data/shards --format shards --count 10000
       lcm prepare --data 'data/shards/{000000..000009}.tar' --out data/latents
-      ACCELERATE_USE_CPU=true accelerate launch --num_processes 2 -m latentcm.cli prepare \\
+      ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m latentcm.cli prepare \\
           --data 'data/shards/{000000..000009}.tar' --out data/latents
       lcm distill --data 'data/latents/{000000..000009}.tar' --out runs/lcm-latents
     """
@@ -99,6 +100,8 @@ def prepare_cmd(model, data, out, text, dtype, shard_size, batch_size, min_size)
         raise UserError(f"--model {bundle.path} is an LCM; prepare with the teacher you will distil")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
     rank, world = state.process_index, state.num_processes
+    if state.is_main_process and (warning := prep.launch_warning(os.environ, world)):
+        click.echo(warning, err=True)
     bundle.to(state.device)
     num_units = len(prep.units(data, shard_size)[0])
     mine = len(range(rank, num_units, world))

@@ -12,7 +12,9 @@ from .options import FiniteRange, UserError
 @click.option("--model", default="lcm", metavar="NAME|DIR", help="Shipped LCM name or LCM folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder for the pipeline.")
 @click.option("--fp16", is_flag=True, help='Also write float16 weights (diffusers variant="fp16").')
-@click.option("--single-file", is_flag=True, help="Also write OUT/<name>.safetensors: all weights (latentcm layout).")
+@click.option("--single-file", is_flag=True,
+              help="Also write OUT/<name>.safetensors: all weights in the original Stable Diffusion checkpoint layout "
+                   "(guidance 8.5 baked in).")
 @click.option("--base-model", default=None, metavar="TEXT",
               show_default="the source card's base_model, else its folder name", help="Model card base_model.")
 def export_model(model, out, fp16, single_file, base_model):
@@ -20,6 +22,14 @@ def export_model(model, out, fp16, single_file, base_model):
 
     The card's YAML front matter names library_name, base_model, tags, pipeline_tag and the
     recommended 4 steps at guidance 8.5. Prints each step written (stderr), then the folder.
+
+    --single-file writes the layout A1111, ComfyUI and diffusers' from_single_file read. It has no
+    place for the LCM's guidance embedding, so guidance 8.5 is baked into the UNet; load it offline
+    with the exported folder as config and sample with guidance_scale=1.0:
+
+    \b
+      StableDiffusionPipeline.from_single_file("OUT/<name>.safetensors", config="OUT",
+          local_files_only=True, time_cond_proj_dim=None)
 
     \b
     Examples:

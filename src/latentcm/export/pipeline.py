@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -154,6 +155,51 @@ def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidan
     return write_text(folder / "README.md", text)
 
 
+SAFETY_PARTS = ("safety_checker", "feature_extractor")  # Stable Diffusion 1.x's NSFW filter and its preprocessor
+SAFETY_CARD = """
+## Safety checker
+
+The source model's safety checker and feature extractor (`{parts}`) are carried over unchanged: diffusers' pipeline
+runs the checker on every image it returns (pass `safety_checker=None` to turn it off). latentcm's own
+`lcm generate` and `lcm serve` do not run it.
+"""
+
+
+def _safety_parts_of(source: Path) -> tuple[dict, dict]:
+    """(the source's model_index.json, its non-null safety_checker / feature_extractor entries)."""
+    index_file = source / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    return index, {p: index[p] for p in SAFETY_PARTS if isinstance(index.get(p), list) and index[p][0] is not None}
+
+
+def carry_safety_parts(source: str | Path | None, folder: Path) -> tuple[list[str], str | None]:
+    """Copy ``source``'s safety checker and feature extractor (subfolders and model_index.json entries, with its
+    ``requires_safety_checker``) into the saved pipeline ``folder``.
+
+    Returns:
+        (the parts carried, one line saying what was dropped and why, or None).
+    """
+    if source is None:
+        return [], None
+    source = Path(source)
+    index, listed = _safety_parts_of(source)
+    if not listed:
+        return [], None
+    missing = [p for p in listed if not (source / p).is_dir()]
+    if "safety_checker" in listed and not list((source / "safety_checker").glob("*.safetensors")):
+        missing.append("safety_checker weights in safetensors")
+    if missing or "feature_extractor" not in listed:
+        return [], (f"warning: the source model's {' and '.join(listed)} were not carried into the LCM folder: "
+                    f"{source} lacks {', '.join(missing) or 'the feature_extractor the checker needs'}")
+    out_index = json.loads((folder / "model_index.json").read_text())
+    for part in listed:
+        shutil.copytree(source / part, folder / part, dirs_exist_ok=True)
+        out_index[part] = listed[part]
+    out_index["requires_safety_checker"] = index.get("requires_safety_checker", True)
+    write_json(folder / "model_index.json", out_index)
+    return sorted(listed), None
+
+
 def _move_into(src: Path, dest: Path) -> None:
     """Move the written parts into ``dest``, replacing old ones; model_index.json last (it marks completion)."""
     (dest / "model_index.json").unlink(missing_ok=True)
@@ -207,8 +253,14 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    carried, dropped = carry_safety_parts(bundle.path, tmp)
+    if dropped:
+        logging.getLogger(__name__).warning(dropped)
     write_sampling(tmp, schedule, "cfg" if cfg_mode else "embedding", guidance)
     card = write_lcm_card(tmp, card_info, schedule, guidance)
+    if carried or dropped:
+        write_text(card, card.read_text() + (SAFETY_CARD.format(parts="`, `".join(carried)) if carried else
+                                              f"\n## Safety checker\n\nThe {dropped.removeprefix('warning: the ')}.\n"))
     if getattr(bundle, "is_sdxl", False):  # diffusers has no SDXL LCM pipeline class: SDXL pipeline + LCMScheduler
         write_text(card, card.read_text().replace("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline"))
     _move_into(tmp, dest)

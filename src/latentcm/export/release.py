@@ -15,8 +15,8 @@ from ..defaults import LCM_DEFAULTS
 from ..errors import ModelError
 from ..files import write_text
 from ..schedules import refine_timesteps, train_timesteps
-from .pipeline import write_sampling
-from .single_file import save_single_file
+from .pipeline import carry_safety_parts, write_sampling
+from .single_file import NOT_IN_LAYOUT, check_layout, save_single_file
 
 CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
 _, RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = LCM_DEFAULTS  # 4 steps, guidance scale g = 8.5 (w = 7.5)
@@ -87,10 +87,17 @@ def _files_section(name: str, fp16: bool, single_file: bool) -> str:
     if fp16:
         rows.append('- `*.fp16.safetensors`: float16 weights, loaded with `variant="fp16", torch_dtype=torch.float16`.')
     if single_file:
-        rows.append(f"- `{name}.safetensors`: every float32 weight in one file, keys `unet.*`, `vae.*`, "
-                    "`text_encoder.*` (diffusers/transformers names) with the configs and tokenizer in its metadata; "
-                    "load it with `latentcm.export.single_file.load_single_file`. This is latentcm's own layout, not "
-                    "the A1111/ComfyUI checkpoint layout.")
+        rows.append(f"- `{name}.safetensors`: every float32 weight in one file in the original Stable Diffusion "
+                    "checkpoint layout (`model.diffusion_model.*`, `first_stage_model.*`, "
+                    "`cond_stage_model.transformer.*`). That layout has no place for the guidance embedding "
+                    f"(`time_cond_proj_dim`), so guidance scale {RECOMMENDED_GUIDANCE:g} is baked into the UNet. Load "
+                    "it offline with this folder as the config, and sample with `guidance_scale=1.0`:\n\n"
+                    "  ```python\n  from diffusers import StableDiffusionPipeline\n\n"
+                    f"  pipe = StableDiffusionPipeline.from_single_file(\"<this folder>/{name}.safetensors\", "
+                    "config=\"<this folder>\",\n"
+                    "                                                  local_files_only=True, time_cond_proj_dim=None)\n"
+                    f"  image = pipe(\"a red circle\", num_inference_steps={RECOMMENDED_STEPS}, "
+                    "guidance_scale=1.0).images[0]\n  ```")
     return "\n".join(rows)
 
 
@@ -171,7 +178,8 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
             (checkpoints, metrics) are not copied.
         dest: a new (or empty) folder; written via a temporary sibling, so it appears complete or not at all.
         fp16: also write diffusers' ``variant="fp16"`` weight files (``*.fp16.safetensors``).
-        single_file: also write ``<dest name>.safetensors`` (layout in ``export.single_file``).
+        single_file: also write ``<dest name>.safetensors`` in the Stable Diffusion checkpoint layout, the
+            recommended guidance baked in (``export.single_file``).
         base_model: the card's ``base_model``; default the source card's, else the source folder's name.
         progress: called with one line per step written (the CLI prints them).
 
@@ -183,6 +191,8 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
     if not bundle.is_lcm:
         raise ModelError(f"{source} is a diffusion teacher, not an LCM; distil it first (lcm distill)")
     _check_dest(source, dest)
+    if single_file:
+        check_layout(bundle)
     progress(f"loaded the LCM {source}")  # after the checks: a refused export stays one line
     old = source / "README.md"
     base_model = base_model or split_front_matter(old.read_text() if old.is_file() else "")[0].get(
@@ -192,11 +202,16 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
     pipe = lcm_pipeline(bundle)
     progress("writing the diffusers pipeline (model_index.json and one folder per component)")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    carried, dropped = carry_safety_parts(source, tmp)  # the LCM folder's, from its SD-1.x teacher
     for part in sorted(p for p in tmp.iterdir() if p.is_dir()):
-        progress(f"  {part.name}/ ({_megabytes(part)})")
+        progress(f"  {part.name}/ ({_megabytes(part)})" + (" carried over from the source" if part.name in carried
+                                                            else ""))
+    if dropped:
+        progress(dropped)
     if single_file:
-        progress(f"writing the single file {dest.name}.safetensors")
-        save_single_file(bundle, tmp / f"{dest.name}.safetensors")
+        progress(f"writing the single file {dest.name}.safetensors (Stable Diffusion checkpoint layout)")
+        progress(NOT_IN_LAYOUT.format(g=RECOMMENDED_GUIDANCE))
+        save_single_file(bundle, tmp / f"{dest.name}.safetensors", guidance=RECOMMENDED_GUIDANCE)
     if fp16:
         progress("writing the float16 variant (*.fp16.safetensors)")
         save_fp16_variant(pipe, tmp)

@@ -35,6 +35,10 @@ from .shards import _caption, _check, _image_bytes, _samples, expand, is_shard_s
 from .tensors import bundle_text_fns, encode_pairs
 
 TEXT_MODES = ("states", "captions")
+# ``accelerate launch --num_processes N`` with N > 1 sets MASTER_ADDR / MASTER_PORT in every launcher, and its
+# distributed launchers (torchrun: --multi_gpu, FSDP, DeepSpeed) set WORLD_SIZE; its simple launcher (used on a
+# CPU without --multi_gpu) starts one process and sets no WORLD_SIZE. ACCELERATE_MIXED_PRECISION: set by every
+# accelerate launch (accelerate 1.16, ``utils/launch.py``).
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -184,6 +188,18 @@ def prepare(bundle, data: str | Path, out: Path, cfg: PrepareConfig, *, process_
         if progress is not None:
             progress(1)
     return {"done": done, "skipped_existing": existing, "units": len(todo)}
+
+
+def launch_warning(env, running: int) -> str | None:
+    """One line when ``accelerate launch`` asked for another number of processes than ``running`` (the processes
+    this run has), else None. ``env``: the environment (``os.environ``)."""
+    asked = env.get("WORLD_SIZE", "")
+    if asked.isdigit() and int(asked) != running:
+        return f"warning: accelerate launch asked for {asked} processes but {running} run"
+    if not asked and running == 1 and "ACCELERATE_MIXED_PRECISION" in env and "MASTER_PORT" in env:
+        return ("warning: accelerate launch was asked for several processes but started one (on a CPU it needs "
+                "--multi_gpu: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...)")
+    return None
 
 
 def _unit_index(path: Path) -> int | None:
