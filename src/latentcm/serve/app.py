@@ -196,7 +196,10 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
                               interactive=service.teacher is not None)
         teacher_steps = gr.Slider(1, limits.max_teacher_steps, value=COMPARE_TEACHER_STEPS, step=1,
                                   label="Teacher steps")
-    teacher_negative = gr.Textbox(label="Teacher's negative prompt (CFG's unconditional branch; the LCM has none)",
+    lcm_cfg = getattr(service.lcm, "guidance_mode", "embedding") == "cfg"
+    teacher_negative = gr.Textbox(label="Negative prompt (CFG's unconditional branch: the teacher's" + (
+                                      ", and this real-CFG LCM's)" if lcm_cfg else "; this LCM, with guidance as a w "
+                                                                                  "input, has none)"),
                                   value="", max_length=limits.max_prompt_chars, elem_id="negative-prompt")
     return [init_image, strength, compare, teacher_steps, teacher_negative, *lora_weights]
 
@@ -214,6 +217,8 @@ def _ui_runner(gr, service: Service, names: list[str]):
                    guidance=None if loras else float(guidance), loras=loras)
         if init_image is not None:
             lcm["strength"] = float(strength)
+        if teacher_negative and getattr(service.lcm, "guidance_mode", "embedding") == "cfg":
+            lcm["negative_prompt"] = teacher_negative  # a real-CFG LCM has an unconditional branch to replace
         try:
             requests = [("LCM" if not loras else "LCM-LoRA", int(steps),
                          parse_request(lcm, limits, service.lora_files, image=init_image))]

@@ -74,7 +74,7 @@ class Request:
     gamma: float | None = None               # TCD stochasticity (LCM only); None: LCM Algorithm 3
     loras: tuple[tuple[str, float], ...] = ()  # registered LoRA names and weights, stacked on the teacher
     strength: float | None = None            # img2img only
-    negative_prompt: str | None = None       # teacher only: CFG's unconditional text instead of ""
+    negative_prompt: str | None = None       # teacher or real-CFG LCM: CFG's unconditional text instead of ""
     image: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [1, 3, H, W] in [-1, 1]
 
     @property
