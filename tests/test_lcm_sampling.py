@@ -60,7 +60,11 @@ def test_lcm_bundle_is_recognised(lcm, micro_teacher):
     teacher = Bundle.load(micro_teacher)
     assert not teacher.is_lcm and teacher.original_inference_steps is None and teacher.defaults[0] == "ddim"
     with pytest.raises(ModelError, match="LCMScheduler and a UNet with time_cond_proj_dim"):
-        check_kind({"time_cond_proj_dim": 256}, {"_class_name": "DDIMScheduler"}, Path("x"))
+        check_kind({"time_cond_proj_dim": None}, {"_class_name": "LCMScheduler"}, Path("x"))
+    with pytest.raises(ModelError, match="real CFG on a guidance-distilled LCM over-saturates"):
+        check_kind({"time_cond_proj_dim": 256}, {"_class_name": "LCMScheduler"}, Path("x"), "cfg")
+    check_kind({"time_cond_proj_dim": None}, {"_class_name": "LCMScheduler"}, Path("x"), "cfg")  # a real-CFG LCM
+    check_kind({"time_cond_proj_dim": 256}, {"_class_name": "DDIMScheduler"}, Path("x"))  # a guided teacher
 
 
 STEP_PROMPTS, STEP_SEEDS = ["a red circle on a blue background"] * 2, [0, 1]

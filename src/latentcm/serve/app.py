@@ -196,7 +196,7 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
                               interactive=service.teacher is not None)
         teacher_steps = gr.Slider(1, limits.max_teacher_steps, value=COMPARE_TEACHER_STEPS, step=1,
                                   label="Teacher steps")
-    lcm_cfg = getattr(service.lcm, "guidance_mode", "embedding") == "cfg"
+    lcm_cfg = getattr(getattr(service, "lcm", None), "guidance_mode", "embedding") == "cfg"
     teacher_negative = gr.Textbox(label="Negative prompt (CFG's unconditional branch: the teacher's" + (
                                       ", and this real-CFG LCM's)" if lcm_cfg else "; this LCM, with guidance as a w "
                                                                                   "input, has none)"),
