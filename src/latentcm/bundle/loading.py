@@ -67,8 +67,7 @@ def load_parts(path: str | Path) -> tuple:
     """(unet, vae, text_encoder, tokenizer, scheduler_config[, text_encoder_2, tokenizer_2,
     force_zeros_for_empty_prompt]) of a local diffusers folder: ``Bundle``'s fields, in order (SDXL: all eight)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-    from transformers import CLIPTokenizerFast as CLIPTokenizer  # transformers 5: one class; 4.x: reads tokenizer.json
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     path = check_model_dir(path)
     offline.quiet_loading()
