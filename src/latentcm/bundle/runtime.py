@@ -24,29 +24,34 @@ PARTS = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
 Runner = Callable[[dict], list]  # {input name: np.ndarray} -> outputs in the graph's order
 
 
-def _onnx_runner(file: Path) -> Runner:
+def _onnx_runner(file: Path, threads: int | None = None) -> Runner:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: shared CPUs
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     types = {i.name: np.int64 if "int64" in i.type else np.float32 for i in session.get_inputs()}
     return lambda feeds: session.run(None, {k: v.astype(types[k], copy=False) for k, v in feeds.items()})
 
 
-def _openvino_runner(file: Path) -> Runner:
+def _openvino_runner(file: Path, threads: int | None = None) -> Runner:
     import openvino as ov
 
     # f32 inference: on CPUs with bf16 units OpenVINO's default precision would be bf16
-    compiled = ov.Core().compile_model(str(file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = ov.Core().compile_model(str(file), "CPU", config)
     return lambda feeds: [np.asarray(v) for v in compiled(feeds).values()]
 
 
-def _runner(folder: Path, part: str, runtime: str) -> Runner:
+def _runner(folder: Path, part: str, runtime: str, threads: int | None = None) -> Runner:
     """The part's network on ``runtime``: OpenVINO takes its IR when exported so, else the ONNX graph."""
     graph, ir = folder / part / ONNX_FILE, folder / part / OPENVINO_FILE
     if runtime == "openvino" and (ir.is_file() or graph.is_file()):
-        return _openvino_runner(ir if ir.is_file() else graph)
+        return _openvino_runner(ir if ir.is_file() else graph, threads)
     if runtime == "onnx" and graph.is_file():
-        return _onnx_runner(graph)
+        return _onnx_runner(graph, threads)
     hint = ": an OpenVINO export, use --runtime openvino" if ir.is_file() else ""
     raise ModelError(f"{folder / part} holds no {ONNX_FILE if runtime == 'onnx' else OPENVINO_FILE}{hint}")
 
@@ -120,8 +125,9 @@ def _import(runtime: str) -> None:
         raise ModelError(f"--runtime {runtime} needs {module}: pip install 'latentcm[{runtime}]'") from None
 
 
-def load_runtime(folder: str | Path, runtime: str = "onnx") -> Bundle:
-    """A ``Bundle`` over an exported folder's graphs on ``runtime`` ("onnx": ONNX Runtime, "openvino")."""
+def load_runtime(folder: str | Path, runtime: str = "onnx", threads: int | None = None) -> Bundle:
+    """A ``Bundle`` over an exported folder's graphs on ``runtime`` ("onnx": ONNX Runtime, "openvino"), each
+    network on ``threads`` CPU threads (None: the runtime's default)."""
     if runtime not in RUNTIMES[1:]:
         raise ModelError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES[1:])}")
     folder = Path(folder)
@@ -132,7 +138,7 @@ def load_runtime(folder: str | Path, runtime: str = "onnx") -> Bundle:
     from transformers import CLIPTokenizerFast
 
     configs = {part: read_config(folder / part / "config.json") for part in PARTS}
-    runners = {part: _runner(folder, part, runtime) for part in PARTS}
+    runners = {part: _runner(folder, part, runtime, threads) for part in PARTS}
     vae = RuntimeVae(runners["vae_encoder"], runners["vae_decoder"], configs["vae_decoder"])
     bundle = Bundle(RuntimeUNet(runners["unet"], configs["unet"]), vae,
                     RuntimeTextEncoder(runners["text_encoder"], configs["text_encoder"]),
