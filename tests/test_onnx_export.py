@@ -4,7 +4,9 @@ runs the graphs with its own sampler and matches the torch model.
 
 optimum-onnx 0.1.0 pins transformers < 4.58, which cannot load latentcm's models (transformers 5 writes CLIP
 weights without the ``text_model.`` prefix), so optimum runs in a subprocess of its own environment
-($LATENTCM_OPTIMUM_PYTHON, README "Run it elsewhere"); the test is skipped where there is none."""
+($LATENTCM_OPTIMUM_PYTHON; optimum-intel's OpenVINO pipeline: $LATENTCM_OPTIMUM_INTEL_PYTHON; README "Run it
+elsewhere"); each test is skipped where there is none."""
+import json
 import os
 import subprocess
 import sys
@@ -58,55 +60,74 @@ def test_export_has_optimums_layout(shipped_onnx):
 
 
 OPTIMUM_SCRIPT = """
-import sys, numpy as np, torch
-from optimum.onnxruntime import ORTLatentConsistencyModelPipeline
-folder, out, prompt, timesteps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-pipe = ORTLatentConsistencyModelPipeline.from_pretrained(folder, export=False, local_files_only=True)
+import importlib, json, sys, numpy as np, torch
+module, name, load, folder, out, prompt, timesteps = sys.argv[1:8]
+pipe = getattr(importlib.import_module(module), name).from_pretrained(folder, export=False, local_files_only=True,
+                                                                      **json.loads(load))
 pipe.set_progress_bar_config(disable=True)
 kw = {"timesteps": [int(t) for t in timesteps.split(",")]} if timesteps else {"num_inference_steps": 4}
 images = pipe([prompt] * 2, guidance_scale=8.5, output_type="np", **kw,
               generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images
 np.save(out, np.concatenate(list(images), axis=1))  # side by side, as lcm generate's grid
 """
+PIPELINES = {  # format -> (module, class, the variable naming a Python that has it, from_pretrained keywords)
+    "onnx": ("optimum.onnxruntime", "ORTLatentConsistencyModelPipeline", "LATENTCM_OPTIMUM_PYTHON", {}),
+    # f32: on CPUs with bf16 units OpenVINO computes in bf16 by default (measured: up to 9 levels off torch)
+    "openvino": ("optimum.intel", "OVLatentConsistencyModelPipeline", "LATENTCM_OPTIMUM_INTEL_PYTHON",
+                 {"ov_config": {"INFERENCE_PRECISION_HINT": "f32"}}),
+}
 
 
-def _optimum_python() -> str:
-    """A Python with optimum-onnx: this one, else $LATENTCM_OPTIMUM_PYTHON (optimum-onnx 0.1.0 needs
-    transformers < 4.58, so it usually lives in its own environment: README "Run it elsewhere")."""
+def _peer_python(fmt: str) -> str:
+    """A Python with optimum's pipeline for ``fmt``: this one, else the one its variable names (optimum-onnx 0.1.0
+    needs transformers < 4.58, so it lives in an environment of its own: README "Run it elsewhere")."""
+    module, _, variable, _ = PIPELINES[fmt]
     try:
-        import optimum.onnxruntime  # noqa: F401
+        __import__(module)
         return sys.executable
     except ImportError:
-        found = os.environ.get("LATENTCM_OPTIMUM_PYTHON")
-        if not found:
-            pytest.skip("optimum-onnx is not importable here and LATENTCM_OPTIMUM_PYTHON is unset")
-        return found
+        if not os.environ.get(variable):
+            pytest.skip(f"{module} is not importable here and {variable} is unset")
+        return os.environ[variable]
 
 
-def _optimum_images(folder, tmp_path, timesteps: list[int] | None) -> np.ndarray:
-    out = tmp_path / "optimum.npy"
+def _peer_images(fmt: str, folder, tmp_path, timesteps: list[int] | None) -> np.ndarray:
+    module, name, _, load = PIPELINES[fmt]
+    out = tmp_path / f"{fmt}.npy"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}  # offline, and no latentcm on the path
-    subprocess.run([_optimum_python(), "-c", OPTIMUM_SCRIPT, str(folder), str(out), PROMPT,
-                    ",".join(map(str, timesteps or []))], check=True, env=env, timeout=600)
+    subprocess.run([_peer_python(fmt), "-c", OPTIMUM_SCRIPT, module, name, json.dumps(load), str(folder), str(out),
+                    PROMPT, ",".join(map(str, timesteps or []))], check=True, env=env, timeout=600)
     return np.load(out)
 
 
-def test_optimum_ort_pipeline_draws_lcm_generates_images(shipped_onnx, tmp_path):
-    """optimum's own ORTLatentConsistencyModelPipeline, offline, same prompt / seeds / steps / guidance: within
-    2/255 of the PNG `lcm generate` writes. The shipped LCM samples on its refine timesteps (sampling.json), which
-    diffusers' LCMScheduler does not pick by itself, so optimum gets them explicitly (timesteps=)."""
+def _check_peer_draws_lcm_generates_images(fmt: str, folder, tmp_path):
+    """optimum's pipeline for ``fmt``, offline, same prompt / seeds / steps / guidance: within 2/255 of the PNG
+    `lcm generate` writes. The shipped LCM samples on its refine timesteps (sampling.json), which diffusers'
+    LCMScheduler does not pick by itself, so optimum gets them explicitly (timesteps=)."""
     from latentcm.sampling.student import inference_timesteps
     from latentcm.schedules import train_timesteps
 
+    _peer_python(fmt)  # skips before any work when there is none
     ours = _generate(tmp_path, "torch.png")  # image i: seed 3 + i, 4 steps, g = 8.5 (the model's defaults)
     lcm = Bundle.load(registry.resolve("lcm"))
     assert lcm.timestep_schedule == "refine"
     timesteps = inference_timesteps("refine", 4, train_timesteps(lcm.scheduler_config), lcm.original_inference_steps)
-    theirs = _optimum_images(shipped_onnx, tmp_path, timesteps.tolist())
+    theirs = _peer_images(fmt, folder, tmp_path, timesteps.tolist())
     assert theirs.shape == ours.shape
     assert np.abs(theirs - ours).max() <= 2 * LEVEL
-    grid = _optimum_images(shipped_onnx, tmp_path, None)  # diffusers' own pick of 4 grid timesteps
+    grid = _peer_images(fmt, folder, tmp_path, None)  # diffusers' own pick of 4 grid timesteps
     assert np.abs(grid - ours).max() > 2 * LEVEL  # so the comparison above can fail
+
+
+def test_optimum_ort_pipeline_draws_lcm_generates_images(shipped_onnx, tmp_path):
+    _check_peer_draws_lcm_generates_images("onnx", shipped_onnx, tmp_path)
+
+
+def test_optimum_intel_ov_pipeline_draws_lcm_generates_images(tmp_path):
+    _needs("openvino")
+    _peer_python("openvino")
+    main(["export", "--model", "lcm", "--out", str(tmp_path / "lcm-openvino"), "--format", "openvino"])
+    _check_peer_draws_lcm_generates_images("openvino", tmp_path / "lcm-openvino", tmp_path)
 
 
 def test_generate_runtime_onnx_matches_torch(shipped_onnx, tmp_path):
@@ -152,6 +173,7 @@ def test_runtime_errors_are_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "fake" / "unet").mkdir(parents=True)
     (tmp_path / "fake" / "unet" / "model.onnx").write_bytes(b"")
     assert "add --runtime onnx" in error("--model", str(tmp_path / "fake"))
+    assert "onnx cannot load it" in error("--model", str(tmp_path / "fake"), "--runtime", "onnx")  # empty graph
     assert "--lora needs --runtime torch" in error("--model", str(tmp_path / "fake"), "--runtime", "onnx",
                                                    "--lora", str(tmp_path))
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # the extra is not installed

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import offline  # noqa: F401
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from . import Bundle
 from .loading import read_config, sampling_schedule
 
@@ -48,10 +48,13 @@ def _openvino_runner(file: Path, threads: int | None = None) -> Runner:
 def _runner(folder: Path, part: str, runtime: str, threads: int | None = None) -> Runner:
     """The part's network on ``runtime``: OpenVINO takes its IR when exported so, else the ONNX graph."""
     graph, ir = folder / part / ONNX_FILE, folder / part / OPENVINO_FILE
-    if runtime == "openvino" and (ir.is_file() or graph.is_file()):
-        return _openvino_runner(ir if ir.is_file() else graph, threads)
-    if runtime == "onnx" and graph.is_file():
-        return _onnx_runner(graph, threads)
+    try:
+        if runtime == "openvino" and (ir.is_file() or graph.is_file()):
+            return _openvino_runner(ir if ir.is_file() else graph, threads)
+        if runtime == "onnx" and graph.is_file():
+            return _onnx_runner(graph, threads)
+    except Exception as exc:  # the runtimes' own errors (a truncated or foreign graph) have no common type
+        raise ModelError(f"{folder / part}: {runtime} cannot load it: {one_line(exc)}") from None
     hint = ": an OpenVINO export, use --runtime openvino" if ir.is_file() else ""
     raise ModelError(f"{folder / part} holds no {ONNX_FILE if runtime == 'onnx' else OPENVINO_FILE}{hint}")
 
@@ -137,8 +140,8 @@ def load_runtime(folder: str | Path, runtime: str = "onnx", threads: int | None 
     _import(runtime)
     from transformers import CLIPTokenizerFast
 
-    configs = {part: read_config(folder / part / "config.json") for part in PARTS}
     runners = {part: _runner(folder, part, runtime, threads) for part in PARTS}
+    configs = {part: read_config(folder / part / "config.json") for part in PARTS}
     vae = RuntimeVae(runners["vae_encoder"], runners["vae_decoder"], configs["vae_decoder"])
     bundle = Bundle(RuntimeUNet(runners["unet"], configs["unet"]), vae,
                     RuntimeTextEncoder(runners["text_encoder"], configs["text_encoder"]),
