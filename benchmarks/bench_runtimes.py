@@ -6,7 +6,8 @@ CPU/GPU speed recipe, default compile mode), measured in the same run.
 Runtimes (each its own copy of the weights):
 
 * ``torch-fp32``: latentcm's ``Bundle.generate``, eager fp32 (the reference for pixel errors);
-* ``torch-compile``: the same with the UNet channels_last under ``torch.compile`` (``Bundle.optimize(compile_unet=True)``);
+* ``torch-compile``: the same with the UNet channels_last under ``torch.compile``
+  (``Bundle.optimize(compile_unet=True)``);
 * ``diffusers-compile``: the baseline above, on the LCM's own timesteps (``timesteps=``, sampling.json's refine
   schedule) and one generator per seed, so it draws latentcm's images;
 * ``onnxruntime``: ``lcm export --format onnx`` run by ``lcm generate --runtime onnx`` (``bundle.runtime``);
@@ -186,8 +187,12 @@ def verdict(rows: list[dict], judge: dict | None) -> dict:
 def _machine(threads: int) -> str:
     import platform
 
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {threads} threads per "
-            f"runtime, shared; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    cpu = platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{os.cpu_count()} CPU cores ({cpu}), {threads} threads per runtime, shared with other jobs"
 
 
 def _versions() -> str:
@@ -220,12 +225,14 @@ def _write(out: Path, result: dict, command: str) -> None:
     judge = result.get("judge")
     if judge:
         attrs = list(next(iter(judge.values())))
-        lines += ["", f"Judge accuracy (%), {result['judge_count']} held-out prompts, seeds 0..{result['judge_count'] - 1}"
-                  f", {STEPS} steps, through 8-bit pixels (exact: every attribute the prompt names right):", "",
+        n = result["judge_count"]
+        lines += ["", f"Judge accuracy (%), {n} held-out prompts, seeds 0..{n - 1}, {STEPS} steps, through 8-bit "
+                  "pixels (exact: every attribute the prompt names right):", "",
                   "| runtime | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
         lines += [f"| {name} | " + " | ".join(f"{acc[a]:.1f}" for a in attrs) + " |" for name, acc in judge.items()]
     lines += ["", f"Goal: the fastest runtime at batch 1 >= {GOAL['speedup']}x diffusers-compile, mean error <= "
-              f"{GOAL['mean_err_levels']}/255, judge exact match within {GOAL['judge_points']:.0f} point of torch-fp32. "
+              f"{GOAL['mean_err_levels']}/255, judge exact match within {GOAL['judge_points']:.0f} point of "
+              "torch-fp32. "
               f"Fastest at batch 1: {v['fastest_batch1']} at {v['speedup']:.2f}x; checks {v['checks']}: "
               f"**goal {'met' if v['met'] else 'not met'} on this machine**."]
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -78,7 +78,8 @@ def _graphs(bundle: Bundle, batch: int = 2) -> dict[str, tuple]:
     """{part: (module, example inputs, input names, output names, dynamic axes)} in optimum's names."""
     unet, vae, text = bundle.unet.config, bundle.vae.config, bundle.text_encoder.config
     f, side = bundle.vae_factor, unet.sample_size
-    seq, ids = bundle.tokenizer.model_max_length, torch.zeros(batch, bundle.tokenizer.model_max_length, dtype=torch.long)
+    seq = bundle.tokenizer.model_max_length
+    ids = torch.zeros(batch, seq, dtype=torch.long)
     image, latent = (torch.randn(batch, 3, side * f, side * f), torch.randn(batch, vae.latent_channels, side, side))
     unet_args = (torch.randn(batch, unet.in_channels, side, side), torch.tensor(500.0),
                  torch.randn(batch, seq, text.hidden_size), torch.randn(batch, unet.time_cond_proj_dim))
