@@ -50,7 +50,9 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
 @click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
               help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "
                    "first step, every step at low noise); the shipped LCM's sampling.json asks for refine.")
-def generate(prompt, model, loras, num_images, seed, out, **options):
+@click.option("--runtime", type=click.Choice(["torch", "onnx", "openvino"]), default="torch",
+              help="onnx / openvino: run a folder written by lcm export --format onnx|openvino (same sampler).")
+def generate(prompt, model, loras, num_images, seed, out, runtime, **options):
     """Generate an image grid from a text prompt.
 
     Image i uses seed SEED+i, so an image does not depend on --num-images. An LCM
@@ -62,15 +64,14 @@ def generate(prompt, model, loras, num_images, seed, out, **options):
       lcm generate "a large red circle on a blue background" --model teacher --steps 50 --out red50.png
       lcm generate "a large red circle on a blue background" --model teacher --lora runs/lcm-lora --out lora.png
       lcm generate "a large red circle on a green background" --init-image red.png --strength 0.5 --out i2i.png
+      lcm generate "a large red circle on a blue background" --model lcm-onnx --runtime onnx --out onnx.png
     """
-    from ..bundle import Bundle
     from ..errors import ModelError
     from ..images import save_grid
-    from ..models.lora import parse_lora_spec
 
     _check_prompt(prompt)
     sampling = _sampling_options(loras=loras, **options)
-    bundle = Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
+    bundle = _load(model, loras, runtime)
     prompts, seeds = [prompt] * num_images, [seed + i for i in range(num_images)]
     try:
         images = (bundle.img2img(prompts, seeds, options["init_image"], options=sampling) if sampling.img2img
@@ -78,6 +79,21 @@ def generate(prompt, model, loras, num_images, seed, out, **options):
     except (ModelError, ValueError) as err:  # the model's own limits (steps, sampler, a schedule it refuses)
         raise flag_error(err) from None
     click.echo(str(save_grid(images, Path(out), cols=min(8, num_images))))
+
+
+def _load(model: str, loras: tuple[str, ...], runtime: str):
+    """The model as a Bundle: torch weights (with LoRAs), or an exported folder's graphs on ``runtime``."""
+    from ..bundle import Bundle
+    from ..bundle.runtime import is_export, load_runtime
+    from ..models.lora import parse_lora_spec
+
+    if runtime == "torch":
+        if is_export(registry.resolve(model)):
+            raise UserError(f"{model} is an ONNX / OpenVINO export: add --runtime onnx (or openvino)")
+        return Bundle.load(registry.resolve(model), loras=[parse_lora_spec(spec) for spec in loras])
+    if loras:
+        raise UserError("--lora needs --runtime torch (an export has its LoRAs fused, or none)")
+    return load_runtime(registry.resolve(model), runtime)
 
 
 def _sampling_options(loras, init_image, strength, timesteps_text, **given):

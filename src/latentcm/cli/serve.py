@@ -17,7 +17,10 @@ from .options import FiniteRange, UserError
                    "(guidance 8.5 baked in).")
 @click.option("--base-model", default=None, metavar="TEXT",
               show_default="the source card's base_model, else its folder name", help="Model card base_model.")
-def export_model(model, out, fp16, single_file, base_model):
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "onnx", "openvino"]), default="diffusers",
+              help="onnx / openvino: the folder optimum's ORT / OV LatentConsistencyModelPipeline loads "
+                   "(lcm generate --runtime onnx|openvino runs it too).")
+def export_model(model, out, fp16, single_file, base_model, fmt):
     """Export an LCM as a complete diffusers LatentConsistencyModelPipeline folder with a model card.
 
     The card's YAML front matter names library_name, base_model, tags, pipeline_tag and the
@@ -35,8 +38,12 @@ def export_model(model, out, fp16, single_file, base_model):
     Examples:
       lcm export --model lcm --out release/lcm --fp16
       lcm export --model runs/lcm --out release/my-lcm --single-file --base-model my-org/my-teacher
+      lcm export --model lcm --out release/lcm-onnx --format onnx
     """
     from ..export.release import export_release
+
+    if fmt != "diffusers":
+        return _export_runtime(model, out, fmt, fp16=fp16, single_file=single_file)
 
     folder = export_release(registry.resolve(model), out, fp16=fp16, single_file=single_file, base_model=base_model,
                             progress=lambda line: click.echo(line, err=True))
@@ -44,6 +51,20 @@ def export_model(model, out, fp16, single_file, base_model):
     extras = [what for what, on in (("float16 variant", fp16), ("single file", single_file)) if on]
     click.echo(f"wrote a LatentConsistencyModelPipeline folder{' with ' + ' and '.join(extras) if extras else ''}: "
                f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB", err=True)
+    click.echo(str(folder))
+
+
+def _export_runtime(model: str, out: str, fmt: str, **flags) -> None:
+    """lcm export --format onnx|openvino: the exported folder's path, with one progress line per network."""
+    from ..export.onnx import export_onnx
+
+    given = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
+    if given:
+        raise UserError(f"{' and '.join(given)}: only with --format diffusers, not --format {fmt}")
+    folder = export_onnx(registry.resolve(model), out, fmt=fmt, progress=lambda line: click.echo(line, err=True))
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    click.echo(f"wrote an {fmt} LatentConsistencyModelPipeline folder: {len(files)} files, "
+               f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB", err=True)
     click.echo(str(folder))
 
 
