@@ -242,9 +242,10 @@ def plot_fidelity(results: dict, path: Path) -> Path:
         rows = sorted((r for r in results["records"] if r["model"] == model and r["steps"] == n),
                       key=lambda r: r["guidance"])
         ys = [r["fidelity"]["kid"] for r in rows]
-        err = ([[y - r["fidelity"]["kid_ci"][0] for y, r in zip(ys, rows)],
-                [r["fidelity"]["kid_ci"][1] - y for y, r in zip(ys, rows)]] if all("kid_ci" in r["fidelity"] for r in rows)
-               else None)
+        err = None
+        if all("kid_ci" in r["fidelity"] for r in rows):
+            err = [[y - r["fidelity"]["kid_ci"][0] for y, r in zip(ys, rows)],
+                   [r["fidelity"]["kid_ci"][1] - y for y, r in zip(ys, rows)]]
         ax.errorbar([r["guidance"] for r in rows], ys, yerr=np.clip(err, 0, None) if err else None, marker="o",
                     capsize=3, label=f"{model}, {n} step{'s' if n > 1 else ''}")
     ax.set_xscale("log")

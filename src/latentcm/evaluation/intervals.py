@@ -79,8 +79,9 @@ def kid_resamples(generated: np.ndarray, reference: np.ndarray, counts_g: np.nda
     (``metrics.kid(paired=True)``)."""
     g, r = np.asarray(generated, np.float64), np.asarray(reference, np.float64)
     if paired:
-        return _within(_kernel(g, g), counts_g) + _within(_kernel(r, r), counts_r) - 2.0 * _within(_kernel(g, r), counts_g)
-    cross = ((counts_g @ _kernel(g, r)) * counts_r).sum(1) / (counts_g.sum(1) * counts_r.sum(1))
+        cross = _within(_kernel(g, r), counts_g)
+    else:
+        cross = ((counts_g @ _kernel(g, r)) * counts_r).sum(1) / (counts_g.sum(1) * counts_r.sum(1))
     return _within(_kernel(g, g), counts_g) + _within(_kernel(r, r), counts_r) - 2.0 * cross
 
 
