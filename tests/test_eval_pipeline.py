@@ -52,6 +52,7 @@ def scored(micro_lcm, micro_teacher, micro_judge, tmp_path_factory):
         mp.setattr(scoring, "score", counting)
         mp.setattr(presets, "VAE_PSNR_COUNT", 8)
         mp.setattr(presets, "JUDGE_REAL_COUNT", 16)
+        mp.setattr(presets, "TEACHER_STEPS", 2)  # the guidance sweep's teacher ODE
         for name, args in commands.items():
             out = tmp / name
             calls.clear()

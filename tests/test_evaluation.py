@@ -7,7 +7,7 @@ import torch
 
 from latentcm import registry, world
 from latentcm.cli import main
-from latentcm.evaluation import generation, metrics, pipeline, references, reports
+from latentcm.evaluation import generation, metrics, pipeline, presets, references, reports
 from latentcm.evaluation import results as results_file
 from latentcm.evaluation.extractors import HFClipScorer, InceptionExtractor, JudgeExtractor, wanted_indices
 
@@ -191,6 +191,7 @@ def test_ablate_solver_skip_refuses_bad_pairs(pairs, capsys):
 
 def test_ablate_guidance_records_omega(micro_lcm, micro_teacher, micro_judge, tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(presets, "TEACHER_STEPS", 2)  # the teacher ODE beside the LCM: a short one
     monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "guidance"
     main(["ablate", "guidance", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),

@@ -9,7 +9,7 @@ import pytest
 
 from latentcm import world
 from latentcm.cli import main
-from latentcm.evaluation import guidance_sweep, intervals, metrics, references, scoring
+from latentcm.evaluation import guidance_sweep, intervals, metrics, presets, references, scoring
 from latentcm.evaluation.extractors import JudgeExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,8 @@ def test_best_guidance_per_curve_and_its_distance_from_the_teacher():
 
 
 def test_ablate_guidance_sweeps_teacher_ode_and_lcms(micro_teacher, micro_lcm, cfg_lcm, micro_judge, tmp_path,
-                                                     cached, capsys):
+                                                     cached, capsys, monkeypatch):
+    monkeypatch.setattr(presets, "TEACHER_STEPS", 4)  # the ODE's 50 steps are 50 x 2 UNet passes per image
     out = tmp_path / "sweep"
     main(["ablate", "guidance", "--model", str(micro_lcm), "--model", str(cfg_lcm), "--teacher", str(micro_teacher),
           "--judge", str(micro_judge), "--guidances", "1,3", "--steps", "1,2", "--num-samples", "4",
@@ -90,7 +91,7 @@ def test_ablate_guidance_sweeps_teacher_ode_and_lcms(micro_teacher, micro_lcm, c
     keys = [(r["model"], r["steps"], r["guidance"]) for r in results["records"]]
     assert keys == [(m, n, g) for g in (1, 3) for m in ("lcm", "cfg-lcm") for n in (1, 2)]
     assert [(r["sampler"], r["steps"], r["guidance"]) for r in results["teacher_ode"]] == [
-        ("ddim-trailing", 50, 1), ("ddim-trailing", 50, 3)]
+        ("ddim-trailing", 4, 1), ("ddim-trailing", 4, 3)]
     for r in results["records"]:
         assert set(r["fidelity"]) == {"kid", "kid_std", "fid", "kid_ci"} and r["fidelity"]["fid"] >= 0
         assert r["kid_ci"][0] <= r["kid_ci"][1] and 0 <= r["accuracy"] <= 1
