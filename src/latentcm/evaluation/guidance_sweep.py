@@ -216,7 +216,8 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
     steps = results["steps"]
     fig, axes = plt.subplots(1, len(steps), figsize=(4.6 * len(steps), 4), sharey=True, squeeze=False)
     for ax, n in zip(axes[0], steps):
-        _curve(ax, results["teacher_ode"], "teacher ODE (DDIM 50)", color="black", ls="--")
+        _curve(ax, results["teacher_ode"], f"teacher ODE (DDIM {results['teacher_ode_row']['steps']})", color="black",
+               ls="--")
         for model in dict.fromkeys(r["model"] for r in results["records"]):
             _curve(ax, [r for r in results["records"] if r["model"] == model and r["steps"] == n], model)
         floor = results["floor"]
