@@ -258,12 +258,16 @@ def test_evaluate_presets(micro_lcm, micro_teacher, micro_judge, tmp_path, cache
     assert lines[-1] == str(out / "results.json") and (out / "results.json").is_file()
 
 
-def test_ablate_guidance(micro_lcm, micro_judge, tmp_path, cached, capsys):
+def test_ablate_guidance(micro_lcm, micro_teacher, micro_judge, tmp_path, cached, capsys, monkeypatch):
+    from latentcm.evaluation import presets
+
+    monkeypatch.setattr(presets, "TEACHER_STEPS", 2)  # the teacher ODE beside the LCM: a short one
     out = tmp_path / "guidance"
-    lines = run(["ablate", "guidance", "--model", micro_lcm, "--judge", micro_judge, "--omegas", "2,8",
-                 "--steps", "1", "--num-samples", "2", "--batch-size", "2", "--out", out], capsys)
+    lines = run(["ablate", "guidance", "--model", micro_lcm, "--teacher", micro_teacher, "--judge", micro_judge,
+                 "--omegas", "2,8", "--steps", "1", "--num-samples", "2", "--batch-size", "2", "--resamples", "0",
+                 "--out", out], capsys)
     assert lines[-1] == str(out / "results.json")
-    assert (out / "results.md").is_file() and (out / "guidance.png").is_file()
+    assert (out / "results.md").is_file() and (out / "tradeoff.png").is_file() and (out / "fidelity.png").is_file()
     assert [r["omega"] for r in json.loads((out / "results.json").read_text())["records"]] == [2, 8]
 
 

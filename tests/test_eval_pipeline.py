@@ -39,7 +39,8 @@ def scored(micro_lcm, micro_teacher, micro_judge, tmp_path_factory):
         "teacher": ["evaluate", "--preset", "teacher", "--model", str(micro_teacher), "--steps", "2", *common],
         "independent": ["evaluate", "--model", str(micro_lcm), "--samplers", "lcm", "--steps", "1",
                         "--reference", "independent", *common],
-        "guidance": ["ablate", "guidance", "--model", str(micro_lcm), "--omegas", "2,8", "--steps", "1", *common],
+        "guidance": ["ablate", "guidance", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--omegas", "2,8",
+                     "--steps", "1", "--resamples", "0", *common],
         "solver-skip": ["ablate", "solver-skip", "--teacher", str(micro_teacher), "--judge", str(micro_judge),
                         "--solvers", "ddim", "--skips", "50", "--iterations", "1", "--eval-every", "1",
                         "--num-samples", str(N), "--batch-size", "2", "--num-data", "2"],
@@ -51,6 +52,7 @@ def scored(micro_lcm, micro_teacher, micro_judge, tmp_path_factory):
         mp.setattr(scoring, "score", counting)
         mp.setattr(presets, "VAE_PSNR_COUNT", 8)
         mp.setattr(presets, "JUDGE_REAL_COUNT", 16)
+        mp.setattr(presets, "TEACHER_STEPS", 2)  # the guidance sweep's teacher ODE
         for name, args in commands.items():
             out = tmp / name
             calls.clear()
@@ -77,10 +79,11 @@ def _results(scored, name) -> dict:
 
 def test_every_scoring_command_calls_the_one_score_function(scored):
     # table1: 4 rows + the floor; lcm preset: its rows + the floor; teacher: held-out, paraphrase,
-    # the judge on real images, the floor; guidance: 2 rows + floor; solver-skip: two probes (the untrained
+    # the judge on real images, the floor; guidance: per g the teacher ODE, the LCM and its fidelity to the ODE,
+    # + floor; solver-skip: two probes (the untrained
     # student and one iteration) + the floor; lcf: one per (model, steps) and the two ceilings
     expected = {"table1": [N] * 5, "lcm": [N] * (len(presets.LCM_TABLE_ROWS) + 1),
-                "teacher": [N, N, 16, N], "independent": [N, N], "guidance": [N] * 3,
+                "teacher": [N, N, 16, N], "independent": [N, N], "guidance": [N] * 7,
                 "solver-skip": [N] * 3, "lcf": [N] * 3}
     assert {name: calls for name, (_, calls) in scored.items()} == expected
 
@@ -172,7 +175,7 @@ def test_ablations_and_lcf_rows_carry_kid(scored):
         results = _results(scored, name)
         for r in [*results["records"], results["floor"]]:
             _has_kid(r)
-    assert "KID×10³ 1" in (scored["guidance"][0] / "results.md").read_text()
+    assert "KID×10³ to real" in (scored["guidance"][0] / "results.md").read_text()
     (results, ceiling), _ = scored["lcf"]
     for r in [*results["m"], *ceiling.values()]:
         _has_kid(r)

@@ -7,7 +7,7 @@ import torch
 
 from latentcm import registry, world
 from latentcm.cli import main
-from latentcm.evaluation import generation, metrics, pipeline, references, reports
+from latentcm.evaluation import generation, metrics, pipeline, presets, references, reports
 from latentcm.evaluation import results as results_file
 from latentcm.evaluation.extractors import HFClipScorer, InceptionExtractor, JudgeExtractor, wanted_indices
 
@@ -189,16 +189,17 @@ def test_ablate_solver_skip_refuses_bad_pairs(pairs, capsys):
     assert exc.value.code == 2 and "--pairs" in capsys.readouterr().err
 
 
-def test_ablate_guidance_records_omega(micro_lcm, micro_judge, tmp_path, monkeypatch):
+def test_ablate_guidance_records_omega(micro_lcm, micro_teacher, micro_judge, tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(presets, "TEACHER_STEPS", 2)  # the teacher ODE beside the LCM: a short one
     monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
     out = tmp_path / "guidance"
-    main(["ablate", "guidance", "--model", str(micro_lcm), "--judge", str(micro_judge), "--omegas", "2,8",
-          "--steps", "1,2", "--num-samples", "4", "--out", str(out)])
+    main(["ablate", "guidance", "--model", str(micro_lcm), "--teacher", str(micro_teacher), "--judge", str(micro_judge),
+          "--omegas", "2,8", "--steps", "1,2", "--num-samples", "4", "--resamples", "0", "--out", str(out)])
     records = json.loads((out / "results.json").read_text())["records"]
     assert [(r["omega"], r["steps"]) for r in records] == [(2, 1), (2, 2), (8, 1), (8, 2)]
     assert [r["guidance"] for r in records] == [3, 3, 9, 9]
-    assert "| 8 |" in (out / "results.md").read_text() and (out / "guidance.png").is_file()
+    assert "| 9 (8) |" in (out / "results.md").read_text() and (out / "tradeoff.png").is_file()
 
 
 def test_sample_cache_notices_new_weights_in_the_same_folder(micro_lcm, tmp_path):

@@ -218,30 +218,79 @@ def ablate_solver_skip(teacher, judge_dir, solvers_text, skips_text, pairs_text,
     click.echo(A.solver_skip_markdown(results["records"], results["floor"]) + str(Path(out) / "results.json"))
 
 
+def _sweep_guidances(guidances_text: str | None, omegas_text: str | None) -> list[float]:
+    """--guidances G,... (g), or the older --omegas W,... (paper w, g = w + 1); not both."""
+    from ..evaluation.guidance_sweep import GUIDANCES
+
+    if guidances_text is not None and omegas_text is not None:
+        raise UserError("pass --guidances (g) or --omegas (w = g - 1), not both")
+    if omegas_text is not None:
+        values = [1.0 + w for w in _float_list(omegas_text, 0, 49, "--omegas")]  # g = 1 + w within 0..50
+    else:
+        values = _float_list(guidances_text, 0, 50, "--guidances") if guidances_text is not None else list(GUIDANCES)
+    if not values:
+        raise UserError(f"--guidances must be numbers in 0..50, got {guidances_text or omegas_text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _sweep_bundles(models: tuple[str, ...], teacher: str) -> tuple[dict, list[str]]:
+    """({"teacher": ..., name: LCM, ...}, the LCM names): each --model named by its registry name or folder name."""
+    from ..bundle import Bundle
+
+    bundles = {"teacher": Bundle.load(registry.resolve(teacher))}
+    if bundles["teacher"].is_lcm:
+        raise UserError(f"--teacher {bundles['teacher'].path} is an LCM, not a diffusion teacher")
+    names = []
+    for given in dict.fromkeys(models):
+        bundle = Bundle.load(registry.resolve(given))
+        if not bundle.is_lcm:
+            raise UserError(f"--model {bundle.path} is a diffusion teacher, not an LCM (the teacher's ODE is "
+                            "always swept: --teacher)")
+        name = Path(given).name or given
+        name = name if name not in bundles else f"{name}-{len(names) + 1}"
+        bundles[name] = bundle
+        names.append(name)
+    return bundles, names
+
+
 @ablate.command("guidance")
-@click.option("--model", default="lcm", metavar="NAME|DIR", help="LCM to sample.")
+@click.option("--model", "models", multiple=True, default=("lcm",), metavar="NAME|DIR", show_default=True,
+              help="LCM to sweep (repeatable).")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", show_default=True,
+              help="Teacher whose guided ODE (DDIM trailing, 50 steps from t = 999) is swept beside the LCMs and "
+                   "is the reference of their distillation fidelity.")
 @judge_option("Judge folder.")
-@click.option("--omegas", "omegas_text", default="2,4,8,12", help="Comma-separated paper guidance w (g = w + 1).")
-@click.option("--steps", "steps_text", default="1,2,4,8", help="Comma-separated step counts.")
-@click.option("--num-samples", type=click.IntRange(2, 100000), default=256)
+@click.option("--guidances", "guidances_text", default=None, metavar="G,G,...", show_default="1,1.5,2,3,5,8.5,12",
+              help="Comma-separated guidance scales g (the paper's w = g - 1).")
+@click.option("--omegas", "omegas_text", default=None, metavar="W,W,...",
+              help="Older spelling: comma-separated paper w (g = w + 1) instead of --guidances.")
+@click.option("--steps", "steps_text", default="1,2,4", show_default=True, help="Comma-separated LCM step counts.")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=256, show_default=True,
+              help="Held-out prompts (and seeds) per row.")
+@click.option("--resamples", type=click.IntRange(0, 10000), default=200, show_default=True,
+              help="Bootstrap resamples of the KID intervals (0: none).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@seed_option("Seed of image 0 (image i: seed + i).")
 @reference_option("Real images FID/KID compare with (see lcm evaluate --help).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/ablate-guidance")
-def ablate_guidance(model, judge_dir, omegas_text, steps_text, num_samples, batch_size, reference, out):
-    """FID and caption score of the LCM against w at each step count: results.json, results.md, guidance.png.
+def ablate_guidance(models, teacher, judge_dir, guidances_text, omegas_text, steps_text, num_samples, resamples,
+                    batch_size, seed, reference, out):
+    """The guidance trade-off (Fig. 4): the teacher's guided ODE and each LCM at every g and step count, KID to
+    real against the judge's attribute accuracy, and each LCM's distillation fidelity (KID and FD of its
+    samples against the ODE's at the same g, prompts and seeds): results.json, results.md, tradeoff.png,
+    fidelity.png. Samples are cached in OUT/samples: an interrupted sweep resumes.
 
     \b
     Example:
-      lcm ablate guidance --omegas 2,4,8,12 --steps 1,2,4,8 --out reports/ablate-guidance
+      lcm ablate guidance --model lcm --steps 1,2,4 --num-samples 256 --out reports/ablate-guidance
     """
     from ..evaluation import ablate as A
+    from ..evaluation import guidance_sweep
 
     _torch_threads()
-    omegas = _float_list(omegas_text, 0, 49, "--omegas")  # g = 1 + w within --guidance's 0..50
-    if not omegas:
-        raise UserError(f"--omegas must be numbers in 0..49, got {omegas_text!r}")
+    guidances = _sweep_guidances(guidances_text, omegas_text)
     steps = _step_list(steps_text, "--steps")
-    bundles = _evaluation_bundles(model, "teacher", ["lcm"])
-    results = A.guidance(bundles, _judge(judge_dir), Path(out), omegas, steps, num_samples, batch_size,
-                         reference=reference)
-    click.echo(A.guidance_markdown(results["records"]) + str(Path(out) / "results.json"))
+    bundles, names = _sweep_bundles(models, teacher)
+    results = A.guidance(bundles, names, _judge(judge_dir), Path(out), guidances, steps, num_samples, batch_size,
+                         seed, reference, resamples)
+    click.echo(guidance_sweep.markdown(results) + str(Path(out) / "results.json"))

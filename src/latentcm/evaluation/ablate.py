@@ -2,8 +2,8 @@
 
 * ``solver_skip``: short distillations for each ODE solver x skipping step k, the 4-step FID of the
   student probed every ``eval_every`` iterations (Fig. 3: does k > 1 converge faster than k = 1?).
-* ``guidance``: a distilled LCM sampled at several w (= g - 1) and step counts, FID against the
-  caption score (Fig. 4: how w trades sample fidelity for text agreement).
+* ``guidance``: the teacher's guided ODE and LCMs sampled at several g and step counts, KID against the judge's
+  attribute accuracy, and each LCM's fidelity to the ODE per g (Fig. 4; ``guidance_sweep``).
 
 Each writes results.json, a Markdown table and a PNG into its folder; runs resume.
 """
@@ -17,14 +17,14 @@ import torch
 from ..bundle import Bundle
 from ..defaults import LCM_OMEGA, LCM_SAMPLER, LCM_STEPS
 from ..files import write_text
-from ..guidance import guidance_from_omega, omega_from_guidance
+from ..guidance import guidance_from_omega
 from ..models.denoiser import make_student
 from ..sampling.latents import sample_latents
 from ..schedules import grid_size, train_timesteps
 from ..training import recipes
 from ..training.consistency import LCDConfig
 from ..training.loop import LoopConfig
-from . import pipeline, references, reports, scoring
+from . import guidance_sweep, pipeline, references, reports, scoring
 from .results import upgrade_keys, write_results
 from .extractors import JudgeExtractor
 
@@ -153,32 +153,14 @@ def plot_solver_skip(records: list[dict], path: Path, floor: dict | None = None)
     return path
 
 
-def guidance(bundles: dict, extractor: JudgeExtractor, out: Path, omegas: list[float], steps: list[int],
-             num_samples: int = pipeline.NUM_SAMPLES, batch_size: int = 32, seed: int = 0,
-             reference: str = "prompt-scenes") -> dict:
-    """Fig. 4: the LCM at each w and step count; records carry ``omega`` (= guidance - 1)."""
-    rows = [pipeline.Row("lcm", LCM_SAMPLER, n, guidance_from_omega(w)) for w in omegas for n in steps]
-    results = pipeline.score_rows(bundles, rows, extractor, Path(out), num_samples, seed, batch_size,
-                                  reference=reference)
-    for r in results["records"]:
-        r["omega"] = round(omega_from_guidance(r["guidance"]), 6)
-    path = reports.plot_against_steps(results["records"], Path(out) / "guidance.png", x_key="omega",
-                                       series_key="steps", label=lambda n: f"{n} steps", log_x=False)
-    _write(Path(out), results, guidance_markdown(results["records"]), path)
-    return results
-
-
-def guidance_markdown(records: list[dict]) -> str:
-    steps = sorted({r["steps"] for r in records})
-    head = (["w (g = w + 1)"] + [f"FID {n}" for n in steps] + [f"KID×10³ {n}" for n in steps]
-            + [f"score {n}" for n in steps])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for w in sorted({r["omega"] for r in records}):
-        by = {r["steps"]: r for r in records if r["omega"] == w}
-        lines.append(f"| {w:g} | " + " | ".join(f"{by[n]['fid']:.2f}" for n in steps) + " | "
-                     + " | ".join(f"{by[n]['kid']:.2f} ± {by[n]['kid_std']:.2f}" for n in steps) + " | "
-                     + " | ".join(f"{by[n]['caption_score']:.1f}" for n in steps) + " |")
-    return "\n".join(lines) + "\n"
+def guidance(bundles: dict, lcm_names: list[str], extractor: JudgeExtractor, out: Path,
+             guidances=guidance_sweep.GUIDANCES, steps=guidance_sweep.STEPS, num_samples: int = pipeline.NUM_SAMPLES,
+             batch_size: int = 32, seed: int = 0, reference: str = "prompt-scenes",
+             resamples: int = guidance_sweep.RESAMPLES) -> dict:
+    """Fig. 4: the teacher's guided ODE (``bundles["teacher"]``) and each LCM of ``lcm_names`` at every g and step
+    count, their KID-accuracy trade-off and the LCMs' fidelity to the ODE per g (``guidance_sweep.sweep``)."""
+    return guidance_sweep.sweep(bundles, lcm_names, extractor, Path(out), guidances, steps, num_samples, batch_size,
+                                seed, reference, resamples=resamples)
 
 
 def _write(out: Path, results: dict, table: str, plot: Path) -> None:

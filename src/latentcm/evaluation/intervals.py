@@ -72,11 +72,16 @@ def _within(gram: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def kid_resamples(generated: np.ndarray, reference: np.ndarray, counts_g: np.ndarray,
-                  counts_r: np.ndarray) -> np.ndarray:
+                  counts_r: np.ndarray, paired: bool = False) -> np.ndarray:
     """KID (unbiased MMD^2) of weighted ``generated`` [N, D] against weighted ``reference`` [M, D], one value per
-    row of counts_g [P, N] / counts_r [P, M]."""
+    row of counts_g [P, N] / counts_r [P, M]. ``paired``: reference row i belongs to generated row i (drawn with
+    ``reference_follows_prompts``); the cross term then leaves out each pair's own copies, like the within terms
+    (``metrics.kid(paired=True)``)."""
     g, r = np.asarray(generated, np.float64), np.asarray(reference, np.float64)
-    cross = ((counts_g @ _kernel(g, r)) * counts_r).sum(1) / (counts_g.sum(1) * counts_r.sum(1))
+    if paired:
+        cross = _within(_kernel(g, r), counts_g)
+    else:
+        cross = ((counts_g @ _kernel(g, r)) * counts_r).sum(1) / (counts_g.sum(1) * counts_r.sum(1))
     return _within(_kernel(g, g), counts_g) + _within(_kernel(r, r), counts_r) - 2.0 * cross
 
 

@@ -97,7 +97,7 @@ def _as_features(features: np.ndarray, name: str) -> np.ndarray:
 
 
 def kid(features_a: np.ndarray, features_b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+        seed: int = 0, paired: bool = False) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased
     estimator of MMD^2 with the kernel k(x, y) = (x.y / D + 1)^3,
 
@@ -109,6 +109,11 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, num_subsets: int = 100, 
     Unlike FID its expectation is the population value (0 for one distribution), whatever the
     sample size; single values can be negative. Returns (mean, std over the subsets); the std
     measures subset-to-subset spread, not the error of the mean.
+
+    ``paired``: row i of a and row i of b belong together (N == M; e.g. two samplers' images from one prompt and
+    seed), which makes them dependent: the subsets take the same rows of both, and the cross term leaves out
+    each row's own pair, sum_{i != j} k(a_i, b_j) / (s (s-1)) (Gretton et al. 2012, Eq. 3), so that identical
+    sets score exactly 0 and the estimate stays unbiased for the two marginal distributions.
     """
     a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
@@ -118,28 +123,33 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, num_subsets: int = 100, 
     n, m, s = len(a), len(b), min(subset_size, len(a), len(b))
     if s < 2:
         raise ValueError(f"subset_size must be >= 2, got {subset_size}")
+    if paired and n != m:
+        raise ValueError(f"paired sets need as many rows: {n} vs {m}")
     rng = np.random.default_rng(seed)
     idx_a = np.argsort(rng.random((num_subsets, n)), axis=1)[:, :s]
-    idx_b = np.argsort(rng.random((num_subsets, m)), axis=1)[:, :s]
+    idx_b = idx_a if paired else np.argsort(rng.random((num_subsets, m)), axis=1)[:, :s]
     gram = n * n + m * m + n * m
     if gram <= _KID_GRAM_MAX and gram * (a.shape[1] + num_subsets) < 3 * num_subsets * s * s * a.shape[1]:
-        values = _kid_from_gram(a, b, idx_a, idx_b)
+        values = _kid_from_gram(a, b, idx_a, idx_b, paired)
     else:
-        values = np.array([_mmd2_unbiased(a[ia], b[ib]) for ia, ib in zip(idx_a, idx_b)])
+        values = np.array([_mmd2_unbiased(a[ia], b[ib], paired) for ia, ib in zip(idx_a, idx_b)])
     return float(values.mean()), float(values.std())
 
 
-def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD^2 of x [S, D] and y [S, D] with the cubic kernel."""
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray, paired: bool = False) -> float:
+    """Unbiased MMD^2 of x [S, D] and y [S, D] with the cubic kernel (``paired``: row i of x and y a pair)."""
     s = len(x)
-    kxx, kyy = _poly_kernel(x, x), _poly_kernel(y, y)
+    kxx, kyy, kxy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
     within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (s * (s - 1))
-    return within - 2.0 * _poly_kernel(x, y).mean()
+    cross = (kxy.sum() - np.trace(kxy)) / (s * (s - 1)) if paired else kxy.mean()
+    return within - 2.0 * cross
 
 
-def _kid_from_gram(a: np.ndarray, b: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
+def _kid_from_gram(a: np.ndarray, b: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray,
+                   paired: bool = False) -> np.ndarray:
     """Unbiased MMD^2 [P] of the P subsets idx_a [P, S] of a and idx_b [P, S] of b, from the full
-    Gram matrices: a subset's kernel sum is u^T K v with 0/1 indicator rows u, v [P, N]."""
+    Gram matrices: a subset's kernel sum is u^T K v with 0/1 indicator rows u, v [P, N] (``paired``: idx_a is
+    idx_b and the cross term leaves out the pairs' diagonal)."""
     p, s = idx_a.shape
     rows = np.arange(p)[:, None]
     ua, ub = np.zeros((p, len(a))), np.zeros((p, len(b)))
@@ -148,7 +158,10 @@ def _kid_from_gram(a: np.ndarray, b: np.ndarray, idx_a: np.ndarray, idx_b: np.nd
     kaa, kbb = _poly_kernel(a, a), _poly_kernel(b, b)
     xx = ((ua @ kaa) * ua).sum(1) - ua @ np.diag(kaa)
     yy = ((ub @ kbb) * ub).sum(1) - ub @ np.diag(kbb)
-    xy = ((ua @ _poly_kernel(a, b)) * ub).sum(1)
+    kab = _poly_kernel(a, b)
+    xy = ((ua @ kab) * ub).sum(1)
+    if paired:
+        return (xx + yy - 2.0 * (xy - ua @ np.diag(kab))) / (s * (s - 1))
     return (xx + yy) / (s * (s - 1)) - 2.0 * xy / (s * s)
 
 

@@ -155,7 +155,7 @@ def markdown_table(results: list[dict], floor: dict | None = None) -> str:
 
 
 __all__ = ["PRESETS", "LCM_TABLE_ROWS", "judged_row", "lcm_table", "teacher", "markdown_table",
-           "LCM_RESULTS_SCHEMA", "TEACHER_RESULTS_SCHEMA"]
+           "LCM_RESULTS_SCHEMA", "TEACHER_RESULTS_SCHEMA", "table1_rows", "ode_row"]
 
 
 def table1_rows(samplers: list[str], steps: list[int], guidance: float | None = None, *,
@@ -168,12 +168,18 @@ def table1_rows(samplers: list[str], steps: list[int], guidance: float | None = 
     ``ceiling`` True: the teacher's guided ODE from t = T - 1 (DDIM trailing, TEACHER_STEPS steps) at the LCM's
     g (``guidance`` when given), what an LCM distils towards, and with ``guidance_max_t`` the same ODE under
     that guidance interval; None when False."""
-    from ..defaults import TRAILING
-
     options = dict(lcm_steps=lcm_steps, guidance_max_t=guidance_max_t, lcm_schedules=lcm_schedules)
     rows = pipeline.table_rows(samplers, steps, guidance, **options)
     sweep = [r for g in sweep_guidance for r in pipeline.table_rows(samplers, steps, g, **options) if r not in rows]
     if not ceiling:
         return rows, sweep, None
-    top = Row("teacher", "ddim" + TRAILING, TEACHER_STEPS, LCM_GUIDANCE if guidance is None else guidance)
+    top = ode_row(LCM_GUIDANCE if guidance is None else guidance)
     return rows, sweep, [top] + ([top._replace(guidance_max_t=guidance_max_t)] if guidance_max_t is not None else [])
+
+
+def ode_row(guidance: float, model: str = "teacher") -> Row:
+    """Table 1's ceiling: the teacher's guided ODE at g solved finely from t = T - 1 (DDIM trailing,
+    TEACHER_STEPS steps), what an LCM distils towards (LCD's guided PF-ODE, LCM Eq. 6 / Algorithm 1)."""
+    from ..defaults import TRAILING
+
+    return Row(model, "ddim" + TRAILING, TEACHER_STEPS, guidance)

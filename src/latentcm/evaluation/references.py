@@ -75,6 +75,15 @@ def cached_reference(path: Path, make, kind: str) -> Reference:
     return Reference(features, mu, sigma, {k: np.asarray(v, dtype=str) for k, v in labels.items()}, path, kind)
 
 
+def from_features(features: np.ndarray, labels: dict[str, np.ndarray], name: str,
+                  kind: str = "generated") -> Reference:
+    """A Reference of given features [M, D] and per-attribute labels [M] (not cached): e.g. generated
+    images (``scoring.reference_from_images``) that other samples are scored against."""
+    features = np.asarray(features)
+    mu, sigma = metrics.gaussian_stats(features)
+    return Reference(features, mu, sigma, {k: np.asarray(v, dtype=str) for k, v in labels.items()}, Path(name), kind)
+
+
 def reference_set(extractor, kind: str = "prompt-scenes", count: int | None = None, split: str = "heldout",
                   cache_dir: Path | None = None, seed: int = PROMPT_SEED) -> Reference:
     """``count`` (default REFERENCE_COUNT) real images of ``split``, cached as .npz named after the
@@ -99,6 +108,6 @@ def reference_set(extractor, kind: str = "prompt-scenes", count: int | None = No
     return cached_reference(path, make, kind)
 
 
-__all__ = ["Reference", "reference_set", "cached_reference", "heldout_prompts", "heldout_samples",
+__all__ = ["Reference", "reference_set", "cached_reference", "from_features", "heldout_prompts", "heldout_samples",
            "default_cache_dir", "PROMPT_SEED", "REFERENCE_COUNT", "INDEPENDENT_START", "REFERENCE_KINDS",
            "HISTOGRAM_ATTRIBUTES"]

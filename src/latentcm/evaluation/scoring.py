@@ -12,7 +12,7 @@ from .. import world
 from ..images import from_pixels, to_pixels, vae_round_trip
 from . import metrics
 from .extractors import JudgeExtractor, wanted_indices
-from .references import HISTOGRAM_ATTRIBUTES, PROMPT_SEED, Reference, heldout_samples
+from .references import HISTOGRAM_ATTRIBUTES, PROMPT_SEED, Reference, from_features, heldout_samples
 
 SCORED = ("colour", "background", "shape", "size", "position")
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
@@ -67,7 +67,7 @@ def judged_values(images, extractor: JudgeExtractor, attribute: str) -> np.ndarr
 
 
 def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Reference, *,
-          wanted: list[dict[str, str]] | None = None, bootstrap: int = 0) -> dict:
+          wanted: list[dict[str, str]] | None = None, bootstrap: int = 0, paired: bool = False) -> dict:
     """The one scoring function: every command that scores images calls it.
 
     Args:
@@ -75,6 +75,8 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
         reference: real images (``reference_set``), for FID, KID, precision / recall and histograms.
         wanted: per image, attribute -> the value it should have (default: what its prompt names).
         bootstrap: resamples of a percentile bootstrap interval of FID (0: none).
+        paired: reference image i was drawn for prompt i from seed i too (``reference_from_images`` of another
+            sampler's images): KID leaves out each image's own pair (``metrics.kid(paired=True)``).
 
     Returns (unrounded; ``rounded`` rounds for tables):
         fid, kid and kid_std (x 10^3: mean and std over KID_SUBSETS subsets of min(KID_SUBSET_SIZE, N, M)
@@ -91,11 +93,9 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
     if wanted is None:
         wanted = [world.parse_caption(p) for p in prompts]
     mu, sigma = metrics.gaussian_stats(features)
-    # the cubic kernel depends on the feature scale: scale both sets by the reference's RMS per dimension
-    # (one fixed linear map, so rows stay comparable; Inception-like magnitudes)
-    scale = float(np.sqrt(np.mean(reference.features.astype(np.float64) ** 2))) or 1.0
+    scale = kid_scale(reference)
     kid_mean, kid_std = metrics.kid(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
-                                    KID_SUBSETS, KID_SUBSET_SIZE)  # float64: no last-digit jitter between runs
+                                    KID_SUBSETS, KID_SUBSET_SIZE, paired=paired)  # float64: no jitter between runs
     n = min(len(features), len(reference.features))
     if n > PR_K:
         pick = np.sort(np.random.default_rng(0).choice(len(reference.features), n, replace=False))
@@ -115,6 +115,23 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
         _, lower, upper = metrics.bootstrap_ci(features, reference.features, metrics.fid, num_resamples=bootstrap)
         out["fid_ci"] = [lower, upper]
     return out
+
+
+def kid_scale(reference: Reference) -> float:
+    """What ``score`` divides both feature sets by before KID: the reference features' RMS. The cubic kernel
+    depends on the feature scale; one fixed linear map per reference keeps rows comparable (Inception-like
+    magnitudes). Sampling intervals of KID (``intervals``) divide by the same number."""
+    return float(np.sqrt(np.mean(reference.features.astype(np.float64) ** 2))) or 1.0
+
+
+def reference_from_images(images, extractor: JudgeExtractor, name: str) -> Reference:
+    """Generated images as a reference set (``references.from_features``): the judge's features of ``images``
+    and its labels of the HISTOGRAM_ATTRIBUTES. Scoring a model's samples against it (``score``) measures how
+    close they come to those images, e.g. an LCM's to its teacher's guided ODE on the same prompts and seeds
+    (distillation fidelity); image i of ``images`` belongs to prompt i."""
+    x = model_images(images)
+    labels = {k: judged_values(x, extractor, k) for k in HISTOGRAM_ATTRIBUTES}
+    return from_features(extractor.features(x), labels, name, kind="generated")
 
 
 def rounded(scores: dict) -> dict:
@@ -158,5 +175,5 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
     return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
 
 
-__all__ = ["score", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values",
+__all__ = ["score", "kid_scale", "reference_from_images", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values",
            "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]

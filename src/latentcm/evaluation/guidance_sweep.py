@@ -1,0 +1,272 @@
+"""LCM Fig. 4 as a trade-off: the teacher's guided ODE and LCMs swept over the guidance scale g.
+
+At every g of the sweep the teacher's guided ODE (Table 1's ceiling row, ``presets.ode_row``: DDIM trailing,
+50 steps from t = T - 1, the ODE that LCD distils, LCM Eq. 6) and every LCM at every step count are sampled on
+the same held-out prompts and seeds (``pipeline.generate_and_score``) and scored by ``scoring.score``:
+
+* against real images: KID and FID, and the judge's attribute accuracy (``accuracy``: the mean of its colour,
+  background and shape accuracies), the two axes of the trade-off plot;
+* against the ODE's own samples at the same g (*distillation fidelity*, an LCM row only): KID and FD of the
+  LCM's images to the images it was distilled to reproduce (``scoring.reference_from_images``). Image i of both
+  comes from the same prompt and noise, so KID is the paired estimator (``metrics.kid(paired=True)``: 0 for the
+  ODE's own images, unbiased otherwise); it divides the features by the ODE images' RMS (``scoring.kid_scale``),
+  so it is not on the scale of KID to real.
+
+KID intervals (``resamples`` > 0) are 95% percentile-bootstrap intervals over prompts (``intervals``): to real
+images with the reference drawn on its own, to the ODE with the ODE image of each drawn prompt drawn with it.
+Each (model, steps) gets its best g: the lowest KID to real. Writes results.json, results.md, tradeoff.png and
+fidelity.png into its folder; samples are cached in OUT/samples, so a rerun samples only what is new.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..defaults import LCM_SAMPLER
+from ..files import write_text
+from ..guidance import omega_from_guidance
+from . import intervals, pipeline, references, scoring
+from .presets import ode_row
+from .results import validate_results, write_results
+
+GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.5, 12.0)   # g (the paper's w = g - 1)
+STEPS = (1, 2, 4)
+ACCURACY_ATTRIBUTES = ("colour", "background", "shape")   # the y axis of the trade-off: their mean
+TEACHER = "teacher"            # the teacher's key in the bundles dict
+RESAMPLES = 200                # bootstrap resamples of the KID intervals
+
+_CI = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
+_RECORD = {"type": "object", "required": ["model", "sampler", "steps", "guidance", "kid", "kid_std", "fid",
+                                          "accuracy", "attribute_accuracy"],
+           "properties": {"steps": {"type": "integer", "minimum": 1}, "guidance": {"type": "number", "minimum": 0},
+                          "accuracy": {"type": ["number", "null"]}, "kid_ci": _CI,
+                          "fidelity": {"type": "object", "required": ["kid", "kid_std", "fid"],
+                                       "properties": {"kid_ci": _CI}}}}
+SWEEP_SCHEMA = {"type": "object",
+                "required": ["num_samples", "seed", "guidances", "steps", "records", "teacher_ode", "best", "floor"],
+                "properties": {"records": {"type": "array", "items": _RECORD},
+                               "teacher_ode": {"type": "array", "minItems": 1, "items": _RECORD},
+                               "best": {"type": "array"}}}
+
+
+def mean_accuracy(attribute_accuracy: dict[str, float]) -> float | None:
+    """The trade-off's y: the mean of the judge's ACCURACY_ATTRIBUTES accuracies (those the prompts name)."""
+    found = [attribute_accuracy[k] for k in ACCURACY_ATTRIBUTES if k in attribute_accuracy]
+    return round(float(np.mean(found)), 4) if found else None
+
+
+def _kid_ci(images, reference: references.Reference, extractor, draws: intervals.Draws,
+            paired: bool = False) -> list[float]:
+    """95% percentile interval of KID x 10^3 of ``images`` to ``reference`` over ``draws``, the features scaled
+    as ``scoring.score`` scales them (``paired``: reference image i belongs to image i)."""
+    scale = scoring.kid_scale(reference)
+    features = extractor.features(scoring.model_images(images)).astype(np.float64) / scale
+    boot = intervals.kid_resamples(features, reference.features.astype(np.float64) / scale,
+                                   draws.prompts, draws.reference, paired=paired)
+    return [round(scoring.KID_SCALE * v, 4) for v in intervals.percentile_interval(boot)]
+
+
+def _record(row: pipeline.Row, scores: dict, timing: dict) -> dict:
+    return {"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance,
+            "omega": round(omega_from_guidance(row.guidance), 6), **scoring.rounded(scores),
+            "accuracy": mean_accuracy(scores["attribute_accuracy"]), **timing}
+
+
+def _fidelity(images, prompts, extractor, ode_ref, draws) -> dict:
+    """KID (x 10^3, with its std over subsets) and FD of an LCM's images to the ODE's images at the same g; the
+    two sets share prompts and noise, so KID leaves out each image's own ODE image (paired)."""
+    found = scoring.rounded(scoring.score(images, prompts, extractor, ode_ref, paired=True))
+    out = {"kid": found["kid"], "kid_std": found["kid_std"], "fid": found["fid"]}
+    return {**out, "kid_ci": _kid_ci(images, ode_ref, extractor, draws, paired=True)} if draws else out
+
+
+def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=GUIDANCES, steps=STEPS,
+          num_samples: int = pipeline.NUM_SAMPLES, batch_size: int = 32, seed: int = 0,
+          reference: str = "prompt-scenes", cache_dir: Path | None = None, resamples: int = RESAMPLES) -> dict:
+    """Sample and score the teacher's guided ODE (``bundles[TEACHER]``) and each LCM of ``lcm_names`` (keys of
+    ``bundles``) at every g of ``guidances`` and every count of ``steps``; write the report into ``out``.
+    Returns the results dict (LCM rows in "records", the ODE's in "teacher_ode", each curve's best g in "best")."""
+    out = Path(out)
+    prompts = [p for p, _ in references.heldout_prompts(num_samples)]
+    ref = references.reference_set(extractor, reference, cache_dir=cache_dir)
+    real_draws = intervals.draw(num_samples, len(ref.features), resamples, seed=0) if resamples else None
+    ode_draws = (intervals.draw(num_samples, num_samples, resamples, seed=1, reference_follows_prompts=True)
+                 if resamples else None)
+    common = dict(seed=seed, batch_size=batch_size)
+    records, teacher_ode = [], []
+    for g in tqdm(guidances, desc="guidance sweep"):
+        row = ode_row(g, TEACHER)
+        scores, ode_images, timing = pipeline.generate_and_score(bundles[TEACHER], row, prompts, extractor, ref,
+                                                                 out / "samples", **common)
+        teacher_ode.append(_record(row, scores, timing))
+        if real_draws:
+            teacher_ode[-1]["kid_ci"] = _kid_ci(ode_images, ref, extractor, real_draws)
+        ode_ref = scoring.reference_from_images(ode_images, extractor, f"teacher-ode-g{g:g}")
+        for name in lcm_names:
+            for n in steps:
+                row = pipeline.Row(name, LCM_SAMPLER, n, g)
+                scores, images, timing = pipeline.generate_and_score(bundles[name], row, prompts, extractor, ref,
+                                                                     out / "samples", **common)
+                records.append({**_record(row, scores, timing),
+                                "fidelity": _fidelity(images, prompts, extractor, ode_ref, ode_draws)})
+                if real_draws:
+                    records[-1]["kid_ci"] = _kid_ci(images, ref, extractor, real_draws)
+    results = {"num_samples": num_samples, "seed": seed, "guidances": list(guidances), "steps": list(steps),
+               "models": {k: str(b.path) for k, b in bundles.items()}, "extractor": extractor.name,
+               "extractor_version": extractor.version, "reference": ref.name, "reference_kind": ref.kind,
+               "resamples": resamples, "teacher_ode_row": {"sampler": ode_row(0).sampler, "steps": ode_row(0).steps},
+               "records": records, "teacher_ode": teacher_ode, "best": best_guidance(records, teacher_ode),
+               "floor": scoring.floor(extractor, ref, num_samples)}
+    results["floor"]["accuracy"] = mean_accuracy(results["floor"]["attribute_accuracy"])
+    validate_results(results, SWEEP_SCHEMA)
+    write_report(results, out)
+    return results
+
+
+def _lowest_kid(rows: list[dict]) -> dict:
+    return min(rows, key=lambda r: r["kid"])
+
+
+def best_guidance(records: list[dict], teacher_ode: list[dict]) -> list[dict]:
+    """Per (model, steps): the g of lowest KID to real, and how many sweep points it lies from the ODE's best g
+    (Fig. 4's question: does the LCM's curve have the teacher's shape?)."""
+    order = sorted({r["guidance"] for r in teacher_ode + records})
+    ode = _lowest_kid(teacher_ode)
+    best = [{"model": TEACHER, "steps": ode["steps"], "guidance": ode["guidance"], "kid": ode["kid"]}]
+    for model, n in dict.fromkeys((r["model"], r["steps"]) for r in records):
+        top = _lowest_kid([r for r in records if r["model"] == model and r["steps"] == n])
+        best.append({"model": model, "steps": n, "guidance": top["guidance"], "kid": top["kid"],
+                     "teacher_guidance": ode["guidance"],
+                     "sweep_points_from_teacher": abs(order.index(top["guidance"]) - order.index(ode["guidance"]))})
+    return best
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _kid_cell(r: dict) -> str:
+    ci = f" [{r['kid_ci'][0]:.2f}, {r['kid_ci'][1]:.2f}]" if "kid_ci" in r else ""
+    return f"{r['kid']:.2f} ± {r['kid_std']:.2f}{ci}"
+
+
+def _table(rows: list[dict], fidelity: bool) -> list[str]:
+    head = ["g (w)", "KID×10³ to real ± std [95% CI]", "FID", "accuracy %", *ACCURACY_ATTRIBUTES]
+    head += ["fidelity: KID×10³ to the ODE ± std [95% CI]", "fidelity: FD to the ODE"] if fidelity else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r['guidance']:g} ({r['omega']:g})", _kid_cell(r), f"{r['fid']:.2f}", _pct(r["accuracy"]),
+                 *(_pct(r["attribute_accuracy"].get(k)) for k in ACCURACY_ATTRIBUTES)]
+        cells += [_kid_cell(r["fidelity"]), f"{r['fidelity']['fid']:.2f}"] if fidelity else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    """results.md: the ODE's table, one table per (model, steps) with fidelity, the best g per curve, the floor."""
+    ode = results["teacher_ode_row"]
+    lines = ["# Guidance sweep (LCM Fig. 4)", "",
+             f"n = {results['num_samples']} held-out prompts and seeds per row; reference {results['reference']} "
+             f"({results['reference_kind']}); accuracy: the judge's mean of {', '.join(ACCURACY_ATTRIBUTES)}. "
+             "Fidelity: the LCM's images against the teacher ODE's at the same g, prompts and seeds (KID on features "
+             "scaled by the ODE images' RMS).", "",
+             f"## Teacher, guided ODE ({ode['sampler']}, {ode['steps']} steps from t = 999)", ""]
+    lines += _table(results["teacher_ode"], fidelity=False)
+    for model, n in dict.fromkeys((r["model"], r["steps"]) for r in results["records"]):
+        lines += ["", f"## {model}, {n} step{'s' if n > 1 else ''}", ""]
+        lines += _table([r for r in results["records"] if r["model"] == model and r["steps"] == n], fidelity=True)
+    lines += ["", "## Best g (lowest KID to real)", "", "| model | steps | best g | KID×10³ | sweep points from the "
+              "ODE's best g |", "|---|---|---|---|---|"]
+    for b in results["best"]:
+        apart = b.get("sweep_points_from_teacher", "-")
+        lines.append(f"| {b['model']} | {b['steps']} | {b['guidance']:g} | {b['kid']:.2f} | {apart} |")
+    f = results["floor"]
+    lines += ["", f"Real images (floor, n = {f['num_samples']}): KID×10³ {f['kid']:.2f} ± {f['kid_std']:.2f}, "
+              f"FID {f['fid']:.2f}, accuracy {_pct(f['accuracy'])}%."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out: Path) -> None:
+    """results.json, results.md, tradeoff.png and fidelity.png into ``out``."""
+    out = Path(out)
+    write_results(out / "results.json", results)
+    write_text(out / "results.md", markdown(results))
+    plot_tradeoff(results, out / "tradeoff.png")
+    plot_fidelity(results, out / "fidelity.png")
+
+
+def _curve(ax, rows: list[dict], label: str, **style) -> None:
+    rows = sorted(rows, key=lambda r: r["guidance"])
+    xs, ys = [r["kid"] for r in rows], [r["accuracy"] or 0.0 for r in rows]
+    ax.plot(xs, ys, marker="o", label=label, **style)
+    for x, y, r in zip(xs, ys, rows):
+        ax.annotate(f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+
+
+def plot_tradeoff(results: dict, path: Path) -> Path:
+    """Fig. 4 as a trade-off: KID to real (x, symlog) against accuracy (y), a point per g labelled with g; one
+    panel per step count, a curve per LCM and the teacher ODE's curve beside them; the real images as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = results["steps"]
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.6 * len(steps), 4), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], steps):
+        _curve(ax, results["teacher_ode"], f"teacher ODE (DDIM {results['teacher_ode_row']['steps']})", color="black",
+               ls="--")
+        for model in dict.fromkeys(r["model"] for r in results["records"]):
+            _curve(ax, [r for r in results["records"] if r["model"] == model and r["steps"] == n], model)
+        floor = results["floor"]
+        ax.scatter([floor["kid"]], [floor["accuracy"] or 0.0], marker="*", s=120, color="grey", label="real images")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_title(f"{n} step{'s' if n > 1 else ''} (labels: g)", fontsize=10)
+        ax.set_xlabel("KID ×10³ to real (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("attribute accuracy (colour, background, shape)")
+    return _save(fig, path)
+
+
+def plot_fidelity(results: dict, path: Path) -> Path:
+    """Distillation fidelity against g: KID ×10³ of each LCM x steps to the teacher ODE at the same g."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for model, n in dict.fromkeys((r["model"], r["steps"]) for r in results["records"]):
+        rows = sorted((r for r in results["records"] if r["model"] == model and r["steps"] == n),
+                      key=lambda r: r["guidance"])
+        ys = [r["fidelity"]["kid"] for r in rows]
+        err = None
+        if all("kid_ci" in r["fidelity"] for r in rows):
+            err = [[y - r["fidelity"]["kid_ci"][0] for y, r in zip(ys, rows)],
+                   [r["fidelity"]["kid_ci"][1] - y for y, r in zip(ys, rows)]]
+        ax.errorbar([r["guidance"] for r in rows], ys, yerr=np.clip(err, 0, None) if err else None, marker="o",
+                    capsize=3, label=f"{model}, {n} step{'s' if n > 1 else ''}")
+    ax.set_xscale("log")
+    ax.set_xlabel("guidance scale g")
+    ax.set_ylabel("KID ×10³ to the teacher ODE at g")
+    ax.set_title("distillation fidelity (lower: closer to the ODE)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+__all__ = ["sweep", "best_guidance", "mean_accuracy", "markdown", "write_report", "plot_tradeoff", "plot_fidelity",
+           "GUIDANCES", "STEPS", "ACCURACY_ATTRIBUTES", "TEACHER", "SWEEP_SCHEMA"]
