@@ -3,6 +3,14 @@
     python scripts/guidance_response.py --lcm lcm [--lcm runs/x/lcm-ckpt ...] [--teacher teacher]
                                         [--teacher-row ddim-trailing:50 ...]
                                         [--low 3 --high 8.5] [--steps 4] [--num-samples 128] [--out FILE]
+                                        [--via-diffusers] [--cache runs/sweep/samples]
+
+``--via-diffusers``: the LCM rows are sampled by diffusers' own pipeline for the folder
+(``DiffusionPipeline.from_pretrained``: LatentConsistencyModelPipeline, or StableDiffusionPipeline + LCMScheduler
+for a real-CFG LCM) on diffusers' default timesteps, the same initial latents at both scales. ``--cache``: the
+prompts and seeds of ``lcm evaluate`` / ``lcm ablate guidance`` (held-out prompts, seed i for image i), and the
+teacher rows read from (or written to) that evaluation sample cache, e.g. the guided ODE of ``lcm ablate guidance``
+(``--teacher-row ddim-trailing:50``).
 
 For each model: images of the same held-out prompts and seeds at guidance scales g_low and g_high
 (paper w = g - 1), mean |x_high - x_low| in 0..255 units per pixel. The teacher runs DDIM at the same
@@ -36,6 +44,41 @@ def change(bundle: Bundle, sampler: str, steps: int, low: float, high: float, te
     return total / len(texts)
 
 
+def diffusers_change(folder: Path, steps: int, low: float, high: float, texts: list[str], batch: int = 32) -> float:
+    """``change`` with diffusers' own pipeline for ``folder`` on its default timesteps (see the module docstring)."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from latentcm.sampling.teacher import initial_latents
+
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    total = 0.0
+    for i in range(0, len(texts), batch):
+        part = texts[i:i + batch]
+        latents = initial_latents(list(range(i, i + len(part))), shape)
+        pair = [pipe(part, num_inference_steps=steps, guidance_scale=g, latents=latents, output_type="np",
+                     generator=torch.Generator().manual_seed(i), height=shape[1] * f, width=shape[2] * f).images
+                for g in (low, high)]
+        total += float(np.abs(pair[1].astype(np.float64) - pair[0]).mean()) * 255 * len(part)
+    return total / len(texts)
+
+
+def cached_change(bundle: Bundle, sampler: str, steps: int, low: float, high: float, texts: list[str],
+                  cache: Path) -> float:
+    """``change`` of a teacher row from the evaluation sample cache (generated there when absent)."""
+    import numpy as np
+
+    from latentcm.evaluation.generation import generate_cached
+    from latentcm.evaluation.pipeline import Row
+
+    a, b = (generate_cached(bundle, Row("teacher", sampler, steps, g), texts, 0, cache)[0].astype(np.float64)
+            for g in (low, high))
+    return float(np.abs(b - a).mean())
+
+
 def teacher_row(text: str) -> tuple[str, int]:
     sampler, _, steps = text.partition(":")
     if not steps.isdigit():
@@ -63,23 +106,36 @@ def main() -> None:
                     help="more teacher rows, e.g. ddim-trailing:50 (the LCM's guided-ODE ceiling); repeatable")
     ap.add_argument("--lcm-timesteps", default=None, metavar="T,T,...",
                     help="the LCMs' explicit schedule (as lcm generate --timesteps); --steps is then its length")
+    ap.add_argument("--via-diffusers", action="store_true", help="LCM rows through diffusers' own pipeline")
+    ap.add_argument("--cache", default=None, metavar="DIR", help="evaluation prompts; teacher rows from this cache")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.cache and not args.teacher_row:
+        sys.exit("error: --cache reads teacher rows given with --teacher-row (e.g. ddim-trailing:50)")
     timesteps = [int(t) for t in args.lcm_timesteps.split(",")] if args.lcm_timesteps else None
     if timesteps is not None and len(timesteps) != args.steps:
         sys.exit(f"error: --steps {args.steps} but {len(timesteps)} --lcm-timesteps")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    texts = prompts(args.num_samples)
+    if args.cache:
+        from latentcm.evaluation.references import heldout_prompts
+
+        texts = [p for p, _ in heldout_prompts(args.num_samples)]
+    else:
+        texts = prompts(args.num_samples)
     rows = []
     teacher = Bundle.load(registry.resolve(args.teacher))
-    for sampler, steps in [("ddim", args.steps), *map(teacher_row, args.teacher_row or [])]:  # ratio: the first
-        rows.append({"model": args.teacher, "sampler": sampler, "steps": steps, **norms(teacher),
-                     "change": change(teacher, sampler, steps, args.low, args.high, texts)})
+    first = [] if args.cache else [("ddim", args.steps)]
+    for sampler, steps in [*first, *map(teacher_row, args.teacher_row or [])]:  # ratio: the first
+        moved = (cached_change(teacher, sampler, steps, args.low, args.high, texts, Path(args.cache)) if args.cache
+                 else change(teacher, sampler, steps, args.low, args.high, texts))
+        rows.append({"model": args.teacher, "sampler": sampler, "steps": steps, **norms(teacher), "change": moved})
     for name in args.lcm or ["lcm"]:
         b = Bundle.load(registry.resolve(name))
         rows.append({"model": name, "sampler": "lcm", "steps": args.steps, **norms(b),
-                     **({"timesteps": timesteps} if timesteps else {"schedule": b.timestep_schedule}),
-                     "change": change(b, "lcm", args.steps, args.low, args.high, texts, timesteps=timesteps)})
+                     **({"via": "diffusers, its default timesteps"} if args.via_diffusers else
+                        {"timesteps": timesteps} if timesteps else {"schedule": b.timestep_schedule}),
+                     "change": (diffusers_change(b.path, args.steps, args.low, args.high, texts) if args.via_diffusers
+                                else change(b, "lcm", args.steps, args.low, args.high, texts, timesteps=timesteps))})
     ref = rows[0]["change"]
     for r in rows:
         r["ratio_to_teacher"] = r["change"] / ref
