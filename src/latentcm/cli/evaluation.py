@@ -13,6 +13,8 @@ from .app import cli
 from .options import GENERATE_SAMPLERS, FiniteRange, UserError, _choice_list, _float_list, _int_list, _step_list
 from .options import _torch_threads, default_model, judge_option, reference_option, seed_option
 
+TABLE1_RESAMPLES = 1000  # resamples of Table 1's sampling intervals and paired differences
+
 
 def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
     """{"lcm": ..., "teacher": ...} Bundles the requested samplers need."""
@@ -75,8 +77,13 @@ def _judge(judge_dir: str):
                    "CFG only at the steps with t <= T (what an LCM distilled with --guidance-max-t T follows).")
 @reference_option("Real images FID/KID compare with: prompt-scenes (the committed reports': it holds the scenes "
                   "the prompts were written from) or independent (disjoint scenes).")
-@click.option("--bootstrap", type=click.IntRange(0, 10000), default=0,
-              help="Resamples of a bootstrap interval of FID per row (0: none).")
+@click.option("--bootstrap", type=click.IntRange(0, 10000), default=None, show_default="table1: 1000; lcm, teacher: 0",
+              help="table1: resamples of every row's 95% sampling intervals and paired differences (prompts and "
+                   "seeds resampled jointly with the reference; 0: none); lcm, teacher: of a bootstrap interval of "
+                   "FID per row.")
+@click.option("--baseline", default=None, metavar="SAMPLER", show_default="lcm when it is among --samplers",
+              help="table1: the method every row is compared with, paired (row - baseline on the same prompts and "
+                   "seeds) at each step count and g; an LCM on several --lcm-schedules: its own schedule.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
 @seed_option("Seed of image 0 (image i: seed + i).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -99,17 +106,19 @@ def evaluate(preset, num_samples, reference, bootstrap, batch_size, seed, out, *
     _torch_threads()
     n = num_samples if num_samples is not None else pipeline.NUM_SAMPLES
     folder = Path(out) if out else Path("runs/evaluate" if preset == "table1" else f"runs/evaluate-{preset}")
-    common = dict(batch_size=batch_size, seed=seed, reference=reference, bootstrap=bootstrap)
-    if options["guidance_max_t"] is not None and preset != "table1":
-        raise UserError("--guidance-max-t is for the table1 preset's teacher rows")
-    if options["lcm_schedules_text"] is not None and preset != "table1":
-        raise UserError("--lcm-schedules is for the table1 preset's LCM rows")
+    common = dict(batch_size=batch_size, seed=seed, reference=reference, bootstrap=bootstrap or 0)
+    for name, flag in (("guidance_max_t", "--guidance-max-t"), ("lcm_schedules_text", "--lcm-schedules"),
+                       ("baseline", "--baseline")):
+        if options[name] is not None and preset != "table1":
+            raise UserError(f"{flag} is for the table1 preset")
+    if preset == "table1":
+        common["bootstrap"] = TABLE1_RESAMPLES if bootstrap is None else bootstrap
     run = {"table1": _table1, "lcm": _lcm_preset, "teacher": _teacher_preset}[preset]
     click.echo(run(folder=folder, n=n, common=common, **options))
 
 
 def _table1(model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text, guidance, ceiling, sweep_text,
-            lcm_schedules_text, guidance_max_t, folder, n, common) -> str:
+            lcm_schedules_text, guidance_max_t, baseline, folder, n, common) -> str:
     """Preset table1 (``pipeline.run`` on ``presets.table1_rows``); what evaluate prints."""
     from ..evaluation import pipeline, presets, reports
 
@@ -123,9 +132,14 @@ def _table1(model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text
     rows, sweep, tops = presets.table1_rows(samplers, steps, guidance, lcm_steps=lcm_steps,
                                             guidance_max_t=guidance_max_t, lcm_schedules=schedules,
                                             sweep_guidance=sweep_guidance, ceiling=ceiling)
+    if baseline is not None and baseline not in samplers:
+        raise UserError(f"--baseline {baseline!r} is not one of --samplers ({', '.join(samplers)})")
+    baseline = baseline or (LCM_SAMPLER if LCM_SAMPLER in samplers else None)
     bundles = _evaluation_bundles(model or default_model(), teacher, samplers + (["ddim"] if ceiling else []))
     extractor = _judge(judge_dir)
-    results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=tops, sweep=sweep, **common)
+    resamples = common.pop("bootstrap")  # the rows' sampling intervals replace FID's own bootstrap here
+    results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=tops, sweep=sweep, intervals=resamples,
+                           baseline=baseline, **common)
     return reports.results_markdown(results) + str(folder / "results.json")
 
 
