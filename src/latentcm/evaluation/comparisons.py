@@ -4,7 +4,8 @@ Every row of one evaluation holds the same prompts and seeds (image i: prompt i,
 ``attach`` resamples the prompts once for every row, jointly with the reference, and gives each row
 
 * ``intervals``: the percentile 95% interval of every headline metric -- KID (x 10^3, the full-set unbiased
-  MMD^2 at ``score``'s feature scale), FID, caption score, exact match and each attribute's accuracy;
+  MMD^2 at ``score``'s feature scale), FID (on the first FID_RESAMPLES resamples), caption score, exact match
+  and each attribute's accuracy;
 * ``paired``: the difference row - baseline of every metric on the same resamples, with its interval, to the
   row of the named baseline method (a sampler: ``baseline_method``) at the same step count -- the table's own
   row for a table row, the one at the same guidance g for a sweep row;
@@ -21,6 +22,9 @@ from . import intervals as iv
 from .scoring import KID_SCALE, ROUNDING, kid_scale
 
 MEANS = ("caption_score", "exact_match")  # per-image means; each attribute's accuracy is one too
+# FID's resamples cost a covariance and an eigendecomposition each (tens of ms at D = 256 on one CPU thread,
+# about 20 times a KID resample): it takes the first FID_RESAMPLES of the draws, every row the same ones
+FID_RESAMPLES = 200
 
 
 def method_of(record: dict) -> tuple:
@@ -62,7 +66,8 @@ def _metric_values(per_image: dict[str, dict], keys: list[str], reference: np.nd
     out = {}
     point, boot = iv.resample({k: per_image[k]["features"] / scale for k in keys}, ref / scale, "kid", draws)
     out["kid"] = ({k: KID_SCALE * v for k, v in point.items()}, {k: KID_SCALE * v for k, v in boot.items()})
-    out["fid"] = iv.resample({k: per_image[k]["features"] for k in keys}, ref, "fid", draws)
+    few = iv.Draws(draws.prompts[:FID_RESAMPLES], draws.reference[:FID_RESAMPLES])
+    out["fid"] = iv.resample({k: per_image[k]["features"] for k in keys}, ref, "fid", few)
     for metric in MEANS:
         out[metric] = iv.resample({k: per_image[k][metric] for k in keys}, None, "mean", draws)
     attributes = sorted(set.intersection(*(set(per_image[k]["attribute_accuracy"]) for k in keys)))
@@ -131,7 +136,8 @@ def attach(results: dict, per_image: dict[str, dict], reference: np.ndarray, *, 
         r["intervals"] = _row_intervals(stats, r["key"], alpha)
     settings = {"method": "percentile bootstrap over prompts and seeds (one draw for every row), the reference "
                           + ("resampled with the prompts" if follows else "resampled on its own, one draw for every row"),
-                "confidence": 1 - alpha, "num_resamples": num_resamples, "seed": seed}
+                "confidence": 1 - alpha, "num_resamples": num_resamples,
+                "fid_resamples": min(num_resamples, FID_RESAMPLES), "seed": seed}
     if baseline is not None:
         base = baseline_method(results["records"], baseline, results.get("timestep_schedules"))
         for r, b in _matched_baselines(results, base):

@@ -172,8 +172,10 @@ def intervals_markdown(results: dict, baseline: str | None = None) -> str:
     head = ["method", "g", "steps"]
     for _, name, _ in metrics:
         head += [name] + ([f"Δ {name}"] if baseline else [])
+    fid_note = (f", FID's the first {settings['fid_resamples']}"
+                if settings.get("fid_resamples", settings["num_resamples"]) < settings["num_resamples"] else "")
     lines = [f"Sampling intervals ({settings['confidence']:.0%}, {settings['method']}, {settings['num_resamples']} "
-             f"resamples)" + (f"; Δ: row − {baseline} at the same step count and g, paired." if baseline else ".")
+             f"resamples{fid_note})" + (f"; Δ: row − {baseline} at the same step count and g, paired." if baseline else ".")
              + " FID's resamples repeat images, which biases them upwards, so its interval can sit above the value;"
              " KID's leave a row's pairs with its own copies out and are not biased so.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
