@@ -129,6 +129,7 @@ def attach(results: dict, per_image: dict[str, dict], reference: np.ndarray, *, 
     rows = results["records"] + results.get("sweep", []) + ([results["ceiling"]] if "ceiling" in results else [])
     rows += results.get("ceilings", [])
     keys = list(dict.fromkeys(r["key"] for r in rows))
+    base = None if baseline is None else baseline_method(results["records"], baseline, results.get("timestep_schedules"))
     follows = results.get("reference_kind") == "prompt-scenes" and len(reference) == results["num_samples"]
     draws = iv.draw(results["num_samples"], len(reference), num_resamples, seed, reference_follows_prompts=follows)
     stats = _metric_values(per_image, keys, reference, draws)
@@ -138,8 +139,7 @@ def attach(results: dict, per_image: dict[str, dict], reference: np.ndarray, *, 
                           + ("resampled with the prompts" if follows else "resampled on its own, one draw for every row"),
                 "confidence": 1 - alpha, "num_resamples": num_resamples,
                 "fid_resamples": min(num_resamples, FID_RESAMPLES), "seed": seed}
-    if baseline is not None:
-        base = baseline_method(results["records"], baseline, results.get("timestep_schedules"))
+    if base is not None:
         for r, b in _matched_baselines(results, base):
             r["paired"] = _row_paired(stats, r["key"], b["key"], alpha)
         settings["baseline"] = {"sampler": base[0], "guidance_max_t": base[1], "schedule": base[2]}
