@@ -138,8 +138,48 @@ def test_table1_results_carry_kid_and_the_floor(scored):
         _has_kid(r)
     assert results["floor"]["num_samples"] == N
     table = (scored["table1"][0] / "table1.md").read_text().splitlines()
-    assert "KID×10³ 1" in table[0] and " ± " in table[2]
-    assert table[-1].startswith(f"| *real images (floor, n = {N})*")
+    assert "KID×10³ 1" in table[0] and "Δ KID×10³ 1 vs LCM" in table[0]
+    floor = next(i for i, line in enumerate(table) if line.startswith(f"| *real images (floor, n = {N})*"))
+    assert " ± " in table[floor] and " [" in table[floor - 1]  # the floor keeps its subset spread
+    # every row carries its sampling intervals, the DDIM rows their paired difference to the LCM row
+    lcm, ddim = ({r["steps"]: r for r in results["records"] if r["sampler"] == s} for s in ("lcm", "ddim"))
+    for n in (1, 2):
+        assert ddim[n]["paired"]["baseline"] == lcm[n]["key"] == lcm[n]["paired"]["baseline"]
+        assert ddim[n]["intervals"]["kid"]["ci"][0] <= ddim[n]["intervals"]["kid"]["ci"][1]
+    assert results["interval_settings"]["num_resamples"] == 1000 and "Sampling intervals (95%" in "\n".join(table)
+
+
+def _numbers(value) -> list:
+    """The numbers of a nested dict / list, in order; strings kept as they are."""
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in [k, *_numbers(value[k])]]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return [value]
+
+
+def test_table1_intervals_are_recomputed_from_the_cached_images(scored, micro_judge, tmp_path, monkeypatch):
+    """scripts/table1_report.py --intervals: the same intervals from OUT/samples, no model loaded."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import table1_report
+
+    folder = tmp_path / "table1"
+    shutil.copytree(scored["table1"][0], folder)
+    monkeypatch.setenv("LATENTCM_CACHE", str(scored["table1"][0].parent / "cache"))
+    monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
+    before = json.loads((folder / "results.json").read_text())
+    assert table1_report.main([str(folder), "--intervals", "--judge", str(micro_judge)]) == 0
+    after = json.loads((folder / "results.json").read_text())
+    for part in ("intervals", "paired"):  # the judge's features again: equal up to float summation order
+        got, want = (_numbers([r[part] for r in res["records"]]) for res in (after, before))
+        assert [x for x in got if isinstance(x, str)] == [x for x in want if isinstance(x, str)]
+        assert [x for x in got if not isinstance(x, str)] == pytest.approx(
+            [x for x in want if not isinstance(x, str)], rel=1e-3, abs=1e-2)
+    shutil.rmtree(folder / "samples")
+    assert table1_report.main([str(folder), "--intervals", "--judge", str(micro_judge)]) == 2
 
 
 def test_lcm_preset_writes_the_judge_table_with_kid(scored, micro_lcm):
@@ -250,6 +290,8 @@ def test_score_returns_every_metric_and_rounded_rounds():
 @pytest.mark.parametrize("args, needle", [
     (["--preset", "lcm", "--steps", "1"], "fixed rows"),
     (["--preset", "teacher", "--steps", "1,2"], "one sampler at one step count"),
+    (["--samplers", "lcm", "--baseline", "ddim"], "is not one of --samplers"),
+    (["--preset", "lcm", "--baseline", "ddim"], "--baseline is for the table1 preset"),
 ])
 def test_preset_bad_input_is_one_line_and_exit_2(micro_lcm, args, needle, capsys):
     with pytest.raises(SystemExit) as exc:

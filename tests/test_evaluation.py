@@ -1,4 +1,5 @@
 import json
+import re
 
 import jsonschema
 import numpy as np
@@ -131,7 +132,14 @@ def test_evaluate_cli_writes_valid_results_and_reuses_cached_samples(micro_lcm, 
     assert {k: again[k] for k in cached} == cached and len(again) == len(cached) + 2
     rerun = json.loads((out / "results.json").read_text())["records"]
     # the same scores from the cached samples (KID's last rounded digit may flip: BLAS sums in another order)
-    assert _close(rerun[:4], results["records"])
+    sampled = ("intervals", "paired")  # resamples of the judge's features: their float noise, times a percentile
+    assert _close([{k: v for k, v in r.items() if k not in sampled} for r in rerun[:4]],
+                  [{k: v for k, v in r.items() if k not in sampled} for r in results["records"]])
+    got, want = (json.dumps([[r[k] for k in sampled] for r in rows], sort_keys=True) for rows in (rerun[:4], results["records"]))
+    numbers = re.compile(r"-?\d+\.?\d*(?:e-?\d+)?")
+    assert numbers.sub("#", got) == numbers.sub("#", want)  # the same keys and baselines
+    assert [float(x) for x in numbers.findall(got)] == pytest.approx([float(x) for x in numbers.findall(want)],
+                                                                     rel=1e-3, abs=1e-2)
     bad = {**results, "records": [{**results["records"][0], "fid": -1.0}]}
     with pytest.raises(jsonschema.ValidationError):
         results_file.validate_results(bad)

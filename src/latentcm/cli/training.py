@@ -9,7 +9,7 @@ import click
 from .. import registry
 from ..defaults import LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_SOLVERS, TIMESTEP_SCHEDULES
 from .app import cli
-from .options import FiniteRange, UserError, _command_line, _lora_config, _loop_config, _run_options, _stopped
+from .options import FiniteRange, _command_line, _lora_config, _loop_config, _run_options, _stopped
 from .options import _torch_threads, lora_rank_options, seed_option
 from .distill_checks import check_full_unet_only, check_guidance_mode, check_stage, shard_share
 

@@ -71,8 +71,7 @@ def generate_cached(bundle, row, prompts: list[str], seed: int, folder: Path, ba
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"unknown image format {image_format!r}; use one of {', '.join(IMAGE_FORMATS)}")
     identity = _identity(bundle, row, prompts, seed, image_format)
-    suffix = "".join(f"-{t}" for t in (tag, "f32" if image_format == "float32" else "") if t)
-    path = Path(folder) / f"{row.key}-n{len(prompts)}-s{seed}{suffix}.npz"
+    path = cache_path(folder, row.key, len(prompts), seed, image_format, tag)
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
             if json.loads(str(f["identity"])) == identity:
@@ -94,4 +93,23 @@ def generate_cached(bundle, row, prompts: list[str], seed: int, folder: Path, ba
     return images, timing
 
 
-__all__ = ["generate_cached", "UNetCounter", "IMAGE_FORMATS"]
+def cache_path(folder: Path, key: str, num: int, seed: int, image_format: str = "uint8", tag: str = "") -> Path:
+    """Where ``generate_cached`` keeps the images of the row with key ``key``."""
+    suffix = "".join(f"-{t}" for t in (tag, "f32" if image_format == "float32" else "") if t)
+    return Path(folder) / f"{key}-n{num}-s{seed}{suffix}.npz"
+
+
+def cached_images(folder: Path, key: str, prompts: list[str], seed: int, image_format: str = "uint8",
+                  tag: str = "") -> np.ndarray | None:
+    """The images ``generate_cached`` stored for row ``key`` on these prompts and seeds, or None; read without the
+    model, so the weights it was made with are not checked (the caller's results file names them)."""
+    path = cache_path(folder, key, len(prompts), seed, image_format, tag)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        identity = json.loads(str(f["identity"]))
+        same = (identity.get("row"), identity.get("seed"), identity.get("prompts_sha")) == (key, seed, _sha(prompts))
+        return f["images"] if same else None
+
+
+__all__ = ["generate_cached", "cached_images", "cache_path", "UNetCounter", "IMAGE_FORMATS"]

@@ -61,7 +61,7 @@ def _kid_ci(images, reference: references.Reference, extractor, draws: intervals
             paired: bool = False) -> list[float]:
     """95% percentile interval of KID x 10^3 of ``images`` to ``reference`` over ``draws``, the features scaled
     as ``scoring.score`` scales them (``paired``: reference image i belongs to image i)."""
-    scale = scoring.kid_scale(reference)
+    scale = scoring.kid_scale(reference.features)
     features = extractor.features(scoring.model_images(images)).astype(np.float64) / scale
     boot = intervals.kid_resamples(features, reference.features.astype(np.float64) / scale,
                                    draws.prompts, draws.reference, paired=paired)

@@ -68,21 +68,29 @@ def _within(gram: np.ndarray, counts: np.ndarray) -> np.ndarray:
     with its own copies (the diagonal, weighted c_i^2) are left out."""
     n = counts.sum(1)
     total = ((counts @ gram) * counts).sum(1) - (counts ** 2) @ np.diag(gram)
-    return total / (n ** 2 - (counts ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):  # one distinct row drawn: no pair, NaN
+        return total / (n ** 2 - (counts ** 2).sum(1))
+
+
+def kid_reference(reference: np.ndarray, counts_r: np.ndarray) -> dict:
+    """What KID's resamples share across rows: the reference, its counts and its within-set term [P]."""
+    r = np.asarray(reference, np.float64)
+    return {"reference": r, "counts": counts_r, "within": _within(_kernel(r, r), counts_r)}
 
 
 def kid_resamples(generated: np.ndarray, reference: np.ndarray, counts_g: np.ndarray,
-                  counts_r: np.ndarray, paired: bool = False) -> np.ndarray:
+                  counts_r: np.ndarray, prepared: dict | None = None, *, paired: bool = False) -> np.ndarray:
     """KID (unbiased MMD^2) of weighted ``generated`` [N, D] against weighted ``reference`` [M, D], one value per
-    row of counts_g [P, N] / counts_r [P, M]. ``paired``: reference row i belongs to generated row i (drawn with
-    ``reference_follows_prompts``); the cross term then leaves out each pair's own copies, like the within terms
-    (``metrics.kid(paired=True)``)."""
-    g, r = np.asarray(generated, np.float64), np.asarray(reference, np.float64)
+    row of counts_g [P, N] / counts_r [P, M]; ``prepared``: ``kid_reference(reference, counts_r)``, reused.
+    ``paired``: reference row i belongs to generated row i (drawn with ``reference_follows_prompts``); the cross
+    term then leaves out each pair's own copies, like the within terms (``metrics.kid(paired=True)``)."""
+    ref = prepared if prepared is not None else kid_reference(reference, counts_r)
+    g, r = np.asarray(generated, np.float64), ref["reference"]
     if paired:
         cross = _within(_kernel(g, r), counts_g)
     else:
         cross = ((counts_g @ _kernel(g, r)) * counts_r).sum(1) / (counts_g.sum(1) * counts_r.sum(1))
-    return _within(_kernel(g, g), counts_g) + _within(_kernel(r, r), counts_r) - 2.0 * cross
+    return _within(_kernel(g, g), counts_g) + ref["within"] - 2.0 * cross
 
 
 def _weighted_stats(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,27 +101,91 @@ def _weighted_stats(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.n
     return mu, (centred * counts[:, None]).T @ centred / (n - 1)
 
 
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (negative rounding-error eigenvalues clipped to 0)."""
+    vals, vecs = np.linalg.eigh(sigma)
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
+def fid_reference(reference: np.ndarray, counts_r: np.ndarray) -> list[tuple]:
+    """What FID's resamples share across rows: per resample the reference's mean, trace and covariance root."""
+    r = np.asarray(reference, np.float64)
+    out = []
+    for cr in counts_r:
+        mu, sigma = _weighted_stats(r, cr)
+        out.append((mu, float(np.trace(sigma)), _psd_sqrt(sigma)))
+    return out
+
+
 def fid_resamples(generated: np.ndarray, reference: np.ndarray, counts_g: np.ndarray,
-                  counts_r: np.ndarray) -> np.ndarray:
-    """FID of weighted ``generated`` against weighted ``reference``, one value per resample -> [P]."""
-    g, r = np.asarray(generated, np.float64), np.asarray(reference, np.float64)
-    return np.array([frechet_distance(*_weighted_stats(g, cg), *_weighted_stats(r, cr))
-                     for cg, cr in zip(counts_g, counts_r)])
+                  counts_r: np.ndarray, prepared: list | None = None) -> np.ndarray:
+    """FID of weighted ``generated`` against weighted ``reference``, one value per resample -> [P]:
+    |mu_g - mu_r|^2 + tr S_g + tr S_r - 2 tr (S_g S_r)^(1/2) (Heusel et al. 2017), with tr (S_g S_r)^(1/2) the
+    sum of the square roots of the eigenvalues of S_r^(1/2) S_g S_r^(1/2) (same spectrum, symmetric);
+    ``prepared``: ``fid_reference(reference, counts_r)``, reused."""
+    ref = prepared if prepared is not None else fid_reference(reference, counts_r)
+    g = np.asarray(generated, np.float64)
+    out = []
+    for cg, (mu_r, trace_r, root_r) in zip(counts_g, ref):
+        mu, sigma = _weighted_stats(g, cg)
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_r @ sigma @ root_r), 0.0, None)).sum()
+        out.append(max(float((mu - mu_r) @ (mu - mu_r) + np.trace(sigma) + trace_r - 2.0 * cross), 0.0))
+    return np.array(out)
 
 
-def mean_resamples(values: np.ndarray, reference, counts_g: np.ndarray, counts_r: np.ndarray) -> np.ndarray:
-    """A per-image score's mean (accuracy, caption score) under each resample of the prompts -> [P]; the
-    reference plays no part (same signature as the set statistics)."""
-    return counts_g @ np.asarray(values, np.float64) / counts_g.sum(1)
+def mean_resamples(values: np.ndarray, reference, counts_g: np.ndarray, counts_r: np.ndarray,
+                   prepared=None) -> np.ndarray:
+    """A per-image score's mean (accuracy, caption score) under each resample of the prompts -> [P]; NaN marks
+    an image the score leaves out (an attribute its prompt does not name); the reference plays no part (same
+    signature as the set statistics)."""
+    values = np.asarray(values, np.float64)
+    present = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):  # no drawn image has a value: NaN
+        return counts_g @ np.where(present, values, 0.0) / (counts_g @ present)
 
 
 STATISTICS = {"kid": kid_resamples, "fid": fid_resamples, "mean": mean_resamples}
+PREPARE = {"kid": kid_reference, "fid": fid_reference, "mean": lambda reference, counts_r: None}
 
 
 def percentile_interval(values: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
-    """The alpha/2 and 1 - alpha/2 percentiles of bootstrap values."""
-    lo, hi = np.quantile(np.asarray(values, np.float64), [alpha / 2, 1 - alpha / 2])
+    """The alpha/2 and 1 - alpha/2 percentiles of bootstrap values; resamples where the statistic is undefined
+    (NaN: a set drawn as copies of one image, a score no drawn image has) are left out, which only happens on
+    a handful of prompts. ValueError when every resample is."""
+    values = np.asarray(values, np.float64)
+    if np.isnan(values).all():
+        raise ValueError("the statistic is undefined on every resample: too few prompts")
+    lo, hi = np.nanquantile(values, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+def resample(rows: dict[str, np.ndarray], reference: np.ndarray | None, statistic: str,
+             draws: Draws) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``statistic`` of each row on the full sets (point) and on every resample of ``draws`` (boot [P]); rows
+    with identical values share one computation. See ``intervals`` for the arguments."""
+    fn, n = STATISTICS[statistic], len(draws.prompts[0])
+    ones_g, ones_r = np.ones((1, n)), np.ones((1, len(draws.reference[0])))
+    full = boot_ref = None
+    point, boot = {}, {}
+    for name, values in rows.items():
+        if len(values) != n:
+            raise ValueError(f"row {name!r} has {len(values)} images, the draws {n}: rows must share prompts")
+        same = next((m for m in point if np.array_equal(rows[m], values)), None)  # identical images: reuse
+        if same is not None:
+            point[name], boot[name] = point[same], boot[same]
+            continue
+        if full is None:  # the reference's share of the work, once for every row
+            full, boot_ref = PREPARE[statistic](reference, ones_r), PREPARE[statistic](reference, draws.reference)
+        point[name] = float(fn(values, reference, ones_g, ones_r, full)[0])
+        boot[name] = fn(values, reference, draws.prompts, draws.reference, boot_ref)
+    return point, boot
+
+
+def paired(point: dict[str, float], boot: dict[str, np.ndarray], name: str, baseline: str,
+           alpha: float = ALPHA) -> dict:
+    """The paired difference row - baseline on the same resamples: {"diff", "diff_ci"}."""
+    return {"diff": point[name] - point[baseline],
+            "diff_ci": list(percentile_interval(boot[name] - boot[baseline], alpha))}
 
 
 def intervals(rows: dict[str, np.ndarray], reference: np.ndarray | None, statistic: str, draws: Draws,
@@ -132,24 +204,14 @@ def intervals(rows: dict[str, np.ndarray], reference: np.ndarray | None, statist
     Returns:
         name -> {"value", "ci": [lo, hi]} plus, with a baseline, "diff" and "diff_ci" (the baseline's own: 0, [0, 0]).
     """
-    fn = STATISTICS[statistic]
-    n = len(draws.prompts[0])
-    ones_g, ones_r = np.ones((1, n)), np.ones((1, len(draws.reference[0])))
-    point, boot = {}, {}
-    for name, values in rows.items():
-        if len(values) != n:
-            raise ValueError(f"row {name!r} has {len(values)} images, the draws {n}: rows must share prompts")
-        same = next((m for m in point if np.array_equal(rows[m], values)), None)  # identical images: reuse
-        point[name] = point[same] if same else float(fn(values, reference, ones_g, ones_r)[0])
-        boot[name] = boot[same] if same else fn(values, reference, draws.prompts, draws.reference)
     if baseline is not None and baseline not in rows:
         raise ValueError(f"baseline {baseline!r} is not a row: {sorted(rows)}")
+    point, boot = resample(rows, reference, statistic, draws)
     out = {}
     for name in rows:
         out[name] = {"value": point[name], "ci": list(percentile_interval(boot[name], alpha))}
         if baseline is not None:
-            out[name]["diff"] = point[name] - point[baseline]
-            out[name]["diff_ci"] = list(percentile_interval(boot[name] - boot[baseline], alpha))
+            out[name].update(paired(point, boot, name, baseline, alpha))
     return out
 
 

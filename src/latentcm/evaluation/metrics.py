@@ -68,13 +68,17 @@ def attribute_agreement(probs: dict[str, np.ndarray], wanted: list[dict[str, int
         probs: attribute -> [N, K] class probabilities of the N images.
         wanted: per image, attribute -> class index the caption asks for (attributes it omits are absent).
     """
-    per_image = []
-    for i, want in enumerate(wanted):
-        if want:
-            per_image.append(np.mean([probs[key][i, idx] for key, idx in want.items()]))
-    if not per_image:
+    per_image = agreement_per_image(probs, wanted)
+    if np.isnan(per_image).all():
         raise ValueError("no caption names any attribute")
-    return float(100.0 * np.mean(per_image))
+    return float(np.nanmean(per_image))
+
+
+def agreement_per_image(probs: dict[str, np.ndarray], wanted: list[dict[str, int]]) -> np.ndarray:
+    """``attribute_agreement`` of each image [N] (100 * the judge's mean probability of the values its caption
+    names); NaN for an image whose caption names no attribute."""
+    return np.array([100.0 * np.mean([probs[key][i, idx] for key, idx in want.items()]) if want else np.nan
+                     for i, want in enumerate(wanted)])
 
 
 def exact_accuracy(predicted: list[dict[str, str]], wanted: list[dict[str, str]]) -> float:

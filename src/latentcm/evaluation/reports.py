@@ -1,11 +1,14 @@
 """Reports of results dicts: table1.md (``results_markdown``: Table 1, the ceiling and floor rows, each
-method at its best guidance) and the FID / caption-score plots against steps (``plot_against_steps``)."""
+method at its best guidance; with sampling intervals, each KID with its 95% interval, the paired difference to
+the baseline method as a column and every metric's intervals in ``intervals_markdown``) and the FID /
+caption-score plots against steps (``plot_against_steps``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..defaults import LCM_SAMPLER, TEACHER_SOLVERS, TRAILING
 from ..guidance import omega_from_guidance
+from .comparisons import best_guidance
 from .results import TABLE_SAMPLERS
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpm-solver": "DPM-Solver", "dpm-solver++": "DPM-Solver++", "lcm": "LCM"}
@@ -56,33 +59,69 @@ def _methods(records: list[dict]) -> list[tuple[str, tuple]]:
                                         m[1][1] or ""))
 
 
+def baseline_label(results: dict) -> str | None:
+    """The method the paired differences are taken to ("LCM, refine timesteps"), or None without them."""
+    base = results.get("interval_settings", {}).get("baseline")
+    if not base:
+        return None
+    return ", ".join([SAMPLER_LABELS[base["sampler"]], *_variant_words((base["guidance_max_t"], base["schedule"]))])
+
+
 def results_markdown(results: dict) -> str:
-    """table1.md: Table 1 at the rows' guidance, the ceiling and floor rows, the best-guidance table of a sweep."""
-    text = table1_markdown(results["records"], results.get("floor"), ceilings(results))
+    """table1.md: Table 1 at the rows' guidance, the ceiling and floor rows, the best-guidance table of a sweep
+    and, when results carry sampling intervals, every metric's intervals and paired differences."""
+    base = baseline_label(results)
+    text = table1_markdown(results["records"], results.get("floor"), ceilings(results), base)
     if results.get("sweep"):
-        text += "\n" + best_guidance_markdown(results["records"] + results["sweep"])
+        text += "\n" + best_guidance_markdown(results["records"] + results["sweep"], results.get("best_guidance"), base)
+    if "interval_settings" in results:
+        text += "\n" + intervals_markdown(results, base)
     return text
 
 
+def _interval(value: float, ci: list[float], signed: bool = False) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
 def _kid_cell(r: dict) -> str:
+    """KID x 10^3: with sampling intervals the full-set value and its 95% interval, else mean ± std over subsets."""
+    if "intervals" in r:
+        return _interval(r["intervals"]["kid"]["value"], r["intervals"]["kid"]["ci"])
     return f"{r['kid']:.2f} ± {r['kid_std']:.2f}"
 
 
+def _diff_cell(r: dict, metric: str = "kid", scale: float = 1.0) -> str:
+    """A paired difference to the baseline row, bold when its 95% interval excludes 0; "baseline" on that row."""
+    if "paired" not in r:
+        return "-"
+    if r["paired"]["baseline"] == r.get("key"):
+        return "baseline"
+    d = r["paired"][metric]
+    cell = _interval(scale * d["diff"], [scale * v for v in d["ci"]], signed=True)
+    return f"**{cell}**" if d["ci"][0] > 0 or d["ci"][1] < 0 else cell
+
+
 def table1_markdown(records: list[dict], floor_scores: dict | None = None,
-                    ceiling: dict | list[dict] | None = None) -> str:
+                    ceiling: dict | list[dict] | None = None, baseline: str | None = None) -> str:
     """The paper's Table 1 layout: a row per sampler (with its guidance: g, and the LCM's w = g - 1), FID,
-    KID (x 10^3, mean ± std over subsets), score and exact accuracy columns per step count; then the
-    teacher's guided-ODE ceiling and the real-image floor (each the same value in every column)."""
+    KID (x 10^3: mean ± std over subsets, or with sampling intervals the value and its 95% interval), score and
+    exact accuracy columns per step count; with paired differences (``baseline`` names the method) the column
+    of KID's difference to the baseline's row at each step count; then the teacher's guided-ODE ceiling and the
+    real-image floor (each the same value in every column)."""
     steps = sorted({r["steps"] for r in records})
+    paired = baseline is not None and any("paired" in r for r in records)
     head = (["method"] + [f"FID {n}" for n in steps] + [f"KID×10³ {n}" for n in steps]
+            + ([f"Δ KID×10³ {n} vs {baseline}" for n in steps] if paired else [])
             + [f"score {n}" for n in steps] + [f"exact acc. {n}" for n in steps])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def line(label, by_steps):
+    def line(label, by_steps, with_diff=True):
         def cell(n, fmt):
             return fmt(by_steps[n]) if n in by_steps else "-"
+        diffs = [cell(n, _diff_cell) if with_diff else "-" for n in steps] if paired else []
         return ("| " + " | ".join([label] + [cell(n, lambda r: f"{r['fid']:.2f}") for n in steps]
-                                  + [cell(n, _kid_cell) for n in steps]
+                                  + [cell(n, _kid_cell) for n in steps] + diffs
                                   + [cell(n, lambda r: f"{r['caption_score']:.1f}") for n in steps]
                                   + [cell(n, lambda r: f"{r['exact_match']:.1%}") for n in steps]) + " |")
     for sampler, variant in _methods(records):
@@ -90,31 +129,65 @@ def table1_markdown(records: list[dict], floor_scores: dict | None = None,
         label = method_label(mine[0]) if "guidance" in mine[0] else SAMPLER_LABELS[sampler]
         lines.append(line(label, {r["steps"]: r for r in mine}))
     for top in [ceiling] if isinstance(ceiling, dict) else (ceiling or []):
-        lines.append(line(f"*ceiling: {method_label(top, True)}*", {n: top for n in steps}))
+        lines.append(line(f"*ceiling: {method_label(top, True)}*", {n: top for n in steps}, False))
     if floor_scores:
         label = f"*real images (floor, n = {floor_scores['num_samples']})*"
-        lines.append(line(label, {n: floor_scores for n in steps}))
+        lines.append(line(label, {n: floor_scores for n in steps}, False))
+    note = ("\nKID×10³ with its 95% sampling interval; Δ: row − baseline on the same prompts and seeds with its "
+            "95% paired interval, **bold** where it excludes 0 (positive: the row scores worse).\n"
+            if paired else "")
+    return "\n".join(lines) + "\n" + note
+
+
+def best_guidance_markdown(records: list[dict], paired: list[dict] | None = None,
+                           baseline: str | None = None) -> str:
+    """Each method at each step count at its best guidance (lowest KID) among the swept ones: KID, FID, g; with
+    ``paired`` (results["best_guidance"]) the KID difference to the baseline method at its own best g."""
+    steps = sorted({r["steps"] for r in records})
+    diffs = {(e["key"], e["steps"]): e for e in paired or []} if baseline else {}
+    head = ["method", *(f"KID×10³ {n} (g)" for n in steps), *(f"FID {n}" for n in steps)]
+    head += [f"Δ KID×10³ {n} vs {baseline} at its best g" for n in steps] if diffs else []
+    lines = ["Each method at its best guidance (lowest KID×10³ of the sweep; g in brackets, the LCM's w = g − 1):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = best_guidance(records)
+    for sampler, variant in _methods(records):
+        mine = {n: best[((sampler, *variant), n)] for n in steps if ((sampler, *variant), n) in best}
+        swept = sorted({r["guidance"] for r in records if r["sampler"] == sampler and _variant(r) == variant})
+        kid = [f"{_kid_cell(mine[n])} ({mine[n]['guidance']:g})" if n in mine else "-" for n in steps]
+        fid = [f"{mine[n]['fid']:.2f}" if n in mine else "-" for n in steps]
+        delta = [_diff_cell({"key": mine[n]["key"], "paired": diffs[(mine[n]["key"], n)]["paired"]})
+                 if n in mine and (mine[n].get("key"), n) in diffs else "-" for n in steps] if diffs else []
+        guidances = "g " + ", ".join(f"{g:g}" for g in swept)
+        label = f"{SAMPLER_LABELS[sampler]} ({'; '.join([guidances, *_variant_words(variant)])})"
+        lines.append("| " + " | ".join([label, *kid, *fid, *delta]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def best_guidance_markdown(records: list[dict]) -> str:
-    """Each method at each step count at its best guidance (lowest KID) among the swept ones: KID, FID, g."""
-    steps = sorted({r["steps"] for r in records})
-    lines = ["Each method at its best guidance (lowest KID×10³ of the sweep; g in brackets, the LCM's w = g − 1):", "",
-             "| method | " + " | ".join(f"KID×10³ {n} (g)" for n in steps) + " | "
-             + " | ".join(f"FID {n}" for n in steps) + " |", "|" + "---|" * (1 + 2 * len(steps))]
-    for sampler, variant in _methods(records):
-        mine = [r for r in records if r["sampler"] == sampler and _variant(r) == variant]
-        best = {}
-        for r in mine:
-            if r["steps"] not in best or r["kid"] < best[r["steps"]]["kid"]:
-                best[r["steps"]] = r
-        swept = sorted({r["guidance"] for r in mine})
-        kid = [f"{_kid_cell(best[n])} ({best[n]['guidance']:g})" if n in best else "-" for n in steps]
-        fid = [f"{best[n]['fid']:.2f}" if n in best else "-" for n in steps]
-        guidances = "g " + ", ".join(f"{g:g}" for g in swept)
-        label = f"{SAMPLER_LABELS[sampler]} ({'; '.join([guidances, *_variant_words(variant)])})"
-        lines.append("| " + " | ".join([label, *kid, *fid]) + " |")
+def intervals_markdown(results: dict, baseline: str | None = None) -> str:
+    """Every row's headline metrics with their 95% sampling intervals and, where the row has a baseline row, the
+    paired difference row − baseline with its interval (bold where it excludes 0)."""
+    settings = results["interval_settings"]
+    metrics = (("kid", "KID×10³", 1.0), ("fid", "FID", 1.0), ("caption_score", "score", 1.0),
+               ("exact_match", "exact acc. %", 100.0))
+    head = ["method", "g", "steps"]
+    for _, name, _ in metrics:
+        head += [name] + ([f"Δ {name}"] if baseline else [])
+    fid_note = (f", FID's the first {settings['fid_resamples']}"
+                if settings.get("fid_resamples", settings["num_resamples"]) < settings["num_resamples"] else "")
+    lines = [f"Sampling intervals ({settings['confidence']:.0%}, {settings['method']}, {settings['num_resamples']} "
+             f"resamples{fid_note})" + (f"; Δ: row − {baseline} at the same step count and g, paired." if baseline else ".")
+             + " FID's resamples repeat images, which biases them upwards, so its interval can sit above the value;"
+             " KID's leave a row's pairs with its own copies out and are not biased so.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = results["records"] + results.get("sweep", []) + ceilings(results)
+    for r in sorted(rows, key=lambda r: (r["steps"], TABLE_SAMPLERS.index(r["sampler"]), str(_variant(r)),
+                                         r["guidance"])):
+        cells = [method_label(r), f"{r['guidance']:g}", str(r["steps"])]
+        for key, _, scale in metrics:
+            iv = r["intervals"][key]
+            cells.append(_interval(scale * iv["value"], [scale * v for v in iv["ci"]]))
+            cells += [_diff_cell(r, key, scale)] if baseline else []
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,5 +224,5 @@ def plot_against_steps(records: list[dict], path: Path, x_key: str = "steps", se
     return path
 
 
-__all__ = ["SAMPLER_LABELS", "ceilings", "hlines", "method_label", "results_markdown", "table1_markdown",
-           "best_guidance_markdown", "plot_against_steps"]
+__all__ = ["SAMPLER_LABELS", "ceilings", "hlines", "method_label", "baseline_label", "results_markdown",
+           "table1_markdown", "best_guidance_markdown", "intervals_markdown", "plot_against_steps"]

@@ -23,6 +23,19 @@ FLOOR_SCHEMA = {"type": "object", "required": [*SCORE_REQUIRED, "num_samples"],
 # LCM name -> the timestep schedule its rows use when they name none (the model folder's sampling.json)
 TIMESTEP_SCHEDULES_SCHEMA = {"type": "object", "additionalProperties": {"enum": list(TIMESTEP_SCHEDULES)}}
 
+_INTERVAL = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
+_VALUE_CI = {"type": "object", "required": ["value", "ci"], "properties": {"ci": _INTERVAL}}
+_DIFF_CI = {"type": "object", "required": ["diff", "ci"], "properties": {"ci": _INTERVAL}}
+# a row's sampling intervals (comparisons.attach): metric -> {"value", "ci"}; attribute_accuracy: attribute -> that
+INTERVALS_SCHEMA = {"type": "object", "required": ["kid", "fid", "caption_score", "exact_match"],
+                    "properties": {"attribute_accuracy": {"type": "object", "additionalProperties": _VALUE_CI}},
+                    "additionalProperties": _VALUE_CI}
+# a row's paired differences to its baseline row (named by key): metric -> {"diff", "ci"}
+PAIRED_SCHEMA = {"type": "object", "required": ["baseline", "kid", "fid", "caption_score", "exact_match"],
+                 "properties": {"baseline": {"type": "string"},
+                                "attribute_accuracy": {"type": "object", "additionalProperties": _DIFF_CI}},
+                 "additionalProperties": _DIFF_CI}
+
 RECORD_SCHEMA = {
     "type": "object",
     "required": ["sampler", "steps", *SCORE_REQUIRED, "unet_evals", "seconds"],
@@ -36,7 +49,14 @@ RECORD_SCHEMA = {
         **SCORE_PROPERTIES,
         "unet_evals": {"type": "number", "minimum": 0},
         "seconds": {"type": "number", "minimum": 0},
+        "key": {"type": "string"},        # the row's key (pipeline.Row.key): what "baseline" names
+        "intervals": INTERVALS_SCHEMA,    # optional, as the two below
+        "paired": PAIRED_SCHEMA,
     }}
+
+BEST_GUIDANCE_SCHEMA = {"type": "array", "items": {
+    "type": "object", "required": ["key", "steps", "guidance", "baseline_guidance", "paired"],
+    "properties": {"key": {"type": "string"}, "paired": PAIRED_SCHEMA}}}
 
 RESULTS_SCHEMA = {
     "type": "object",
@@ -53,6 +73,8 @@ RESULTS_SCHEMA = {
         "ceilings": {"type": "array", "items": RECORD_SCHEMA},  # optional: more ODE rows (a guidance interval)
         "sweep": {"type": "array", "items": RECORD_SCHEMA},  # optional: the rows at the other guidance scales
         "timestep_schedules": TIMESTEP_SCHEDULES_SCHEMA,
+        "best_guidance": BEST_GUIDANCE_SCHEMA,  # optional: each method at its best g against the baseline at its own
+        "interval_settings": {"type": "object", "required": ["method", "confidence", "num_resamples"]},
     },
 }
 
@@ -97,5 +119,5 @@ def write_results(path: str | Path, results: dict) -> Path:
     return write_json(path, results)
 
 
-__all__ = ["RESULTS_SCHEMA", "RECORD_SCHEMA", "FLOOR_SCHEMA", "TIMESTEP_SCHEDULES_SCHEMA", "TABLE_SAMPLERS",
+__all__ = ["RESULTS_SCHEMA", "RECORD_SCHEMA", "INTERVALS_SCHEMA", "PAIRED_SCHEMA", "BEST_GUIDANCE_SCHEMA", "FLOOR_SCHEMA", "TIMESTEP_SCHEDULES_SCHEMA", "TABLE_SAMPLERS",
            "validate_results", "own_schedules", "upgrade_keys", "read_results", "write_results"]

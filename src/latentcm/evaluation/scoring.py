@@ -67,7 +67,8 @@ def judged_values(images, extractor: JudgeExtractor, attribute: str) -> np.ndarr
 
 
 def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Reference, *,
-          wanted: list[dict[str, str]] | None = None, bootstrap: int = 0, paired: bool = False) -> dict:
+          wanted: list[dict[str, str]] | None = None, bootstrap: int = 0, paired: bool = False,
+          per_image: bool = False) -> dict:
     """The one scoring function: every command that scores images calls it.
 
     Args:
@@ -77,6 +78,7 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
         bootstrap: resamples of a percentile bootstrap interval of FID (0: none).
         paired: reference image i was drawn for prompt i from seed i too (``reference_from_images`` of another
             sampler's images): KID leaves out each image's own pair (``metrics.kid(paired=True)``).
+        per_image: also return "per_image" (``per_image_values``), what sampling intervals resample.
 
     Returns (unrounded; ``rounded`` rounds for tables):
         fid, kid and kid_std (x 10^3: mean and std over KID_SUBSETS subsets of min(KID_SUBSET_SIZE, N, M)
@@ -93,7 +95,9 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
     if wanted is None:
         wanted = [world.parse_caption(p) for p in prompts]
     mu, sigma = metrics.gaussian_stats(features)
-    scale = kid_scale(reference)
+    # the cubic kernel depends on the feature scale: scale both sets by the reference's RMS per dimension
+    # (one fixed linear map, so rows stay comparable; Inception-like magnitudes)
+    scale = kid_scale(reference.features)
     kid_mean, kid_std = metrics.kid(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
                                     KID_SUBSETS, KID_SUBSET_SIZE, paired=paired)  # float64: no jitter between runs
     n = min(len(features), len(reference.features))
@@ -114,14 +118,27 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
     if bootstrap:
         _, lower, upper = metrics.bootstrap_ci(features, reference.features, metrics.fid, num_resamples=bootstrap)
         out["fid_ci"] = [lower, upper]
+    if per_image:
+        out["per_image"] = per_image_values(features, probs, predicted, prompts, wanted)
     return out
 
 
-def kid_scale(reference: Reference) -> float:
-    """What ``score`` divides both feature sets by before KID: the reference features' RMS. The cubic kernel
-    depends on the feature scale; one fixed linear map per reference keeps rows comparable (Inception-like
-    magnitudes). Sampling intervals of KID (``intervals``) divide by the same number."""
-    return float(np.sqrt(np.mean(reference.features.astype(np.float64) ** 2))) or 1.0
+def kid_scale(reference_features: np.ndarray) -> float:
+    """The feature scale KID is computed at: the reference features' RMS (1 when they are all 0)."""
+    return float(np.sqrt(np.mean(np.asarray(reference_features, np.float64) ** 2))) or 1.0
+
+
+def per_image_values(features: np.ndarray, probs: dict, predicted: list[dict], prompts: list[str],
+                     wanted: list[dict[str, str]]) -> dict:
+    """What ``score``'s means and set metrics are made of, one entry per image (the sampling intervals resample
+    these): features [N, D] (FID, KID), caption_score [N] (NaN where the caption names nothing), exact_match [N]
+    (0 / 1) and attribute_accuracy {attribute: [N]} (1 right, 0 wrong, NaN where the caption leaves it open)."""
+    return {"features": np.asarray(features, np.float32),
+            "caption_score": metrics.agreement_per_image(probs, wanted_indices(prompts)),
+            "exact_match": np.array([float(all(p[k] == v for k, v in w.items())) for p, w in zip(predicted, wanted)]),
+            "attribute_accuracy": {k: np.array([float(p[k] == w[k]) if k in w else np.nan
+                                                for p, w in zip(predicted, wanted)])
+                                   for k in SCORED if any(k in w for w in wanted)}}
 
 
 def reference_from_images(images, extractor: JudgeExtractor, name: str) -> Reference:
@@ -175,5 +192,5 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
     return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
 
 
-__all__ = ["score", "kid_scale", "reference_from_images", "rounded", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values",
+__all__ = ["score", "rounded", "kid_scale", "per_image_values", "reference_from_images", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values",
            "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]
