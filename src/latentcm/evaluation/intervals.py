@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import frechet_distance
 
 ALPHA = 0.05          # two-sided 95% percentile intervals
 NUM_RESAMPLES = 200
