@@ -182,3 +182,22 @@ def test_runtime_errors_are_one_line(tmp_path, capsys, monkeypatch):
         main(["export", "--model", "lcm", "--out", str(tmp_path / "o"), "--format", "onnx", "--single-file"])
     assert "only with --format diffusers" in capsys.readouterr().err
 
+
+
+def test_serve_runtime_onnx_answers_like_torch(shipped_onnx):
+    from latentcm.errors import ModelError
+    from latentcm.serve.service import ServeConfig, Service
+    from latentcm.serve.validate import parse_request
+
+    def images(config):
+        service = Service(config)
+        try:
+            request = parse_request({"prompt": PROMPT, "seed": 3, "num_images": 2, "steps": 2}, service.limits)
+            return np.stack(service.generate(request, 120).images).astype(int)
+        finally:
+            service.close()
+    onnx = images(ServeConfig(lcm=str(shipped_onnx), teacher=None, runtime="onnx", warmup=False))
+    torch_ = images(ServeConfig(lcm="lcm", teacher=None, warmup=False))
+    assert np.abs(onnx - torch_).max() <= 2
+    with pytest.raises(ModelError, match="takes no bf16"):
+        Service(ServeConfig(lcm=str(shipped_onnx), teacher=None, runtime="onnx", dtype="bf16", warmup=False))

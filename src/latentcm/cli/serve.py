@@ -93,7 +93,10 @@ def _registered_loras(specs: tuple[str, ...]) -> dict[str, str]:
               help="channels_last + torch.compile of the UNets: ~40 s per batch size on first use, then "
                    "1.25-1.5x at batch 16 on CPU.")
 @click.option("--no-ui", is_flag=True, help="Serve the HTTP/JSON API and /health only.")
-def serve(host, port, lcm_model, teacher, loras, max_batch, batch_window_ms, max_queue, dtype, compile_unet, no_ui):
+@click.option("--runtime", type=click.Choice(["torch", "onnx", "openvino"]), default="torch",
+              help="The LCM's runtime: torch weights, or a folder lcm export --format onnx|openvino wrote (--lcm).")
+def serve(host, port, lcm_model, teacher, loras, max_batch, batch_window_ms, max_queue, dtype, compile_unet, no_ui,
+          runtime):
     """Serve the LCM as a web demo (gradio, at /) and an HTTP/JSON API that batches concurrent requests.
 
     POST /api/generate takes JSON (prompt, steps, guidance, seed, num_images, height, width, gamma,
@@ -110,7 +113,7 @@ def serve(host, port, lcm_model, teacher, loras, max_batch, batch_window_ms, max
 
         config = ServeConfig(lcm=lcm_model, teacher=None if teacher == "none" else teacher, loras=registered,
                              max_batch=max_batch, window_ms=batch_window_ms, max_queue=max_queue, dtype=dtype,
-                             compile=compile_unet)
+                             compile=compile_unet, runtime=runtime)
         run(config, host=host, port=port, ui=not no_ui, ready=lambda url: click.echo(f"serving {url}", err=True))
     except ImportError as exc:
         raise UserError(f"lcm serve needs gradio ({exc.name} is missing): pip install 'latentcm[serve]'") from None

@@ -43,6 +43,7 @@ class ServeConfig:
     max_lora_stacks: int = 2                # LoRA'd teachers kept loaded (LRU)
     device: str = "cpu"
     warmup: bool = True                     # one small batch per model at start (and compilation)
+    runtime: str = "torch"                  # the LCM's: torch weights, or an export's graphs on "onnx" / "openvino"
     limits: Limits = field(default_factory=Limits)
 
 
@@ -63,7 +64,7 @@ class Service:
         self.config = config = config or ServeConfig()
         if config.dtype not in DTYPES:
             raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
-        self.lcm = self._prepare(Bundle.load(registry.resolve(config.lcm)))
+        self.lcm = self._load_lcm(config)
         if not self.lcm.is_lcm:
             raise ModelError(f"--lcm {config.lcm} is a diffusion teacher, not an LCM folder")
         self.teacher = None
@@ -92,6 +93,19 @@ class Service:
             self._warmup()
         self.batcher = Batcher(self._run, max_batch=config.max_batch, window_s=config.window_ms / 1000,
                                max_queue=config.max_queue)
+
+    def _load_lcm(self, config: ServeConfig) -> Bundle:
+        """The LCM: torch weights made ready (``_prepare``), or an exported folder's graphs on its runtime."""
+        if config.runtime == "torch":
+            return self._prepare(Bundle.load(registry.resolve(config.lcm)))
+        if config.dtype != "fp32" or config.compile or config.device != "cpu":
+            raise ModelError(f"runtime {config.runtime} runs the export's fp32 graphs on the CPU: it takes no bf16, "
+                             "compile or other device")
+        from ..bundle.runtime import load_runtime
+
+        bundle = load_runtime(registry.resolve(config.lcm), config.runtime)
+        bundle.prompt_cache.resize(config.prompt_cache)
+        return bundle
 
     def _prepare(self, bundle: Bundle) -> Bundle:
         c = self.config
