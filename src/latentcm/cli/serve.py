@@ -59,8 +59,8 @@ def _registered_loras(specs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-queue", type=click.IntRange(1, 10000), default=64, help="Waiting requests before HTTP 429.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", help="bf16: opt-in bfloat16 autocast.")
 @click.option("--compile", "compile_unet", is_flag=True,
-              help="channels_last + torch.compile of the UNets: ~40 s per batch size on first use, then "
-                   "1.25-1.5x at batch 16 on CPU.")
+              help="channels_last + torch.compile of the UNets: ~40 s per batch size on first use; speed against "
+                   "diffusers in reports/serve/bench_sampling.md.")
 @click.option("--no-ui", is_flag=True, help="Serve the HTTP/JSON API and /health only.")
 def serve(host, port, lcm_model, teacher, loras, max_batch, batch_window_ms, max_queue, dtype, compile_unet, no_ui):
     """Serve the LCM as a web demo (gradio, at /) and an HTTP/JSON API that batches concurrent requests.
