@@ -5,6 +5,9 @@ from pathlib import Path
 # spinning. Spinning threads on a shared 2-core machine burn the cores the other thread waits for: test_lora.py took
 # 99 s of CPU with the default policy and 24 s with this one at load average 8.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One OpenMP / BLAS thread by default: in every subprocess (CLI runs, servers; micro models) and for numpy's BLAS.
+# This process sets torch's own thread count below.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
