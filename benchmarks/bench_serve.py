@@ -1,13 +1,16 @@
 """Load benchmark of `lcm serve` on loopback: 1, 4 and 16 concurrent clients, batching on and off.
 
-Each setting starts its own server process (`lcm serve --no-ui --teacher none`, 127.0.0.1, a free port) and
-closed-loop clients (each sends its next request when the last is answered) until the setting's request count
-is reached. Every request is one 64x64 LCM image at 4 steps with its own seed. Printed and written: p50 / p95
-latency, images/s, and the count of every status code (every request is answered; none may be lost).
-Bounded: at most --requests-per-client x clients requests per setting (64 at most) and --max-seconds overall.
+Two server processes run side by side (`lcm serve --no-ui --teacher none`, 127.0.0.1, free ports), one with
+batching on and one with it off; each round runs every client count against both, back to back (the order
+alternating from round to round), so on and off see the same load on a shared machine. Closed-loop clients
+(each sends its next request when the last is answered) until the setting's request count is reached. Every
+request is one 64x64 LCM image at 4 steps with its own seed. Printed and written: p50 / p95 latency, images/s,
+the per-round ratio on / off (median and range), and the count of every status code (every request is answered;
+none may be lost). Bounded: at most --requests-per-client x clients requests per setting (64 at most) and
+--max-seconds overall.
 
     python benchmarks/bench_serve.py                                 # writes reports/serve/bench.{json,md}
-    python benchmarks/bench_serve.py --clients 1,4 --requests-per-client 2 --out /tmp/bench
+    python benchmarks/bench_serve.py --clients 1,4 --requests-per-client 2 --rounds 2 --out /tmp/bench
 """
 from __future__ import annotations
 
@@ -96,7 +99,8 @@ def run_clients(url: str, clients: int, total: int, deadline: float, steps: int)
     return {"clients": clients, "requests": sum(statuses.values()), "statuses": statuses, "wall_s": round(wall, 3),
             "images_per_s": round(ok / wall, 2), "p50_s": round(percentile(latencies, 0.5), 4) if latencies else None,
             "p95_s": round(percentile(latencies, 0.95), 4) if latencies else None,
-            "mean_batch_images": round(statistics.mean(batch_sizes), 2) if batch_sizes else None}
+            "mean_batch_images": round(statistics.mean(batch_sizes), 2) if batch_sizes else None,
+            "latencies": latencies}
 
 
 def parse_args(argv):
@@ -104,68 +108,123 @@ def parse_args(argv):
     ap.add_argument("--clients", default="1,4,16", help="Comma-separated client counts.")
     ap.add_argument("--requests-per-client", type=int, default=4, help="Requests per client (64 per setting at most).")
     ap.add_argument("--min-requests", type=int, default=16, help="At least this many requests per setting.")
+    ap.add_argument("--rounds", type=int, default=5, help="Rounds; each runs every setting with batching on and off.")
     ap.add_argument("--steps", type=int, default=4, help="LCM steps per request.")
     ap.add_argument("--max-batch", type=int, default=16, help="Batching on: images per UNet batch.")
     ap.add_argument("--window-ms", type=float, default=20.0, help="Batching on: the batching window.")
-    ap.add_argument("--max-seconds", type=float, default=180.0, help="Stop issuing requests after this long in all.")
+    ap.add_argument("--max-seconds", type=float, default=900.0, help="Stop issuing requests after this long in all.")
     ap.add_argument("--server-args", default="", help="Extra `lcm serve` arguments, e.g. '--dtype bf16'.")
     ap.add_argument("--out", default=str(ROOT / "reports" / "serve"), help="Folder for bench.json and bench.md.")
     return ap.parse_args(argv)
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_rounds(args, urls: dict[str, str], counts: list[int], deadline: float) -> list[dict]:
+    """Every round runs each client count with batching on and off back to back (the order alternating from
+    round to round), so both see the same load on the machine; one row per (round, clients, batching)."""
+    rows = []
+    for rnd in range(args.rounds):
+        for clients in counts:
+            total = min(64, max(args.min_requests, clients * args.requests_per_client))
+            for batching in (("on", "off") if (rnd + clients) % 2 == 0 else ("off", "on")):
+                row = {"round": rnd, "batching": batching,
+                       **run_clients(urls[batching], clients, total, deadline, args.steps)}
+                rows.append(row)
+                print(f"round {rnd} batching {batching:3s} clients {clients:2d}: {row['requests']:3d} requests "
+                      f"{row['statuses']}, p50 {row['p50_s']} s, p95 {row['p95_s']} s, {row['images_per_s']} images/s, "
+                      f"mean batch {row['mean_batch_images']}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict], counts: list[int]) -> list[dict]:
+    """Per client count and batching: latency p50 / p95 over every request of every round, the median images/s;
+    per client count the per-round ratio of images/s on / off and the difference of p50 latency, median and range."""
+    out = []
+    for clients in counts:
+        mine = {b: [r for r in rows if r["clients"] == clients and r["batching"] == b] for b in ("on", "off")}
+        row = {"clients": clients}
+        for b, rs in mine.items():
+            lat = [x for r in rs for x in r["latencies"]]
+            row[b] = {"requests": sum(r["requests"] for r in rs), "ok": len(lat),
+                      "p50_s": round(percentile(lat, 0.5), 4) if lat else None,
+                      "p95_s": round(percentile(lat, 0.95), 4) if lat else None,
+                      "images_per_s": round(statistics.median(r["images_per_s"] for r in rs), 2),
+                      "mean_batch_images": round(statistics.mean(r["mean_batch_images"] or 0 for r in rs), 2)}
+        pairs = [(on, off) for on, off in zip(mine["on"], mine["off"]) if off["images_per_s"] and on["p50_s"]
+                 and off["p50_s"]]
+        ratio = [on["images_per_s"] / off["images_per_s"] for on, off in pairs]
+        added = [on["p50_s"] - off["p50_s"] for on, off in pairs]
+        row["speedup"] = [round(statistics.median(ratio), 2), round(min(ratio), 2), round(max(ratio), 2)] if ratio else None
+        row["p50_added_s"] = [round(statistics.median(added), 4), round(min(added), 4), round(max(added), 4)] \
+            if added else None
+        out.append(row)
+    return out
+
+
+def markdown(result: dict, argv) -> str:
+    lines = ["# `lcm serve` load benchmark (loopback)\n",
+             f"Machine: {result['machine']}. One 64x64 LCM image at {result['steps']} steps per request; closed-loop "
+             f"clients; batching on = max batch {result['max_batch']}, window {result['window_ms']:g} ms; off = max "
+             f"batch 1; both servers run side by side and every round runs each client count on and off back to back "
+             f"(order alternating), {result['rounds']} rounds. Latency p50 / p95 over every request of every round; "
+             "images/s: median over rounds; on / off: per-round ratio of images/s, median [min, max]; p50 added: "
+             "per-round p50 on - p50 off. Command: `python benchmarks/bench_serve.py"
+             f"{' ' + ' '.join(argv) if argv else ''}`.\n",
+             "| clients | on: requests | on: p50 / p95 latency (s) | on: images/s | on: mean batch | off: requests | "
+             "off: p50 / p95 latency (s) | off: images/s | images/s on / off | p50 added by batching (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        on, off, sp, ad = s["on"], s["off"], s["speedup"], s["p50_added_s"]
+        lines.append(f"| {s['clients']} | {on['ok']}/{on['requests']} | {on['p50_s']} / {on['p95_s']} | "
+                     f"{on['images_per_s']} | {on['mean_batch_images']} | {off['ok']}/{off['requests']} | "
+                     f"{off['p50_s']} / {off['p95_s']} | {off['images_per_s']} | "
+                     f"{f'{sp[0]}x [{sp[1]}, {sp[2]}]' if sp else '-'} | "
+                     f"{f'{ad[0]:+.3f} [{ad[1]:+.3f}, {ad[2]:+.3f}]' if ad else '-'} |")
+    lines.append("\nStatus codes over all rounds: " + ", ".join(f"{k}: {v}" for k, v in result["statuses"].items())
+                 + ". Every round's rows are in bench.json.")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     start = time.monotonic()
-    deadline = start + args.max_seconds
-    rows = []
-    for batching in (True, False):
-        max_batch = args.max_batch if batching else 1
-        proc, url = start_server(max_batch, args.window_ms, 64, args.server_args.split())
-        try:
+    procs, urls = [], {}
+    try:
+        for batching, max_batch in (("on", args.max_batch), ("off", 1)):
+            proc, url = start_server(max_batch, args.window_ms, 64, args.server_args.split())
+            procs.append(proc)
+            urls[batching] = url
             httpx.post(url + "api/generate", json={"prompt": PROMPTS[0], "steps": args.steps}, timeout=120)  # warm
-            for clients in counts:
-                total = min(64, max(args.min_requests, clients * args.requests_per_client))
-                row = run_clients(url, clients, total, deadline, args.steps)
-                row["batching"] = "on" if batching else "off"
-                rows.append(row)
-                print(f"batching {row['batching']:3s} clients {clients:2d}: {row['requests']:3d} requests "
-                      f"{row['statuses']}, p50 {row['p50_s']} s, p95 {row['p95_s']} s, {row['images_per_s']} images/s, "
-                      f"mean batch {row['mean_batch_images']}", flush=True)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    ratios = {}
-    for clients in counts:
-        on = next((r for r in rows if r["clients"] == clients and r["batching"] == "on"), None)
-        off = next((r for r in rows if r["clients"] == clients and r["batching"] == "off"), None)
-        if on and off and off["images_per_s"]:
-            ratios[str(clients)] = round(on["images_per_s"] / off["images_per_s"], 2)
-    machine = f"{platform.machine()} {os.cpu_count()} CPU cores, shared with other jobs; load average " + \
-              " ".join(f"{x:.1f}" for x in os.getloadavg())
+        rows = run_rounds(args, urls, counts, start + args.max_seconds)
+    finally:
+        for proc in procs:
+            stop(proc)
+    statuses: dict[str, int] = {}
+    for r in rows:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    machine = f"{platform.machine()} {os.cpu_count()} CPU cores, shared with other jobs (a background training " \
+              "job among them); load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    summary = summarize(rows, counts)
     result = {"machine": machine, "steps": args.steps, "max_batch": args.max_batch, "window_ms": args.window_ms,
-              "server_args": args.server_args, "rows": rows, "batching_speedup_images_per_s": ratios,
+              "rounds": args.rounds, "server_args": args.server_args, "summary": summary, "statuses": statuses,
+              "rows": [{k: v for k, v in r.items() if k != "latencies"} for r in rows],
               "seconds": round(time.monotonic() - start, 1),
               "every_request_answered": all(r["requests"] == sum(r["statuses"].values()) for r in rows)}
-    print("images/s with batching on / off:", ratios)
+    print("images/s with batching on / off, median [min, max] over rounds:",
+          {s["clients"]: s["speedup"] for s in summary})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# `lcm serve` load benchmark (loopback)\n", f"Machine: {machine}. One 64x64 LCM image at {args.steps} "
-             f"steps per request; closed-loop clients; batching on = max batch {args.max_batch}, window "
-             f"{args.window_ms:g} ms; off = max batch 1. Command: `python benchmarks/bench_serve.py"
-             f"{' ' + ' '.join(argv) if argv else ''}`.\n",
-             "| batching | clients | requests | statuses | p50 latency (s) | p95 latency (s) | images/s | mean batch |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['batching']} | {r['clients']} | {r['requests']} | "
-                     f"{', '.join(f'{k}: {v}' for k, v in r['statuses'].items())} | {r['p50_s']} | {r['p95_s']} | "
-                     f"{r['images_per_s']} | {r['mean_batch_images']} |")
-    lines.append("\nimages/s, batching on / off: " + ", ".join(f"{c} clients {v}x" for c, v in ratios.items()))
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    (out / "bench.md").write_text(markdown(result, argv))
     return result
 
 

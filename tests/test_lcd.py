@@ -272,36 +272,12 @@ def test_two_step_resume_equals_an_uninterrupted_run(bundle, data, tmp_path):
                            torch.zeros_like(full.student_unet.time_embedding.cond_proj.weight))
 
 
-MULTIPROCESS_SCRIPT = '''
-import hashlib, json, sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-from latentcm.bundle import Bundle
-from latentcm.training.consistency import LCDConfig, LCDTask
-from latentcm.training.data.shapes import world_data
-from latentcm.training.loop import LoopConfig, fit, make_accelerator
-acc = make_accelerator()
-bundle = Bundle.load(sys.argv[1])
-task = LCDTask(bundle.unet, bundle.scheduler_config, world_data(bundle, 8), LCDConfig(batch_size=2))
-out = Path(sys.argv[2])
-done = fit(task, LoopConfig(max_steps=3, lr=1e-4, warmup=0, checkpoint_every=2), out, accelerator=acc)
-def digest(m):
-    h = hashlib.sha256()
-    for k, v in sorted(m.state_dict().items()):
-        h.update(k.encode() + v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-(out / f"rank-{acc.process_index}.json").write_text(json.dumps({"world": acc.num_processes, "done": done,
-    "student": digest(task.student_unet), "target": digest(task.target_unet)}))
-'''
-
-
-def test_two_process_accelerate_run_keeps_identical_weights(micro_teacher, tmp_path, launch_two_cpu_processes):
-    """`accelerate launch` with 2 CPU processes (gloo): data parallel, identical student and target afterwards."""
-    script, out = tmp_path / "run.py", tmp_path / "run"
-    script.write_text(MULTIPROCESS_SCRIPT)
-    proc = launch_two_cpu_processes([script, micro_teacher, out], timeout=240)
+def test_two_process_accelerate_run_keeps_identical_weights(two_process_runs):
+    """`accelerate launch` with 2 CPU processes (gloo): data parallel, identical student and target afterwards
+    (the "lcd" job of tests/multiprocess_jobs.py)."""
+    proc, root = two_process_runs
     assert proc.returncode == 0, proc.stderr[-2000:]
+    out = root / "lcd"
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["done"] == 3 for r in ranks)
     assert ranks[0]["student"] == ranks[1]["student"] and ranks[0]["target"] == ranks[1]["target"]

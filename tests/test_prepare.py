@@ -165,14 +165,15 @@ def test_bad_prepare_options_are_refused():
             prep.PrepareConfig(**bad)
 
 
-def test_accelerate_launch_with_two_processes_writes_the_one_process_shards(micro_teacher, world_shards, latents,
-                                                                          tmp_path, launch_two_cpu_processes):
-    proc = launch_two_cpu_processes(["-m", "latentcm.cli", "prepare", "--model", micro_teacher,
-                                     "--data", world_shards / SPEC, "--out", tmp_path, "--dtype", "float32"],
-                                    timeout=240)
+def test_accelerate_launch_with_two_processes_writes_the_one_process_shards(latents, two_process_runs):
+    """`lcm prepare --dtype float32` of the 4 world shards under `accelerate launch` with 2 CPU processes (the
+    "prepare" job of tests/multiprocess_jobs.py)."""
+    proc, root = two_process_runs
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("16 samples in 4 latent shards")  # the summary, printed once (main process)
-    _assert_same_shards(tmp_path, latents)
+    printed = [(root / f"prepare-stdout-{r}.txt").read_text() for r in (0, 1)]
+    assert printed[0].startswith("16 samples in 4 latent shards")  # the summary, printed once (main process)
+    assert "".join(printed).count("16 samples in") == 1
+    _assert_same_shards(root / "prepare", latents)
 
 
 def test_a_shard_prepare_found_nothing_in_is_read_past(micro_bundle, latents, tmp_path):

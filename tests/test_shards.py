@@ -116,13 +116,12 @@ def test_pipe_shards_stream(shards, bundle):
     assert sorted(s["__key__"] for _, _, s in src.samples(0)) == [f"train_{i:06d}" for i in range(4, 12)]
 
 
-def test_two_processes_distil_on_their_own_shards(micro_teacher, shards, tmp_path, launch_two_cpu_processes):
-    """`accelerate launch` with 2 CPU processes (gloo) streaming shards: process r reads shards i % 2 == r."""
-    out = tmp_path / "lcm"
-    proc = launch_two_cpu_processes(["-m", "latentcm.cli", "distill", "--teacher", micro_teacher, "--out", out,
-                                     "--data", shards / SPEC, "--max-steps", "2", "--batch-size", "2",
-                                     "--validate-every", "0"])
+def test_two_processes_distil_on_their_own_shards(two_process_runs):
+    """`accelerate launch` with 2 CPU processes (gloo) streaming shards: process r reads shards i % 2 == r (the
+    "distill" job of tests/multiprocess_jobs.py: `lcm distill --data SHARDS --max-steps 2 --batch-size 2`)."""
+    proc, root = two_process_runs
     assert proc.returncode == 0, proc.stderr[-2000:]
+    out = root / "distill"
     assert Bundle.load(out).is_lcm and "2 x 2 (2 process(es))" in (out / "README.md").read_text()
 
 
@@ -213,27 +212,6 @@ def test_lcm_lora_streams_shards(micro_teacher, shards, tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith(str(out)) and (out / "pytorch_lora_weights.safetensors").is_file()
 
 
-DDP_SHARDS_SCRIPT = '''
-import sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-from safetensors.torch import save_file
-from latentcm.bundle import Bundle
-from latentcm.training.consistency import LCDConfig, LCDTask
-from latentcm.training.data.shards import ShardSource
-from latentcm.training.loop import LoopConfig, fit, make_accelerator
-acc = make_accelerator()
-bundle = Bundle.load(sys.argv[1])
-source = ShardSource(bundle, sys.argv[2], 2, seed=3, process_index=acc.process_index, num_processes=acc.num_processes)
-task = LCDTask(bundle.unet, bundle.scheduler_config, source, LCDConfig(batch_size=2, seed=3))
-out = Path(sys.argv[3])
-fit(task, LoopConfig(max_steps=3, lr=1e-3, warmup=0, checkpoint_every=10), out, accelerator=acc)
-if acc.is_main_process:
-    save_file({k: v.contiguous() for k, v in task.student_unet.state_dict().items()}, str(out / "student.safetensors"))
-'''
-
-
 class _BothRanks:
     """The two processes' shard sources behind one: batch index k is process k % 2's (what DDP reads)."""
 
@@ -251,15 +229,14 @@ class _BothRanks:
         return self
 
 
-def test_two_processes_at_batch_b_equal_one_process_at_2b(micro_teacher, shards, tmp_path, launch_two_cpu_processes):
-    """DDP (2 gloo processes, batch 2 each) against one process whose batch of 4 is the two processes' batches
-    of the same step (same samples, t, noise and w): the same weights after 3 steps, up to float reordering."""
+def test_two_processes_at_batch_b_equal_one_process_at_2b(micro_teacher, shards, tmp_path, two_process_runs):
+    """DDP (2 gloo processes, batch 2 each; the "ddp-shards" job of tests/multiprocess_jobs.py) against one process
+    whose batch of 4 is the two processes' batches of the same step (same samples, t, noise and w): the same
+    weights after 3 steps, up to float reordering."""
     from latentcm.training.consistency import LCDConfig, LCDTask
     from latentcm.training.loop import LoopConfig, fit
 
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SHARDS_SCRIPT)
-    proc = launch_two_cpu_processes([script, micro_teacher, shards / SPEC, tmp_path / "ddp"])
+    proc, root = two_process_runs
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     class OneAt2B(LCDTask):
@@ -273,7 +250,7 @@ def test_two_processes_at_batch_b_equal_one_process_at_2b(micro_teacher, shards,
                        for r in (0, 1)])
     task = OneAt2B(bundle.unet, bundle.scheduler_config, both, LCDConfig(batch_size=2, seed=3))
     fit(task, LoopConfig(max_steps=3, lr=1e-3, warmup=0, checkpoint_every=10), tmp_path / "one")
-    ddp = load_file(str(tmp_path / "ddp" / "student.safetensors"))
+    ddp = load_file(str(root / "ddp-shards" / "student.safetensors"))
     start = Bundle.load(micro_teacher).unet.state_dict()
     moved = max(float((ddp[k] - start[k]).abs().max()) for k in start)
     worst = max(float((v - ddp[k]).abs().max()) for k, v in task.student_unet.state_dict().items())

@@ -1,3 +1,4 @@
+import functools
 import random
 import json
 
@@ -5,6 +6,19 @@ import numpy as np
 import pytest
 
 from latentcm import world
+
+
+@functools.lru_cache(maxsize=None)
+def _samples(seed: int, count: int, split: str = "train") -> tuple:
+    """world.iter_samples as a tuple, drawn once per module (rendering thousands of images is this file's cost);
+    read-only: tests take prefixes of it."""
+    return tuple(world.iter_samples(seed, count, split))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_samples():
+    yield
+    _samples.cache_clear()  # ~10k images: not kept for the rest of the session
 
 
 def test_world_is_deterministic_per_seed():
@@ -17,14 +31,14 @@ def test_world_is_deterministic_per_seed():
 
 @pytest.mark.parametrize("split", ["train", "heldout", "paraphrase"])
 def test_every_caption_parses_back_to_its_attributes(split):
-    for s in world.iter_samples(0, 2000, split):
+    for s in _samples(0, 3000 if split == "train" else 2000, split)[:2000]:
         parsed = world.parse_caption(s.text)
         assert {"shape", "colour"} <= parsed.keys(), s.text
         assert all(s.scene.attributes()[k] == v for k, v in parsed.items()), (s.text, parsed)
 
 
 def test_captions_use_synonyms_and_omit_attributes():
-    texts = [s.text for s in world.iter_samples(0, 3000)]
+    texts = [s.text for s in _samples(0, 3000)]
     assert any("grey" in t for t in texts) and any("gray" in t for t in texts)
     assert any(t.count(" ") <= 2 for t in texts)  # "a red circle"
     assert any("backdrop" in t for t in texts) and any("upper left" in t for t in texts)
@@ -33,8 +47,8 @@ def test_captions_use_synonyms_and_omit_attributes():
 
 
 def test_heldout_split_is_disjoint_from_training():
-    train = list(world.iter_samples(0, 3000, "train"))
-    held = list(world.iter_samples(0, 500, "heldout"))
+    train = list(_samples(0, 3000, "train"))
+    held = list(_samples(0, 2000, "heldout")[:500])
     triple = lambda s: (s.scene.shape, s.scene.colour, s.scene.background)  # noqa: E731
     assert not {triple(s) for s in train} & {triple(s) for s in held}
     assert not set(world.TRAIN_TEMPLATES) & (set(world.HELDOUT_TEMPLATES) | set(world.PARAPHRASE_TEMPLATES))
@@ -51,15 +65,15 @@ def test_heldout_templates_reuse_training_words_and_paraphrases_do_not():
     train = _words(world.TRAIN_TEMPLATES)
     assert _words(world.HELDOUT_TEMPLATES) <= train
     assert _words(world.PARAPHRASE_TEMPLATES) - train  # e.g. "against", "with", "picture"
-    para = list(world.iter_samples(0, 300, "paraphrase"))
-    held = {(s.scene.shape, s.scene.colour, s.scene.background) for s in world.iter_samples(0, 300, "heldout")}
+    para = list(_samples(0, 2000, "paraphrase")[:300])
+    held = {(s.scene.shape, s.scene.colour, s.scene.background) for s in _samples(0, 2000, "heldout")[:300]}
     assert {(s.scene.shape, s.scene.colour, s.scene.background) for s in para} <= held | {
         (a, b, c) for a in world.SHAPES for b in world.COLOUR_NAMES for c in world.COLOUR_NAMES
         if world.is_heldout_triple(a, b, c)}
 
 
 def test_all_attribute_values_are_drawn():
-    scenes = [s.scene for s in world.iter_samples(1, 3000)]
+    scenes = [s.scene for s in _samples(1, 3000)]
     for key, values in world.ATTRIBUTES.items():
         assert {getattr(s, key) for s in scenes} == set(values), key
 

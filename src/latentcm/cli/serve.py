@@ -90,8 +90,8 @@ def _registered_loras(specs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-queue", type=click.IntRange(1, 10000), default=64, help="Waiting requests before HTTP 429.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", help="bf16: opt-in bfloat16 autocast.")
 @click.option("--compile", "compile_unet", is_flag=True,
-              help="channels_last + torch.compile of the UNets: ~40 s per batch size on first use, then "
-                   "1.25-1.5x at batch 16 on CPU.")
+              help="channels_last + torch.compile of the UNets: ~40 s per batch size on first use; speed against "
+                   "diffusers in reports/serve/bench_sampling.md.")
 @click.option("--no-ui", is_flag=True, help="Serve the HTTP/JSON API and /health only.")
 @click.option("--runtime", type=click.Choice(["torch", "onnx", "openvino"]), default="torch",
               help="The LCM's runtime: torch weights, or a folder lcm export --format onnx|openvino wrote (--lcm).")
