@@ -64,7 +64,36 @@ def restrict_cond_proj(unet, omega_min: float, omega_max: float) -> None:
 
 # --- the task ------------------------------------------------------------------------------------
 
-class LCDTask:
+class StudentTask:
+    """What the tasks with one online student share (LCD / LCF here, guidance distillation in ``guided``): its
+    checkpointed modules, the weights to ship and the optimizer's groups. Needs ``student_unet``,
+    ``average_unet`` (a slow EMA of the student, or None) and ``cfg.cond_proj_lr_scale``."""
+
+    def modules(self):
+        found = {"student": self.student_unet}
+        if self.average_unet is not None:
+            found["student_ema"] = self.average_unet
+        return found
+
+    @property
+    def export_unet(self):
+        """The weights to ship: the slow EMA of the student when one is kept, else the online student."""
+        return self.average_unet if self.average_unet is not None else self.student_unet
+
+    def parameters(self):
+        return list(self.student_unet.parameters())
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's groups: the student, with the w projection apart at ``cond_proj_lr_scale`` x the lr."""
+        proj = getattr(self.student_unet.time_embedding, "cond_proj", None)
+        if self.cfg.cond_proj_lr_scale == 1.0 or proj is None:
+            return [{"params": self.parameters()}]
+        mine = {id(p) for p in proj.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in mine]},
+                {"params": list(proj.parameters()), "lr_scale": self.cfg.cond_proj_lr_scale}]
+
+
+class LCDTask(StudentTask):
     """LCM Algorithm 1 as a loop Task: online student, EMA target, frozen teacher, solver target.
     With ``cfg.target == "same-noise"`` it is LCF instead (no teacher, no solver; LCM Sec. 4.4).
 
@@ -133,27 +162,8 @@ class LCDTask:
         wrap_float32(self.student.denoiser, torch.float32)
 
     def modules(self):
-        found = {"student": self.student_unet, "target": self.target_unet}
-        if self.average_unet is not None:
-            found["student_ema"] = self.average_unet
-        return found
-
-    @property
-    def export_unet(self):
-        """The weights to ship: the slow EMA of the student when one is kept, else the online student."""
-        return self.average_unet if self.average_unet is not None else self.student_unet
-
-    def parameters(self):
-        return list(self.student_unet.parameters())
-
-    def param_groups(self) -> list[dict]:
-        """The optimizer's groups: the student, with the w projection apart at ``cond_proj_lr_scale`` x the lr."""
-        proj = self.student_unet.time_embedding.cond_proj
-        if self.cfg.cond_proj_lr_scale == 1.0 or proj is None:
-            return [{"params": self.parameters()}]
-        mine = {id(p) for p in proj.parameters()}
-        return [{"params": [p for p in self.parameters() if id(p) not in mine]},
-                {"params": list(proj.parameters()), "lr_scale": self.cfg.cond_proj_lr_scale}]
+        found = super().modules()
+        return {"student": found.pop("student"), "target": self.target_unet, **found}
 
     def prepare(self, accelerator) -> None:
         """Everything on the accelerator's device; the student's forward through ``accelerator.prepare``."""

@@ -26,7 +26,7 @@ from .. import schedules
 from ..guidance import guidance_scale_embedding
 from ..models.denoiser import Denoiser, make_student
 from ..solvers import guide
-from .consistency import restrict_cond_proj
+from .consistency import StudentTask, restrict_cond_proj
 from .data.tensors import LCDData
 from .lcd_config import LCDConfig, distance
 from .loop import ema_update, step_generator
@@ -45,7 +45,7 @@ def cfg_eps(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, text: torch.T
     return guide(eps_c, eps_0, omega)
 
 
-class GuidanceTask:
+class GuidanceTask(StudentTask):
     """Guidance distillation as a loop Task: frozen teacher, w-conditioned online student (optionally a slow EMA
     of it, exported in its place). ``cfg`` reads omega_min/max, batch_size, seed, time_cond_proj_dim,
     cond_proj_init, cond_proj_inputs, cond_proj_lr_scale, student_ema and loss (l2 | huber on eps).
@@ -75,29 +75,6 @@ class GuidanceTask:
         self.student = Denoiser(self.student_unet, scheduler_config)
         self.alpha_bar = self.student.alpha_bar  # [T] float64
         self.device = self.alpha_bar.device
-
-    # the parts the loop shares with LCDTask
-    def modules(self):
-        found = {"student": self.student_unet}
-        if self.average_unet is not None:
-            found["student_ema"] = self.average_unet
-        return found
-
-    @property
-    def export_unet(self):
-        return self.average_unet if self.average_unet is not None else self.student_unet
-
-    def parameters(self):
-        return list(self.student_unet.parameters())
-
-    def param_groups(self) -> list[dict]:
-        """The student, with the w projection apart at ``cond_proj_lr_scale`` x the lr."""
-        proj = self.student_unet.time_embedding.cond_proj
-        if self.cfg.cond_proj_lr_scale == 1.0:
-            return [{"params": self.parameters()}]
-        mine = {id(p) for p in proj.parameters()}
-        return [{"params": [p for p in self.parameters() if id(p) not in mine]},
-                {"params": list(proj.parameters()), "lr_scale": self.cfg.cond_proj_lr_scale}]
 
     def set_precision(self, dtype: torch.dtype) -> None:
         """Mixed precision: the teacher stored in ``dtype``; the student (and its slow EMA) fp32; outputs fp32."""
