@@ -179,7 +179,16 @@ def test_ctrl_c_checkpoints_the_last_step_and_resume_continues_exactly(tmp_path,
     assert torch.equal(full.ema.weight, resumed.ema.weight)
 
 
-def test_ctrl_c_during_an_update_finishes_and_counts_it(tmp_path):
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler, as a fresh ``lcm`` process has: a library imported by an earlier test may have
+    installed another (the loop then leaves Ctrl-C to it)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_during_an_update_finishes_and_counts_it(tmp_path, python_sigint_handler):
     """SIGINT inside the optimizer update / EMA: the update completes, counts as step 6, and is checkpointed."""
     cfg = loop.LoopConfig(max_steps=8, lr=1e-2, warmup=0, schedule="constant", checkpoint_every=4)
     full = LinTask()
