@@ -205,15 +205,18 @@ def interrupt_during_an_update(folder: str) -> None:
 
 
 def test_ctrl_c_during_an_update_finishes_and_counts_it(tmp_path):
-    """``interrupt_during_an_update`` in a fresh interpreter, as a user's ``lcm`` process is: a raised SIGINT crashes
-    a process into which an earlier test loaded an OpenVINO runtime."""
+    """``interrupt_during_an_update`` in a fresh interpreter with SIGINT at its default, as a user's ``lcm`` process
+    is: a raised SIGINT crashes a process into which an earlier test loaded an OpenVINO runtime, and a suite run in
+    the background ignores SIGINT."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_user_defects as t; "
             f"t.interrupt_during_an_update({str(tmp_path)!r})")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # a suite started in the background (`cmd &`) ignores SIGINT, and children inherit that: restore it
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 0, result.stderr[-3000:]
 
 
