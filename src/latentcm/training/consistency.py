@@ -66,8 +66,9 @@ def restrict_cond_proj(unet, omega_min: float, omega_max: float) -> None:
 
 class StudentTask:
     """What the tasks with one online student share (LCD / LCF here, guidance distillation in ``guided``): its
-    checkpointed modules, the weights to ship and the optimizer's groups. Needs ``student_unet``,
-    ``average_unet`` (a slow EMA of the student, or None) and ``cfg.cond_proj_lr_scale``."""
+    checkpointed modules, the weights to ship, the move to the device and the optimizer's groups. Needs
+    ``student_unet``, ``student``, ``teacher`` (or None), ``average_unet`` (a slow EMA of the student, or None),
+    ``data``, ``alpha_bar`` and ``cfg.cond_proj_lr_scale``."""
 
     def modules(self):
         found = {"student": self.student_unet}
@@ -82,6 +83,19 @@ class StudentTask:
 
     def parameters(self):
         return list(self.student_unet.parameters())
+
+    def frozen_networks(self) -> list:
+        """The networks that only run forward: the teacher (if any) and the slow EMA of the student (if kept)."""
+        return [net for net in (self.teacher, self.average_unet) if net is not None]
+
+    def prepare(self, accelerator) -> None:
+        """Everything on the accelerator's device; the student's forward through ``accelerator.prepare``."""
+        self.device = accelerator.device
+        for net in self.frozen_networks():
+            net.to(self.device)
+        self.data = self.data.to(self.device)
+        self.alpha_bar = self.alpha_bar.to(self.device)
+        self.student = accelerator.prepare(self.student)
 
     def param_groups(self) -> list[dict]:
         """The optimizer's groups: the student, with the w projection apart at ``cond_proj_lr_scale`` x the lr."""
@@ -165,17 +179,8 @@ class LCDTask(StudentTask):
         found = super().modules()
         return {"student": found.pop("student"), "target": self.target_unet, **found}
 
-    def prepare(self, accelerator) -> None:
-        """Everything on the accelerator's device; the student's forward through ``accelerator.prepare``."""
-        self.device = accelerator.device
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-        self.target.to(self.device)
-        if self.average_unet is not None:
-            self.average_unet.to(self.device)
-        self.data = self.data.to(self.device)
-        self.alpha_bar = self.alpha_bar.to(self.device)
-        self.student = accelerator.prepare(self.student)
+    def frozen_networks(self) -> list:
+        return [*super().frozen_networks(), self.target]
 
     def batch(self, step: int) -> dict:
         """Algorithm 1 line 3: (z, c) ~ D_z, t_{n+k} on the grid, w ~ U[w_min, w_max]; plus the noise of line 4."""

@@ -86,15 +86,6 @@ class GuidanceTask(StudentTask):
             warn_slow_ema(self.cfg.student_ema, torch.float32)
         wrap_float32(self.student, torch.float32)
 
-    def prepare(self, accelerator) -> None:
-        self.device = accelerator.device
-        self.teacher.to(self.device)
-        if self.average_unet is not None:
-            self.average_unet.to(self.device)
-        self.data = self.data.to(self.device)
-        self.alpha_bar = self.alpha_bar.to(self.device)
-        self.student = accelerator.prepare(self.student)
-
     def batch(self, step: int) -> dict:
         """(z, c) from the data, t ~ U{0, ..., T - 1}, w ~ U[w_min, w_max], the noise of z_t."""
         g, b = step_generator(self.cfg.seed, step), self.cfg.batch_size
