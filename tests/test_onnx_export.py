@@ -80,7 +80,7 @@ PIPELINES = {  # format -> (module, class, the variable naming a Python that has
 
 def _peer_python(fmt: str) -> str:
     """A Python with optimum's pipeline for ``fmt``: this one, else the one its variable names (optimum-onnx 0.1.0
-    needs transformers < 4.58, so it lives in an environment of its own: README "Run it elsewhere")."""
+    needs transformers < 4.58, so it lives in an environment of its own: docs/run-elsewhere.md)."""
     module, _, variable, _ = PIPELINES[fmt]
     try:
         __import__(module)
