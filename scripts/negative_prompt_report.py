@@ -82,10 +82,30 @@ def lcm_refusal() -> str:
     return ""
 
 
-def markdown(results: dict) -> str:
-    s, pct = results["summary"], (lambda v: f"{100 * v:.1f}%")
+def tables(s: dict, per_colour: dict, caption: str = "") -> str:
+    """The summary table (each share with its interval) and the per-colour table, in markdown."""
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     ci = lambda r, k="ci": f"[{pct(r[k][0])}, {pct(r[k][1])}]"  # noqa: E731
-    rows = "\n".join(f"| {c} | {pct(v['without'])} | {pct(v['with'])} |" for c, v in results["per_colour"].items())
+    rows = "\n".join(f"| {c} | {pct(v['without'])} | {pct(v['with'])} |" for c, v in per_colour.items())
+    return f"""| | share of images showing the negated colour |
+|---|---|
+| without the negative prompt | {pct(s['without']['value'])} {ci(s['without'])} |
+| with it | {pct(s['with']['value'])} {ci(s['with'])} |
+| paired difference | {pct(s['with']['diff'])} {ci(s['with'], 'diff_ci')} |
+| relative drop | {pct(s['relative_drop']['value'])} {ci(s['relative_drop'])} |
+{chr(10) + caption + chr(10) if caption else ""}
+| colour | without | with |
+|---|---|---|
+{rows}"""
+
+
+def save_pair_grid(bundle, row: Row, prompts: list[str], samples: Path, path: Path) -> None:
+    """The first 8 prompts without (top row) and with "red" as the negative prompt (bottom row)."""
+    grid = [generate_cached(bundle, r, prompts, 0, samples)[0][:8] for r in (row, row._replace(negative_prompt="red"))]
+    save_grid(from_pixels(np.concatenate(grid)), path, cols=min(8, len(prompts)))
+
+
+def markdown(results: dict) -> str:
     return f"""# Negative prompts
 
 Command: `{results['command']}`. Teacher: {results['sampler']} {results['steps']} steps, CFG g = {results['guidance']};
@@ -93,18 +113,7 @@ Command: `{results['command']}`. Teacher: {results['sampler']} {results['steps']
 ({', '.join(NEGATED)}); the judge reads the colour. Intervals: 95% percentile bootstrap over prompts (paired: the
 same prompts and seeds with and without the negative).
 
-| | share of images showing the negated colour |
-|---|---|
-| without the negative prompt | {pct(s['without']['value'])} {ci(s['without'])} |
-| with it | {pct(s['with']['value'])} {ci(s['with'])} |
-| paired difference | {pct(s['with']['diff'])} {ci(s['with'], 'diff_ci')} |
-| relative drop | {pct(s['relative_drop']['value'])} {ci(s['relative_drop'])} |
-
-Per colour (without -> with):
-
-| colour | without | with |
-|---|---|---|
-{rows}
+{tables(results['summary'], results['per_colour'], 'Per colour (without -> with):')}
 
 The shipped LCM is not in this table: it refuses a negative prompt ("{results['lcm']}").
 
@@ -116,23 +125,11 @@ def model_markdown(entry: dict) -> str:
     """One model's section of the several-model report: its settings and tables, or its refusal."""
     if "refused" in entry:
         return f"## {entry['model']}\n\nNot measured: it refuses a negative prompt (\"{entry['refused']}\").\n"
-    s, pct = entry["summary"], (lambda v: f"{100 * v:.1f}%")
-    ci = lambda r, k="ci": f"[{pct(r[k][0])}, {pct(r[k][1])}]"  # noqa: E731
-    rows = "\n".join(f"| {c} | {pct(v['without'])} | {pct(v['with'])} |" for c, v in entry["per_colour"].items())
     return f"""## {entry['model']}
 
 `{entry['path']}`: {entry['sampler']} {entry['steps']} steps, CFG g = {entry['guidance']:g}.
 
-| | share of images showing the negated colour |
-|---|---|
-| without the negative prompt | {pct(s['without']['value'])} {ci(s['without'])} |
-| with it | {pct(s['with']['value'])} {ci(s['with'])} |
-| paired difference | {pct(s['with']['diff'])} {ci(s['with'], 'diff_ci')} |
-| relative drop | {pct(s['relative_drop']['value'])} {ci(s['relative_drop'])} |
-
-| colour | without | with |
-|---|---|---|
-{rows}
+{tables(entry['summary'], entry['per_colour'])}
 
 `grid-{entry['model']}.png`: the first 8 prompts without (top row) and with "red" as the negative prompt (bottom row).
 """
@@ -173,9 +170,7 @@ def measure_model(name: str, path: Path, bundle, extractor, prompts: list[str], 
     except ModelError as err:
         return {"model": name, "path": str(path), "refused": str(err)}
     found = measure(bundle, extractor, prompts, row, out / "samples")
-    grid = [generate_cached(bundle, r, prompts, 0, out / "samples")[0][:8]
-            for r in (row, row._replace(negative_prompt="red"))]
-    save_grid(from_pixels(np.concatenate(grid)), out / f"grid-{name}.png", cols=min(8, len(prompts)))
+    save_pair_grid(bundle, row, prompts, out / "samples", out / f"grid-{name}.png")
     return {"model": name, "path": str(path), "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance,
             "num_samples": len(prompts), "per_colour": found["per_colour"], "summary": summarize(found["shares"])}
 
@@ -240,10 +235,7 @@ def teacher_only(out: Path, num_samples: int, steps: int, guidance: float, extra
                "per_colour": found["per_colour"], "summary": summarize(found["shares"]), "lcm": lcm_refusal()}
     write_json(out / "results.json", results)
     write_text(out / "README.md", markdown(results))
-    first = prompts[:8]
-    grid = [generate_cached(bundle, r, prompts, 0, out / "samples")[0][:8]
-            for r in (base, base._replace(negative_prompt="red"))]
-    save_grid(from_pixels(np.concatenate(grid)), out / "grid.png", cols=len(first))
+    save_pair_grid(bundle, base, prompts, out / "samples", out / "grid.png")
     print((out / "README.md").read_text())
 
 

@@ -122,3 +122,15 @@ def test_cfg_mode_continues_from_an_embedding_lcm(micro_teacher, micro_lcm, tmp_
     main(["distill", "--guidance-mode", "cfg", "--init-student", str(micro_lcm), "--teacher", str(micro_teacher),
           "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--num-data", "4", "--validate-every", "0"])
     assert Bundle.load(out).guidance_mode == "cfg"
+
+
+def test_single_file_keeps_the_mode_and_sampling_settings(cfg_lcm, tmp_path):
+    from latentcm.export.single_file import load_single_file, save_single_file
+
+    src = Bundle.load(cfg_lcm)
+    src.timestep_schedule, src.default_guidance = "refine", 2.5  # not the defaults: the file must carry them
+    restored = load_single_file(save_single_file(src, tmp_path / "cfg.safetensors"))
+    assert restored.sampling_file() == {"timestep_schedule": "refine", "guidance_mode": "cfg", "guidance": 2.5}
+    assert restored.unet.config.get("time_cond_proj_dim") is None
+    options = {"steps": 2, "negative_prompt": "blue"}
+    assert torch.equal(restored.generate(["a red circle"], [0], **options), src.generate(["a red circle"], [0], **options))

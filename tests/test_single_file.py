@@ -166,6 +166,7 @@ def test_our_reader_restores_the_w_conditioned_lcm(lcm, single_file):
     for part in ("unet", "vae", "text_encoder"):
         assert _same(getattr(src, part).state_dict(), getattr(restored, part).state_dict()), part
     assert restored.is_lcm and restored.scheduler_config == src.scheduler_config
+    assert restored.sampling_file() == src.sampling_file()  # schedule, guidance mode and default g ride along
 
 
 def test_old_latentcm_single_files_still_load(micro_lcm, single_file, tmp_path):

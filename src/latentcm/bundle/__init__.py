@@ -26,11 +26,12 @@ from ..models.components import encode_text
 from ..sampling.latents import sample
 from ..sampling.options import ModelTraits, SamplingOptions, check_size
 from ..schedules import GRID_POINTS, train_timesteps
-from .loading import SAMPLING_FILE, check_kind, check_model_dir, load_parts, sampling_schedule, sampling_settings
+from .loading import (SAMPLING_FILE, check_kind, check_model_dir, load_parts, parse_sampling, sampling_schedule,
+                      sampling_settings)
 from .lora import load_loras, lora_scheduler_config
 from .prompts import PromptCache
 
-__all__ = ["Bundle", "ModelError", "SAMPLING_FILE", "check_kind", "check_model_dir", "sampling_schedule",
+__all__ = ["Bundle", "ModelError", "SAMPLING_FILE", "check_kind", "check_model_dir", "parse_sampling", "sampling_schedule",
            "LCM_DEFAULTS", "TEACHER_DEFAULTS", "SAMPLERS"]
 
 
@@ -65,10 +66,19 @@ class Bundle:
         """Load a local diffusers folder; ``loras`` [(file or folder, weight), ...] are stacked onto its UNet."""
         bundle = cls(*load_parts(path))
         if bundle.is_lcm:
-            settings = sampling_settings(Path(path))
-            bundle.timestep_schedule, bundle.guidance_mode = settings["timestep_schedule"], settings["guidance_mode"]
-            bundle.default_guidance = settings["guidance"]
+            bundle.use_sampling(sampling_settings(Path(path)))
         return bundle.add_loras(loras) if loras else bundle
+
+    def use_sampling(self, settings: dict) -> "Bundle":
+        """Take an LCM's SAMPLING_FILE settings (``loading.sampling_settings``); returns self."""
+        self.timestep_schedule, self.guidance_mode = settings["timestep_schedule"], settings["guidance_mode"]
+        self.default_guidance = settings["guidance"]
+        return self
+
+    def sampling_file(self) -> dict:
+        """The SAMPLING_FILE settings this bundle samples with (what ``use_sampling`` takes)."""
+        return {"timestep_schedule": self.timestep_schedule, "guidance_mode": self.guidance_mode,
+                "guidance": self.default_guidance}
 
     def to(self, device: str | torch.device) -> "Bundle":
         """Move every network to ``device`` (in place); returns self."""

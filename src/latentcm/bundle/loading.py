@@ -100,13 +100,18 @@ def sampling_settings(path: Path) -> dict:
     "embedding"|"cfg", "guidance": default g or None}; each absent key (or an absent file) gives the first /
     None. ModelError on a file that is not such an object."""
     file = Path(path) / SAMPLING_FILE
-    found = {}
-    if file.is_file():
-        try:
-            found = json.loads(file.read_text())
-            found.get("timestep_schedule")
-        except (ValueError, AttributeError):
-            raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
+    return parse_sampling(file.read_text() if file.is_file() else "{}", file)
+
+
+def parse_sampling(text: str, where: Path | str) -> dict:
+    """``sampling_settings`` of SAMPLING_FILE's ``text`` (also stored in a single file's metadata); ``where``
+    names it in errors."""
+    file = where
+    try:
+        found = json.loads(text)
+        found.get("timestep_schedule")
+    except (ValueError, AttributeError):
+        raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
     out = {"timestep_schedule": found.get("timestep_schedule", "grid"),
            "guidance_mode": found.get("guidance_mode", "embedding"), "guidance": found.get("guidance")}
     if out["timestep_schedule"] not in TIMESTEP_SCHEDULES:

@@ -14,7 +14,8 @@ at g with no classifier-free guidance::
 
 Also stored, for latentcm's own reader (other readers ignore them): the two unbaked tensors
 (``latentcm.time_embedding.cond_proj.weight``, ``latentcm.time_embedding.linear_1.bias``) and metadata
-``format`` "latentcm.single_file/2", ``guidance_scale``, the component configs as JSON and the tokenizer files.
+``format`` "latentcm.single_file/2", ``guidance_scale``, an LCM's sampling settings (``sampling``: the folder's
+SAMPLING_FILE: timestep schedule, guidance mode, default g), the component configs as JSON and the tokenizer files.
 ``load_single_file`` also reads the older "latentcm.single_file/1" files (keys ``unet.*``, ``vae.*``,
 ``text_encoder.*`` in diffusers / transformers names).
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import Bundle, ModelError, check_kind
+from ..bundle import Bundle, ModelError, check_kind, parse_sampling
 from ..files import atomic_path
 from ..guidance import omega_from_guidance
 from ..models.denoiser import COND_PROJ_KEY as COND_PROJ, LINEAR_1_BIAS, fold_omega
@@ -101,6 +102,8 @@ def save_single_file(bundle, path: str | Path, dtype: torch.dtype | None = None,
                 "text_encoder_config": bundle.text_encoder.config.to_json_string()}
     if EXTRA_PREFIX + COND_PROJ in tensors:
         metadata["guidance_scale"] = json.dumps(guidance)
+    if bundle.is_lcm:
+        metadata["sampling"] = json.dumps(bundle.sampling_file())
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
@@ -167,5 +170,7 @@ def load_single_file(path: str | Path):
             (Path(tmp) / name).write_text(text)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     scheduler_config = json.loads(meta["scheduler_config"])
-    check_kind(dict(modules["unet"].config), scheduler_config, path)
-    return Bundle(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, scheduler_config, None)
+    settings = parse_sampling(meta.get("sampling", "{}"), f"{path}'s sampling metadata")
+    check_kind(dict(modules["unet"].config), scheduler_config, path, settings["guidance_mode"])
+    bundle = Bundle(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, scheduler_config, None)
+    return bundle.use_sampling(settings) if bundle.is_lcm else bundle
