@@ -79,6 +79,33 @@ def test_best_guidance_per_curve_and_its_distance_from_the_teacher():
     assert guidance_sweep.mean_accuracy({"colour": 0.5, "background": 1.0, "shape": 0.75, "size": 0.0}) == 0.75
 
 
+@pytest.mark.parametrize("size", ["small", "medium", "large"])
+@pytest.mark.parametrize("colour, background", [("red", "white"), ("orange", "yellow"), ("gray", "purple")])
+def test_object_area_of_rendered_circles_is_their_disc(size, colour, background):
+    scene = world.Scene("circle", colour, background, size, "center", 0.5, 0.5, 0.0)
+    pixels = np.asarray(world.render(scene))[None]
+    disc = np.pi * world.SIZES[size] ** 2   # r is a fraction of the side
+    assert scoring.object_area(pixels)[0] == pytest.approx(disc, abs=0.012)
+
+
+def test_following_compares_accuracy_at_g1_and_the_area_rise_with_the_ode():
+    def rec(model, steps, g, background):
+        return {"model": model, "steps": steps, "guidance": g,
+                "attribute_accuracy": {"background": background, "shape": 0.9}}
+    ode = [rec("teacher", 50, g, b) for g, b in ((1.0, 0.8), (1.5, 0.9), (8.5, 1.0))]
+    lcm = [rec("a", 4, g, 1.0) for g in (1.0, 1.5, 8.5)] + [rec("a", 1, 1.5, 1.0)]
+    areas = {("teacher", None, 1.5): np.full(4, 0.10), ("teacher", None, 8.5): np.array([0.12, 0.13, 0.14, 0.13]),
+             ("a", 4, 1.5): np.full(4, 0.10), ("a", 4, 8.5): np.array([0.11, 0.12, 0.115, 0.115])}
+    draws = intervals.draw(4, 4, 50)
+    four, one = guidance_sweep.following(lcm, ode, areas, draws)
+    assert (four["background"], four["ode_background"], four["shape"], four["ode_shape"]) == (1.0, 0.8, 0.9, 0.9)
+    assert four["ode_area_rise"] == pytest.approx(0.03) and four["area_rise"] == pytest.approx(0.015)
+    assert four["area_rise_ratio"] == pytest.approx(0.5)
+    lo, hi = four["area_rise_ratio_ci"]
+    assert lo < 0.5 < hi          # the per-image rises are not proportional, so resampling moves the ratio
+    assert one == {"model": "a", "steps": 1}        # no g = 1 and no g = 8.5 row: nothing to compare
+
+
 def test_ablate_guidance_sweeps_teacher_ode_and_lcms(micro_teacher, micro_lcm, cfg_lcm, micro_judge, tmp_path,
                                                      cached, capsys, monkeypatch):
     monkeypatch.setattr(presets, "TEACHER_STEPS", 4)  # the ODE's 50 steps are 50 x 2 UNet passes per image

@@ -14,7 +14,10 @@ the same held-out prompts and seeds (``pipeline.generate_and_score``) and scored
 
 KID intervals (``resamples`` > 0) are 95% percentile-bootstrap intervals over prompts (``intervals``): to real
 images with the reference drawn on its own, to the ODE with the ODE image of each drawn prompt drawn with it.
-Each (model, steps) gets its best g: the lowest KID to real. Writes results.json, results.md, tradeoff.png and
+Each (model, steps) gets its best g: the lowest KID to real, and its *following* of the ODE (``following``): its
+background and shape accuracy at g = 1 beside the ODE's, and how much its mean object area (``scoring.object_area``)
+rises from g = FOLLOW_FROM to FOLLOW_TO as a ratio to the ODE's rise on the same prompts and seeds, with a paired
+bootstrap interval. Writes results.json, results.md, tradeoff.png and
 fidelity.png into its folder; samples are cached in OUT/samples, so a rerun samples only what is new.
 """
 from __future__ import annotations
@@ -36,6 +39,8 @@ STEPS = (1, 2, 4)
 ACCURACY_ATTRIBUTES = ("colour", "background", "shape")   # the y axis of the trade-off: their mean
 TEACHER = "teacher"            # the teacher's key in the bundles dict
 RESAMPLES = 200                # bootstrap resamples of the KID intervals
+FOLLOW_FROM, FOLLOW_TO = 1.5, 8.5   # the object-area rise the guided ODE shows (its best g to the paper's default)
+FOLLOW_AT = 1.0                # the accuracies compared at g = 1 (no guidance: the ODE's background drops)
 
 _CI = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
 _RECORD = {"type": "object", "required": ["model", "sampler", "steps", "guidance", "kid", "kid_std", "fid",
@@ -68,10 +73,43 @@ def _kid_ci(images, reference: references.Reference, extractor, draws: intervals
     return [round(scoring.KID_SCALE * v, 4) for v in intervals.percentile_interval(boot)]
 
 
-def _record(row: pipeline.Row, scores: dict, timing: dict) -> dict:
+def _record(row: pipeline.Row, scores: dict, timing: dict, area: np.ndarray) -> dict:
     return {"model": row.model, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance,
             "omega": round(omega_from_guidance(row.guidance), 6), **scoring.rounded(scores),
-            "accuracy": mean_accuracy(scores["attribute_accuracy"]), **timing}
+            "accuracy": mean_accuracy(scores["attribute_accuracy"]), "object_area": round(float(area.mean()), 5),
+            **timing}
+
+
+def _rise(areas: dict, key: tuple) -> np.ndarray | None:
+    """Per image: its object area at FOLLOW_TO minus at FOLLOW_FROM (``areas``: (model, steps, g) -> [N])."""
+    lo, hi = areas.get((*key, FOLLOW_FROM)), areas.get((*key, FOLLOW_TO))
+    return None if lo is None or hi is None else hi - lo
+
+
+def following(records: list[dict], teacher_ode: list[dict], areas: dict, draws: intervals.Draws | None) -> list[dict]:
+    """Per (model, steps): does the LCM follow the guided ODE? Its background and shape accuracy at g = FOLLOW_AT
+    beside the ODE's, and its object-area rise FOLLOW_FROM -> FOLLOW_TO over the ODE's (one ratio of two means
+    over the same prompts and seeds; ``draws``: its paired 95% percentile interval). Entries lack what the
+    sweep's g do not cover."""
+    ode_at = {r["guidance"]: r for r in teacher_ode}
+    ode_rise = _rise(areas, (TEACHER, None))
+    out = []
+    for model, n in dict.fromkeys((r["model"], r["steps"]) for r in records):
+        entry = {"model": model, "steps": n}
+        at = [r for r in records if r["model"] == model and r["steps"] == n and r["guidance"] == FOLLOW_AT]
+        if at and FOLLOW_AT in ode_at:
+            for k in ("background", "shape"):
+                entry[k] = at[0]["attribute_accuracy"].get(k)
+                entry[f"ode_{k}"] = ode_at[FOLLOW_AT]["attribute_accuracy"].get(k)
+        rise = _rise(areas, (model, n))
+        if rise is not None and ode_rise is not None:
+            entry.update(area_rise=round(float(rise.mean()), 5), ode_area_rise=round(float(ode_rise.mean()), 5),
+                         area_rise_ratio=round(float(rise.mean() / ode_rise.mean()), 4))
+            if draws is not None:
+                ratios = (draws.prompts @ rise) / (draws.prompts @ ode_rise)
+                entry["area_rise_ratio_ci"] = [round(v, 4) for v in intervals.percentile_interval(ratios)]
+        out.append(entry)
+    return out
 
 
 def _fidelity(images, prompts, extractor, ode_ref, draws) -> dict:
@@ -95,12 +133,13 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
     ode_draws = (intervals.draw(num_samples, num_samples, resamples, seed=1, reference_follows_prompts=True)
                  if resamples else None)
     common = dict(seed=seed, batch_size=batch_size)
-    records, teacher_ode = [], []
+    records, teacher_ode, areas = [], [], {}
     for g in tqdm(guidances, desc="guidance sweep"):
         row = ode_row(g, TEACHER)
         scores, ode_images, timing = pipeline.generate_and_score(bundles[TEACHER], row, prompts, extractor, ref,
                                                                  out / "samples", **common)
-        teacher_ode.append(_record(row, scores, timing))
+        areas[TEACHER, None, g] = scoring.object_area(ode_images)
+        teacher_ode.append(_record(row, scores, timing, areas[TEACHER, None, g]))
         if real_draws:
             teacher_ode[-1]["kid_ci"] = _kid_ci(ode_images, ref, extractor, real_draws)
         ode_ref = scoring.reference_from_images(ode_images, extractor, f"teacher-ode-g{g:g}")
@@ -109,7 +148,8 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
                 row = pipeline.Row(name, LCM_SAMPLER, n, g)
                 scores, images, timing = pipeline.generate_and_score(bundles[name], row, prompts, extractor, ref,
                                                                      out / "samples", **common)
-                records.append({**_record(row, scores, timing),
+                areas[name, n, g] = scoring.object_area(images)
+                records.append({**_record(row, scores, timing, areas[name, n, g]),
                                 "fidelity": _fidelity(images, prompts, extractor, ode_ref, ode_draws)})
                 if real_draws:
                     records[-1]["kid_ci"] = _kid_ci(images, ref, extractor, real_draws)
@@ -118,6 +158,7 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
                "extractor_version": extractor.version, "reference": ref.name, "reference_kind": ref.kind,
                "resamples": resamples, "teacher_ode_row": {"sampler": ode_row(0).sampler, "steps": ode_row(0).steps},
                "records": records, "teacher_ode": teacher_ode, "best": best_guidance(records, teacher_ode),
+               "following": following(records, teacher_ode, areas, real_draws),
                "floor": scoring.floor(extractor, ref, num_samples)}
     results["floor"]["accuracy"] = mean_accuracy(results["floor"]["attribute_accuracy"])
     validate_results(results, SWEEP_SCHEMA)
@@ -153,12 +194,12 @@ def _kid_cell(r: dict) -> str:
 
 
 def _table(rows: list[dict], fidelity: bool) -> list[str]:
-    head = ["g (w)", "KID×10³ to real ± std [95% CI]", "FID", "accuracy %", *ACCURACY_ATTRIBUTES]
+    head = ["g (w)", "KID×10³ to real ± std [95% CI]", "FID", "accuracy %", *ACCURACY_ATTRIBUTES, "object area %"]
     head += ["fidelity: KID×10³ to the ODE ± std [95% CI]", "fidelity: FD to the ODE"] if fidelity else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['guidance']:g} ({r['omega']:g})", _kid_cell(r), f"{r['fid']:.2f}", _pct(r["accuracy"]),
-                 *(_pct(r["attribute_accuracy"].get(k)) for k in ACCURACY_ATTRIBUTES)]
+                 *(_pct(r["attribute_accuracy"].get(k)) for k in ACCURACY_ATTRIBUTES), _pct(r.get("object_area"))]
         cells += [_kid_cell(r["fidelity"]), f"{r['fidelity']['fid']:.2f}"] if fidelity else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -182,10 +223,31 @@ def markdown(results: dict) -> str:
     for b in results["best"]:
         apart = b.get("sweep_points_from_teacher", "-")
         lines.append(f"| {b['model']} | {b['steps']} | {b['guidance']:g} | {b['kid']:.2f} | {apart} |")
+    lines += _following_table(results.get("following", []))
     f = results["floor"]
     lines += ["", f"Real images (floor, n = {f['num_samples']}): KID×10³ {f['kid']:.2f} ± {f['kid_std']:.2f}, "
               f"FID {f['fid']:.2f}, accuracy {_pct(f['accuracy'])}%."]
     return "\n".join(lines) + "\n"
+
+
+def _following_table(entries: list[dict]) -> list[str]:
+    """The "does it follow the ODE?" table of ``following``'s entries."""
+    if not entries:
+        return []
+    lines = ["", "## Does the LCM follow the ODE?", "",
+             f"Accuracy at g = {FOLLOW_AT:g} (the ODE's without guidance) and the rise of the mean object area from "
+             f"g = {FOLLOW_FROM:g} to {FOLLOW_TO:g} as a share of the ODE's rise on the same prompts and seeds "
+             "(95% paired bootstrap interval over prompts).", "",
+             f"| model | steps | background % at g = {FOLLOW_AT:g} (ODE) | shape % at g = {FOLLOW_AT:g} (ODE) | "
+             "area rise, points (ODE) | rise / ODE's rise [95% CI] |", "|---|---|---|---|---|---|"]
+    for e in entries:
+        acc = [f"{_pct(e.get(k))} ({_pct(e.get('ode_' + k))})" if k in e else "-" for k in ("background", "shape")]
+        rise = (f"{100 * e['area_rise']:.2f} ({100 * e['ode_area_rise']:.2f})" if "area_rise" in e else "-")
+        ci = e.get("area_rise_ratio_ci")
+        ratio = (f"{e['area_rise_ratio']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                 if "area_rise_ratio" in e else "-")
+        lines.append(f"| {e['model']} | {e['steps']} | {acc[0]} | {acc[1]} | {rise} | {ratio} |")
+    return lines
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -268,5 +330,5 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
-__all__ = ["sweep", "best_guidance", "mean_accuracy", "markdown", "write_report", "plot_tradeoff", "plot_fidelity",
+__all__ = ["sweep", "best_guidance", "following", "mean_accuracy", "markdown", "write_report", "plot_tradeoff", "plot_fidelity",
            "GUIDANCES", "STEPS", "ACCURACY_ATTRIBUTES", "TEACHER", "SWEEP_SCHEMA"]

@@ -18,6 +18,9 @@ SCORED = ("colour", "background", "shape", "size", "position")
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
 PR_K = 3                  # k of improved precision / recall
 KID_SCALE = 1000.0        # KID is reported x 10^3
+# object_area: a pixel is the object's when it lies farther than this many RGB levels from the background colour;
+# half the closest object-background pair of the world's palette (orange on yellow: 81 levels apart)
+AREA_THRESHOLD = 40.0
 ROUNDING = {"fid": 3, "kid": 4, "kid_std": 4, "precision": 4, "recall": 4, "caption_score": 3, "exact_match": 4,
             "attribute_accuracy": 4, "histogram_distance": 4, "fid_ci": 3}
 
@@ -48,6 +51,17 @@ def model_images(images) -> torch.Tensor:
     if images.dtype == np.uint8:
         return from_pixels(images)
     return torch.from_numpy(np.ascontiguousarray(images)).float()
+
+
+def object_area(images) -> np.ndarray:
+    """Per image [N]: the share of its pixels that belong to the object. The shapes world draws one solid object on
+    a solid background, so the background colour is the median of the border pixels and every pixel farther than
+    AREA_THRESHOLD RGB levels from it counts (the area the guided ODE inflates at large g)."""
+    x = (model_images(images).clamp(-1, 1).numpy().astype(np.float32) + 1.0) * 127.5      # [N, 3, H, W]
+    border = np.concatenate([x[:, :, 0], x[:, :, -1], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], axis=2)
+    background = np.median(border, axis=2)                                                  # [N, 3]
+    distance = np.linalg.norm(x - background[:, :, None, None], axis=1)                   # [N, H, W]
+    return (distance > AREA_THRESHOLD).mean(axis=(1, 2))
 
 
 def attribute_accuracy(predicted: list[dict[str, str]], wanted: list[dict[str, str]]) -> dict[str, float]:
@@ -192,5 +206,5 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
     return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
 
 
-__all__ = ["score", "rounded", "kid_scale", "per_image_values", "reference_from_images", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values",
+__all__ = ["score", "rounded", "kid_scale", "per_image_values", "reference_from_images", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values", "object_area",
            "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]
