@@ -15,17 +15,23 @@ teacher rows read from (or written to) that evaluation sample cache, e.g. the gu
 For each model: images of the same held-out prompts and seeds at guidance scales g_low and g_high
 (paper w = g - 1), mean |x_high - x_low| in 0..255 units per pixel. The teacher runs DDIM at the same
 step count with CFG (the target for a faithful few-step LCM: it should move at least half
-as much as the teacher's DDIM-4). Also prints a checkpoint's w-projection norm beside its time embedding.
+as much as the teacher's DDIM-4). Each row's ratio to the first teacher row comes with a paired 95% percentile
+bootstrap interval over the prompts (the same prompts and seeds in every row). Also prints a checkpoint's
+w-projection norm beside its time embedding.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from latentcm import registry, world
 from latentcm.bundle import Bundle
+from latentcm.evaluation import intervals
+
+RESAMPLES = 2000
 
 
 def prompts(count: int) -> list[str]:
@@ -33,20 +39,20 @@ def prompts(count: int) -> list[str]:
 
 
 def change(bundle: Bundle, sampler: str, steps: int, low: float, high: float, texts: list[str], batch: int = 64,
-           timesteps: list[int] | None = None):
-    """Mean absolute pixel change (0..255) between guidance ``low`` and ``high`` over ``texts``."""
-    total = 0.0
+           timesteps: list[int] | None = None) -> np.ndarray:
+    """Per image of ``texts``: its mean absolute pixel change (0..255) between guidance ``low`` and ``high``."""
+    out = []
     for i in range(0, len(texts), batch):
         part, seeds = texts[i:i + batch], list(range(i, i + min(batch, len(texts) - i)))
         a = bundle.generate(part, seeds, sampler, steps, low, timesteps=timesteps)
         b = bundle.generate(part, seeds, sampler, steps, high, timesteps=timesteps)
-        total += float((a - b).abs().mean()) * 127.5 * len(part)
-    return total / len(texts)
+        out.append((a - b).abs().double().mean(dim=(1, 2, 3)).numpy() * 127.5)
+    return np.concatenate(out)
 
 
-def diffusers_change(folder: Path, steps: int, low: float, high: float, texts: list[str], batch: int = 32) -> float:
+def diffusers_change(folder: Path, steps: int, low: float, high: float, texts: list[str],
+                     batch: int = 32) -> np.ndarray:
     """``change`` with diffusers' own pipeline for ``folder`` on its default timesteps (see the module docstring)."""
-    import numpy as np
     from diffusers import DiffusionPipeline
 
     from latentcm.sampling.teacher import initial_latents
@@ -55,28 +61,32 @@ def diffusers_change(folder: Path, steps: int, low: float, high: float, texts: l
     pipe.set_progress_bar_config(disable=True)
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    total = 0.0
+    out = []
     for i in range(0, len(texts), batch):
         part = texts[i:i + batch]
         latents = initial_latents(list(range(i, i + len(part))), shape)
         pair = [pipe(part, num_inference_steps=steps, guidance_scale=g, latents=latents, output_type="np",
                      generator=torch.Generator().manual_seed(i), height=shape[1] * f, width=shape[2] * f).images
                 for g in (low, high)]
-        total += float(np.abs(pair[1].astype(np.float64) - pair[0]).mean()) * 255 * len(part)
-    return total / len(texts)
+        out.append(np.abs(pair[1].astype(np.float64) - pair[0]).mean(axis=(1, 2, 3)) * 255)
+    return np.concatenate(out)
 
 
 def cached_change(bundle: Bundle, sampler: str, steps: int, low: float, high: float, texts: list[str],
-                  cache: Path) -> float:
+                  cache: Path) -> np.ndarray:
     """``change`` of a teacher row from the evaluation sample cache (generated there when absent)."""
-    import numpy as np
-
     from latentcm.evaluation.generation import generate_cached
     from latentcm.evaluation.pipeline import Row
 
     a, b = (generate_cached(bundle, Row("teacher", sampler, steps, g), texts, 0, cache)[0].astype(np.float64)
             for g in (low, high))
-    return float(np.abs(b - a).mean())
+    return np.abs(b - a).reshape(len(texts), -1).mean(axis=1)
+
+
+def ratio_interval(moved: np.ndarray, reference: np.ndarray, resamples: int = RESAMPLES) -> list[float]:
+    """95% percentile bootstrap interval of mean(moved) / mean(reference), the prompts resampled jointly (paired)."""
+    counts = intervals.draw(len(moved), len(moved), resamples).prompts
+    return [round(v, 4) for v in intervals.percentile_interval((counts @ moved) / (counts @ reference))]
 
 
 def teacher_row(text: str) -> tuple[str, int]:
@@ -138,8 +148,11 @@ def main() -> None:
                                 else change(b, "lcm", args.steps, args.low, args.high, texts, timesteps=timesteps))})
     ref = rows[0]["change"]
     for r in rows:
-        r["ratio_to_teacher"] = r["change"] / ref
-        print(f"{r['model']:40s} {r['sampler']:13s} {r['steps']:3d} change {r['change']:6.2f}/255  ratio {r['ratio_to_teacher']:.3f}  "
+        moved = r.pop("change")
+        r.update(change=float(moved.mean()), ratio_to_teacher=float(moved.mean() / ref.mean()),
+                 ratio_ci=ratio_interval(moved, ref))
+        print(f"{r['model']:40s} {r['sampler']:13s} {r['steps']:3d} change {r['change']:6.2f}/255  ratio "
+              f"{r['ratio_to_teacher']:.3f} {r['ratio_ci']}  "
               + " ".join(f"|{k}| {v:.2f}" for k, v in r.items() if k in ("cond_proj", "linear_1")))
     result = {"low": args.low, "high": args.high, "steps": args.steps, "num_samples": args.num_samples,
               "command": " ".join(["python", *sys.argv]), "rows": rows}
