@@ -88,22 +88,33 @@ def verdict(diff_ci: list[float]) -> str:
 
 
 def _entry(point, boot, name: str, baseline: str) -> dict:
-    out = {"value": round(point[name], 4), "ci": [round(v, 4) for v in intervals.percentile_interval(boot[name])]}
-    if baseline in point:
-        d = intervals.paired(point, boot, name, baseline)
-        out.update(diff=round(d["diff"], 4), diff_ci=[round(v, 4) for v in d["diff_ci"]], verdict=verdict(d["diff_ci"]))
+    """{"value", "ci"} of one run, with the baseline at this iteration {"diff", "diff_ci", "verdict"}; only the
+    value where every resample is undefined (a handful of prompts)."""
+    out = {"value": round(point[name], 4)}
+    try:
+        out["ci"] = [round(v, 4) for v in intervals.percentile_interval(boot[name])]
+        if baseline in point:
+            d = intervals.paired(point, boot, name, baseline)
+            out.update(diff=round(d["diff"], 4), diff_ci=[round(v, 4) for v in d["diff_ci"]],
+                       verdict=verdict(d["diff_ci"]))
+    except ValueError:
+        pass
     return out
 
 
-def _pairwise(point, boot, best: str) -> list[dict]:
-    """Every other run against ``best``: the paired difference run - best with its interval."""
-    out = []
-    for name in point:
-        if name != best:
-            d = intervals.paired(point, boot, name, best)
-            out.append({"run": name, "diff": round(d["diff"], 4), "diff_ci": [round(v, 4) for v in d["diff_ci"]],
-                        "resolved": intervals.resolved(d["diff_ci"])})
-    return out
+def _fastest(point, boot, iteration: int) -> dict | None:
+    """The run closest to the ODE (lowest fidelity KID) and every other run's paired difference to it (run - best)
+    with its interval; None where every resample is undefined."""
+    best, others = min(point, key=point.get), []
+    try:
+        for name in point:
+            if name != best:
+                d = intervals.paired(point, boot, name, best)
+                others.append({"run": name, "diff": round(d["diff"], 4), "diff_ci": [round(v, 4) for v in d["diff_ci"]],
+                               "resolved": intervals.resolved(d["diff_ci"])})
+    except ValueError:
+        return None
+    return {"iteration": iteration, "run": best, "value": round(point[best], 4), "others": others}
 
 
 def _load(out: Path, names: list[str]) -> dict[str, dict[int, dict]]:
@@ -138,9 +149,7 @@ def _analyse(runs: dict, ref, ode_ref, baseline: str, resamples: int, seed: int)
             for name in rows:
                 runs[name][it].setdefault("intervals", {})[metric] = _entry(point, boot, name, baseline)
             if metric == "fidelity_kid" and shared and it == shared[0] and len(rows) > 1:
-                best = min(point, key=point.get)
-                fastest = {"iteration": it, "run": best, "value": round(point[best], 4),
-                           "others": _pairwise(point, boot, best)}
+                fastest = _fastest(point, boot, it)
     return fastest
 
 
@@ -177,6 +186,8 @@ def verdicts(records: list[dict], baseline: str) -> list[dict]:
 def _ci(entry: dict | None, key: str = "value", ci: str = "ci") -> str:
     if not entry or key not in entry:
         return "-"
+    if ci not in entry:
+        return f"{entry[key]:.2f}"
     lo, hi = entry[ci]
     sign = "+" if key == "diff" else ""
     return f"{entry[key]:{sign}.2f} [{lo:{sign}.2f}, {hi:{sign}.2f}]"
@@ -260,7 +271,7 @@ def plot(results: dict, path: Path) -> Path:
             if not rs:
                 continue
             v = np.array([r["intervals"][metric]["value"] for r in rs])
-            ci = np.array([r["intervals"][metric]["ci"] for r in rs])
+            ci = np.array([r["intervals"][metric].get("ci", [r["intervals"][metric]["value"]] * 2) for r in rs])
             ax.errorbar([r["iteration"] for r in rs], v, yerr=[v - ci[:, 0], ci[:, 1] - v], marker="o", capsize=3,
                         label=name)
         if metric == "real_kid" and results.get("teacher_ode"):
