@@ -81,8 +81,14 @@ def test_until_advanced_run_equals_an_uninterrupted_one_and_processes_share_out(
     assert (out / "solver-skip.png").is_file()
 
 
-def test_a_run_is_not_resumed_with_other_settings(ablate_env, tmp_path, capsys):
+def test_a_missing_probe_of_a_checkpoint_is_made_up_and_other_settings_are_refused(ablate_env, tmp_path, capsys):
     ablate_env(tmp_path / "o", "--pairs", "ddim:50", "--until", "1")
+    log = tmp_path / "o" / "runs" / "ddim-k50" / "probe.jsonl"
+    (_, before) = _probes(tmp_path / "o", "ddim-k50")
+    log.write_text(log.read_text().splitlines()[0] + "\n")  # stopped between the checkpoint at 1 and its probe
+    ablate_env(tmp_path / "o", "--pairs", "ddim:50", "--until", "1")
+    (records, after) = _probes(tmp_path / "o", "ddim-k50")
+    assert [r["iteration"] for r in records] == [0, 1] and np.array_equal(before[1], after[1])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         ablate_env(tmp_path / "o", "--pairs", "ddim:50", "--iterations", "4")

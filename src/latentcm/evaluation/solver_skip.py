@@ -33,6 +33,7 @@ from ..models.denoiser import make_student
 from ..sampling.latents import sample_latents
 from ..schedules import grid_size, train_timesteps
 from ..training import recipes
+from ..training.checkpoint import CKPT_RE, list_checkpoints, read_checkpoint
 from ..training.consistency import LCDConfig
 from ..training.loop import LoopConfig
 from . import references, scoring, solver_skip_report
@@ -123,6 +124,21 @@ def _settings_check(run_dir: Path, settings: dict) -> None:
         write_json(path, settings)
 
 
+def _probe_checkpoint(run_dir: Path, probe, bundle, cfg: LCDConfig, eval_every: int, iterations: int) -> None:
+    """Probe the latest checkpoint when it lies on the probe grid but its probe is missing (a session stopped
+    between the checkpoint and its probe): the student's slow EMA (the online student without one) from the file."""
+    found = list_checkpoints(run_dir / "checkpoints")
+    step = int(CKPT_RE.search(found[-1].name).group(1)) if found else 0
+    done = {r["iteration"] for r in read_probe_log(run_dir / "probe.jsonl")}
+    if step == 0 or step in done or (step % eval_every and step != iterations):
+        return
+    tensors, _ = read_checkpoint(found[-1])
+    prefix = "module.student_ema." if cfg.student_ema > 0 else "module.student."
+    student = make_student(bundle.unet, cfg.time_cond_proj_dim, cond_proj_init=cfg.cond_proj_init)
+    student.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    probe(student.eval(), step, run_dir)
+
+
 def _advance(bundle, teacher_dir: Path, out: Path, pair: tuple[str, int], settings: dict, target: int,
              extractor, ref, ode_ref) -> None:
     """Train one (solver, k) run up to ``target`` iterations (resuming), probing every eval_every."""
@@ -135,6 +151,7 @@ def _advance(bundle, teacher_dir: Path, out: Path, pair: tuple[str, int], settin
     probe = fid_probe(bundle, extractor, ref, s["num_samples"], n_grid, log, seed=s["seed"], ode_reference=ode_ref)
     if not any(r["iteration"] == 0 for r in read_probe_log(log)):  # the untrained student: where runs start
         probe(make_student(bundle.unet, cfg.time_cond_proj_dim, cond_proj_init=cfg.cond_proj_init), 0, run_dir)
+    _probe_checkpoint(run_dir, probe, bundle, cfg, s["eval_every"], s["iterations"])
     if read_probe_log(log)[-1]["iteration"] >= target:
         return
     loop_cfg = LoopConfig(max_steps=s["iterations"], stop_at=target, lr=s["lr"], warmup=0, schedule="cosine",
@@ -146,9 +163,8 @@ def _advance(bundle, teacher_dir: Path, out: Path, pair: tuple[str, int], settin
         data_cache=out / "data-cache.safetensors"))
 
 
-def solver_skip(teacher_dir: Path, out: Path, pairs: list[tuple[str, int]] = PAIRS, iterations: int = ITERATIONS,
-                eval_every: int = EVAL_EVERY, extractor: JudgeExtractor | None = None,
-                num_samples: int = NUM_SAMPLES, batch_size: int = BATCH_SIZE, num_data: int = 4000,
+def solver_skip(teacher_dir: Path, out: Path, pairs: list[tuple[str, int]], iterations: int, eval_every: int,
+                extractor: JudgeExtractor, num_samples: int = NUM_SAMPLES, batch_size: int = BATCH_SIZE, num_data: int = 4000,
                 lr: float = LR, seed: int = 0, loss: str = "huber", reference: str = "prompt-scenes",
                 until: int | None = None, student_ema: float = STUDENT_EMA, min_lr_ratio: float = MIN_LR_RATIO,
                 baseline: tuple[str, int] = ("ddim", 20), resamples: int = solver_skip_report.RESAMPLES) -> dict:
