@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import guidance_sweep, pipeline
 from .extractors import JudgeExtractor
-from .solver_skip import PROBE_OMEGA, PROBE_STEPS, fid_probe, read_probe_log, solver_skip  # noqa: F401  (Fig. 3)
+from .solver_skip import fid_probe, read_probe_log, solver_skip  # Fig. 3, in its own module
 
 
 def guidance(bundles: dict, lcm_names: list[str], extractor: JudgeExtractor, out: Path,

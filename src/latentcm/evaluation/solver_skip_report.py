@@ -96,7 +96,7 @@ def _entry(point, boot, name: str, baseline: str) -> dict:
         if baseline in point:
             d = intervals.paired(point, boot, name, baseline)
             out.update(diff=round(d["diff"], 4), diff_ci=[round(v, 4) for v in d["diff_ci"]],
-                       verdict=verdict(d["diff_ci"]))
+                       verdict="baseline" if name == baseline else verdict(d["diff_ci"]))
     except ValueError:
         pass
     return out
@@ -208,7 +208,7 @@ def _iteration_table(results: dict, it: int) -> list[str]:
 
 def _curve_table(results: dict, metric: str, title: str) -> list[str]:
     iters = sorted({r["iteration"] for r in results["records"]})
-    lines = [f"| run | " + " | ".join(f"{title} @{i}" for i in iters) + " |", "|" + "---|" * (1 + len(iters))]
+    lines = ["| run | " + " | ".join(f"{title} @{i}" for i in iters) + " |", "|" + "---|" * (1 + len(iters))]
     for name in results["runs"]:
         by = {r["iteration"]: r.get("intervals", {}).get(metric) for r in results["records"] if r["run"] == name}
         lines.append(f"| {name} | " + " | ".join(f"{by[i]['value']:.2f}" if by.get(i) else "-" for i in iters) + " |")
@@ -228,12 +228,20 @@ def _fastest_lines(fastest: dict | None) -> list[str]:
     return lines
 
 
-def markdown(results: dict) -> str:
-    """Verdicts, the fastest run, tables at the last and the earliest probe after 0, and both curves."""
+def _shown_iterations(results: dict) -> list[int]:
+    """The iterations whose tables results.md shows: the last and the earliest after 0 that every run holds (the
+    verdicts' and the fastest run's), and the last probe of all when it is later."""
     iters = sorted({r["iteration"] for r in results["records"]})
+    held = {name: {r["iteration"] for r in results["records"] if r["run"] == name} for name in results["runs"]}
+    shared = [i for i in iters if i > 0 and all(i in h for h in held.values())]
+    return list(dict.fromkeys(([iters[-1]] if iters else []) + shared[-1:] + shared[:1]))
+
+
+def markdown(results: dict) -> str:
+    """Verdicts, the fastest run, tables at the probes ``_shown_iterations`` picks, and both curves."""
     probe, ode = results.get("probe", {}), results.get("probe", {}).get("teacher_ode", {})
     lines = ["# LCM Fig. 3 on the shapes world: ODE solver × skipping step k", "",
-             f"LCD runs of {results['iterations']} iterations (trained so far: {results.get('until', '?')}), batch "
+             f"LCD runs of {results['iterations']} iterations (this call trained up to {results.get('until', '?')}), batch "
              f"{results['batch_size']}, cosine lr {results['lr']:g} → ×{results['min_lr_ratio']}, slow EMA "
              f"{results['student_ema']} of the student (probed). Every {results['eval_every']} iterations: "
              f"{probe.get('steps', '?')}-step samples at w = {probe.get('omega', '?')} for {results['num_samples']} held-out "
@@ -245,7 +253,7 @@ def markdown(results: dict) -> str:
     lines += [f"- {v['run']} @{v['iteration']}: {v['verdict']}: Δ {_ci(v, 'diff', 'diff_ci')}"
               for v in results["verdicts"]] or ["- no run shares a probe with the baseline yet"]
     lines += ["", "## Which run converges fastest", "", *_fastest_lines(results.get("fastest"))]
-    shown = [iters[-1]] + [i for i in iters if 0 < i < iters[-1]][:1] if iters else []
+    shown = _shown_iterations(results)
     for it in shown:
         lines += ["", f"## Iteration {it}", "", *_iteration_table(results, it)]
     lines += ["", "## Fidelity KID×10³ over iterations", "", *_curve_table(results, "fidelity_kid", "fid. KID"),
