@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -49,14 +50,15 @@ def main() -> None:
     teacher = registry.resolve(args.teacher)
     bundle, extractor = Bundle.load(teacher), JudgeExtractor.load(registry.resolve(args.judge))
     ref = references.reference_set(extractor)
-    out, found = Path(tempfile.mkdtemp(prefix="solver-skip-budget-")), {"threads": torch.get_num_threads()}
+    out = Path(tempfile.mkdtemp(prefix="solver-skip-budget-"))
+    found = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
     prompts = [p for p, _ in references.heldout_prompts(args.ode_samples)]
     found["ode_s_per_image"] = _timed(lambda: S.ode_target(bundle, prompts, out)) / len(prompts)
     # the probe scores against an ODE reference of num_samples images: the prompts' real scenes stand in (same cost)
     scenes = world.images_array(references.heldout_samples(args.num_samples))
     stand_in = scoring.reference_from_images(scenes, extractor, "stand-in")
-    probe = S.fid_probe(bundle, extractor, ref, args.num_samples, grid_size(train_timesteps(bundle.scheduler_config), k),
-                        out / "probe.jsonl", ode_reference=stand_in)
+    n_grid = grid_size(train_timesteps(bundle.scheduler_config), k)
+    probe = S.fid_probe(bundle, extractor, ref, args.num_samples, n_grid, out / "probe.jsonl", ode_reference=stand_in)
     student = make_student(bundle.unet, LCDConfig().time_cond_proj_dim)
     found["probe_s"] = _timed(lambda: probe(student, 0, out))
     loop = LoopConfig(max_steps=args.iterations, lr=S.LR, warmup=0, schedule="cosine", min_lr_ratio=S.MIN_LR_RATIO,
@@ -68,8 +70,9 @@ def main() -> None:
     with open(out / "run" / "metrics.csv") as f:
         train = float(list(csv.DictReader(f))[-1]["time_s"])
     found.update({f"lcd_{args.iterations}_iterations_s": train, "data_and_setup_s": total - train,
-                  "num_samples": args.num_samples, "pair": args.pair, "batch_size": S.BATCH_SIZE})
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in found.items()}, indent=1))
+                  "num_samples": args.num_samples, "pair": args.pair, "batch_size": S.BATCH_SIZE,
+                  "load_after": os.getloadavg()})
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in found.items()}))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def test_verdicts_come_from_the_paired_intervals():
 
     def record(run, it, diff_ci):
         return {"run": run, "iteration": it, "intervals": {"fidelity_kid": {
-            "value": 1.0, "ci": [0.5, 1.5], "diff": sum(diff_ci) / 2, "diff_ci": diff_ci, "verdict": report.verdict(diff_ci)}}}
+            "value": 1.0, "ci": [0.5, 1.5], "diff": sum(diff_ci) / 2, "diff_ci": diff_ci,
+            "verdict": report.verdict(diff_ci)}}}
 
     records = [record("ddim-k20", 0, [0, 0]), record("ddim-k1", 0, [-3, -1]), record("ddim-k1", 500, [1, 2]),
                record("ddim-k5", 500, [-1, 1])]

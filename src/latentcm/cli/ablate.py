@@ -29,7 +29,8 @@ def _pair_list(text: str, flag: str) -> list[tuple[str, int]]:
              _int_list(v.split(":")[1], 1, TRAIN_TIMESTEPS, flag)[0]) for v in items]
 
 
-def _solver_skip_pairs(solvers_text: str | None, skips_text: str | None, pairs_text: str | None) -> list[tuple[str, int]]:
+def _solver_skip_pairs(solvers_text: str | None, skips_text: str | None,
+                       pairs_text: str | None) -> list[tuple[str, int]]:
     """--pairs SOLVER:K,... if given, else every --solvers x --skips pair, else the paper's (``solver_skip.PAIRS``);
     a bad k fails before any run."""
     from ..evaluation.solver_skip import PAIRS

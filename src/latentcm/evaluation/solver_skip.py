@@ -58,7 +58,8 @@ def _student_images(bundle, unet, states, num_samples: int, batch_size: int, see
     for i in range(0, num_samples, batch_size):
         z = sample_latents(unet, bundle.scheduler_config, LCM_SAMPLER, states[i:i + batch_size].to(p.device, p.dtype),
                            [seed + j for j in range(i, min(i + batch_size, num_samples))],
-                           bundle.latent_shape(size, size), steps=PROBE_STEPS, guidance=guidance_from_omega(PROBE_OMEGA),
+                           bundle.latent_shape(size, size), steps=PROBE_STEPS,
+                           guidance=guidance_from_omega(PROBE_OMEGA),
                            original_inference_steps=original_inference_steps)
         images.append(bundle.decode(z.to(bundle.vae.device, bundle.vae.dtype)).float().cpu())
     return torch.cat(images)
@@ -116,8 +117,8 @@ def _settings_check(run_dir: Path, settings: dict) -> None:
         found = json.loads(path.read_text())
         changed = sorted(k for k in settings if found.get(k) != settings[k])
         if changed:
-            raise ValueError(f"{run_dir} was started with other settings ({', '.join(f'{k} {found.get(k)}' for k in changed)}); "
-                             "rerun with those or use another --out")
+            was = ", ".join(f"{k} {found.get(k)}" for k in changed)
+            raise ValueError(f"{run_dir} was started with other settings ({was}); rerun with those or use another --out")
     elif (run_dir / "probe.jsonl").is_file() or (run_dir / "checkpoints").is_dir():
         raise ValueError(f"{run_dir} holds a run without settings.json (an older ablation); use another --out")
     else:
@@ -164,8 +165,9 @@ def _advance(bundle, teacher_dir: Path, out: Path, pair: tuple[str, int], settin
 
 
 def solver_skip(teacher_dir: Path, out: Path, pairs: list[tuple[str, int]], iterations: int, eval_every: int,
-                extractor: JudgeExtractor, num_samples: int = NUM_SAMPLES, batch_size: int = BATCH_SIZE, num_data: int = 4000,
-                lr: float = LR, seed: int = 0, loss: str = "huber", reference: str = "prompt-scenes",
+                extractor: JudgeExtractor, num_samples: int = NUM_SAMPLES, batch_size: int = BATCH_SIZE,
+                num_data: int = 4000, lr: float = LR, seed: int = 0, loss: str = "huber",
+                reference: str = "prompt-scenes",
                 until: int | None = None, student_ema: float = STUDENT_EMA, min_lr_ratio: float = MIN_LR_RATIO,
                 baseline: tuple[str, int] = ("ddim", 20), resamples: int = solver_skip_report.RESAMPLES) -> dict:
     """Fig. 3: distil every (solver, k) pair to ``until`` (default: ``iterations``), probing every ``eval_every``
@@ -186,8 +188,8 @@ def solver_skip(teacher_dir: Path, out: Path, pairs: list[tuple[str, int]], iter
     for pair in pairs:
         _advance(bundle, teacher_dir, out, pair, settings, until or iterations, extractor, ref, ode_ref)
     ode_scores = scoring.rounded(scoring.score(ode_images, prompts, extractor, ref))
-    results = solver_skip_report.build(out, [run_name(*p) for p in pairs], settings, ref, ode_ref, baseline=run_name(*baseline),
-                                       resamples=resamples)
+    results = solver_skip_report.build(out, [run_name(*p) for p in pairs], settings, ref, ode_ref,
+                                       baseline=run_name(*baseline), resamples=resamples)
     results.update(probe={"steps": PROBE_STEPS, "omega": PROBE_OMEGA,
                           "teacher_ode": {"sampler": ode_row(0).sampler, "steps": ode_row(0).steps}},
                    until=until or iterations, reference_kind=ref.kind,

@@ -125,7 +125,8 @@ def _load(out: Path, names: list[str]) -> dict[str, dict[int, dict]]:
         runs[name] = {}
         for r in read_probe_log(run_dir / "probe.jsonl"):
             path = features_path(run_dir, r["iteration"])
-            runs[name][r["iteration"]] = {**r, "features": np.load(path, allow_pickle=False) if path.is_file() else None}
+            features = np.load(path, allow_pickle=False) if path.is_file() else None  # older logs kept none
+            runs[name][r["iteration"]] = {**r, "features": features}
     return runs
 
 
@@ -241,12 +242,13 @@ def markdown(results: dict) -> str:
     """Verdicts, the fastest run, tables at the probes ``_shown_iterations`` picks, and both curves."""
     probe, ode = results.get("probe", {}), results.get("probe", {}).get("teacher_ode", {})
     lines = ["# LCM Fig. 3 on the shapes world: ODE solver × skipping step k", "",
-             f"LCD runs of {results['iterations']} iterations (this call trained up to {results.get('until', '?')}), batch "
-             f"{results['batch_size']}, cosine lr {results['lr']:g} → ×{results['min_lr_ratio']}, slow EMA "
+             f"LCD runs of {results['iterations']} iterations (this call trained up to {results.get('until', '?')}), "
+             f"batch {results['batch_size']}, cosine lr {results['lr']:g} → ×{results['min_lr_ratio']}, slow EMA "
              f"{results['student_ema']} of the student (probed). Every {results['eval_every']} iterations: "
-             f"{probe.get('steps', '?')}-step samples at w = {probe.get('omega', '?')} for {results['num_samples']} held-out "
-             f"prompts. **Fidelity** = KID×10³ (paired) of these samples to the teacher's guided ODE "
-             f"({ode.get('sampler', '?')}, {ode.get('steps', '?')} steps) at the same w, prompts and seeds: lower = closer. "
+             f"{probe.get('steps', '?')}-step samples at w = {probe.get('omega', '?')} for {results['num_samples']} "
+             f"held-out prompts. **Fidelity** = KID×10³ (paired) of these samples to the teacher's guided ODE "
+             f"({ode.get('sampler', '?')}, {ode.get('steps', '?')} steps) at the same w, prompts and seeds: "
+             "lower = closer. "
              f"95% percentile bootstrap over prompts ({results['resamples']} resamples); Δ = run − "
              f"{results['baseline']} on the same resamples.", "",
              f"## Verdicts: fidelity against {results['baseline']} at the last shared probe", ""]
@@ -258,7 +260,8 @@ def markdown(results: dict) -> str:
         lines += ["", f"## Iteration {it}", "", *_iteration_table(results, it)]
     lines += ["", "## Fidelity KID×10³ over iterations", "", *_curve_table(results, "fidelity_kid", "fid. KID"),
               "", "## KID×10³ to real over iterations", "", *_curve_table(results, "real_kid", "KID")]
-    for label, key in (("the teacher's guided ODE itself (the target)", "teacher_ode"), ("real images (floor)", "floor")):
+    for label, key in (("the teacher's guided ODE itself (the target)", "teacher_ode"),
+                       ("real images (floor)", "floor")):
         if results.get(key):
             lines.append(f"\nKID×10³ to real of {label}: {results[key]['kid']:.2f}, FID {results[key]['fid']:.1f}.")
     return "\n".join(lines) + "\n"
@@ -274,20 +277,21 @@ def plot(results: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, title in zip(axes, METRICS, ("fidelity: KID×10³ to the teacher's guided ODE",
                                                  "KID×10³ to real images")):
-        for name in results["runs"]:
+        for j, name in enumerate(results["runs"]):
+            dodge = results["eval_every"] * 0.03 * (j - (len(results["runs"]) - 1) / 2)  # error bars side by side
             rs = [r for r in results["records"] if r["run"] == name and metric in r.get("intervals", {})]
             if not rs:
                 continue
             v = np.array([r["intervals"][metric]["value"] for r in rs])
             ci = np.array([r["intervals"][metric].get("ci", [r["intervals"][metric]["value"]] * 2) for r in rs])
-            ax.errorbar([r["iteration"] for r in rs], v, yerr=[v - ci[:, 0], ci[:, 1] - v], marker="o", capsize=3,
+            ax.errorbar([r["iteration"] + dodge for r in rs], v, yerr=[v - ci[:, 0], ci[:, 1] - v], marker="o", capsize=3,
                         label=name)
         if metric == "real_kid" and results.get("teacher_ode"):
             ax.axhline(results["teacher_ode"]["kid"], color="black", ls=":", lw=1, label="teacher ODE")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("iteration (95% bootstrap intervals)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
