@@ -275,7 +275,7 @@ def test_ablate_solver_skip(micro_teacher, micro_judge, tmp_path, cached, capsys
     out = tmp_path / "solver-skip"
     lines = run(["ablate", "solver-skip", "--teacher", micro_teacher, "--judge", micro_judge, "--solvers", "ddim",
                  "--skips", "50", "--iterations", "1", "--eval-every", "1", "--num-samples", "2",
-                 "--batch-size", "2", "--num-data", "2", "--out", out], capsys)
+                 "--batch-size", "2", "--num-data", "2", "--resamples", "10", "--out", out], capsys)
     assert lines[-1] == str(out / "results.json")
     assert (out / "results.md").is_file() and (out / "solver-skip.png").is_file()
     records = json.loads((out / "results.json").read_text())["records"]

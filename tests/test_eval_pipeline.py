@@ -80,11 +80,11 @@ def _results(scored, name) -> dict:
 def test_every_scoring_command_calls_the_one_score_function(scored):
     # table1: 4 rows + the floor; lcm preset: its rows + the floor; teacher: held-out, paraphrase,
     # the judge on real images, the floor; guidance: per g the teacher ODE, the LCM and its fidelity to the ODE,
-    # + floor; solver-skip: two probes (the untrained
-    # student and one iteration) + the floor; lcf: one per (model, steps) and the two ceilings
+    # + floor; solver-skip: two probes (the untrained student and one iteration), each against real images and
+    # the teacher's ODE, the ODE itself + the floor; lcf: one per (model, steps) and the two ceilings
     expected = {"table1": [N] * 5, "lcm": [N] * (len(presets.LCM_TABLE_ROWS) + 1),
                 "teacher": [N, N, 16, N], "independent": [N, N], "guidance": [N] * 7,
-                "solver-skip": [N] * 3, "lcf": [N] * 3}
+                "solver-skip": [N] * 6, "lcf": [N] * 3}
     assert {name: calls for name, (_, calls) in scored.items()} == expected
 
 

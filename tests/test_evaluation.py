@@ -166,10 +166,11 @@ def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher
                                                                   monkeypatch, capsys):
     monkeypatch.setenv("LATENTCM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(references, "REFERENCE_COUNT", 40)
+    monkeypatch.setattr(presets, "TEACHER_STEPS", 2)  # the ODE reference
     out = tmp_path / "ablate"
     args = ["ablate", "solver-skip", "--teacher", str(micro_teacher), "--judge", str(micro_judge),
             "--solvers", "ddim,dpm-solver++", "--skips", "20,50", "--iterations", "2", "--eval-every", "1",
-            "--num-samples", "4", "--batch-size", "2", "--num-data", "4", "--out", str(out)]
+            "--num-samples", "4", "--batch-size", "2", "--num-data", "4", "--resamples", "10", "--out", str(out)]
     main(args)
     results = json.loads((out / "results.json").read_text())
     keys = [(r["solver"], r["skip"], r["iteration"]) for r in results["records"]]
@@ -178,16 +179,16 @@ def test_ablate_solver_skip_probes_fid_over_iterations_and_resumes(micro_teacher
     assert all(r["kid"] == at0[0]["kid"] for r in at0 if r["skip"] == at0[0]["skip"])
     assert all(r["fid"] >= 0 and 0 <= r["caption_score"] <= 100 for r in results["records"])
     table = (out / "results.md").read_text()
-    assert "| ddim | 20 |" in table and "KID×10³ @0" in table and "KID×10³ @2" in table and (out / "solver-skip.png").is_file()
-    assert f"| real images (floor, n = 4) | - | {results['floor']['kid']:.1f} ± " in table
+    assert "| ddim-k50 |" in table and "fid. KID @0" in table and "KID @2" in table and (out / "solver-skip.png").is_file()
+    assert f"KID×10³ to real of real images (floor): {results['floor']['kid']:.2f}" in table
     log = out / "runs" / "ddim-k20" / "probe.jsonl"
     before = log.read_text()
     main(args)  # finished runs are not trained again
     assert log.read_text() == before
     i = args.index("--solvers")
-    main(args[:i] + ["--pairs", "dpm-solver++:50,ddim:20"] + args[i + 4:])  # a subset, in the given order
-    keys = [(r["solver"], r["skip"]) for r in json.loads((out / "results.json").read_text())["records"]]
-    assert keys == [("dpm-solver++", 50)] * 3 + [("ddim", 20)] * 3 and log.read_text() == before
+    main(args[:i] + ["--pairs", "dpm-solver++:50,ddim:20"] + args[i + 4:])  # a subset first, then OUT's other runs
+    names = json.loads((out / "results.json").read_text())["runs"]
+    assert names == ["dpm-solver++-k50", "ddim-k20", "ddim-k50", "dpm-solver++-k20"] and log.read_text() == before
 
 
 @pytest.mark.parametrize("pairs", ["ddim", "ddim:0", "euler:20", "ddim:20:1", ","])

@@ -18,55 +18,101 @@ def ablate():
     """The paper's ablations: solver x skipping step (Fig. 3) and guidance scale (Fig. 4)."""
 
 
-def _solver_skip_pairs(solvers_text: str, skips_text: str, pairs_text: str | None) -> list[tuple[str, int]]:
-    """--pairs SOLVER:K,... if given, else every --solvers x --skips pair; a bad k fails before any run."""
+def _pair_list(text: str, flag: str) -> list[tuple[str, int]]:
+    """SOLVER:K,... -> [(solver, k), ...]; a malformed item, an unknown solver or a k out of range is refused."""
+    from ..schedules import TRAIN_TIMESTEPS
+
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items or any(v.count(":") != 1 for v in items):
+        raise UserError(f"{flag}: expected SOLVER:K,... (e.g. ddim:20,dpm-solver:20), got {text!r}")
+    return [(_choice_list(v.split(":")[0], TEACHER_SOLVERS, flag)[0],
+             _int_list(v.split(":")[1], 1, TRAIN_TIMESTEPS, flag)[0]) for v in items]
+
+
+def _solver_skip_pairs(solvers_text: str | None, skips_text: str | None,
+                       pairs_text: str | None) -> list[tuple[str, int]]:
+    """--pairs SOLVER:K,... if given, else every --solvers x --skips pair, else the paper's (``solver_skip.PAIRS``);
+    a bad k fails before any run."""
+    from ..evaluation.solver_skip import PAIRS
     from ..schedules import TRAIN_TIMESTEPS, training_grid
 
-    if pairs_text is None:
-        pairs = [(s, k) for s in _choice_list(solvers_text, TEACHER_SOLVERS, "--solvers")
-                 for k in _int_list(skips_text, 1, TRAIN_TIMESTEPS, "--skips")]
+    if pairs_text is not None and (solvers_text is not None or skips_text is not None):
+        raise UserError("pass --pairs, or --solvers / --skips, not both")
+    if pairs_text is not None:
+        pairs = _pair_list(pairs_text, "--pairs")
+    elif solvers_text is None and skips_text is None:
+        pairs = list(PAIRS)
     else:
-        items = [v.strip() for v in pairs_text.split(",") if v.strip()]
-        if not items or any(v.count(":") != 1 for v in items):
-            raise UserError(f"--pairs: expected SOLVER:K,... (e.g. ddim:20,dpm-solver:20), got {pairs_text!r}")
-        pairs = [(_choice_list(v.split(":")[0], TEACHER_SOLVERS, "--pairs")[0],
-                  _int_list(v.split(":")[1], 1, TRAIN_TIMESTEPS, "--pairs")[0]) for v in items]
+        pairs = [(s, k) for s in _choice_list(solvers_text or ",".join(TEACHER_SOLVERS), TEACHER_SOLVERS, "--solvers")
+                 for k in _int_list(skips_text or "1,5,20,50,100", 1, TRAIN_TIMESTEPS, "--skips")]
     for _, k in pairs:
         training_grid(TRAIN_TIMESTEPS, k)  # the teacher's own T is checked again when its run starts
     return list(dict.fromkeys(pairs))
 
 
 @ablate.command("solver-skip")
-@click.option("--teacher", default="teacher", metavar="NAME|DIR", help="Teacher to distil.")
+@click.option("--teacher", default="teacher", metavar="NAME|DIR", show_default=True, help="Teacher to distil.")
 @judge_option("Judge folder.")
-@click.option("--solvers", "solvers_text", default=",".join(TEACHER_SOLVERS), help="Comma-separated.")
-@click.option("--skips", "skips_text", default="1,5,10,20,50", help="Comma-separated skipping steps k.")
 @click.option("--pairs", "pairs_text", default=None, metavar="SOLVER:K,...",
-              help="Run these (solver, k) pairs instead of every --solvers x --skips combination.")
-@click.option("--iterations", type=click.IntRange(1, 10**6), default=1500, help="Distillation steps per run.")
-@click.option("--eval-every", type=click.IntRange(1, 10**6), default=500, help="Probe 4-step KID/FID every N steps.")
-@click.option("--num-samples", type=click.IntRange(2, 100000), default=1000,
-              help="Held-out prompts per probe (at 128 a perfect generator's FID is about 370; KID is unbiased).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16)
-@click.option("--num-data", type=click.IntRange(1, 10**6), default=4000, help="World images (encoded once, shared).")
-@reference_option("Real images FID/KID compare with (see lcm evaluate --help).")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate-solver-skip")
-def ablate_solver_skip(teacher, judge_dir, solvers_text, skips_text, pairs_text, iterations, eval_every,
-                       num_samples, batch_size, num_data, reference, out):
-    """Short distillations per (solver, k), 4-step KID and FID over iterations: results.json, results.md,
-    solver-skip.png. Interrupted? Rerun the same command: finished runs are kept, the others resume.
+              show_default="ddim:1,ddim:5,ddim:20,ddim:50,ddim:100,dpm-solver:20,dpm-solver++:20",
+              help="The (solver, k) runs this process trains.")
+@click.option("--solvers", "solvers_text", default=None, metavar="S,...",
+              help="Instead of --pairs: every --solvers x --skips run (default every solver).")
+@click.option("--skips", "skips_text", default=None, metavar="K,...",
+              help="Instead of --pairs: the skipping steps k of --solvers (default 1,5,20,50,100).")
+@click.option("--iterations", type=click.IntRange(1, 10**6), default=3000, show_default=True,
+              help="Length of every run; the cosine lr decays over it.")
+@click.option("--until", type=int, default=None, metavar="ITER",
+              help="Train every run only up to ITER now (a multiple of --eval-every), then write results from what "
+                   "exists; a later call with a larger ITER (or none) continues. Default: --iterations.")
+@click.option("--eval-every", type=click.IntRange(1, 10**6), default=500, show_default=True,
+              help="Probe (and checkpoint) every N iterations.")
+@click.option("--num-samples", type=click.IntRange(2, 100000), default=500, show_default=True,
+              help="Held-out prompts (and seeds) per probe; also the teacher ODE samples, made once (100 UNet passes "
+                   "each).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--student-ema", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+              help="Slow EMA of the student, which the probes sample (0: probe the online student).")
+@click.option("--num-data", type=click.IntRange(1, 10**6), default=4000, show_default=True,
+              help="World images (encoded once, shared).")
+@click.option("--baseline", "baseline_text", default="ddim:20", show_default=True, metavar="SOLVER:K",
+              help="The run every paired difference and verdict is taken against.")
+@click.option("--resamples", type=click.IntRange(1, 10000), default=200, show_default=True,
+              help="Bootstrap resamples of the 95% intervals.")
+@reference_option("Real images for KID to real (see lcm evaluate --help).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate-solver-skip", show_default=True)
+def ablate_solver_skip(teacher, judge_dir, pairs_text, solvers_text, skips_text, iterations, until, eval_every,
+                       num_samples, batch_size, student_ema, num_data, baseline_text, resamples, reference, out):
+    """LCM Fig. 3: a distillation per (solver, k) with a slow EMA of the student and a cosine lr; every
+    --eval-every iterations the EMA's 4-step samples are scored for fidelity to the teacher's guided ODE (paired
+    KID and FD, same prompts and seeds) and KID to real. results.md: 95% bootstrap intervals, the paired
+    difference of each run to --baseline with a verdict, the run closest to the ODE at the earliest probe;
+    results.json, solver-skip.png.
+
+    Interrupted? Rerun the same command: runs resume. Several processes may share one --out with different
+    --pairs (same other settings): results cover every run there.
 
     \b
-    Example:
-      lcm ablate solver-skip --solvers ddim --skips 1,20 --batch-size 8 --reference independent
+    Example (all runs to 1000 now, to 3000 in a later session):
+      lcm ablate solver-skip --until 1000 --out runs/ablate-solver-skip
+      lcm ablate solver-skip --out runs/ablate-solver-skip
     """
-    from ..evaluation import ablate as A
+    from ..evaluation import solver_skip as S
+    from ..evaluation import solver_skip_report
 
     _torch_threads()
     pairs = _solver_skip_pairs(solvers_text, skips_text, pairs_text)
-    results = A.solver_skip(registry.resolve(teacher), Path(out), pairs, iterations, eval_every, _judge(judge_dir),
-                            num_samples, batch_size, num_data, reference=reference)
-    click.echo(A.solver_skip_markdown(results["records"], results["floor"]) + str(Path(out) / "results.json"))
+    baseline = _pair_list(baseline_text, "--baseline")
+    if len(baseline) != 1:
+        raise UserError(f"--baseline: expected one SOLVER:K, got {baseline_text!r}")
+    try:
+        S.check_until(until, iterations, eval_every)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    results = S.solver_skip(registry.resolve(teacher), Path(out), pairs, iterations, eval_every, _judge(judge_dir),
+                            num_samples, batch_size, num_data, reference=reference, until=until,
+                            student_ema=student_ema, baseline=baseline[0], resamples=resamples)
+    click.echo(solver_skip_report.markdown(results) + str(Path(out) / "results.json"))
 
 
 def _sweep_guidances(guidances_text: str | None, omegas_text: str | None) -> list[float]:

@@ -274,8 +274,9 @@ class LCDTask(StudentTask):
             ema_update(self.average_unet, self.student_unet, min(self.cfg.student_ema, (1 + step) / (10 + step)))
 
     def preview(self, step: int, out_dir: Path) -> None:
+        """``preview_fn`` on the weights that would be exported (the slow EMA when one is kept)."""
         if self.preview_fn is not None:
-            self.preview_fn(self.student_unet, step, out_dir)
+            self.preview_fn(self.export_unet, step, out_dir)
 
 
 class LoRATask(LCDTask):

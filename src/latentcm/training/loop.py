@@ -95,6 +95,7 @@ class LoopConfig:
     keep_checkpoints: int = 2
     preview_every: int = 0
     max_minutes: float | None = None  # stop cleanly (with a checkpoint) after this long
+    stop_at: int | None = None  # pause after this step (with a checkpoint; resume later); the lr schedule stays max_steps'
     max_bad_steps: int = 10  # stop after this many skipped (non-finite loss / gradient) updates in a row; 0: never
     betas: tuple[float, float] = (0.9, 0.999)
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; "no" defers to what accelerate launch set)
@@ -336,9 +337,14 @@ def fit(task: Task, cfg: LoopConfig, out_dir: str | Path, resume: bool = False, 
         raise TrainingInterrupted(_interrupted(run.step, start, ckpt_dir, acc, save)) from None
     finally:
         bar.close()
-    if run.step == start and run.step < cfg.max_steps:
+    if run.step == start and run.step < _end(cfg):
         save(run.step)
     return run.step
+
+
+def _end(cfg: LoopConfig) -> int:
+    """The step this session trains to: ``max_steps``, or ``stop_at`` when that comes first."""
+    return cfg.max_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.max_steps)
 
 
 def _interrupted(step: int, start: int, ckpt_dir: Path, acc, save) -> str:
@@ -356,8 +362,8 @@ def _interrupted(step: int, start: int, ckpt_dir: Path, acc, save) -> str:
 
 def _train(task: Task, opt, cfg: LoopConfig, run: _Run, out: Path, acc, bar, save) -> None:
     """The steps of ``fit``: update, record, checkpoint, preview, until max_steps, the time limit or a fault."""
-    main, ckpt_dir = acc.is_main_process, out / "checkpoints"
-    while run.step < cfg.max_steps:
+    main, ckpt_dir, end = acc.is_main_process, out / "checkpoints", _end(cfg)
+    while run.step < end:
         _record(run, train_step(task, opt, cfg, run.step, acc), out, main, bar)
         step = run.step
         if cfg.max_bad_steps and run.bad_run >= cfg.max_bad_steps:
@@ -367,7 +373,7 @@ def _train(task: Task, opt, cfg: LoopConfig, run: _Run, out: Path, acc, bar, sav
                 f"gradient and were skipped ({run.skipped_total} in all); the last good weights are in "
                 f"{ckpt_dir / f'step-{step:07d}.safetensors'}; lower the learning rate or check the data")
         timed_out = _any_process(acc, cfg.max_minutes is not None and time.time() - run.t0 > 60 * cfg.max_minutes)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or timed_out:
+        if step % cfg.checkpoint_every == 0 or step == end or timed_out:
             save(step)
         if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
             with _autocast(cfg, acc):  # a half-stored network (LoRA's base UNet) samples under autocast
