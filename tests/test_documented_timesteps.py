@@ -23,8 +23,8 @@ STATEMENTS = [
     ("src/latentcm/weights/lcm/README.md", "gives them for n steps; 8 steps: ", "refine", 8),
     ("src/latentcm/weights/lcm/README.md", "pick its grid timesteps t = ", "grid", 4),
     ("src/latentcm/weights/lcm/README.md", "lcm_timesteps(n, 1000, 10)`; 8 steps: ", "grid", 8),
-    ("reports/table1/README.md", "with by default since this version: 4 steps t = ", "refine", 4),
-    ("reports/table1/README.md", "since this version: 4 steps t = 999, 499, 299, 99; 8 steps ", "refine", 8),
+    ("reports/table1/README.md", "timesteps (its default: 4 steps t = ", "refine", 4),
+    ("reports/table1/README.md", "(its default: 4 steps t = 999, 499, 299, 99; 8 steps ", "refine", 8),
     ("reports/table1/README.md", "**grid** selection (4 steps t = ", "grid", 4),
     ("reports/table1/README.md", "**grid** selection (4 steps t = 999, 799, 499, 299; 8 steps ", "grid", 8),
 ]
