@@ -9,7 +9,7 @@ from .. import registry
 from ..defaults import TEACHER_SOLVERS
 from .app import cli
 from .evaluation import _judge
-from .options import UserError, _choice_list, _float_list, _int_list, _step_list
+from .options import FiniteRange, UserError, _choice_list, _float_list, _int_list, _step_list
 from .options import _torch_threads, judge_option, reference_option, seed_option
 
 
@@ -71,7 +71,7 @@ def _solver_skip_pairs(solvers_text: str | None, skips_text: str | None,
               help="Held-out prompts (and seeds) per probe; also the teacher ODE samples, made once (100 UNet passes "
                    "each).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
-@click.option("--student-ema", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+@click.option("--student-ema", type=FiniteRange(0, 1, max_open=True), default=0.999, show_default=True,
               help="Slow EMA of the student, which the probes sample (0: probe the online student).")
 @click.option("--num-data", type=click.IntRange(1, 10**6), default=4000, show_default=True,
               help="World images (encoded once, shared).")
