@@ -62,13 +62,12 @@ def mean_accuracy(attribute_accuracy: dict[str, float]) -> float | None:
     return round(float(np.mean(found)), 4) if found else None
 
 
-def _kid_ci(images, reference: references.Reference, extractor, draws: intervals.Draws,
+def _kid_ci(features: np.ndarray, reference: references.Reference, draws: intervals.Draws,
             paired: bool = False) -> list[float]:
-    """95% percentile interval of KID x 10^3 of ``images`` to ``reference`` over ``draws``, the features scaled
-    as ``scoring.score`` scales them (``paired``: reference image i belongs to image i)."""
+    """95% percentile interval of KID x 10^3 of judge ``features`` to ``reference`` over ``draws``, scaled as
+    ``scoring.score`` scales them (``paired``: reference image i belongs to image i)."""
     scale = scoring.kid_scale(reference.features)
-    features = extractor.features(scoring.model_images(images)).astype(np.float64) / scale
-    boot = intervals.kid_resamples(features, reference.features.astype(np.float64) / scale,
+    boot = intervals.kid_resamples(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
                                    draws.prompts, draws.reference, paired=paired)
     return [round(scoring.KID_SCALE * v, 4) for v in intervals.percentile_interval(boot)]
 
@@ -112,12 +111,11 @@ def following(records: list[dict], teacher_ode: list[dict], areas: dict, draws: 
     return out
 
 
-def _fidelity(images, prompts, extractor, ode_ref, draws) -> dict:
-    """KID (x 10^3, with its std over subsets) and FD of an LCM's images to the ODE's images at the same g; the
-    two sets share prompts and noise, so KID leaves out each image's own ODE image (paired)."""
-    found = scoring.rounded(scoring.score(images, prompts, extractor, ode_ref, paired=True))
-    out = {"kid": found["kid"], "kid_std": found["kid_std"], "fid": found["fid"]}
-    return {**out, "kid_ci": _kid_ci(images, ode_ref, extractor, draws, paired=True)} if draws else out
+def _fidelity(features: np.ndarray, ode_ref, draws) -> dict:
+    """KID (x 10^3, with its std over subsets) and FD of an LCM's judge features to the ODE's images' at the same
+    g; the two sets share prompts and noise, so KID leaves out each image's own ODE image (paired)."""
+    out = scoring.rounded(scoring.distances(features, ode_ref, paired=True))
+    return {**out, "kid_ci": _kid_ci(features, ode_ref, draws, paired=True)} if draws else out
 
 
 def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=GUIDANCES, steps=STEPS,
@@ -137,22 +135,24 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
     for g in tqdm(guidances, desc="guidance sweep"):
         row = ode_row(g, TEACHER)
         scores, ode_images, timing = pipeline.generate_and_score(bundles[TEACHER], row, prompts, extractor, ref,
-                                                                 out / "samples", **common)
+                                                                 out / "samples", per_image=True, **common)
+        ode_features = scores.pop("per_image")["features"]
         areas[TEACHER, None, g] = scoring.object_area(ode_images)
         teacher_ode.append(_record(row, scores, timing, areas[TEACHER, None, g]))
         if real_draws:
-            teacher_ode[-1]["kid_ci"] = _kid_ci(ode_images, ref, extractor, real_draws)
+            teacher_ode[-1]["kid_ci"] = _kid_ci(ode_features, ref, real_draws)
         ode_ref = scoring.reference_from_images(ode_images, extractor, f"teacher-ode-g{g:g}")
         for name in lcm_names:
             for n in steps:
                 row = pipeline.Row(name, LCM_SAMPLER, n, g)
                 scores, images, timing = pipeline.generate_and_score(bundles[name], row, prompts, extractor, ref,
-                                                                     out / "samples", **common)
+                                                                     out / "samples", per_image=True, **common)
+                features = scores.pop("per_image")["features"]
                 areas[name, n, g] = scoring.object_area(images)
                 records.append({**_record(row, scores, timing, areas[name, n, g]),
-                                "fidelity": _fidelity(images, prompts, extractor, ode_ref, ode_draws)})
+                                "fidelity": _fidelity(features, ode_ref, ode_draws)})
                 if real_draws:
-                    records[-1]["kid_ci"] = _kid_ci(images, ref, extractor, real_draws)
+                    records[-1]["kid_ci"] = _kid_ci(features, ref, real_draws)
     results = {"num_samples": num_samples, "seed": seed, "guidances": list(guidances), "steps": list(steps),
                "models": {k: str(b.path) for k, b in bundles.items()}, "extractor": extractor.name,
                "extractor_version": extractor.version, "reference": ref.name, "reference_kind": ref.kind,

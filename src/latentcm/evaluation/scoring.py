@@ -108,21 +108,13 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
     predicted = extractor.predict_from(probs)
     if wanted is None:
         wanted = [world.parse_caption(p) for p in prompts]
-    mu, sigma = metrics.gaussian_stats(features)
-    # the cubic kernel depends on the feature scale: scale both sets by the reference's RMS per dimension
-    # (one fixed linear map, so rows stay comparable; Inception-like magnitudes)
-    scale = kid_scale(reference.features)
-    kid_mean, kid_std = metrics.kid(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
-                                    KID_SUBSETS, KID_SUBSET_SIZE, paired=paired)  # float64: no jitter between runs
     n = min(len(features), len(reference.features))
     if n > PR_K:
         pick = np.sort(np.random.default_rng(0).choice(len(reference.features), n, replace=False))
         precision, recall = metrics.precision_recall(reference.features[pick], features, PR_K)
     else:
         precision = recall = None
-    out = {"fid": metrics.frechet_distance(mu, sigma, reference.mu, reference.sigma),
-           "kid": KID_SCALE * kid_mean, "kid_std": KID_SCALE * kid_std,
-           "precision": precision, "recall": recall,
+    out = {**distances(features, reference, paired), "precision": precision, "recall": recall,
            "caption_score": metrics.attribute_agreement(probs, wanted_indices(prompts)),
            "exact_match": metrics.exact_accuracy(predicted, wanted),
            "attribute_accuracy": attribute_accuracy(predicted, wanted),
@@ -135,6 +127,19 @@ def score(images, prompts: list[str], extractor: JudgeExtractor, reference: Refe
     if per_image:
         out["per_image"] = per_image_values(features, probs, predicted, prompts, wanted)
     return out
+
+
+def distances(features: np.ndarray, reference: Reference, paired: bool = False) -> dict:
+    """{"fid", "kid", "kid_std"} of judge ``features`` [N, D] against ``reference`` (``score``'s, which calls it; a
+    caller that already holds the features scores another reference without a second judge pass)."""
+    mu, sigma = metrics.gaussian_stats(features)
+    # the cubic kernel depends on the feature scale: scale both sets by the reference's RMS per dimension
+    # (one fixed linear map, so rows stay comparable; Inception-like magnitudes)
+    scale = kid_scale(reference.features)
+    kid_mean, kid_std = metrics.kid(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
+                                    KID_SUBSETS, KID_SUBSET_SIZE, paired=paired)  # float64: no jitter between runs
+    return {"fid": metrics.frechet_distance(mu, sigma, reference.mu, reference.sigma),
+            "kid": KID_SCALE * kid_mean, "kid_std": KID_SCALE * kid_std}
 
 
 def kid_scale(reference_features: np.ndarray) -> float:
@@ -206,5 +211,5 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
     return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
 
 
-__all__ = ["score", "rounded", "kid_scale", "per_image_values", "reference_from_images", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values", "object_area",
+__all__ = ["score", "rounded", "kid_scale", "per_image_values", "reference_from_images", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values", "object_area", "distances",
            "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]

@@ -82,8 +82,7 @@ def fid_probe(bundle, extractor: JudgeExtractor, reference: references.Reference
         features = scored.pop("per_image")["features"]
         record = {"iteration": step, **{k: v for k, v in scoring.rounded(scored).items() if k != "attribute_accuracy"}}
         if ode_reference is not None:
-            found = scoring.rounded(scoring.score(images, prompts, extractor, ode_reference, paired=True))
-            record["fidelity"] = {k: found[k] for k in ("kid", "kid_std", "fid")}
+            record["fidelity"] = scoring.rounded(scoring.distances(features, ode_reference, paired=True))
         with atomic_path(features_path(log_path.parent, step)) as tmp:  # before the log line that names it
             np.save(tmp, np.asarray(features, np.float32), allow_pickle=False)
         with open(log_path, "a") as f:
