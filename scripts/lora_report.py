@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from latentcm import registry
 from latentcm.defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_DEFAULTS
-from latentcm.evaluation import lcf_eval, pipeline, references, style
+from latentcm.evaluation import lcf_eval, pipeline, references, scoring, style
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.models import lora as lora_io
 from latentcm.bundle import Bundle
@@ -108,7 +108,7 @@ def markdown(results: dict) -> str:
         params = f"{c['trainable_parameters']:,}" if c else "-"
         minutes = f"{c['minutes']:.1f} min" if c else "-"
         name = {"lcm-lora": "LCM-LoRA (r = 16)", "lcm": "full LCM (shipped)", "teacher": "teacher"}[r["model"]]
-        kid = f"{r['kid']:.2f} ± {r['kid_std']:.2f}" if "kid" in r else "-"
+        kid = scoring.kid_text(r) if "kid" in r else "-"
         lines.append(f"| {name} | {r['sampler']} | {r['steps']} | {r['fid']:.1f} | {kid} | {r['caption_score']:.1f} | "
                      f"{r['exact_match']:.1%} | {params} | {minutes} |")
     lines += ["", lcf_eval.markdown(results["style_combination"])]

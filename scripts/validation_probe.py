@@ -101,7 +101,7 @@ def main() -> None:
     for r in done:
         a = r["attribute_accuracy"]
         print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | "
-              f"{extra(r)} | {r['kid']:.1f} ± {r['kid_std']:.1f} | "
+              f"{extra(r)} | {scoring.kid_text(r, 1)} | "
               f"{r['fid']:.1f} | {r['caption_score']:.1f} | {100 * a['colour']:.1f} | {100 * a['background']:.1f} | "
               f"{100 * a['shape']:.1f} | {r['histogram_distance']['size']:.3f} |")
     if args.out:

@@ -86,7 +86,7 @@ def test_fid_resamples_agree_with_the_sqrtm_fid():
 def test_table1_shows_the_paired_column_and_old_results_render_as_before():
     results, values = _results()
     plain = reports.results_markdown(results)
-    assert " ± " in plain and "Δ" not in plain and "Sampling intervals" not in plain
+    assert "(subset sd " in plain and "Δ" not in plain and "Sampling intervals" not in plain
     comparisons.attach(results, values, _reference(), baseline="lcm", num_resamples=100)
     text = reports.results_markdown(results)
     head, _, *rows = text.splitlines()

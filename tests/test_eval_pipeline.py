@@ -141,7 +141,7 @@ def test_table1_results_carry_kid_and_the_floor(scored):
     table = (scored["table1"][0] / "table1.md").read_text().splitlines()
     assert "KID×10³ 1" in table[0] and "Δ KID×10³ 1 vs LCM" in table[0]
     floor = next(i for i, line in enumerate(table) if line.startswith(f"| *real images (floor, n = {N})*"))
-    assert " ± " in table[floor] and " [" in table[floor - 1]  # the floor keeps its subset spread
+    assert "(subset sd " in table[floor] and " [" in table[floor - 1]  # the floor: its subset spread, named so
     # every row carries its sampling intervals, the DDIM rows their paired difference to the LCM row
     lcm, ddim = ({r["steps"]: r for r in results["records"] if r["sampler"] == s} for s in ("lcm", "ddim"))
     for n in (1, 2):

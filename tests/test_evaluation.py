@@ -292,5 +292,5 @@ def test_best_guidance_table_picks_the_lowest_kid_per_method_and_steps():
     records = [rec("ddim", 1, 3.0, 50.0), rec("ddim", 1, 8.5, 40.0), rec("ddim", 2, 3.0, 20.0),
                rec("ddim", 2, 8.5, 30.0), rec("lcm", 1, 8.5, 5.0)]
     table = reports.best_guidance_markdown(records)
-    assert "| DDIM (g 3, 8.5) | 40.00 ± 1.00 (8.5) | 20.00 ± 1.00 (3) | 400.00 | 200.00 |" in table
-    assert "| LCM (g 8.5) | 5.00 ± 1.00 (8.5) | - | 50.00 | - |" in table
+    assert "| DDIM (g 3, 8.5) | 40.00 (subset sd 1.00) (8.5) | 20.00 (subset sd 1.00) (3) | 400.00 | 200.00 |" in table
+    assert "| LCM (g 8.5) | 5.00 (subset sd 1.00) (8.5) | - | 50.00 | - |" in table

@@ -112,8 +112,8 @@ def test_rows_tables_and_ceilings_keep_interval_rows_apart():
     records = [rec("ddim", 4, 40.0), rec("ddim", 4, 20.0, guidance_max_t=699), rec("lcm", 4, 10.0)]
     table = reports.table1_markdown(records, ceiling=[rec("ddim-trailing", 50, 120.0),
                                                        rec("ddim-trailing", 50, 30.0, guidance_max_t=699)])
-    assert "| DDIM, g 8.5 | 400.00 | 40.00 ± 1.00 |" in table
-    assert "| DDIM, g 8.5, guided t ≤ 699 | 200.00 | 20.00 ± 1.00 |" in table
+    assert "| DDIM, g 8.5 | 400.00 | 40.00 (subset sd 1.00) |" in table
+    assert "| DDIM, g 8.5, guided t ≤ 699 | 200.00 | 20.00 (subset sd 1.00) |" in table
     assert "*ceiling: DDIM trailing, 50 steps, g 8.5, guided t ≤ 699*" in table
     best = reports.best_guidance_markdown(records)
     assert "| DDIM (g 8.5) | 40.00" in best and "| DDIM (g 8.5; guided t ≤ 699) | 20.00" in best

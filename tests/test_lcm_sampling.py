@@ -198,6 +198,18 @@ def test_evaluate_lcm_writes_results_json_and_table(micro_lcm, micro_teacher, mi
         assert all(0 <= v <= 1 for v in r["attribute_accuracy"].values()) and r["seconds"] >= 0
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) + 1 and "UNet evals / image" in table[0]  # + the real-image floor
+    # sampling intervals by default, and each teacher row paired with the LCM at its step count
+    assert "KID×10³ [95%]" in table[0] and "±" not in "".join(table)
+    lcm = {r["steps"]: r["intervals"]["kid"]["value"] for r in rows if r["sampler"] == "lcm"}
+    for r in rows:
+        lo, hi = r["intervals"]["kid"]["ci"]
+        assert lo <= hi
+        if r["steps"] in lcm:
+            assert r["paired"]["kid"]["diff"] == pytest.approx(r["intervals"]["kid"]["value"] - lcm[r["steps"]],
+                                                               abs=2e-3)
+        else:
+            assert "paired" not in r  # DDIM 50: no LCM row at 50 steps
+    assert result["interval_settings"]["num_resamples"] == 1000
     assert "real images (floor" in table[-1]
     assert capsys.readouterr().out.strip().endswith(str(out / "results.json"))
 

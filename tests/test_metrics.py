@@ -233,3 +233,14 @@ def test_histogram_distance_is_total_variation():
     # (2/3, 1/3, 0) vs (0, 1/3, 2/3): 2/3
     a, b = ["left", "left", "centre"], ["centre", "right", "right"]
     assert metrics.histogram_distance(a, b, cats) == pytest.approx(2 / 3)
+
+
+def test_kid_text_prints_an_interval_or_names_the_subset_spread():
+    from latentcm.evaluation.scoring import kid_text
+
+    # a sampling interval: the full-set value and its 95% interval
+    table1 = {"kid": 9.0, "kid_std": 1.0, "intervals": {"kid": {"value": 2.0, "ci": [1.0, 3.5]}}}
+    assert kid_text(table1) == "2.00 [1.00, 3.50]"
+    assert kid_text({"kid": 1.25, "kid_std": 0.5, "kid_ci": [-0.5, 3.0]}, 1) == "1.2 [-0.5, 3.0]"
+    # none: the spread over reference subsets alone, named, never a "±"
+    assert kid_text({"kid": 1.234, "kid_std": 0.5}) == "1.23 (subset sd 0.50)"

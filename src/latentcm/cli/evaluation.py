@@ -13,7 +13,7 @@ from .app import cli
 from .options import GENERATE_SAMPLERS, FiniteRange, UserError, _choice_list, _float_list, _step_list
 from .options import _torch_threads, default_model, judge_option, reference_option, seed_option
 
-TABLE1_RESAMPLES = 1000  # resamples of Table 1's sampling intervals and paired differences
+TABLE1_RESAMPLES = 1000  # resamples of Table 1's (and the lcm preset's) sampling intervals and paired differences
 
 
 def _evaluation_bundles(model: str, teacher: str, samplers: list[str]) -> dict:
@@ -77,10 +77,10 @@ def _judge(judge_dir: str):
                    "CFG only at the steps with t <= T (what an LCM distilled with --guidance-max-t T follows).")
 @reference_option("Real images FID/KID compare with: prompt-scenes (the committed reports': it holds the scenes "
                   "the prompts were written from) or independent (disjoint scenes).")
-@click.option("--bootstrap", type=click.IntRange(0, 10000), default=None, show_default="table1: 1000; lcm, teacher: 0",
-              help="table1: resamples of every row's 95% sampling intervals and paired differences (prompts and "
-                   "seeds resampled jointly with the reference; 0: none); lcm, teacher: of a bootstrap interval of "
-                   "FID per row.")
+@click.option("--bootstrap", type=click.IntRange(0, 10000), default=None, show_default="table1, lcm: 1000; teacher: 0",
+              help="table1, lcm: resamples of every row's 95% sampling intervals and paired differences (prompts "
+                   "and seeds resampled jointly with the reference; 0: none); teacher: of a bootstrap interval of "
+                   "FID.")
 @click.option("--baseline", default=None, metavar="SAMPLER", show_default="lcm when it is among --samplers",
               help="table1: the method every row is compared with, paired (row - baseline on the same prompts and "
                    "seeds) at each step count and g; an LCM on several --lcm-schedules: its own schedule.")
@@ -111,7 +111,7 @@ def evaluate(preset, num_samples, reference, bootstrap, batch_size, seed, out, *
                        ("baseline", "--baseline")):
         if options[name] is not None and preset != "table1":
             raise UserError(f"{flag} is for the table1 preset")
-    if preset == "table1":
+    if preset in ("table1", "lcm"):
         common["bootstrap"] = TABLE1_RESAMPLES if bootstrap is None else bootstrap
     run = {"table1": _table1, "lcm": _lcm_preset, "teacher": _teacher_preset}[preset]
     click.echo(run(folder=folder, n=n, common=common, **options))
@@ -157,7 +157,8 @@ def _lcm_preset(model, teacher, judge_dir, steps_text, samplers_text, guidance, 
                                                               for r in presets.LCM_TABLE_ROWS]
     meta = {"lcm": str(registry.resolve(model or "lcm")), "teacher": str(registry.resolve(teacher)),
             "judge": str(registry.resolve(judge_dir))}
-    results = presets.lcm_table(bundles, _judge(judge_dir), folder, n, rows, meta=meta, **common)
+    resamples = common.pop("bootstrap")  # sampling intervals, as table1's
+    results = presets.lcm_table(bundles, _judge(judge_dir), folder, n, rows, meta=meta, intervals=resamples, **common)
     return presets.markdown_table(results["rows"], results["floor"]) + str(folder / "results.json")
 
 

@@ -188,19 +188,14 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _kid_cell(r: dict) -> str:
-    ci = f" [{r['kid_ci'][0]:.2f}, {r['kid_ci'][1]:.2f}]" if "kid_ci" in r else ""
-    return f"{r['kid']:.2f} ± {r['kid_std']:.2f}{ci}"
-
-
 def _table(rows: list[dict], fidelity: bool) -> list[str]:
-    head = ["g (w)", "KID×10³ to real ± std [95% CI]", "FID", "accuracy %", *ACCURACY_ATTRIBUTES, "object area %"]
-    head += ["fidelity: KID×10³ to the ODE ± std [95% CI]", "fidelity: FD to the ODE"] if fidelity else []
+    head = ["g (w)", "KID×10³ to real [95%]", "FID", "accuracy %", *ACCURACY_ATTRIBUTES, "object area %"]
+    head += ["fidelity: KID×10³ to the ODE [95%]", "fidelity: FD to the ODE"] if fidelity else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['guidance']:g} ({r['omega']:g})", _kid_cell(r), f"{r['fid']:.2f}", _pct(r["accuracy"]),
+        cells = [f"{r['guidance']:g} ({r['omega']:g})", scoring.kid_text(r), f"{r['fid']:.2f}", _pct(r["accuracy"]),
                  *(_pct(r["attribute_accuracy"].get(k)) for k in ACCURACY_ATTRIBUTES), _pct(r.get("object_area"))]
-        cells += [_kid_cell(r["fidelity"]), f"{r['fidelity']['fid']:.2f}"] if fidelity else []
+        cells += [scoring.kid_text(r["fidelity"]), f"{r['fidelity']['fid']:.2f}"] if fidelity else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -225,7 +220,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {b['model']} | {b['steps']} | {b['guidance']:g} | {b['kid']:.2f} | {apart} |")
     lines += _following_table(results.get("following", []))
     f = results["floor"]
-    lines += ["", f"Real images (floor, n = {f['num_samples']}): KID×10³ {f['kid']:.2f} ± {f['kid_std']:.2f}, "
+    lines += ["", f"Real images (floor, n = {f['num_samples']}): KID×10³ {f['kid']:.2f} (mean over reference subsets), "
               f"FID {f['fid']:.2f}, accuracy {_pct(f['accuracy'])}%."]
     return "\n".join(lines) + "\n"
 

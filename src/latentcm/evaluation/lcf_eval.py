@@ -90,7 +90,7 @@ def markdown(results: dict[str, list[dict]], labels: dict[str, str] | None = Non
     names = {"real": "real held-out striped images", "vae_round_trip": "their VAE round trips"}
 
     def kid_cell(r):
-        return f"{r['kid']:.2f} ± {r['kid_std']:.2f}" if "kid" in r else "-"
+        return scoring.kid_text(r) if "kid" in r else "-"
     for name, r in (ceiling or {}).items():
         lines.append(f"| *{names.get(name, name)}* | - | {r['fid']:.2f} | {kid_cell(r)} | {r['style_accuracy']:.1%} | "
                      f"{r['exact_match']:.1%} | {r['caption_score']:.1f} |")

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..defaults import LCM_GUIDANCE, LCM_SAMPLER, TEACHER_GUIDANCE, TEACHER_SAMPLER, TEACHER_STEPS
 from ..files import write_text
 from ..images import save_grid
-from . import pipeline, references, results as results_file, scoring
+from . import comparisons, pipeline, references, results as results_file, scoring
 from .pipeline import NUM_SAMPLES, Row
 from .scoring import SCORED
 
@@ -57,18 +57,23 @@ TEACHER_RESULTS_SCHEMA = {"allOf": [_JUDGED, {"type": "object",
 
 
 def judged_row(bundle, row: Row, extractor, reference, out: Path, num_samples: int = NUM_SAMPLES,
-               split: str = "heldout", seed: int = 0, batch_size: int = 32, bootstrap: int = 0) -> tuple[dict, object]:
+               split: str = "heldout", seed: int = 0, batch_size: int = 32, bootstrap: int = 0,
+               per_image: dict | None = None) -> tuple[dict, object]:
     """One row in the presets' layout (``attribute_accuracy`` unrounded), and its images.
 
     Image i uses prompt i of ``heldout_prompts(num_samples, split=split)`` and seed ``seed + i``;
-    UNet evaluations are counted, not assumed (LCM: one per step; CFG teacher: two).
+    UNet evaluations are counted, not assumed (LCM: one per step; CFG teacher: two). ``per_image``: a dict
+    that receives the row's ``scoring.per_image_values`` under ``row.key`` (what sampling intervals resample).
     """
     prompts = [p for p, _ in references.heldout_prompts(num_samples, split=split)]
     scores, images, timing = pipeline.generate_and_score(
         bundle, row, prompts, extractor, reference, Path(out) / "samples", seed=seed, batch_size=batch_size,
-        image_format=IMAGE_FORMAT, tag="" if split == "heldout" else split, bootstrap=bootstrap)
+        image_format=IMAGE_FORMAT, tag="" if split == "heldout" else split, bootstrap=bootstrap,
+        per_image=per_image is not None)
+    if per_image is not None:
+        per_image[row.key] = scores.pop("per_image")
     extra = scoring.rounded({k: v for k, v in scores.items() if k in EXTRA_METRICS})
-    return {"sampler": row.sampler, "steps": row.steps, "guidance": row.guidance, "num_samples": num_samples,
+    return {"key": row.key, "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance, "num_samples": num_samples,
             "split": split, "attribute_accuracy": scores["attribute_accuracy"],
             "exact_match": round(scores["exact_match"], 4), "unet_evals_per_image": timing["unet_evals"],
             "seconds": timing["seconds"], "seconds_per_image": round(timing["seconds"] / num_samples, 4),
@@ -77,25 +82,32 @@ def judged_row(bundle, row: Row, extractor, reference, out: Path, num_samples: i
 
 def lcm_table(bundles: dict, extractor, out: Path, num_samples: int = NUM_SAMPLES, rows=LCM_TABLE_ROWS,
               batch_size: int = 32, seed: int = 0, reference: str = "prompt-scenes", cache_dir: Path | None = None,
-              bootstrap: int = 0, meta: dict | None = None) -> dict:
+              bootstrap: int = 0, meta: dict | None = None, intervals: int = 0) -> dict:
     """Preset ``lcm``: every row (model name, sampler, steps, g) on the same prompts and seeds; writes
     results.json, results.md and grids/ into ``out``.
 
     Args:
         bundles: model name -> Bundle, e.g. {"lcm": ..., "teacher": ...}.
         meta: entries put first in results.json (the CLI's model folders).
+        intervals: > 0: that many resamples of every row's 95% sampling intervals, and of the paired
+            difference of each teacher row to the LCM at the same step count (``comparisons.attach``).
     """
     out = Path(out)
     ref = references.reference_set(extractor, reference, cache_dir=cache_dir)
-    records = []
+    records, values = [], {} if intervals else None
     for row in rows:
         record, images = judged_row(bundles[row.model], row, extractor, ref, out, num_samples, seed=seed,
-                                    batch_size=batch_size, bootstrap=bootstrap)
+                                    batch_size=batch_size, bootstrap=bootstrap, per_image=values)
         save_grid(scoring.model_images(images[:32]), out / "grids" / f"{row.key}.png")
         records.append({"model": row.model, **record})
     results = {**(meta or {}), "num_samples": num_samples, "seed": seed, "rows": records,
                "timestep_schedules": results_file.own_schedules(bundles), **_reference_entries(extractor, ref),
                "floor": scoring.floor(extractor, ref, num_samples)}
+    if intervals:
+        view = {"records": records, "num_samples": num_samples, "reference_kind": ref.kind,
+                "timestep_schedules": results["timestep_schedules"]}
+        comparisons.attach(view, values, ref.features, baseline=LCM_SAMPLER, num_resamples=intervals)
+        results["interval_settings"] = view["interval_settings"]
     results_file.validate_results(results, LCM_RESULTS_SCHEMA)
     results_file.write_results(out / "results.json", results)
     write_text(out / "results.md", markdown_table(records, results["floor"]))
@@ -134,23 +146,32 @@ def _reference_entries(extractor, ref) -> dict:
 
 
 def markdown_table(results: list[dict], floor: dict | None = None) -> str:
-    """A Markdown table of ``lcm_table`` rows: accuracy in %, UNet evaluations, seconds, FID and KID x 10^3
-    (mean ± std); then the real-image floor."""
+    """A Markdown table of ``lcm_table`` rows: accuracy in %, UNet evaluations, seconds, FID and KID x 10^3;
+    then the real-image floor. With sampling intervals (``lcm_table(intervals=...)``) KID is the full-set
+    value with its 95% interval and a column holds the paired difference to the LCM at the same step count;
+    without, KID is the mean over reference subsets and their sd, named so (a spread of the reference alone,
+    not a sampling interval)."""
+    with_ci = any("intervals" in r for r in results)
     head = ["model", "sampler", "steps", "guidance", *SCORED, "UNet evals / image", "seconds", "s / image",
-            "FID", "KID×10³"]
+            "FID", "KID×10³ [95%]" if with_ci else "KID×10³ (subset sd)"]
+    head += ["Δ KID to LCM [95%]"] if with_ci else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         acc = [f"{100 * r['attribute_accuracy'][k]:.1f}" if k in r["attribute_accuracy"] else "-" for k in SCORED]
         cells = [r.get("model", "?"), r["sampler"], str(r["steps"]), f"{r['guidance']:g}", *acc,
                  f"{r['unet_evals_per_image']:g}", f"{r['seconds']:.1f}", f"{r['seconds_per_image']:.3f}",
-                 f"{r['fid']:.2f}", f"{r['kid']:.2f} ± {r['kid_std']:.2f}"]
+                 f"{r['fid']:.2f}", scoring.kid_text(r)]
+        if with_ci:
+            d = r.get("paired", {}).get("kid")
+            same = d is not None and d["ci"] == [0.0, 0.0] and r["sampler"] == LCM_SAMPLER
+            cells.append("-" if d is None or same else f"{d['diff']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
     if floor:
         acc = [f"{100 * floor['attribute_accuracy'][k]:.1f}" if k in floor["attribute_accuracy"] else "-"
                for k in SCORED]
         lines.append("| " + " | ".join([f"*real images (floor, n = {floor['num_samples']})*", "-", "-", "-", *acc,
                                         "-", "-", "-", f"{floor['fid']:.2f}",
-                                        f"{floor['kid']:.2f} ± {floor['kid_std']:.2f}"]) + " |")
+                                        f"{floor['kid']:.2f} (subset mean)", *(["-"] if with_ci else [])]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..defaults import LCM_SAMPLER, TEACHER_SOLVERS, TRAILING
 from ..guidance import omega_from_guidance
 from .comparisons import best_guidance
+from . import scoring
 from .results import TABLE_SAMPLERS
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpm-solver": "DPM-Solver", "dpm-solver++": "DPM-Solver++", "lcm": "LCM"}
@@ -84,13 +85,6 @@ def _interval(value: float, ci: list[float], signed: bool = False) -> str:
     return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
-def _kid_cell(r: dict) -> str:
-    """KID x 10^3: with sampling intervals the full-set value and its 95% interval, else mean ± std over subsets."""
-    if "intervals" in r:
-        return _interval(r["intervals"]["kid"]["value"], r["intervals"]["kid"]["ci"])
-    return f"{r['kid']:.2f} ± {r['kid_std']:.2f}"
-
-
 def _diff_cell(r: dict, metric: str = "kid", scale: float = 1.0) -> str:
     """A paired difference to the baseline row, bold when its 95% interval excludes 0; "baseline" on that row."""
     if "paired" not in r:
@@ -105,7 +99,7 @@ def _diff_cell(r: dict, metric: str = "kid", scale: float = 1.0) -> str:
 def table1_markdown(records: list[dict], floor_scores: dict | None = None,
                     ceiling: dict | list[dict] | None = None, baseline: str | None = None) -> str:
     """The paper's Table 1 layout: a row per sampler (with its guidance: g, and the LCM's w = g - 1), FID,
-    KID (x 10^3: mean ± std over subsets, or with sampling intervals the value and its 95% interval), score and
+    KID (x 10^3: the mean over subsets with their sd, or with sampling intervals the value and its 95% interval), score and
     exact accuracy columns per step count; with paired differences (``baseline`` names the method) the column
     of KID's difference to the baseline's row at each step count; then the teacher's guided-ODE ceiling and the
     real-image floor (each the same value in every column)."""
@@ -121,7 +115,7 @@ def table1_markdown(records: list[dict], floor_scores: dict | None = None,
             return fmt(by_steps[n]) if n in by_steps else "-"
         diffs = [cell(n, _diff_cell) if with_diff else "-" for n in steps] if paired else []
         return ("| " + " | ".join([label] + [cell(n, lambda r: f"{r['fid']:.2f}") for n in steps]
-                                  + [cell(n, _kid_cell) for n in steps] + diffs
+                                  + [cell(n, scoring.kid_text) for n in steps] + diffs
                                   + [cell(n, lambda r: f"{r['caption_score']:.1f}") for n in steps]
                                   + [cell(n, lambda r: f"{r['exact_match']:.1%}") for n in steps]) + " |")
     for sampler, variant in _methods(records):
@@ -153,7 +147,7 @@ def best_guidance_markdown(records: list[dict], paired: list[dict] | None = None
     for sampler, variant in _methods(records):
         mine = {n: best[((sampler, *variant), n)] for n in steps if ((sampler, *variant), n) in best}
         swept = sorted({r["guidance"] for r in records if r["sampler"] == sampler and _variant(r) == variant})
-        kid = [f"{_kid_cell(mine[n])} ({mine[n]['guidance']:g})" if n in mine else "-" for n in steps]
+        kid = [f"{scoring.kid_text(mine[n])} ({mine[n]['guidance']:g})" if n in mine else "-" for n in steps]
         fid = [f"{mine[n]['fid']:.2f}" if n in mine else "-" for n in steps]
         delta = [_diff_cell({"key": mine[n]["key"], "paired": diffs[(mine[n]["key"], n)]["paired"]})
                  if n in mine and (mine[n].get("key"), n) in diffs else "-" for n in steps] if diffs else []

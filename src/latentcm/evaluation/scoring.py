@@ -202,6 +202,20 @@ def judge_on_real(extractor: JudgeExtractor, reference: Reference, count: int = 
                  wanted=[s.scene.attributes() for s in samples])["attribute_accuracy"]
 
 
+def kid_text(record: dict, digits: int = 2) -> str:
+    """KID x 10^3 of a scored record as the tables print it: with a sampling interval (``comparisons``'
+    "intervals", or "kid_ci") the value and its 95% interval; without one, the mean over reference subsets and
+    their sd, named as such, because that spread covers the reference's subsampling alone (no "±")."""
+    fmt = f"{{:.{digits}f}}"
+    if "intervals" in record:
+        value, (lo, hi) = record["intervals"]["kid"]["value"], record["intervals"]["kid"]["ci"]
+    elif "kid_ci" in record:
+        value, (lo, hi) = record["kid"], record["kid_ci"]
+    else:
+        return f"{fmt.format(record['kid'])} (subset sd {fmt.format(record['kid_std'])})"
+    return f"{fmt.format(value)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
 @torch.no_grad()
 def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 128) -> float:
     """Mean reconstruction PSNR (dB, 8-bit images) on held-out world images."""
@@ -211,5 +225,5 @@ def vae_psnr(vae, count: int = 512, seed: int = PROMPT_SEED, batch_size: int = 1
     return float((10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean())
 
 
-__all__ = ["score", "rounded", "kid_scale", "per_image_values", "reference_from_images", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values", "object_area", "distances",
+__all__ = ["score", "rounded", "kid_text", "kid_scale", "per_image_values", "reference_from_images", "floor", "judge_on_real", "vae_psnr", "attribute_accuracy", "model_images", "judged_values", "object_area", "distances",
            "SCORED", "SCORE_PROPERTIES", "SCORE_REQUIRED", "ROUNDING"]
