@@ -288,6 +288,8 @@ def plot(results: dict, path: Path) -> Path:
                         label=name)
         if metric == "real_kid" and results.get("teacher_ode"):
             ax.axhline(results["teacher_ode"]["kid"], color="black", ls=":", lw=1, label="teacher ODE")
+        else:  # fidelity falls by two orders of magnitude in the first probes: a log scale keeps the later ones apart
+            ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration (95% bootstrap intervals)")
         ax.grid(alpha=0.3)
