@@ -162,9 +162,9 @@ def markdown_table(results: list[dict], floor: dict | None = None) -> str:
                  f"{r['unet_evals_per_image']:g}", f"{r['seconds']:.1f}", f"{r['seconds_per_image']:.3f}",
                  f"{r['fid']:.2f}", scoring.kid_text(r)]
         if with_ci:
-            d = r.get("paired", {}).get("kid")
-            same = d is not None and d["ci"] == [0.0, 0.0] and r["sampler"] == LCM_SAMPLER
-            cells.append("-" if d is None or same else f"{d['diff']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]")
+            d = r.get("paired", {}).get("kid")  # an LCM row is its own baseline: no difference to show
+            cells.append("-" if d is None or r["sampler"] == LCM_SAMPLER
+                         else f"{d['diff']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
     if floor:
         acc = [f"{100 * floor['attribute_accuracy'][k]:.1f}" if k in floor["attribute_accuracy"] else "-"
