@@ -127,8 +127,10 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
     assert not Bundle.load(guided).is_lcm
     lcm = tmp_path / "lcm"
     main(["distill", "--teacher", str(micro_teacher), "--init-student", str(guided), "--guided-teacher", str(guided),
-          "--out", str(lcm), "--max-steps", "2", "--batch-size", "2", "--num-data", "4", "--validate-every", "0"])
+          "--out", str(lcm), "--max-steps", "2", "--batch-size", "2", "--num-data", "4", "--validate-every", "0",
+          "--omega-zero-share", "0.25"])
     assert Bundle.load(lcm).is_lcm
+    assert "w = 0 for a share of 0.25" in (lcm / "README.md").read_text()  # the card states the w draw
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -139,6 +141,43 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
 def test_cli_guidance_stage_refuses_lcd_options(micro_teacher, tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--stage", "guidance", "--teacher", str(micro_teacher), "--out", str(tmp_path / "o"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_omega_zero_share_sets_that_share_to_zero_and_a_share_of_zero_keeps_the_stream():
+    from latentcm.training.lcd_config import draw_omega
+
+    plain = draw_omega(_cfg(), 4000, torch.Generator().manual_seed(3))
+    uniform = 11.0 * torch.rand(4000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain, uniform)  # share 0: the old w ~ U[0, 11] draw, no extra random numbers
+    mixed = draw_omega(_cfg(omega_zero_share=0.25), 4000, torch.Generator().manual_seed(3))
+    zero = mixed == 0
+    assert 0.22 < zero.float().mean() < 0.28  # 1000 expected; binomial sd 27
+    assert torch.equal(mixed[~zero], uniform[~zero])  # the rest keep their uniform draw
+    assert (draw_omega(_cfg(omega_zero_share=1.0), 50, torch.Generator()) == 0).all()
+    with pytest.raises(ValueError, match="omega_zero_share"):
+        _cfg(omega_zero_share=1.5)
+    with pytest.raises(ValueError, match="needs a w range"):
+        _cfg(omega_zero_share=0.2, omega_max=0.0)
+
+
+def test_lcd_batches_take_the_zero_share(bundle, micro_data):
+    task = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(batch_size=64, omega_zero_share=0.5))
+    omega = task.batch(1)["omega"]
+    assert 16 < int((omega == 0).sum()) < 48 and omega.max() <= 11
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lora", "4", "--omega-zero-share", "0.2"], "--omega-zero-share needs a w input"),
+    (["--guidance-mode", "cfg", "--omega-zero-share", "0.2"], "omega_zero_share needs a w range"),
+    (["--omega-zero-share", "1.5"], "--omega-zero-share"),
+])
+def test_cli_refuses_a_zero_share_without_a_w_input(micro_teacher, tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--teacher", str(micro_teacher), "--out", str(tmp_path / "o"), *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1

@@ -42,7 +42,8 @@ def check_guidance_mode(mode: str, omega_min, omega_max, lora, stage: str) -> No
         raise UserError("--guidance-mode cfg is for full-UNet consistency distillation (not --lora or --stage guidance)")
 
 
-def check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_inputs, init_student) -> None:
+def check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_inputs, init_student,
+                         omega_zero_share: float = 0.0) -> None:
     """Refuse the full-UNet options of distill together with --lora."""
     if lora and student_ema:
         raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
@@ -50,5 +51,7 @@ def check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_inputs
         raise UserError("--cond-proj-lr-scale is for full-UNet distillation; LCM-LoRA has no w projection")
     if lora and cond_proj_inputs != "all":
         raise UserError("--cond-proj-inputs is for full-UNet distillation; LCM-LoRA has no w projection")
+    if lora and omega_zero_share:
+        raise UserError("--omega-zero-share needs a w input; LCM-LoRA is distilled at one fixed w")
     if lora and init_student:
         raise UserError("--init-student is for full-UNet distillation; LCM-LoRA trains an adapter on the teacher")

@@ -58,6 +58,9 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
               help="Lowest paper guidance w (g = 1 + w).")
 @click.option("--omega-max", type=FiniteRange(0, 50), default=None, show_default=f"{OMEGA_RANGE[1]:g}; {LORA_OMEGA:g} with --lora",
               help=f"Highest paper guidance w (--lora: the paper's fixed w = {LORA_OMEGA:g}, no w embedding).")
+@click.option("--omega-zero-share", type=FiniteRange(0, 1), default=0.0, metavar="P",
+              help="Draw this share of w at exactly 0 (g = 1, the unguided ODE) instead of from [w_min, w_max], so "
+                   "the low end of the w input gets its own signal. Needs a w input (not --lora or cfg mode).")
 @click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
               show_default="none: every t",
               help="Guidance in a limited interval (Kynkaanniemi et al. 2024): the teacher's ODE step from t_{n+k} is "
@@ -137,7 +140,8 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
 
     _torch_threads()
     lora = _lora_config(lora_rank, lora_alpha, lcd["seed"])
-    check_full_unet_only(lora, lcd["student_ema"], lcd["cond_proj_lr_scale"], lcd["cond_proj_inputs"], init_student)
+    check_full_unet_only(lora, lcd["student_ema"], lcd["cond_proj_lr_scale"], lcd["cond_proj_inputs"], init_student,
+                         lcd["omega_zero_share"])
     check_stage(stage, lora, guided_teacher)
     recipe = "distill-guidance" if stage == "guidance" else "distill-lora" if lora else "distill"
     shards = data_dir if data_dir and is_shard_spec(data_dir) else None

@@ -43,7 +43,7 @@ from ..models.lora import ADAPTER, TARGET_ADAPTER, AdapterView, AdapterWeights, 
 from ..schedules import training_grid
 from ..solvers import SOLVERS, augmented_step_batched
 from .data.tensors import LCDData
-from .lcd_config import COND_PROJ_INPUTS, LOSSES, TARGETS, LCDConfig, distance  # noqa: F401 -- re-exported
+from .lcd_config import COND_PROJ_INPUTS, LOSSES, TARGETS, LCDConfig, distance, draw_omega  # noqa: F401 -- re-exported
 from .loop import ema_update, step_generator
 from .precision import Float32Output, warn_slow_ema, wrap_float32  # noqa: F401 -- re-exported
 
@@ -190,7 +190,7 @@ class LCDTask(StudentTask):
         idx = torch.randint(len(self.data), (b,), generator=g)
         t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
         noise = torch.randn((b, *self.data.latents.shape[1:]), generator=g)  # [B, C, h, w]
-        omega = self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * torch.rand(b, generator=g)  # [B]
+        omega = draw_omega(self.cfg, b, g)  # [B]
         idx_d = idx.to(self.data.latents.device)
         text = self._drop_prompts(self.data.text_states[idx_d], g)
         out = {"z0": self.data.latents[idx_d], "text": text, "noise": noise,
@@ -210,7 +210,7 @@ class LCDTask(StudentTask):
         b = len(chunk)
         t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
         noise = torch.randn((b, *chunk.latents.shape[1:]), generator=g)  # [B, C, h, w]
-        omega = self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * torch.rand(b, generator=g)  # [B]
+        omega = draw_omega(self.cfg, b, g)  # [B]
         out = {"z0": chunk.latents, "text": self._drop_prompts(chunk.text_states, g), "noise": noise,
                "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}
         return {key: v.to(self.device) for key, v in out.items()}

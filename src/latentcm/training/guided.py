@@ -28,7 +28,7 @@ from ..models.denoiser import Denoiser, make_student
 from ..solvers import guide
 from .consistency import StudentTask, restrict_cond_proj
 from .data.tensors import LCDData
-from .lcd_config import LCDConfig, distance
+from .lcd_config import LCDConfig, distance, draw_omega
 from .loop import ema_update, step_generator
 from .precision import warn_slow_ema, wrap_float32
 
@@ -98,7 +98,7 @@ class GuidanceTask(StudentTask):
         n = len(z0)
         t = torch.randint(len(self.alpha_bar), (n,), generator=g)  # [B]
         noise = torch.randn((n, *z0.shape[1:]), generator=g)  # [B, C, h, w]
-        omega = self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * torch.rand(n, generator=g)  # [B]
+        omega = draw_omega(self.cfg, n, g)  # [B]
         out = {"z0": z0, "text": text, "noise": noise, "t": t, "omega": omega}
         return {key: v.to(self.device) for key, v in out.items()}
 

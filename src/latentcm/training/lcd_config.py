@@ -42,6 +42,7 @@ class LCDConfig:
     guidance_mode: str = "embedding"   # embedding: w is a student input (LCM Sec. 4.2) | cfg: the unguided ODE
     # (w = 0), no w input; sampled with real CFG over a student that also learnt the empty prompt
     empty_prompt_share: float = 0.0    # share of training captions replaced by the empty prompt (cfg mode: > 0)
+    omega_zero_share: float = 0.0      # share of samples at exactly w = 0 (g = 1, the unguided ODE) instead of U
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -70,11 +71,25 @@ class LCDConfig:
                              "it takes no w range or w-projection setting")
         if not 0.0 <= self.empty_prompt_share < 1.0:
             raise ValueError(f"empty_prompt_share must be in [0, 1), got {self.empty_prompt_share}")
+        if not 0.0 <= self.omega_zero_share <= 1.0:
+            raise ValueError(f"omega_zero_share must be in [0, 1], got {self.omega_zero_share}")
+        if self.omega_zero_share > 0 and self.omega_max == 0:
+            raise ValueError("omega_zero_share needs a w range (omega_max > 0): every w is 0 already")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         if self.max_timestep is not None and self.max_timestep < self.skip - 1:
             raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point "
                              f"(the lowest is k - 1 = {self.skip - 1})")
+
+
+def draw_omega(cfg: LCDConfig, n: int, g: torch.Generator) -> torch.Tensor:
+    """w ~ U[omega_min, omega_max] (Algorithm 1 line 3), with ``omega_zero_share`` of them set to 0 (the unguided
+    ODE, g = 1). The zero draw comes after the uniform one and only when the share is > 0, so a share of 0 leaves
+    the batch stream of older runs as it was. Returns [n]."""
+    omega = cfg.omega_min + (cfg.omega_max - cfg.omega_min) * torch.rand(n, generator=g)  # [n]
+    if cfg.omega_zero_share == 0:
+        return omega
+    return torch.where(torch.rand(n, generator=g) < cfg.omega_zero_share, torch.zeros_like(omega), omega)
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.001) -> torch.Tensor:
