@@ -7,6 +7,8 @@ unconditional passes as two forwards, as diffusers' train_lcm_distill_sd_wds.py 
     one-pass guided      full UNet, a guidance-distilled teacher (lcm distill --stage guidance): one pass, w an input
     real-CFG mode        full UNet, the unguided ODE (w = 0): the conditional pass alone
     LCM-LoRA             only a rank-r adapter trains; batched teacher passes
+    no teacher (bound)   full UNet, LCF's same-noise target (no teacher pass at all): what any teacher-side
+                         saving can at most reach, since every LCD step still pays the student and target
 
 Each row times ``train_step`` (batch, teacher solver step, student and target forwards, backward, AdamW, EMA);
 rows run interleaved, --repeats rounds of --steps after --warmup untimed steps; the median per row is kept.
@@ -45,7 +47,7 @@ class SeparatePassesTask(LCDTask):
                               lambda x, t: self.teacher(x, t, uncond), omega, alpha_bar=self.alpha_bar)
 
 
-KINDS = ("diffusers-faithful", "batched (ours)", "one-pass guided", "real-CFG mode", "LCM-LoRA")
+KINDS = ("diffusers-faithful", "batched (ours)", "one-pass guided", "real-CFG mode", "LCM-LoRA", "no teacher (bound)")
 
 
 def make_task(kind: str, teacher: str, data, batch_size: int, rank: int):
@@ -60,6 +62,10 @@ def make_task(kind: str, teacher: str, data, batch_size: int, rank: int):
     if kind == "real-CFG mode":
         return LCDTask(bundle.unet, bundle.scheduler_config, data, lcd_config("distill", guidance_mode="cfg",
                                                                               batch_size=batch_size, loss="huber"))
+    if kind == "no teacher (bound)":  # LCF's step: student and target forwards, no teacher
+        return LCDTask(None, bundle.scheduler_config, data, LCDConfig(batch_size=batch_size, loss="huber",
+                                                                      target="same-noise"),
+                       student=make_student(bundle.unet).train().requires_grad_(True))
     cfg = LCDConfig(batch_size=batch_size, loss="huber", omega_min=LORA_OMEGA, omega_max=LORA_OMEGA, ema_decay=0.0)
     return LoRATask(bundle.unet, bundle.scheduler_config, data, cfg, LoRAConfig(rank=rank))
 

@@ -44,9 +44,11 @@ def main() -> None:
     lr = re.search(r"--lr (\S+)", distill or "")
     schedule = re.search(r"--lr-schedule (\S+)", distill or "")
     loop = {"lr": f"{lr.group(1)}{f' ({schedule.group(1)})' if schedule else ''}"} if lr else {}
+    guided = re.search(r"--guided-teacher (\S+)", distill or "")
     export_lcm(modules[args.which], teacher, args.out,
                {"command": f"{distill}\n{export}" if distill else export, "teacher": args.teacher,
-                "steps": meta["step"], "lcd": lcd, "loop": loop}, skip=lcd.get("skip", SKIP),
+                "steps": meta["step"], "lcd": lcd, "loop": loop,
+                "guided_teacher": guided.group(1) if guided else None}, skip=lcd.get("skip", SKIP),
                schedule=args.schedule or sampling_schedule(Path(args.run)))
     print(json.dumps({"out": args.out, "step": meta["step"]}))
 

@@ -15,9 +15,11 @@ drop, each with a 95% percentile-bootstrap interval over prompts (``evaluation.i
 ``--model`` (repeatable; default the shipped teacher) names every model measured; ``--sampler``, ``--steps`` and
 ``--guidance`` are given once (every model) or once per ``--model`` in order; left out, a teacher samples DDIM
 COMPARE_TEACHER_STEPS steps at TEACHER_GUIDANCE and an LCM with its own defaults (a real-CFG LCM, ``lcm distill
---guidance-mode cfg``, takes negatives). A model that refuses a negative prompt (an LCM with a w input: guided
-consistency distillation puts the guidance into that input, there is no unconditional branch to replace) is
-recorded with its one-line refusal and not measured. With the default teacher alone the report keeps its first
+--guidance-mode cfg``, takes negatives, and so does an LCM with a w input distilled from w = 0, ``--omega-min 0``:
+real CFG between its w = 0 predictions; its row without the negative is its usual one-pass sampling at the same g).
+A model that refuses a negative prompt (any other LCM with a w input: guided consistency distillation puts the
+guidance into that input, there is no unconditional branch to replace) is recorded with its one-line refusal and
+not measured. With the default teacher alone the report keeps its first
 layout, in which the shipped LCM's refusal is recorded.
 """
 import argparse
@@ -39,6 +41,8 @@ from latentcm.images import from_pixels, save_grid
 
 NEGATED = ("red", "green", "blue", "yellow")   # never a background below, so the negative names only the object
 BACKGROUNDS = ("white", "black", "gray")
+MODES = {"cfg": " (CFG)", "w0": (" (without the negative: its one-pass w input at g; with it: real CFG between its w = 0 "
+                                 "predictions, scale g)")}
 
 
 def colour_open_prompts(count: int) -> list[str]:
@@ -127,7 +131,7 @@ def model_markdown(entry: dict) -> str:
         return f"## {entry['model']}\n\nNot measured: it refuses a negative prompt (\"{entry['refused']}\").\n"
     return f"""## {entry['model']}
 
-`{entry['path']}`: {entry['sampler']} {entry['steps']} steps, CFG g = {entry['guidance']:g}.
+`{entry['path']}`: {entry['sampler']} {entry['steps']} steps, g = {entry['guidance']:g}{entry.get('mode', MODES['cfg'])}.
 
 {tables(entry['summary'], entry['per_colour'])}
 
@@ -172,7 +176,7 @@ def measure_model(name: str, path: Path, bundle, extractor, prompts: list[str], 
     found = measure(bundle, extractor, prompts, row, out / "samples")
     save_pair_grid(bundle, row, prompts, out / "samples", out / f"grid-{name}.png")
     return {"model": name, "path": str(path), "sampler": row.sampler, "steps": row.steps, "guidance": row.guidance,
-            "num_samples": len(prompts), "per_colour": found["per_colour"], "summary": summarize(found["shares"])}
+            "mode": MODES["w0" if getattr(bundle, "unguided_w0", False) else "cfg"], "num_samples": len(prompts), "per_colour": found["per_colour"], "summary": summarize(found["shares"])}
 
 
 def main_models(args, extractor, prompts: list[str]) -> None:

@@ -83,9 +83,9 @@ INVALID_CASES = [
          "LCM range), got 51"),
     Case("no steps", dict(steps=0), "teacher", "steps must be in 1..1000 for {model}, got 0"),
     Case("negative prompt on an LCM", dict(negative_prompt="red"), "lcm",
-         "a negative prompt replaces the unconditional branch of CFG, which an LCM does not run (its guidance is the "
-         "w input, distilled from CFG with the empty prompt); use a teacher sampler or a real-CFG LCM (guidance_mode "
-         "'cfg') for negative_prompt",
+         "a negative prompt replaces the unconditional branch of CFG, which this LCM does not run (its guidance is "
+         "the w input, distilled from CFG with the empty prompt, and it was not distilled from w = 0); use a teacher "
+         "sampler, a real-CFG LCM (guidance_mode 'cfg') or an LCM distilled from w = 0 (omega_min 0) for negative_prompt",
          serve={"negative_prompt": "red"}),
     Case("negative prompt not a string", dict(sampler="ddim", negative_prompt=["red"]), "teacher",
          "negative_prompt must be a string, got list", serve={"model": "teacher", "negative_prompt": ["red"]}),

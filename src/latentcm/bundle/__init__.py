@@ -55,6 +55,8 @@ class Bundle:
     # How an LCM forms its guided prediction (SAMPLING_FILE): "embedding" (w input) or "cfg" (real CFG, two passes)
     guidance_mode: str = "embedding"
     default_guidance: float | None = None  # the g the folder's SAMPLING_FILE recommends; None: the kind's default
+    # SAMPLING_FILE: a w-input LCM distilled from w = 0, which takes a negative prompt through real CFG at w = 0
+    unguided_w0: bool = False
     # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
     autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast
     channels_last_vae: bool = False             # VAE weights and inputs in channels_last memory format
@@ -72,13 +74,13 @@ class Bundle:
     def use_sampling(self, settings: dict) -> "Bundle":
         """Take an LCM's SAMPLING_FILE settings (``loading.sampling_settings``); returns self."""
         self.timestep_schedule, self.guidance_mode = settings["timestep_schedule"], settings["guidance_mode"]
-        self.default_guidance = settings["guidance"]
+        self.default_guidance, self.unguided_w0 = settings["guidance"], settings.get("unguided_w0", False)
         return self
 
     def sampling_file(self) -> dict:
         """The SAMPLING_FILE settings this bundle samples with (what ``use_sampling`` takes)."""
         return {"timestep_schedule": self.timestep_schedule, "guidance_mode": self.guidance_mode,
-                "guidance": self.default_guidance}
+                "guidance": self.default_guidance, "unguided_w0": self.unguided_w0}
 
     def to(self, device: str | torch.device) -> "Bundle":
         """Move every network to ``device`` (in place); returns self."""
@@ -153,7 +155,7 @@ class Bundle:
         return ModelTraits(self.is_lcm, self.original_inference_steps, train_timesteps(self.scheduler_config),
                            self.vae_factor, self.default_size, self.timestep_schedule, str(self.path or "this model"),
                            self.unet.config.get("time_cond_proj_dim") is not None, self.guidance_mode,
-                           self.default_guidance)
+                           self.default_guidance, self.unguided_w0)
 
     def sampling_options(self, options: SamplingOptions | None = None, **given) -> SamplingOptions:
         """``options`` (or ones built from the keywords ``given``) resolved for this model; ModelError when
@@ -200,8 +202,9 @@ class Bundle:
 
     @torch.no_grad()
     def _cfg_uncond(self, o: SamplingOptions, n: int, size) -> torch.Tensor | None:
-        """CFG's unconditional branch (the negative prompt or ""): teacher samplers and a real-CFG LCM take one."""
-        if o.sampler == LCM_SAMPLER and self.guidance_mode != "cfg":
+        """CFG's unconditional branch (the negative prompt or ""): teacher samplers and a real-CFG LCM take one; a
+        w-input LCM distilled from w = 0 (``unguided_w0``) takes a negative prompt only (real CFG at w = 0)."""
+        if o.sampler == LCM_SAMPLER and self.guidance_mode != "cfg" and (not self.unguided_w0 or o.negative_prompt is None):
             return None
         return self.encode_uncond(n, size, o.negative_prompt)
 

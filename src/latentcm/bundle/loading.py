@@ -97,8 +97,10 @@ def load_parts(path: str | Path) -> tuple:
 
 def sampling_settings(path: Path) -> dict:
     """What an LCM folder's SAMPLING_FILE asks for: {"timestep_schedule": "grid"|"refine", "guidance_mode":
-    "embedding"|"cfg", "guidance": default g or None}; each absent key (or an absent file) gives the first /
-    None. ModelError on a file that is not such an object."""
+    "embedding"|"cfg", "guidance": default g or None, "unguided_w0": bool}; each absent key (or an absent file)
+    gives the first / None / False. ``unguided_w0``: an LCM with a w input distilled from w = 0 (the unguided
+    ODE), so that real CFG at w = 0 can take a negative prompt (``sampling.student``). ModelError on a file
+    that is not such an object."""
     file = Path(path) / SAMPLING_FILE
     return parse_sampling(file.read_text() if file.is_file() else "{}", file)
 
@@ -113,12 +115,16 @@ def parse_sampling(text: str, where: Path | str) -> dict:
     except (ValueError, AttributeError):
         raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
     out = {"timestep_schedule": found.get("timestep_schedule", "grid"),
-           "guidance_mode": found.get("guidance_mode", "embedding"), "guidance": found.get("guidance")}
+           "guidance_mode": found.get("guidance_mode", "embedding"), "guidance": found.get("guidance"),
+           "unguided_w0": found.get("unguided_w0", False)}
     if out["timestep_schedule"] not in TIMESTEP_SCHEDULES:
         raise ModelError(f"{file}: timestep_schedule must be one of {', '.join(TIMESTEP_SCHEDULES)}, "
                          f"got {out['timestep_schedule']!r}")
     if out["guidance_mode"] not in GUIDANCE_MODES:
         raise ModelError(f"{file}: guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {out['guidance_mode']!r}")
+    if not isinstance(out["unguided_w0"], bool) or (out["unguided_w0"] and out["guidance_mode"] != "embedding"):
+        raise ModelError(f"{file}: unguided_w0 must be true or false, and true only with guidance_mode embedding, "
+                         f"got {out['unguided_w0']!r}")
     g = out["guidance"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 1 <= g <= 50):
         raise ModelError(f"{file}: guidance must be a number in [1, 50], got {g!r}")

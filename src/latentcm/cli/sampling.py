@@ -45,8 +45,9 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
               help="LCM: this descending schedule instead of --steps points of the grid, e.g. 999,499,299,99.")
 @click.option("--negative-prompt", default=None, metavar="TEXT",
               help="What to steer away from (CFG's unconditional branch, instead of the empty prompt): teacher "
-                   "samplers and a real-CFG LCM (lcm distill --guidance-mode cfg). An LCM with a w input (the "
-                   "shipped one) refuses it: its guidance is distilled into that input, with no such branch.")
+                   "samplers, a real-CFG LCM (lcm distill --guidance-mode cfg), and an LCM with a w input distilled "
+                   "from w = 0 (--omega-min 0: real CFG at w = 0, two passes a step, g default 2). Other LCMs with "
+                   "a w input refuse it: their guidance is distilled into that input, with no such branch.")
 @click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
               help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "
                    "first step, every step at low noise); the shipped LCM's sampling.json asks for refine.")

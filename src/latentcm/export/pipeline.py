@@ -56,6 +56,11 @@ is named in `{sampling_file}`, which diffusers ignores.
 
 EMBEDDING_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding (`time_cond_proj_dim` {dim}), so "
                   "sampling needs one UNet pass per step and takes no negative prompt.")
+UNGUIDED_W0_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding (`time_cond_proj_dim` {dim}): one UNet "
+                    "pass per step. It was distilled from w = 0, where it is the teacher's unguided consistency model, "
+                    "so latentcm also takes a negative prompt (`lcm generate --negative-prompt`): then each step runs "
+                    "real CFG between its w = 0 predictions for the prompt and for the negative, two passes per step, "
+                    "at scale g (default {cfg_g:g}). diffusers' LatentConsistencyModelPipeline has no negative prompt.")
 EMBEDDING_USE = """```python
 from diffusers import LatentConsistencyModelPipeline
 
@@ -95,15 +100,28 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
+def unguided_w0(card_info: dict) -> bool:
+    """Whether an LCD run (its card_info: the LCDConfig dict as "lcd") distilled a w-input LCM from w = 0 of the
+    real teacher's ODE, the unguided one: such an LCM takes a negative prompt through real CFG at w = 0
+    (``SAMPLING_FILE``'s ``unguided_w0``). A guidance-distilled one-pass teacher (``guided_teacher``) is not
+    unguided at w = 0, so its runs do not qualify."""
+    lcd = card_info.get("lcd", {})
+    return (lcd.get("guidance_mode", "embedding") == "embedding" and lcd.get("omega_min", 1) == 0
+            and not card_info.get("guided_teacher"))
+
+
 def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embedding",
-                   guidance: float | None = None) -> Path:
-    """An LCM folder's ``SAMPLING_FILE``: the timestep schedule latentcm samples it on by default, and for a
-    real-CFG LCM its guidance mode and default g (read back by ``bundle.sampling_settings``)."""
+                   guidance: float | None = None, unguided_w0: bool = False) -> Path:
+    """An LCM folder's ``SAMPLING_FILE``: the timestep schedule latentcm samples it on by default, for a
+    real-CFG LCM its guidance mode and default g, and for a w-input LCM distilled from w = 0 ``unguided_w0``
+    (read back by ``bundle.sampling_settings``)."""
     if guidance_mode not in GUIDANCE_MODES:
         raise ModelError(f"unknown guidance mode {guidance_mode!r}; choose from {', '.join(GUIDANCE_MODES)}")
     found = {"timestep_schedule": check_schedule(schedule)}
     if guidance_mode != "embedding":
         found["guidance_mode"] = guidance_mode
+    if unguided_w0:
+        found["unguided_w0"] = True
     if guidance is not None:
         found["guidance"] = float(guidance)
     return write_json(Path(folder) / SAMPLING_FILE, found)
@@ -120,13 +138,14 @@ def shipped_name(path: str) -> str:
     return path
 
 
-def _guidance_text(lcd: dict, unet: dict, guidance: float | None) -> dict:
+def _guidance_text(lcd: dict, unet: dict, guidance: float | None, w0: bool = False) -> dict:
     """The card's guidance sentence and usage snippet for its guidance mode."""
     cfg = lcd.get("guidance_mode") == "cfg"
     g = guidance if guidance is not None else CFG_LCM_GUIDANCE if cfg else LCM_GUIDANCE
     use = (CFG_USE if cfg else EMBEDDING_USE).format(steps_rec=LCM_STEPS, guidance_rec=g)
     note = (CFG_NOTE.format(share=lcd.get("empty_prompt_share", 0.0)) if cfg
-            else EMBEDDING_NOTE.format(dim=unet.get("time_cond_proj_dim")))
+            else UNGUIDED_W0_NOTE.format(dim=unet.get("time_cond_proj_dim"), cfg_g=CFG_LCM_GUIDANCE)
+            if w0 else EMBEDDING_NOTE.format(dim=unet.get("time_cond_proj_dim")))
     return {"guidance_note": note, "use": use}
 
 
@@ -151,7 +170,8 @@ def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidan
                      if lcd.get("cond_proj_inputs") == "smooth" else "all"),
         loss=lcd.get("loss", "?") + (f" (c = {lcd['huber_c']})" if lcd.get("loss") == "huber" else ""),
         steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
-        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"), **_guidance_text(lcd, unet, guidance),
+        lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"),
+        **_guidance_text(lcd, unet, guidance, unguided_w0(card_info)),
         schedule=schedule, schedule_note=SCHEDULE_NOTES[check_schedule(schedule)], sampling_file=SAMPLING_FILE)
     return write_text(folder / "README.md", text)
 
@@ -257,7 +277,8 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
     carried, dropped = carry_safety_parts(bundle.path, tmp)
     if dropped:
         logging.getLogger(__name__).warning(dropped)
-    write_sampling(tmp, schedule, "cfg" if cfg_mode else "embedding", guidance)
+    write_sampling(tmp, schedule, "cfg" if cfg_mode else "embedding", guidance,
+                   unguided_w0(card_info) and not getattr(bundle, "is_sdxl", False))
     card = write_lcm_card(tmp, card_info, schedule, guidance)
     if carried or dropped:
         write_text(card, card.read_text() + (SAFETY_CARD.format(parts="`, `".join(carried)) if carried else

@@ -216,7 +216,8 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         progress("writing the float16 variant (*.fp16.safetensors)")
         save_fp16_variant(pipe, tmp)
     progress(f"writing {SAMPLING_FILE} and the model card README.md")
-    write_sampling(tmp, bundle.timestep_schedule)  # latentcm's sampling default travels with the model
+    write_sampling(tmp, bundle.timestep_schedule,  # latentcm's sampling defaults travel with the model
+                   unguided_w0=bundle.unguided_w0)
     write_release_card(tmp, dest.name, source, base_model, fp16, single_file, bundle)
     if dest.exists():
         dest.rmdir()

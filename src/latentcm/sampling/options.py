@@ -18,9 +18,10 @@ from ..schedules import TRAIN_TIMESTEPS, img2img_points
 
 SAMPLERS = (LCM_SAMPLER, *TEACHER_SAMPLERS)
 LORA_GUIDANCE = "an LCM-LoRA has its guidance distilled in (no w embedding); leave out guidance"
-NEGATIVE_LCM = ("a negative prompt replaces the unconditional branch of CFG, which an LCM does not run (its guidance "
-                "is the w input, distilled from CFG with the empty prompt); use a teacher sampler or a real-CFG LCM "
-                "(guidance_mode 'cfg') for negative_prompt")
+NEGATIVE_LCM = ("a negative prompt replaces the unconditional branch of CFG, which this LCM does not run (its guidance "
+                "is the w input, distilled from CFG with the empty prompt, and it was not distilled from w = 0); use "
+                "a teacher sampler, a real-CFG LCM (guidance_mode 'cfg') or an LCM distilled from w = 0 (omega_min 0) "
+                "for negative_prompt")
 
 NEGATIVE_GUIDED = ("this guidance-distilled teacher takes w as an input, with the empty prompt's branch distilled in: "
                    "it cannot take a negative prompt; use its source teacher for negative_prompt")
@@ -40,6 +41,12 @@ class ModelTraits:
     guidance_input: bool = False                 # the UNet takes w (time_cond_proj_dim): an LCM, a guided teacher
     guidance_mode: str = "embedding"             # an LCM's: "embedding" (w input) or "cfg" (real CFG, two passes)
     default_guidance: float | None = None        # the g its folder recommends (sampling.json); None: the kind's
+    unguided_w0: bool = False                    # a w-input LCM distilled from w = 0: negatives by real CFG at w = 0
+
+    @property
+    def takes_negative(self) -> bool:
+        """An LCM with a CFG branch to replace: a real-CFG LCM, or a w-input one whose w = 0 is unguided."""
+        return self.guidance_mode == "cfg" or self.unguided_w0
 
     @property
     def defaults(self) -> tuple[str, int, float]:
@@ -70,7 +77,9 @@ class SamplingOptions:
     negative_prompt: teacher samplers only: the text of CFG's unconditional branch, eps_u in
         eps_u + g (eps_c - eps_u), instead of the empty prompt (as diffusers' ``negative_prompt``); None: "".
         An LCM distilled with guided consistency distillation has no unconditional branch to replace (its
-        guidance is an input, w): it refuses one; a real-CFG LCM (guidance_mode "cfg") takes one.
+        guidance is an input, w): it refuses one; a real-CFG LCM (guidance_mode "cfg") takes one, and so does a
+        w-input LCM distilled from w = 0 (``unguided_w0``): real CFG between its w = 0 predictions for the
+        prompt and the negative, at scale g (default ``CFG_LCM_GUIDANCE``).
     height, width: image size, multiples of the VAE factor (text-to-image; img2img takes the image's).
     """
 
@@ -147,6 +156,8 @@ class SamplingOptions:
         if schedule is None and sampler == LCM_SAMPLER and self.timesteps is None and not self.img2img:
             schedule = model.timestep_schedule
         size = None if self.img2img else model.default_size
+        if self.guidance is None and model.is_lcm and model.unguided_w0 and self.negative_prompt is not None:
+            d_guidance = CFG_LCM_GUIDANCE  # real CFG at w = 0: a small CFG scale, not the w input's default
         out = dataclasses.replace(self, sampler=sampler, steps=steps,
                                   guidance=d_guidance if self.guidance is None else self.guidance,
                                   schedule=schedule, height=self.height or size, width=self.width or size)
@@ -154,7 +165,7 @@ class SamplingOptions:
         return out
 
     def _check_model(self, model: ModelTraits) -> None:
-        if model.is_lcm and model.guidance_mode != "cfg" and self.negative_prompt is not None:
+        if model.is_lcm and not model.takes_negative and self.negative_prompt is not None:
             raise ModelError(NEGATIVE_LCM)
         if model.guidance_input and not model.is_lcm and self.negative_prompt is not None:
             raise ModelError(NEGATIVE_GUIDED)

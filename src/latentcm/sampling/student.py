@@ -53,7 +53,9 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
             "refine" (``schedules.refine_timesteps``: after the first, every step at low noise).
         uncond: a real-CFG LCM (no w input): the unconditional (or negative-prompt) encodings [B, L, D]; each step
             then guides the consistency function, f_0 + g (f_c - f_0) with g = 1 + omega, which is CFG on the raw
-            output as diffusers' StableDiffusionPipeline + LCMScheduler does (f is affine in it at fixed z_t).
+            output as diffusers' StableDiffusionPipeline + LCMScheduler does (f is affine in it at fixed z_t). For
+            an LCM with a w input (one distilled from w = 0) both passes read w = 0: CFG between its unguided
+            predictions, how it takes a negative prompt.
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -74,8 +76,17 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
     if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
         x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
-    fn = (lambda x, t: f(x, t, text_states, w_emb)) if uncond is None else cfg_consistency(f, text_states, uncond, w)
-    return sample_lcm(fn, x_T, ts, noise_fn=noise_fn, alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
+    return sample_lcm(_guided_fn(f, text_states, uncond, w, w_emb), x_T, ts, noise_fn=noise_fn, alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
+
+
+def _guided_fn(f: ConsistencyModel, text_states: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
+               w_emb: torch.Tensor | None):
+    """x, t -> the guided consistency output: the w input alone, or real CFG when there is an unconditional
+    branch; a w-input LCM then reads w = 0, its unguided end (a negative prompt, ``unguided_w0``)."""
+    if uncond is None:
+        return lambda x, t: f(x, t, text_states, w_emb)
+    w0_emb = None if w_emb is None else guidance_scale_embedding(torch.zeros_like(w), w_emb.shape[1]).to(w_emb.dtype)
+    return cfg_consistency(f, text_states, uncond, w, w0_emb)
 
 
 def _check_inputs(latents, image_latents, strength: float, timesteps) -> None:
@@ -87,12 +98,15 @@ def _check_inputs(latents, image_latents, strength: float, timesteps) -> None:
         raise ValueError("explicit timesteps are for text-to-image; img2img picks them from strength")
 
 
-def cfg_consistency(f: ConsistencyModel, cond: torch.Tensor, uncond: torch.Tensor, omega: torch.Tensor):
-    """Real CFG on a consistency model: f_c + w (f_c - f_0) (LCM Eq. 6 form), cond and uncond in one batched pass."""
+def cfg_consistency(f: ConsistencyModel, cond: torch.Tensor, uncond: torch.Tensor, omega: torch.Tensor,
+                    w_emb: torch.Tensor | None = None):
+    """Real CFG on a consistency model: f_c + w (f_c - f_0) (LCM Eq. 6 form), cond and uncond in one batched pass;
+    ``w_emb`` [B, d]: the w input both passes get (a w-input LCM at w = 0), None for a real-CFG LCM."""
     text = torch.cat([cond, uncond])  # [2B, L, D]
+    emb = None if w_emb is None else torch.cat([w_emb, w_emb])
 
     def fn(x, t):
-        f_c, f_0 = f(torch.cat([x, x]), torch.cat([t, t]), text, None).chunk(2)
+        f_c, f_0 = f(torch.cat([x, x]), torch.cat([t, t]), text, emb).chunk(2)
         return guide(f_c, f_0, omega)
     return fn
 

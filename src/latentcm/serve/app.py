@@ -196,12 +196,17 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
                               interactive=service.teacher is not None)
         teacher_steps = gr.Slider(1, limits.max_teacher_steps, value=COMPARE_TEACHER_STEPS, step=1,
                                   label="Teacher steps")
-    lcm_cfg = getattr(getattr(service, "lcm", None), "guidance_mode", "embedding") == "cfg"
     teacher_negative = gr.Textbox(label="Negative prompt (CFG's unconditional branch: the teacher's" + (
-                                      ", and this real-CFG LCM's)" if lcm_cfg else "; this LCM, with guidance as a w "
-                                                                                  "input, has none)"),
+                                      ", and this LCM's)" if _lcm_takes_negative(service) else "; this LCM, with "
+                                                                                   "guidance as a w input, has none)"),
                                   value="", max_length=limits.max_prompt_chars, elem_id="negative-prompt")
     return [init_image, strength, compare, teacher_steps, teacher_negative, *lora_weights]
+
+
+def _lcm_takes_negative(service: Service) -> bool:
+    """A real-CFG LCM, or a w-input LCM distilled from w = 0 (real CFG at w = 0), takes a negative prompt."""
+    lcm = getattr(service, "lcm", None)
+    return getattr(lcm, "guidance_mode", "embedding") == "cfg" or bool(getattr(lcm, "unguided_w0", False))
 
 
 def _ui_runner(gr, service: Service, names: list[str]):
@@ -217,8 +222,8 @@ def _ui_runner(gr, service: Service, names: list[str]):
                    guidance=None if loras else float(guidance), loras=loras)
         if init_image is not None:
             lcm["strength"] = float(strength)
-        if teacher_negative and getattr(service.lcm, "guidance_mode", "embedding") == "cfg":
-            lcm["negative_prompt"] = teacher_negative  # a real-CFG LCM has an unconditional branch to replace
+        if teacher_negative and _lcm_takes_negative(service):
+            lcm["negative_prompt"] = teacher_negative  # an unconditional branch to replace (real CFG; CFG at w = 0)
         try:
             requests = [("LCM" if not loras else "LCM-LoRA", int(steps),
                          parse_request(lcm, limits, service.lora_files, image=init_image))]

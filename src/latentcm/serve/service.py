@@ -85,7 +85,8 @@ class Service:
         multiple = b.vae_factor * 2 ** (len(b.unet.config.block_out_channels) - 1)
         self.limits = dataclasses.replace(config.limits, size_multiple=multiple,
                                           default_size=b.default_size,
-                                          original_inference_steps=b.original_inference_steps)
+                                          original_inference_steps=b.original_inference_steps,
+                                          lcm_guidance_mode=b.guidance_mode, lcm_unguided_w0=b.unguided_w0)
         self._stacks: OrderedDict[tuple, Bundle] = OrderedDict()
         self._lock = threading.Lock()  # the worker and warm-up never sample at once
         self.started = time.time()

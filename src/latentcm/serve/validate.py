@@ -52,6 +52,8 @@ class Limits:
     max_loras: int = 4
     lora_weight_range: tuple[float, float] = (0.0, 2.0)
     original_inference_steps: int = GRID_POINTS  # N of the LCM's skipping grid (img2img: schedules.img2img_points)
+    lcm_guidance_mode: str = "embedding"  # the served LCM's (its sampling.json): "cfg" takes a negative prompt
+    lcm_unguided_w0: bool = False         # the served LCM was distilled from w = 0: takes one too (CFG at w = 0)
 
     @property
     def max_body_bytes(self) -> int:
@@ -199,7 +201,9 @@ def check_options(request: Request, limits: Limits) -> None:
             request.options.check_lora()
         request.options.resolve(ModelTraits(
             request.model == "lcm", limits.original_inference_steps if request.model == "lcm" else None,
-            vae_factor=limits.size_multiple, default_size=limits.default_size, name=f"model {request.model!r}"))
+            vae_factor=limits.size_multiple, default_size=limits.default_size, name=f"model {request.model!r}",
+            guidance_mode=limits.lcm_guidance_mode if request.model == "lcm" else "embedding",
+            unguided_w0=limits.lcm_unguided_w0 and request.model == "lcm"))
     except ModelError as err:
         raise BadRequest(str(err)) from None
 

@@ -288,6 +288,7 @@ def _info(job: Job, recipe: Recipe, done: int, report, seconds: float, processes
             else str(job.data_shards or job.data_dir), "data": str(job.data_shards or job.data_dir),
             "data_report": report.summary() if report is not None else f"{job.num_data} shapes-world images",
             "lcd": asdict(job.lcd) if job.lcd is not None else {},
+            "guided_teacher": str(job.guided_teacher) if job.guided_teacher is not None else None,
             "loop": {k: v for k, v in asdict(job.loop).items() if k != "extra_meta"},
             "minutes_this_session": round(seconds / 60, 2), "processes": processes, "recipe": recipe.name}
 

@@ -1,0 +1,148 @@
+"""Judge accuracy without guidance (g = 1) under different samplers: is the teacher ODE's background drop at
+g = 1 a property of the unguided model, or of deterministic sampling?
+
+    python scripts/unguided_samplers.py ROW [ROW ...] [--num-samples 1000] [--guidance 1] [--out FILE.json]
+
+ROW is one of
+  teacher:ode:STEPS     the teacher's guided ODE as ``lcm ablate guidance`` samples it (DDIM trailing, our sampler);
+  teacher:ddpm:STEPS    the teacher through diffusers' own StableDiffusionPipeline with a DDPMScheduler
+                        (ancestral sampling, trailing timesteps), the same initial noise per image;
+  teacher:diffusers-ddim:STEPS   the same pipeline with a DDIMScheduler (a cross-check of the ode row);
+  MODEL:lcm:STEPS       an LCM with LCM Algorithm 3 (re-noises with fresh noise before each step after the first);
+  MODEL:tcd:STEPS:GAMMA an LCM with TCD sampling at stochasticity GAMMA (0: deterministic, the DDIM-like
+                        sampler that follows one ODE trajectory).
+
+Prompts and seeds are ``lcm ablate guidance``'s (held-out captions, image i from seed i), so the ode row is
+that sweep's g = 1 row. Every row is scored by ``scoring.score`` (prompt-scenes reference, KID x 10^3), and its
+background and shape accuracy are compared with the FIRST row's on the same prompts and seeds: a paired 95%
+percentile bootstrap interval over prompts of the difference in points (``--resamples``). Writes a JSON file
+and prints a markdown table.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentcm import registry
+from latentcm.bundle import Bundle
+from latentcm.evaluation import references, scoring
+from latentcm.evaluation.extractors import JudgeExtractor
+from latentcm.images import to_pixels
+from latentcm.sampling.teacher import initial_latents
+
+ATTRIBUTES = ("background", "shape")
+BATCH = 32
+
+
+def parse_row(text: str) -> dict:
+    parts = text.split(":")
+    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "tcd": 4}
+    if len(parts) < 3 or parts[1] not in kinds or len(parts) != kinds[parts[1]]:
+        sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim:STEPS, MODEL:lcm:STEPS or MODEL:tcd:STEPS:GAMMA, "
+                 f"got {text!r}")
+    try:
+        return {"model": parts[0], "kind": parts[1], "steps": int(parts[2]),
+                "gamma": float(parts[3]) if parts[1] == "tcd" else None}
+    except ValueError:
+        sys.exit(f"error: STEPS is an integer and GAMMA a number, got {text!r}")
+
+
+def diffusers_images(bundle: Bundle, kind: str, prompts: list[str], seeds: list[int], steps: int,
+                     guidance: float) -> np.ndarray:
+    """The teacher through diffusers' StableDiffusionPipeline (trailing timesteps), our initial noise per image;
+    the ancestral noise of the DDPM steps comes from one generator per batch, seeded by its first image."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    config = {k: v for k, v in bundle.scheduler_config.items() if not k.startswith("_")}
+    config["timestep_spacing"] = "trailing"
+    scheduler = (DDPMScheduler if kind == "ddpm" else DDIMScheduler).from_config(config)
+    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+                                   unet=bundle.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    o = bundle.sampling_options(None, sampler="ddim-trailing", steps=steps, guidance=guidance)
+    height, width = o.height, o.width
+    latents = initial_latents(seeds, bundle.latent_shape(height, width))
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=height,
+               width=width, output_type="np", generator=torch.Generator().manual_seed(seeds[0])).images
+    return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)  # [B, H, W, 3]
+
+
+def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float) -> np.ndarray:
+    images = []
+    for i in range(0, len(prompts), BATCH):
+        batch = prompts[i:i + BATCH]
+        seeds = list(range(i, i + len(batch)))
+        if row["kind"] in ("ddpm", "diffusers-ddim"):
+            images.append(diffusers_images(bundle, row["kind"], batch, seeds, row["steps"], guidance))
+            continue
+        sampler = {"ode": "ddim-trailing"}.get(row["kind"], "lcm")
+        x = bundle.generate(batch, seeds, sampler, row["steps"], guidance, gamma=row["gamma"])
+        images.append(to_pixels(x))
+    return np.concatenate(images)
+
+
+def paired_delta(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict:
+    """Mean of b - a in points over the images where both are scored, with a percentile bootstrap interval."""
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = 100 * (b[keep] - a[keep])
+    draws = rng.integers(0, len(d), size=(resamples, len(d)))
+    low, high = np.percentile(d[draws].mean(axis=1), [2.5, 97.5])
+    return {"delta": float(d.mean()), "ci": [float(low), float(high)], "n": int(keep.sum())}
+
+
+def label(row: dict) -> str:
+    extra = f", gamma {row['gamma']:g}" if row["gamma"] is not None else ""
+    return f"{row['model']} {row['kind']} {row['steps']}{extra}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rows", nargs="+", metavar="ROW")
+    ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--judge", default="judge")
+    ap.add_argument("--out", default=None, help="JSON file the results are written to")
+    args = ap.parse_args()
+    rows = [parse_row(r) for r in args.rows]
+    torch.manual_seed(0)
+    prompts = [p for p, _ in references.heldout_prompts(args.num_samples)]
+    extractor = JudgeExtractor.load(registry.resolve(args.judge))
+    reference = references.reference_set(extractor, "prompt-scenes")
+    bundles, results, first = {}, [], None
+    rng = np.random.default_rng(0)
+    for row in rows:
+        if row["model"] not in bundles:
+            bundles[row["model"]] = Bundle.load(registry.resolve(row["model"]))
+        bundle = bundles[row["model"]]
+        images = sample(bundle, row, prompts, args.guidance)
+        scores = scoring.score(images, prompts, extractor, reference, per_image=True)
+        per = scores.pop("per_image")["attribute_accuracy"]
+        first = first or per
+        record = {**row, "label": label(row), "kid": float(scores["kid"]),
+                  "accuracy": {k: 100 * float(scores["attribute_accuracy"][k]) for k in ATTRIBUTES},
+                  "object_area": float(scoring.object_area(images).mean()),
+                  "vs_first": {k: paired_delta(first[k], per[k], args.resamples, rng) for k in ATTRIBUTES}}
+        results.append(record)
+        print(json.dumps(record), file=sys.stderr, flush=True)
+    summary = {"num_samples": args.num_samples, "guidance": args.guidance, "reference": reference.name,
+               "rows": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=1))
+    print(f"| row (g = {args.guidance:g}, n = {args.num_samples}) | KID×10³ | background % | shape % "
+          f"| object area % | Δ background vs {results[0]['label']} [95%] | Δ shape [95%] |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        b, s = r["vs_first"]["background"], r["vs_first"]["shape"]
+        print(f"| {r['label']} | {r['kid']:.1f} | {r['accuracy']['background']:.1f} | {r['accuracy']['shape']:.1f} "
+              f"| {100 * r['object_area']:.1f} | {b['delta']:+.1f} [{b['ci'][0]:+.1f}, {b['ci'][1]:+.1f}] "
+              f"| {s['delta']:+.1f} [{s['ci'][0]:+.1f}, {s['ci'][1]:+.1f}] |")
+
+
+if __name__ == "__main__":
+    main()
