@@ -203,8 +203,9 @@ class Bundle:
     @torch.no_grad()
     def _cfg_uncond(self, o: SamplingOptions, n: int, size) -> torch.Tensor | None:
         """CFG's unconditional branch (the negative prompt or ""): teacher samplers and a real-CFG LCM take one; a
-        w-input LCM distilled from w = 0 (``unguided_w0``) takes a negative prompt only (real CFG at w = 0)."""
-        if o.sampler == LCM_SAMPLER and self.guidance_mode != "cfg" and (not self.unguided_w0 or o.negative_prompt is None):
+        w-input LCM distilled from w = 0 (``unguided_w0``) takes a negative prompt only (real CFG at w = 0); the
+        options' check has refused a negative for any other w-input LCM."""
+        if o.sampler == LCM_SAMPLER and self.guidance_mode != "cfg" and o.negative_prompt is None:
             return None
         return self.encode_uncond(n, size, o.negative_prompt)
 

@@ -76,7 +76,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
     if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
         x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
-    return sample_lcm(_guided_fn(f, text_states, uncond, w, w_emb), x_T, ts, noise_fn=noise_fn, alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
+    return sample_lcm(_guided_fn(f, text_states, uncond, w, w_emb), x_T, ts, noise_fn=noise_fn,
+                      alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
 
 
 def _guided_fn(f: ConsistencyModel, text_states: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
