@@ -1,12 +1,12 @@
 """Ship a finished distillation into the package: copy, evaluate, benchmark, extend the card.
 
-    python scripts/ship_lcm.py --run runs/lcm [--num-samples 256] [--schedule grid|refine]
+    python scripts/ship_lcm.py --run runs/lcm [--num-samples 256] [--schedule grid|refine] [--guidance G]
 
 Copies the LatentConsistencyModelPipeline parts of RUN into src/latentcm/weights/lcm (UNet stored
-in fp16; diffusers loads it back as fp32) with a sampling.json naming the timestep schedule `lcm generate`
-uses by default (--schedule; default: the one the shipped LCM has now), runs `lcm evaluate --preset lcm` on the shipped copies
-(reports/lcm/) and the sampling benchmark (reports/lcm/bench.txt), and appends the measured
-table to the LCM's model card.
+in fp16; diffusers loads it back as fp32) with RUN's sampling.json (its timestep schedule, default g and
+negative-prompt mode; --schedule and --guidance replace the first two), runs `lcm evaluate --preset lcm` on the
+shipped copies (samples cached in runs/lcm-preset-N, so the teacher rows are reused; results copied to
+reports/lcm/) and the sampling benchmark (reports/lcm/bench.txt), and appends the measured table to the card.
 """
 import argparse
 import shutil
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
-from latentcm.bundle import sampling_schedule
+from latentcm.bundle.loading import sampling_settings
 from latentcm.defaults import TIMESTEP_SCHEDULES
 from latentcm.export.pipeline import write_sampling
 
@@ -38,23 +38,28 @@ def main() -> None:
     ap.add_argument("--run", default="runs/lcm")
     ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--schedule", choices=TIMESTEP_SCHEDULES, default=None,
-                    help="timestep schedule of the shipped LCM's sampling.json (default: keep the current one)")
+                    help="timestep schedule of the shipped LCM's sampling.json (default: RUN's)")
+    ap.add_argument("--guidance", type=float, default=None, help="its default g (default: RUN's, if it names one)")
     args = ap.parse_args()
-    schedule = args.schedule or (sampling_schedule(DEST) if DEST.is_dir() else "grid")
     src = (ROOT / args.run).resolve()
+    found = sampling_settings(src)
     shutil.rmtree(DEST, ignore_errors=True)
     DEST.mkdir(parents=True)
     for part in PARTS:
         shutil.copytree(src / part, DEST / part)
-    for name in ("model_index.json", "README.md"):  # the run's sampling.json is replaced by --schedule's
+    for name in ("model_index.json", "README.md"):
         shutil.copy(src / name, DEST / name)
     UNet2DConditionModel.from_pretrained(src / "unet").half().save_pretrained(DEST / "unet")
-    write_sampling(DEST, schedule)
+    write_sampling(DEST, args.schedule or found["timestep_schedule"], found["guidance_mode"],
+                   found["guidance"] if args.guidance is None else args.guidance, found["unguided_w0"])
     reports = ROOT / "reports" / "lcm"
     reports.mkdir(parents=True, exist_ok=True)
+    cache = f"runs/lcm-preset-{args.num_samples}"
     eval_args = ["evaluate", "--preset", "lcm", "--model", "lcm", "--teacher", "teacher",
-                 "--num-samples", str(args.num_samples), "--out", "reports/lcm"]
+                 "--num-samples", str(args.num_samples), "--out", cache]
     run("-m", "latentcm.cli", *eval_args)
+    for name in ("results.json", "results.md"):
+        shutil.copy(ROOT / cache / name, reports / name)
     run("benchmarks/bench_sampling.py", "--batch-size", "16", "--repeats", "3", out=reports / "bench.txt")
     table = (reports / "results.md").read_text()
     with open(DEST / "README.md", "a") as fh:

@@ -18,15 +18,15 @@ STATEMENTS = [
     ("README.md", "The LCM samples on its **refine** timesteps (4 steps: t = ", "refine", 4),
     ("README.md", "on diffusers' own selection (`--schedule grid`: ", "grid", 4),
     ("docs/results.md", "spread over the low-noise half of the grid (4 steps: ", "refine", 4),
-    ("docs/results.md", "diffusers' selection on its 10-point grid (4 steps: ", "grid", 4),
+    ("docs/results.md", "diffusers' selection on its 20-point grid (4 steps: ", "grid", 4),
     ("src/latentcm/weights/lcm/README.md", 'timesteps=[', "refine", 4),
     ("src/latentcm/weights/lcm/README.md", "gives them for n steps; 8 steps: ", "refine", 8),
     ("src/latentcm/weights/lcm/README.md", "pick its grid timesteps t = ", "grid", 4),
-    ("src/latentcm/weights/lcm/README.md", "lcm_timesteps(n, 1000, 10)`; 8 steps: ", "grid", 8),
+    ("src/latentcm/weights/lcm/README.md", "lcm_timesteps(n, 1000, 20)`; 8 steps: ", "grid", 8),
     ("reports/table1/README.md", "timesteps (its default: 4 steps t = ", "refine", 4),
-    ("reports/table1/README.md", "(its default: 4 steps t = 999, 499, 299, 99; 8 steps ", "refine", 8),
+    ("reports/table1/README.md", "(its default: 4 steps t = 999, 499, 274, 49; 8 steps ", "refine", 8),
     ("reports/table1/README.md", "**grid** selection (4 steps t = ", "grid", 4),
-    ("reports/table1/README.md", "**grid** selection (4 steps t = 999, 799, 499, 299; 8 steps ", "grid", 8),
+    ("reports/table1/README.md", "**grid** selection (4 steps t = 999, 749, 499, 249; 8 steps ", "grid", 8),
 ]
 
 

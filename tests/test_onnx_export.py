@@ -61,12 +61,12 @@ def test_export_has_optimums_layout(shipped_onnx):
 
 OPTIMUM_SCRIPT = """
 import importlib, json, sys, numpy as np, torch
-module, name, load, folder, out, prompt, timesteps = sys.argv[1:8]
+module, name, load, folder, out, prompt, timesteps, g = sys.argv[1:9]
 pipe = getattr(importlib.import_module(module), name).from_pretrained(folder, export=False, local_files_only=True,
                                                                       **json.loads(load))
 pipe.set_progress_bar_config(disable=True)
 kw = {"timesteps": [int(t) for t in timesteps.split(",")]} if timesteps else {"num_inference_steps": 4}
-images = pipe([prompt] * 2, guidance_scale=8.5, output_type="np", **kw,
+images = pipe([prompt] * 2, guidance_scale=float(g), output_type="np", **kw,
               generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images
 np.save(out, np.concatenate(list(images), axis=1))  # side by side, as lcm generate's grid
 """
@@ -96,7 +96,8 @@ def _peer_images(fmt: str, folder, tmp_path, timesteps: list[int] | None) -> np.
     out = tmp_path / f"{fmt}.npy"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}  # offline, and no latentcm on the path
     subprocess.run([_peer_python(fmt), "-c", OPTIMUM_SCRIPT, module, name, json.dumps(load), str(folder), str(out),
-                    PROMPT, ",".join(map(str, timesteps or []))], check=True, env=env, timeout=600)
+                    PROMPT, ",".join(map(str, timesteps or [])), str(Bundle.load(registry.resolve("lcm")).defaults[2])],
+                   check=True, env=env, timeout=600)
     return np.load(out)
 
 
@@ -108,7 +109,7 @@ def _check_peer_draws_lcm_generates_images(fmt: str, folder, tmp_path):
     from latentcm.schedules import train_timesteps
 
     _peer_python(fmt)  # skips before any work when there is none
-    ours = _generate(tmp_path, "torch.png")  # image i: seed 3 + i, 4 steps, g = 8.5 (the model's defaults)
+    ours = _generate(tmp_path, "torch.png")  # image i: seed 3 + i, 4 steps, the model's default g
     lcm = Bundle.load(registry.resolve("lcm"))
     assert lcm.timestep_schedule == "refine"
     timesteps = inference_timesteps("refine", 4, train_timesteps(lcm.scheduler_config), lcm.original_inference_steps)

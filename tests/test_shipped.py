@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from latentcm import registry
-from latentcm.bundle import sampling_schedule
+from latentcm.bundle import Bundle, sampling_schedule
 from latentcm.cli import main
 from latentcm.evaluation.results import read_results
 from latentcm.models.judge import Judge
@@ -82,9 +82,9 @@ def test_shipped_lcm_follows_a_prompt_in_four_steps():
     judge = Judge.load(registry.shipped_models()["judge"])
     prompts = ["a red circle on a white background", "a blue square on a yellow background",
                "a green triangle on a black background", "a white ring on a purple background"]
-    got = judge.predict(bundle.generate(prompts, [0, 1, 2, 3]))  # defaults: lcm sampler, 4 steps, g 8.5
+    got = judge.predict(bundle.generate(prompts, [0, 1, 2, 3]))  # defaults: lcm sampler, 4 steps, its own g
     hits = sum(g["colour"] == w.split()[1] and g["background"] == w.split()[-2] for g, w in zip(got, prompts))
-    assert bundle.defaults == ("lcm", 4, 8.5) and hits >= 3, got
+    assert bundle.defaults == ("lcm", 4, bundle.default_guidance) and hits >= 3, got
 
 
 def test_lcm_card_table_comes_from_the_committed_results():
@@ -93,6 +93,7 @@ def test_lcm_card_table_comes_from_the_committed_results():
     assert table in (registry.WEIGHTS / "lcm" / "README.md").read_text()
     results = read_results(root / "reports" / "lcm" / "results.json")
     lcm4 = next(r for r in results["rows"] if r["model"] == "lcm" and r["steps"] == 4)
-    assert f"| lcm | lcm | 4 | 8.5 | {100 * lcm4['attribute_accuracy']['colour']:.1f} |" in table
+    g = Bundle.load(registry.WEIGHTS / "lcm").defaults[2]  # the preset samples the LCM at its own default g
+    assert lcm4["guidance"] == g and f"| lcm | lcm | 4 | {g:g} | {100 * lcm4['attribute_accuracy']['colour']:.1f} |" in table
     # the card's numbers were sampled on the timesteps the shipped LCM uses by default
     assert results["timestep_schedules"] == {"lcm": sampling_schedule(registry.WEIGHTS / "lcm")}

@@ -9,7 +9,7 @@ from latentcm.cli import main
 from latentcm.models.denoiser import ConsistencyModel, Denoiser
 from latentcm.guidance import guidance_scale_embedding
 from latentcm.sampling.lcm import per_image_noise, sample_lcm, tcd_s, tcd_step
-from latentcm.schedules import alphas_cumprod_from_config, lcm_timesteps
+from latentcm.schedules import alphas_cumprod_from_config, lcm_timesteps, refine_timesteps
 
 PROMPTS, SEEDS = ["a large red circle on a blue background", "a small green star on a white background"], [7, 8]
 
@@ -103,7 +103,8 @@ def test_default_gamma_none_is_the_lcm_sampler_bit_for_bit(lcm):
     assert torch.equal(default, lcm.sample_latents(PROMPTS, SEEDS, "lcm", 4, 8.5, gamma=None))
     lcm_pipe = LatentConsistencyModelPipeline.from_pretrained(registry.resolve("lcm"), local_files_only=True)
     lcm_pipe.set_progress_bar_config(disable=True)
-    ref = lcm_pipe(PROMPTS, timesteps=[999, 499, 299, 99], guidance_scale=8.5, output_type="latent",
+    timesteps = refine_timesteps(4, 1000, lcm.original_inference_steps).tolist()
+    ref = lcm_pipe(PROMPTS, timesteps=timesteps, guidance_scale=8.5, output_type="latent",
                    generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images
     torch.testing.assert_close(default, ref, rtol=0, atol=1e-4)
 

@@ -79,9 +79,10 @@ def test_shipped_lcm_samples_refine_timesteps_as_diffusers_does_given_them():
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(3)
     latents = torch.randn((1, 4, 16, 16), generator=g)
-    ref = pipe("a large red star on a blue background", timesteps=[999, 499, 299, 99], guidance_scale=8.5,
+    timesteps = refine_timesteps(4, 1000, bundle.original_inference_steps).tolist()
+    ref = pipe("a large red star on a blue background", timesteps=timesteps, guidance_scale=bundle.defaults[2],
                latents=latents, generator=g, output_type="latent").images
-    ours = bundle.sample_latents(["a large red star on a blue background"], [3])  # defaults: 4 steps, g 8.5
+    ours = bundle.sample_latents(["a large red star on a blue background"], [3])  # defaults: 4 steps, its own g
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
 
 

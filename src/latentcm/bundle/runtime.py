@@ -16,7 +16,7 @@ import torch
 from .. import offline  # noqa: F401
 from ..errors import ModelError, one_line
 from . import Bundle
-from .loading import read_config, sampling_schedule
+from .loading import read_config, sampling_settings
 
 RUNTIMES = ("torch", "onnx", "openvino")
 ONNX_FILE, OPENVINO_FILE = "model.onnx", "openvino_model.xml"
@@ -147,5 +147,4 @@ def load_runtime(folder: str | Path, runtime: str = "onnx", threads: int | None 
                     RuntimeTextEncoder(runners["text_encoder"], configs["text_encoder"]),
                     CLIPTokenizerFast.from_pretrained(folder / "tokenizer", local_files_only=True),
                     read_config(folder / "scheduler" / "scheduler_config.json"), folder)
-    bundle.timestep_schedule = sampling_schedule(folder)
-    return bundle
+    return bundle.use_sampling(sampling_settings(folder))  # the export's sampling defaults (SAMPLING_FILE)

@@ -60,8 +60,8 @@ def _judge(judge_dir: str):
 @click.option("--num-samples", type=click.IntRange(2, 100000), default=None,
               show_default="256", help="Held-out prompts per row.")
 @click.option("--guidance", type=FiniteRange(0, 50), default=None,
-              help=f"Guidance scale g for every row [default: {LCM_GUIDANCE} for LCM, {TEACHER_GUIDANCE} for "
-                   "the teacher].")
+              help=f"Guidance scale g for every row [default: the LCM's own (its sampling.json; else {LCM_GUIDANCE}), "
+                   f"{TEACHER_GUIDANCE} for the teacher].")
 @click.option("--ceiling", is_flag=True,
               help="table1: add the teacher's guided ODE from t = 999 (DDIM trailing, 50 steps) at the LCM's g: "
                    "what the LCM distils towards.")
@@ -129,13 +129,14 @@ def _table1(model, teacher, judge_dir, steps_text, lcm_steps_text, samplers_text
                             "--samplers")
     lcm_steps = _step_list(lcm_steps_text, "--lcm-steps") if lcm_steps_text else None
     sweep_guidance = _float_list(sweep_text or "", 0, 50, "--sweep-guidance")
-    rows, sweep, tops = presets.table1_rows(samplers, steps, guidance, lcm_steps=lcm_steps,
-                                            guidance_max_t=guidance_max_t, lcm_schedules=schedules,
-                                            sweep_guidance=sweep_guidance, ceiling=ceiling)
     if baseline is not None and baseline not in samplers:
         raise UserError(f"--baseline {baseline!r} is not one of --samplers ({', '.join(samplers)})")
     baseline = baseline or (LCM_SAMPLER if LCM_SAMPLER in samplers else None)
     bundles = _evaluation_bundles(model or default_model(), teacher, samplers + (["ddim"] if ceiling else []))
+    lcm_g = bundles["lcm"].defaults[2] if "lcm" in bundles else LCM_GUIDANCE
+    rows, sweep, tops = presets.table1_rows(samplers, steps, guidance, lcm_steps=lcm_steps,
+                                            guidance_max_t=guidance_max_t, lcm_schedules=schedules,
+                                            sweep_guidance=sweep_guidance, ceiling=ceiling, lcm_guidance=lcm_g)
     extractor = _judge(judge_dir)
     resamples = common.pop("bootstrap")  # the rows' sampling intervals replace FID's own bootstrap here
     results = pipeline.run(bundles, rows, extractor, folder, n, ceiling=tops, sweep=sweep, intervals=resamples,
@@ -153,8 +154,7 @@ def _lcm_preset(model, teacher, judge_dir, steps_text, samplers_text, guidance, 
     bundles = _evaluation_bundles(model or "lcm", teacher, ["ddim"])
     if "lcm" not in bundles:
         raise UserError(f"--model {bundles['teacher'].path} is a diffusion teacher; the lcm preset needs an LCM")
-    rows = presets.LCM_TABLE_ROWS if guidance is None else [r._replace(guidance=guidance)
-                                                              for r in presets.LCM_TABLE_ROWS]
+    rows = presets.lcm_preset_rows(bundles["lcm"].defaults[2], guidance)
     meta = {"lcm": str(registry.resolve(model or "lcm")), "teacher": str(registry.resolve(teacher)),
             "judge": str(registry.resolve(judge_dir))}
     resamples = common.pop("bootstrap")  # sampling intervals, as table1's

@@ -24,7 +24,8 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
               show_default=f"{LCM_STEPS} for an LCM, {TEACHER_STEPS} for a teacher",
               help="Sampling steps (LCM: 1-8 usual, at most its original_inference_steps).")
 @click.option("--guidance", type=FiniteRange(0, 50), default=None,
-              show_default=f"{LCM_GUIDANCE} for an LCM, {TEACHER_GUIDANCE} for a teacher",
+              show_default=f"an LCM's own (its sampling.json; else {LCM_GUIDANCE}), "
+                           f"{TEACHER_GUIDANCE} for a teacher",
               help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1.")
 @seed_option("Seed of the first image.")
 @click.option("--num-images", type=click.IntRange(1, 256), default=8, help="Images in the grid.")
@@ -46,7 +47,7 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
 @click.option("--negative-prompt", default=None, metavar="TEXT",
               help="What to steer away from (CFG's unconditional branch, instead of the empty prompt): teacher "
                    "samplers, a real-CFG LCM (lcm distill --guidance-mode cfg), and an LCM with a w input distilled "
-                   "from w = 0 (--omega-min 0: real CFG at w = 0, two passes a step, g default 2). Other LCMs with "
+                   "from w = 0 (--omega-min 0: f(c, w) - w (f(neg, 0) - f('', 0)), three passes a step). Other LCMs with "
                    "a w input refuse it: their guidance is distilled into that input, with no such branch.")
 @click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
               help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "

@@ -14,7 +14,7 @@ from .options import FiniteRange, UserError
 @click.option("--fp16", is_flag=True, help='Also write float16 weights (diffusers variant="fp16").')
 @click.option("--single-file", is_flag=True,
               help="Also write OUT/<name>.safetensors: all weights in the original Stable Diffusion checkpoint layout "
-                   "(guidance 8.5 baked in).")
+                   "(the model's default guidance baked in).")
 @click.option("--base-model", default=None, metavar="TEXT",
               show_default="the source card's base_model, else its folder name", help="Model card base_model.")
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "onnx", "openvino"]), default="diffusers",
@@ -24,10 +24,10 @@ def export_model(model, out, fp16, single_file, base_model, fmt):
     """Export an LCM as a complete diffusers LatentConsistencyModelPipeline folder with a model card.
 
     The card's YAML front matter names library_name, base_model, tags, pipeline_tag and the
-    recommended 4 steps at guidance 8.5. Prints each step written (stderr), then the folder.
+    recommended 4 steps at the model's default guidance (its sampling.json; else 8.5). Prints each step written (stderr), then the folder.
 
     --single-file writes the layout A1111, ComfyUI and diffusers' from_single_file read. It has no
-    place for the LCM's guidance embedding, so guidance 8.5 is baked into the UNet; load it offline
+    place for the LCM's guidance embedding, so that guidance is baked into the UNet; load it offline
     with the exported folder as config and sample with guidance_scale=1.0:
 
     \b

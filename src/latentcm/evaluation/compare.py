@@ -13,19 +13,22 @@ from .pipeline import Row  # the evaluation pipeline's row type (model, sampler,
 
 LABEL_MARGIN = 150  # px of left margin that holds each row's label
 
-COMPARE_ROWS = (*(Row("lcm", LCM_SAMPLER, n, LCM_GUIDANCE) for n in (1, 2, 4)),
-                Row("teacher", "ddim", COMPARE_TEACHER_STEPS, TEACHER_GUIDANCE))
+
+def compare_rows(lcm_guidance: float = LCM_GUIDANCE) -> tuple[Row, ...]:
+    """The LCM at 1, 2 and 4 steps at ``lcm_guidance`` (its own default g), then the teacher's DDIM with CFG."""
+    return (*(Row("lcm", LCM_SAMPLER, n, lcm_guidance) for n in (1, 2, 4)),
+            Row("teacher", "ddim", COMPARE_TEACHER_STEPS, TEACHER_GUIDANCE))
 
 
 def timed_rows(bundles: dict, prompt: str, seeds: list[int],
-               rows=COMPARE_ROWS) -> list[tuple[Row, torch.Tensor, float]]:
-    """Sample every row with the same prompt and seeds.
+               rows=None) -> list[tuple[Row, torch.Tensor, float]]:
+    """Sample every row (None: ``compare_rows`` at the LCM's default g) with the same prompt and seeds.
 
     Returns:
         (row, images [K, 3, H, W] in [-1, 1], wall seconds per image of that row) per row.
     """
     out = []
-    for row in rows:
+    for row in rows or compare_rows(bundles["lcm"].defaults[2]):
         t0 = time.perf_counter()
         images = bundles[row.model].generate([prompt] * len(seeds), seeds, row.sampler, row.steps, row.guidance)
         out.append((row, images.cpu(), (time.perf_counter() - t0) / len(seeds)))
@@ -47,7 +50,7 @@ def labelled_grid(results: list[tuple[Row, torch.Tensor, float]]):
 
 
 def compare(bundles: dict, prompt: str, out: str | Path, num_images: int = 4, seed: int = 0,
-            rows=COMPARE_ROWS) -> tuple[Path, list[tuple[Row, float]]]:
+            rows=None) -> tuple[Path, list[tuple[Row, float]]]:
     """Write the labelled comparison PNG of ``prompt`` (seeds seed..seed+K-1 in every row).
 
     Returns:

@@ -36,6 +36,15 @@ LCM_TABLE_ROWS = (
     Row("teacher", "ddim", TEACHER_STEPS, TEACHER_GUIDANCE),
 )
 
+
+def lcm_preset_rows(lcm_guidance: float, guidance: float | None = None) -> list[Row]:
+    """``LCM_TABLE_ROWS`` with the LCM rows at ``lcm_guidance`` (the LCM's own default g), or every row at
+    ``guidance`` when one is given."""
+    if guidance is not None:
+        return [r._replace(guidance=guidance) for r in LCM_TABLE_ROWS]
+    return [r._replace(guidance=lcm_guidance) if r.model == "lcm" else r for r in LCM_TABLE_ROWS]
+
+
 # the scores a preset row carries beside the judge's accuracies: the distribution metrics and the caption score
 EXTRA_METRICS = ("fid", "kid", "kid_std", "precision", "recall", "caption_score", "histogram_distance", "fid_ci")
 _ROW_PROPERTIES = {k: v for k, v in scoring.SCORE_PROPERTIES.items() if k in EXTRA_METRICS}
@@ -175,26 +184,28 @@ def markdown_table(results: list[dict], floor: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PRESETS", "LCM_TABLE_ROWS", "judged_row", "lcm_table", "teacher", "markdown_table",
+__all__ = ["PRESETS", "LCM_TABLE_ROWS", "lcm_preset_rows", "judged_row", "lcm_table", "teacher", "markdown_table",
            "LCM_RESULTS_SCHEMA", "TEACHER_RESULTS_SCHEMA", "table1_rows", "ode_row"]
 
 
 def table1_rows(samplers: list[str], steps: list[int], guidance: float | None = None, *,
                 lcm_steps: list[int] | None = None, guidance_max_t: int | None = None,
                 lcm_schedules: list[str] | None = None, sweep_guidance: list[float] = (),
-                ceiling: bool = False) -> tuple[list[Row], list[Row], list[Row] | None]:
+                ceiling: bool = False, lcm_guidance: float = LCM_GUIDANCE) -> tuple[list[Row], list[Row], list[Row] | None]:
     """Preset ``table1``: (rows, sweep, ceiling) for ``pipeline.run``.
 
     ``sweep``: every row again at each of ``sweep_guidance`` (rows already in the table left out).
     ``ceiling`` True: the teacher's guided ODE from t = T - 1 (DDIM trailing, TEACHER_STEPS steps) at the LCM's
     g (``guidance`` when given), what an LCM distils towards, and with ``guidance_max_t`` the same ODE under
-    that guidance interval; None when False."""
-    options = dict(lcm_steps=lcm_steps, guidance_max_t=guidance_max_t, lcm_schedules=lcm_schedules)
+    that guidance interval; None when False. ``lcm_guidance``: the LCM rows' g when ``guidance`` is None (the
+    LCM's own default)."""
+    options = dict(lcm_steps=lcm_steps, guidance_max_t=guidance_max_t, lcm_schedules=lcm_schedules,
+                   lcm_guidance=lcm_guidance)
     rows = pipeline.table_rows(samplers, steps, guidance, **options)
     sweep = [r for g in sweep_guidance for r in pipeline.table_rows(samplers, steps, g, **options) if r not in rows]
     if not ceiling:
         return rows, sweep, None
-    top = ode_row(LCM_GUIDANCE if guidance is None else guidance)
+    top = ode_row(lcm_guidance if guidance is None else guidance)
     return rows, sweep, [top] + ([top._replace(guidance_max_t=guidance_max_t)] if guidance_max_t is not None else [])
 
 

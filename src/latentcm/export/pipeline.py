@@ -58,9 +58,10 @@ EMBEDDING_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding 
                   "sampling needs one UNet pass per step and takes no negative prompt.")
 UNGUIDED_W0_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding (`time_cond_proj_dim` {dim}): one UNet "
                     "pass per step. It was distilled from w = 0, where it is the teacher's unguided consistency model, "
-                    "so latentcm also takes a negative prompt (`lcm generate --negative-prompt`): then each step runs "
-                    "real CFG between its w = 0 predictions for the prompt and for the negative, two passes per step, "
-                    "at scale g (default {cfg_g:g}). diffusers' LatentConsistencyModelPipeline has no negative prompt.")
+                    "so latentcm also takes a negative prompt (`lcm generate --negative-prompt`): then each step "
+                    "subtracts w times the difference of its w = 0 predictions for the negative and for the empty "
+                    "prompt from its usual one-pass prediction, f(c, w) - w (f(neg, 0) - f('', 0)), three passes per "
+                    "step at the same g. diffusers' LatentConsistencyModelPipeline has no negative prompt.")
 EMBEDDING_USE = """```python
 from diffusers import LatentConsistencyModelPipeline
 
@@ -102,7 +103,7 @@ def check_schedule(schedule: str) -> str:
 
 def unguided_w0(card_info: dict) -> bool:
     """Whether an LCD run (its card_info: the LCDConfig dict as "lcd") distilled a w-input LCM from w = 0 of the
-    real teacher's ODE, the unguided one: such an LCM takes a negative prompt through real CFG at w = 0
+    real teacher's ODE, the unguided one: such an LCM takes a negative prompt through its w = 0 predictions
     (``SAMPLING_FILE``'s ``unguided_w0``). A guidance-distilled one-pass teacher (``guided_teacher``) is not
     unguided at w = 0, so its runs do not qualify."""
     lcd = card_info.get("lcd", {})
@@ -127,6 +128,14 @@ def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embe
     return write_json(Path(folder) / SAMPLING_FILE, found)
 
 
+def carry_sampling(folder: str | Path, bundle) -> Path:
+    """``bundle``'s own ``SAMPLING_FILE`` settings (schedule, guidance mode, default g, ``unguided_w0``) written
+    into an exported ``folder``: latentcm's sampling defaults travel with the model."""
+    found = bundle.sampling_file()
+    return write_sampling(folder, found["timestep_schedule"], found["guidance_mode"], found["guidance"],
+                          found["unguided_w0"])
+
+
 def shipped_name(path: str) -> str:
     """A model folder for a card: the shipped model's name when it is one (absolute paths of this
     machine mean nothing to a reader), else the path as given."""
@@ -144,7 +153,7 @@ def _guidance_text(lcd: dict, unet: dict, guidance: float | None, w0: bool = Fal
     g = guidance if guidance is not None else CFG_LCM_GUIDANCE if cfg else LCM_GUIDANCE
     use = (CFG_USE if cfg else EMBEDDING_USE).format(steps_rec=LCM_STEPS, guidance_rec=g)
     note = (CFG_NOTE.format(share=lcd.get("empty_prompt_share", 0.0)) if cfg
-            else UNGUIDED_W0_NOTE.format(dim=unet.get("time_cond_proj_dim"), cfg_g=CFG_LCM_GUIDANCE)
+            else UNGUIDED_W0_NOTE.format(dim=unet.get("time_cond_proj_dim"))
             if w0 else EMBEDDING_NOTE.format(dim=unet.get("time_cond_proj_dim")))
     return {"guidance_note": note, "use": use}
 

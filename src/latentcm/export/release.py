@@ -15,11 +15,11 @@ from ..defaults import LCM_DEFAULTS
 from ..errors import ModelError
 from ..files import write_text
 from ..schedules import refine_timesteps, train_timesteps
-from .pipeline import carry_safety_parts, write_sampling
+from .pipeline import carry_safety_parts, carry_sampling
 from .single_file import NOT_IN_LAYOUT, check_layout, save_single_file
 
 CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
-_, RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = LCM_DEFAULTS  # 4 steps, guidance scale g = 8.5 (w = 7.5)
+_, RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = LCM_DEFAULTS  # 4 steps; g 8.5 (w = 7.5) unless sampling.json names one
 
 RELEASE_CARD = """---
 library_name: diffusers
@@ -81,7 +81,12 @@ def demote_headings(markdown: str) -> str:
     return "\n".join(lines)
 
 
-def _files_section(name: str, fp16: bool, single_file: bool) -> str:
+def _recommended_guidance(bundle: Bundle | None) -> float:
+    """The g a release recommends (and a single file bakes in): the model's own default (its sampling.json)."""
+    return RECOMMENDED_GUIDANCE if bundle is None else bundle.defaults[2]
+
+
+def _files_section(name: str, fp16: bool, single_file: bool, guidance: float = RECOMMENDED_GUIDANCE) -> str:
     rows = ["- `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` (LCMScheduler): "
             "float32 weights (`*.safetensors`)."]
     if fp16:
@@ -90,7 +95,7 @@ def _files_section(name: str, fp16: bool, single_file: bool) -> str:
         rows.append(f"- `{name}.safetensors`: every float32 weight in one file in the original Stable Diffusion "
                     "checkpoint layout (`model.diffusion_model.*`, `first_stage_model.*`, "
                     "`cond_stage_model.transformer.*`). That layout has no place for the guidance embedding "
-                    f"(`time_cond_proj_dim`), so guidance scale {RECOMMENDED_GUIDANCE:g} is baked into the UNet. Load "
+                    f"(`time_cond_proj_dim`), so guidance scale {guidance:g} is baked into the UNet. Load "
                     "it offline with this folder as the config, and sample with `guidance_scale=1.0`:\n\n"
                     "  ```python\n  from diffusers import StableDiffusionPipeline\n\n"
                     f"  pipe = StableDiffusionPipeline.from_single_file(\"<this folder>/{name}.safetensors\", "
@@ -119,12 +124,13 @@ def write_release_card(folder: Path, name: str, source: Path, base_model: str, f
     """README.md: YAML front matter (library_name, base_model, tags, pipeline_tag, recommended settings) + usage,
     followed by the source folder's own card body, if it has one. ``bundle``: the model, for its timesteps."""
     steps_kw, schedule_note = _steps_kw(bundle)
+    g = _recommended_guidance(bundle)
     old = source / "README.md"
     _, old_body = split_front_matter(old.read_text()) if old.is_file() else ({}, "")
     text = RELEASE_CARD.format(
         base_model=yaml_str(base_model), base_name=base_model, tags="\n".join(f"- {t}" for t in CARD_TAGS),
-        steps=RECOMMENDED_STEPS, guidance=RECOMMENDED_GUIDANCE, title=f"{name}: a Latent Consistency Model",
-        files=_files_section(name, fp16, single_file), imports="import torch\n" if fp16 else "",
+        steps=RECOMMENDED_STEPS, guidance=f"{g:g}", title=f"{name}: a Latent Consistency Model",
+        files=_files_section(name, fp16, single_file, g), imports="import torch\n" if fp16 else "",
         steps_kw=steps_kw, schedule_note=schedule_note,
         variant_kw=', variant="fp16", torch_dtype=torch.float16' if fp16 else "",
         source_card=f"\n## Source model card\n\n{demote_headings(old_body.strip())}\n" if old_body.strip() else "")
@@ -210,14 +216,13 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         progress(dropped)
     if single_file:
         progress(f"writing the single file {dest.name}.safetensors (Stable Diffusion checkpoint layout)")
-        progress(NOT_IN_LAYOUT.format(g=RECOMMENDED_GUIDANCE))
-        save_single_file(bundle, tmp / f"{dest.name}.safetensors", guidance=RECOMMENDED_GUIDANCE)
+        progress(NOT_IN_LAYOUT.format(g=_recommended_guidance(bundle)))
+        save_single_file(bundle, tmp / f"{dest.name}.safetensors", guidance=_recommended_guidance(bundle))
     if fp16:
         progress("writing the float16 variant (*.fp16.safetensors)")
         save_fp16_variant(pipe, tmp)
     progress(f"writing {SAMPLING_FILE} and the model card README.md")
-    write_sampling(tmp, bundle.timestep_schedule,  # latentcm's sampling defaults travel with the model
-                   unguided_w0=bundle.unguided_w0)
+    carry_sampling(tmp, bundle)
     write_release_card(tmp, dest.name, source, base_model, fp16, single_file, bundle)
     if dest.exists():
         dest.rmdir()

@@ -20,7 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import fastapi  # noqa: E402,F401 -- the serve extra: an ImportError here is reported by `lcm serve`
 import uvicorn  # noqa: E402,F401
 
-from ..defaults import COMPARE_TEACHER_STEPS, IMG2IMG_STRENGTH, LCM_GUIDANCE, LCM_STEPS  # noqa: E402
+from ..defaults import COMPARE_TEACHER_STEPS, IMG2IMG_STRENGTH, LCM_STEPS  # noqa: E402
 from ..errors import ModelError, one_line  # noqa: E402
 from .batcher import Busy, Stopped  # noqa: E402
 from .service import Reply, ServeConfig, Service  # noqa: E402
@@ -165,7 +165,7 @@ def _ui_sampling_inputs(gr, limits) -> list:
                         max_length=limits.max_prompt_chars, lines=2, elem_id="prompt")
     with gr.Row():
         steps = gr.Slider(1, limits.max_lcm_steps, value=LCM_STEPS, step=1, label="LCM steps")
-        guidance = gr.Slider(1.0, 15.0, value=LCM_GUIDANCE, step=0.5, label="Guidance scale g (w = g - 1)")
+        guidance = gr.Slider(1.0, 15.0, value=limits.lcm_guidance, step=0.5, label="Guidance scale g (w = g - 1)")
     with gr.Row():
         seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1 - limits.max_images, label="Seed")
         num_images = gr.Slider(1, limits.max_images, value=2, step=1, label="Images")
@@ -204,7 +204,7 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
 
 
 def _lcm_takes_negative(service: Service) -> bool:
-    """A real-CFG LCM, or a w-input LCM distilled from w = 0 (real CFG at w = 0), takes a negative prompt."""
+    """A real-CFG LCM, or a w-input LCM distilled from w = 0 (read at w = 0), takes a negative prompt."""
     lcm = getattr(service, "lcm", None)
     return getattr(lcm, "guidance_mode", "embedding") == "cfg" or bool(getattr(lcm, "unguided_w0", False))
 
@@ -223,7 +223,7 @@ def _ui_runner(gr, service: Service, names: list[str]):
         if init_image is not None:
             lcm["strength"] = float(strength)
         if teacher_negative and _lcm_takes_negative(service):
-            lcm["negative_prompt"] = teacher_negative  # an unconditional branch to replace (real CFG; CFG at w = 0)
+            lcm["negative_prompt"] = teacher_negative  # an unconditional branch to replace (real CFG; w = 0)
         try:
             requests = [("LCM" if not loras else "LCM-LoRA", int(steps),
                          parse_request(lcm, limits, service.lora_files, image=init_image))]

@@ -86,7 +86,8 @@ class Service:
         self.limits = dataclasses.replace(config.limits, size_multiple=multiple,
                                           default_size=b.default_size,
                                           original_inference_steps=b.original_inference_steps,
-                                          lcm_guidance_mode=b.guidance_mode, lcm_unguided_w0=b.unguided_w0)
+                                          lcm_guidance_mode=b.guidance_mode, lcm_unguided_w0=b.unguided_w0,
+                                          lcm_guidance=b.defaults[2])
         self._stacks: OrderedDict[tuple, Bundle] = OrderedDict()
         self._lock = threading.Lock()  # the worker and warm-up never sample at once
         self.started = time.time()

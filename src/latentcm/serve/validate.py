@@ -21,7 +21,6 @@ from ..schedules import GRID_POINTS
 
 MODELS = ("lcm", "teacher")
 SAMPLER = {"lcm": LCM_SAMPLER, "teacher": "ddim"}  # how each served model is sampled
-DEFAULT_GUIDANCE = {"lcm": LCM_GUIDANCE, "teacher": TEACHER_GUIDANCE}
 FIELDS = ("prompt", "model", "steps", "guidance", "seed", "num_images", "height", "width", "gamma", "loras",
           "init_image", "strength", "negative_prompt")
 
@@ -53,7 +52,8 @@ class Limits:
     lora_weight_range: tuple[float, float] = (0.0, 2.0)
     original_inference_steps: int = GRID_POINTS  # N of the LCM's skipping grid (img2img: schedules.img2img_points)
     lcm_guidance_mode: str = "embedding"  # the served LCM's (its sampling.json): "cfg" takes a negative prompt
-    lcm_unguided_w0: bool = False         # the served LCM was distilled from w = 0: takes one too (CFG at w = 0)
+    lcm_unguided_w0: bool = False         # the served LCM was distilled from w = 0: takes one too (at w = 0)
+    lcm_guidance: float = LCM_GUIDANCE    # the served LCM's default g (its sampling.json, else the kind's)
 
     @property
     def max_body_bytes(self) -> int:
@@ -176,7 +176,8 @@ def parse_request(payload, limits: Limits, loras: dict | tuple = (), *, image: I
         raise BadRequest("LoRAs turn the teacher into an LCM (LCM-LoRA); use model 'lcm' with loras")
     top = limits.max_lcm_steps if model == "lcm" else limits.max_teacher_steps
     steps = _number(payload, "steps", 1, top, LCM_STEPS if model == "lcm" else COMPARE_TEACHER_STEPS, integer=True)
-    default_g = None if lora_list else DEFAULT_GUIDANCE[model]  # an LCM-LoRA has none (SamplingOptions.check_lora)
+    default_g = (None if lora_list else limits.lcm_guidance if model == "lcm"  # an LCM-LoRA has none (check_lora)
+                 else TEACHER_GUIDANCE)
     guidance = _number(payload, "guidance", *limits.guidance_range, default_g)
     seed = _number(payload, "seed", 0, 2**31 - 1 - limits.max_images, 0, integer=True)
     num_images = _number(payload, "num_images", 1, limits.max_images, 1, integer=True)
