@@ -16,8 +16,7 @@ drop, each with a 95% percentile-bootstrap interval over prompts (``evaluation.i
 ``--guidance`` are given once (every model) or once per ``--model`` in order; left out, a teacher samples DDIM
 COMPARE_TEACHER_STEPS steps at TEACHER_GUIDANCE and an LCM with its own defaults (a real-CFG LCM, ``lcm distill
 --guidance-mode cfg``, takes negatives, and so does an LCM with a w input distilled from w = 0, ``--omega-min 0``:
-its one-pass prediction minus w times the difference of its w = 0 predictions for the negative and the empty prompt;
-its row without the negative is its usual one-pass sampling at the same g).
+real CFG between its w = 0 predictions; its row without the negative is its usual one-pass sampling at the same g).
 A model that refuses a negative prompt (any other LCM with a w input: guided consistency distillation puts the
 guidance into that input, there is no unconditional branch to replace) is recorded with its one-line refusal and
 not measured. With the default teacher alone the report keeps its first
@@ -42,8 +41,8 @@ from latentcm.images import from_pixels, save_grid
 
 NEGATED = ("red", "green", "blue", "yellow")   # never a background below, so the negative names only the object
 BACKGROUNDS = ("white", "black", "gray")
-MODES = {"cfg": " (CFG)", "w0": (" (without the negative: its one-pass w input at g; with it: f(c, w) - w (f(neg, 0) - "
-                                 "f('', 0)), w = g - 1)")}
+MODES = {"cfg": " (CFG)", "w0": (" (without the negative: its one-pass w input at g; with it: real CFG between its w = 0 "
+                                 "predictions, scale g)")}
 
 
 def colour_open_prompts(count: int) -> list[str]:

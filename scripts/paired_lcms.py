@@ -10,9 +10,9 @@ prompt-scenes reference, and within each step count every model's KID x 10^3 is 
 named: a paired 95% percentile bootstrap interval of the difference, prompts resampled together for every row and
 the reference resampled with them (``evaluation.intervals``). "better" / "worse" only where the interval
 excludes 0, else "level". Judge accuracies (colour, background, shape) get the same paired intervals.
-``--negative NAME=TEXT`` samples that model with a negative prompt (an LCM that takes one), to measure what a
-negative costs the images. A model may be named twice (``a=DIR b=DIR --negative b=yellow``) to compare its images
-with and without one.
+``--negative NAME=TEXT`` samples that model with a negative prompt (an LCM that takes one; TEXT may be empty:
+``NAME=`` is real CFG against the empty prompt, the quality of the negative-prompt mode itself). A model may be
+named twice (``a=DIR b=DIR --negative b=``) to compare its two modes.
 """
 import argparse
 import json

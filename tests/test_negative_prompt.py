@@ -73,26 +73,25 @@ def _w0_lcm(micro_lcm) -> Bundle:
     return b.use_sampling({**b.sampling_file(), "unguided_w0": True})
 
 
-def test_lcm_from_w0_takes_a_negative_prompt_off_its_one_pass_prediction(micro_lcm):
+def test_lcm_from_w0_takes_a_negative_prompt_as_real_cfg_at_w0(micro_lcm):
     """One step of the consistency sampler returns the guided x0 itself: with a negative prompt at scale g it is
-    f(prompt, w) - w (f(neg, 0) - f("", 0)), w = g - 1 (``negative_consistency``); the empty negative and g = 1
-    change nothing."""
+    f(neg, w=0) + g (f(prompt, w=0) - f(neg, w=0)), each f read at w = 0 (g = 1 without a negative)."""
     b, seeds, negative = _w0_lcm(micro_lcm), [0, 1], "a blue square on a red background"
-    steered = b.sample_latents(PROMPTS, seeds, "lcm", 1, 3.0, negative_prompt=negative)
-    f_c = b.sample_latents(PROMPTS, seeds, "lcm", 1, 3.0)
+    guided = b.sample_latents(PROMPTS, seeds, "lcm", 1, 3.0, negative_prompt=negative)
+    f_c = b.sample_latents(PROMPTS, seeds, "lcm", 1, 1.0)
     f_n = b.sample_latents([negative] * 2, seeds, "lcm", 1, 1.0)
-    f_e = b.sample_latents([""] * 2, seeds, "lcm", 1, 1.0)
-    torch.testing.assert_close(steered, f_c - 2.0 * (f_n - f_e), rtol=0, atol=1e-4)
-    assert (steered - f_c).abs().max() > 1e-3  # the negative steers
-    torch.testing.assert_close(b.generate(PROMPTS, seeds, "lcm", 2, 3.0, negative_prompt=""),
-                               b.generate(PROMPTS, seeds, "lcm", 2, 3.0), rtol=0, atol=1e-4)  # empty: one pass
-    torch.testing.assert_close(b.generate(PROMPTS, seeds, "lcm", 2, 1.0, negative_prompt=negative),
-                               b.generate(PROMPTS, seeds, "lcm", 2, 1.0), rtol=0, atol=1e-4)  # g = 1: w = 0
+    torch.testing.assert_close(guided, f_n + 3.0 * (f_c - f_n), rtol=0, atol=1e-4)
+    assert (guided - f_c).abs().max() > 1e-3  # the negative steers
+    two_steps = b.generate(PROMPTS, seeds, "lcm", 2, 1.0, negative_prompt=negative)
+    torch.testing.assert_close(two_steps, b.generate(PROMPTS, seeds, "lcm", 2, 1.0), rtol=0, atol=1e-4)  # g = 1: f_c
 
 
-def test_lcm_from_w0_keeps_its_default_g_with_a_negative(micro_lcm):
+def test_lcm_from_w0_defaults_to_a_small_cfg_scale_with_a_negative(micro_lcm):
+    from latentcm.defaults import CFG_LCM_GUIDANCE
+
     b = _w0_lcm(micro_lcm)
-    assert b.sampling_options(negative_prompt="red").guidance == b.sampling_options().guidance == b.defaults[2]
+    assert b.sampling_options(negative_prompt="red").guidance == CFG_LCM_GUIDANCE
+    assert b.sampling_options().guidance == Bundle.load(micro_lcm).sampling_options().guidance  # no negative: as before
     request = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 2}
     assert parse_request(request, Limits(lcm_unguided_w0=True)).options.negative_prompt == "blue"
     assert parse_request(request, Limits(lcm_guidance_mode="cfg")).options.negative_prompt == "blue"

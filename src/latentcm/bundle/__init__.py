@@ -55,7 +55,7 @@ class Bundle:
     # How an LCM forms its guided prediction (SAMPLING_FILE): "embedding" (w input) or "cfg" (real CFG, two passes)
     guidance_mode: str = "embedding"
     default_guidance: float | None = None  # the g the folder's SAMPLING_FILE recommends; None: the kind's default
-    # SAMPLING_FILE: a w-input LCM distilled from w = 0, which takes a negative prompt at w = 0 (negative_consistency)
+    # SAMPLING_FILE: a w-input LCM distilled from w = 0, which takes a negative prompt through real CFG at w = 0
     unguided_w0: bool = False
     # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
     autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast
@@ -203,13 +203,11 @@ class Bundle:
     @torch.no_grad()
     def _cfg_uncond(self, o: SamplingOptions, n: int, size) -> torch.Tensor | None:
         """CFG's unconditional branch (the negative prompt or ""): teacher samplers and a real-CFG LCM take one; a
-        w-input LCM distilled from w = 0 (``unguided_w0``) takes a negative prompt only, as [negative; empty]
-        (``sampling.student.negative_consistency``); the options' check has refused one for any other w-input LCM."""
-        if o.sampler != LCM_SAMPLER or self.guidance_mode == "cfg":
-            return self.encode_uncond(n, size, o.negative_prompt)
-        if o.negative_prompt is None:
+        w-input LCM distilled from w = 0 (``unguided_w0``) takes a negative prompt only (real CFG at w = 0); the
+        options' check has refused a negative for any other w-input LCM."""
+        if o.sampler == LCM_SAMPLER and self.guidance_mode != "cfg" and o.negative_prompt is None:
             return None
-        return torch.cat([self.encode_uncond(n, size, o.negative_prompt), self.encode_uncond(n, size)])
+        return self.encode_uncond(n, size, o.negative_prompt)
 
     def encode_uncond(self, n: int, size: tuple[int, int] | None = None,
                       negative_prompt: str | None = None) -> torch.Tensor:

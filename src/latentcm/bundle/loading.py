@@ -99,7 +99,7 @@ def sampling_settings(path: Path) -> dict:
     """What an LCM folder's SAMPLING_FILE asks for: {"timestep_schedule": "grid"|"refine", "guidance_mode":
     "embedding"|"cfg", "guidance": default g or None, "unguided_w0": bool}; each absent key (or an absent file)
     gives the first / None / False. ``unguided_w0``: an LCM with a w input distilled from w = 0 (the unguided
-    ODE), so that it can take a negative prompt at w = 0 (``sampling.student.negative_consistency``). ModelError on a file
+    ODE), so that real CFG at w = 0 can take a negative prompt (``sampling.student``). ModelError on a file
     that is not such an object."""
     file = Path(path) / SAMPLING_FILE
     return parse_sampling(file.read_text() if file.is_file() else "{}", file)

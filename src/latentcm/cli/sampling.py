@@ -47,7 +47,7 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
 @click.option("--negative-prompt", default=None, metavar="TEXT",
               help="What to steer away from (CFG's unconditional branch, instead of the empty prompt): teacher "
                    "samplers, a real-CFG LCM (lcm distill --guidance-mode cfg), and an LCM with a w input distilled "
-                   "from w = 0 (--omega-min 0: f(c, w) - w (f(neg, 0) - f('', 0)), three passes a step). Other LCMs with "
+                   "from w = 0 (--omega-min 0: real CFG at w = 0, two passes a step, g default 2). Other LCMs with "
                    "a w input refuse it: their guidance is distilled into that input, with no such branch.")
 @click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
               help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "

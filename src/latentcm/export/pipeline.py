@@ -58,10 +58,9 @@ EMBEDDING_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding 
                   "sampling needs one UNet pass per step and takes no negative prompt.")
 UNGUIDED_W0_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding (`time_cond_proj_dim` {dim}): one UNet "
                     "pass per step. It was distilled from w = 0, where it is the teacher's unguided consistency model, "
-                    "so latentcm also takes a negative prompt (`lcm generate --negative-prompt`): then each step "
-                    "subtracts w times the difference of its w = 0 predictions for the negative and for the empty "
-                    "prompt from its usual one-pass prediction, f(c, w) - w (f(neg, 0) - f('', 0)), three passes per "
-                    "step at the same g. diffusers' LatentConsistencyModelPipeline has no negative prompt.")
+                    "so latentcm also takes a negative prompt (`lcm generate --negative-prompt`): then each step runs "
+                    "real CFG between its w = 0 predictions for the prompt and for the negative, two passes per step, "
+                    "at scale g (default {cfg_g:g}). diffusers' LatentConsistencyModelPipeline has no negative prompt.")
 EMBEDDING_USE = """```python
 from diffusers import LatentConsistencyModelPipeline
 
@@ -103,7 +102,7 @@ def check_schedule(schedule: str) -> str:
 
 def unguided_w0(card_info: dict) -> bool:
     """Whether an LCD run (its card_info: the LCDConfig dict as "lcd") distilled a w-input LCM from w = 0 of the
-    real teacher's ODE, the unguided one: such an LCM takes a negative prompt through its w = 0 predictions
+    real teacher's ODE, the unguided one: such an LCM takes a negative prompt through real CFG at w = 0
     (``SAMPLING_FILE``'s ``unguided_w0``). A guidance-distilled one-pass teacher (``guided_teacher``) is not
     unguided at w = 0, so its runs do not qualify."""
     lcd = card_info.get("lcd", {})
@@ -153,7 +152,7 @@ def _guidance_text(lcd: dict, unet: dict, guidance: float | None, w0: bool = Fal
     g = guidance if guidance is not None else CFG_LCM_GUIDANCE if cfg else LCM_GUIDANCE
     use = (CFG_USE if cfg else EMBEDDING_USE).format(steps_rec=LCM_STEPS, guidance_rec=g)
     note = (CFG_NOTE.format(share=lcd.get("empty_prompt_share", 0.0)) if cfg
-            else UNGUIDED_W0_NOTE.format(dim=unet.get("time_cond_proj_dim"))
+            else UNGUIDED_W0_NOTE.format(dim=unet.get("time_cond_proj_dim"), cfg_g=CFG_LCM_GUIDANCE)
             if w0 else EMBEDDING_NOTE.format(dim=unet.get("time_cond_proj_dim")))
     return {"guidance_note": note, "use": use}
 

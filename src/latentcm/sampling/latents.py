@@ -32,8 +32,7 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, options: SamplingOptio
         seeds: one per image; image b depends on seeds[b] only, never on the batch.
         shape: latent shape [C, h, w].
         uncond: the unconditional (or negative-prompt) encodings [B, L, D] of CFG: teacher samplers, and a real-CFG
-            LCM (guidance_mode "cfg"); for a w-input LCM distilled from w = 0 with a negative prompt, the negative's
-            and the empty prompt's stacked [2B, L, D] (``student.negative_consistency``); else None.
+            LCM (guidance_mode "cfg"); None for an LCM with a w input.
         latents: initial latents [B, C, h, w] instead of each seed's first draw.
         image_latents: img2img (LCM only): the clean latents, noised to the first kept grid point.
         original_inference_steps: N of the skipping grid when the config has none (a student in training).

@@ -41,7 +41,7 @@ class ModelTraits:
     guidance_input: bool = False                 # the UNet takes w (time_cond_proj_dim): an LCM, a guided teacher
     guidance_mode: str = "embedding"             # an LCM's: "embedding" (w input) or "cfg" (real CFG, two passes)
     default_guidance: float | None = None        # the g its folder recommends (sampling.json); None: the kind's
-    unguided_w0: bool = False                    # a w-input LCM distilled from w = 0: negatives read at w = 0
+    unguided_w0: bool = False                    # a w-input LCM distilled from w = 0: negatives by real CFG at w = 0
 
     @property
     def takes_negative(self) -> bool:
@@ -78,9 +78,8 @@ class SamplingOptions:
         eps_u + g (eps_c - eps_u), instead of the empty prompt (as diffusers' ``negative_prompt``); None: "".
         An LCM distilled with guided consistency distillation has no unconditional branch to replace (its
         guidance is an input, w): it refuses one; a real-CFG LCM (guidance_mode "cfg") takes one, and so does a
-        w-input LCM distilled from w = 0 (``unguided_w0``): its one-pass guided prediction at g, minus w times
-        the difference of its w = 0 predictions for the negative and the empty prompt
-        (``sampling.student.negative_consistency``).
+        w-input LCM distilled from w = 0 (``unguided_w0``): real CFG between its w = 0 predictions for the
+        prompt and the negative, at scale g (default ``CFG_LCM_GUIDANCE``).
     height, width: image size, multiples of the VAE factor (text-to-image; img2img takes the image's).
     """
 
@@ -157,6 +156,8 @@ class SamplingOptions:
         if schedule is None and sampler == LCM_SAMPLER and self.timesteps is None and not self.img2img:
             schedule = model.timestep_schedule
         size = None if self.img2img else model.default_size
+        if self.guidance is None and model.is_lcm and model.unguided_w0 and self.negative_prompt is not None:
+            d_guidance = CFG_LCM_GUIDANCE  # real CFG at w = 0: a small CFG scale, not the w input's default
         out = dataclasses.replace(self, sampler=sampler, steps=steps,
                                   guidance=d_guidance if self.guidance is None else self.guidance,
                                   schedule=schedule, height=self.height or size, width=self.width or size)

@@ -54,8 +54,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         uncond: a real-CFG LCM (no w input): the unconditional (or negative-prompt) encodings [B, L, D]; each step
             then guides the consistency function, f_0 + g (f_c - f_0) with g = 1 + omega, which is CFG on the raw
             output as diffusers' StableDiffusionPipeline + LCMScheduler does (f is affine in it at fixed z_t). For
-            an LCM with a w input (one distilled from w = 0): the negative prompt's and the empty prompt's
-            encodings stacked, [2B, L, D], for ``negative_consistency``.
+            an LCM with a w input (one distilled from w = 0) both passes read w = 0: CFG between its unguided
+            predictions, how it takes a negative prompt.
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -82,32 +82,12 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
 
 def _guided_fn(f: ConsistencyModel, text_states: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
                w_emb: torch.Tensor | None):
-    """x, t -> the guided consistency output: the w input alone; real CFG when a real-CFG LCM has an unconditional
-    branch; for a w-input LCM distilled from w = 0 with a negative prompt (``uncond`` = [negative; empty]),
-    ``negative_consistency``."""
+    """x, t -> the guided consistency output: the w input alone, or real CFG when there is an unconditional
+    branch; a w-input LCM then reads w = 0, its unguided end (a negative prompt, ``unguided_w0``)."""
     if uncond is None:
         return lambda x, t: f(x, t, text_states, w_emb)
-    if w_emb is None:
-        return cfg_consistency(f, text_states, uncond, w)
-    w0_emb = guidance_scale_embedding(torch.zeros_like(w), w_emb.shape[1]).to(w_emb.dtype)
-    negative, empty = uncond.chunk(2)
-    return negative_consistency(f, text_states, negative, empty, w, w_emb, w0_emb)
-
-
-def negative_consistency(f: ConsistencyModel, cond: torch.Tensor, negative: torch.Tensor, empty: torch.Tensor,
-                         omega: torch.Tensor, w_emb: torch.Tensor, w0_emb: torch.Tensor):
-    """A negative prompt on a w-input LCM distilled from w = 0: f(c, w) - w (f(neg, 0) - f("", 0)).
-
-    CFG with a negative, e_c + w (e_c - e_neg), is the usual guided e_c + w (e_c - e_"") minus w (e_neg - e_"")
-    (LCM Eq. 6 rearranged): the first term is what the w input distils (one pass, the model's own quality), the
-    second is read at its unguided end w = 0. The empty negative gives f(c, w) exactly. One batched pass of 3B."""
-    text = torch.cat([cond, negative, empty])  # [3B, L, D]
-    emb = torch.cat([w_emb, w0_emb, w0_emb])
-
-    def fn(x, t):
-        f_c, f_n, f_e = f(torch.cat([x, x, x]), torch.cat([t, t, t]), text, emb).chunk(3)
-        return f_c - P.append_dims(omega, f_c) * (f_n - f_e)
-    return fn
+    w0_emb = None if w_emb is None else guidance_scale_embedding(torch.zeros_like(w), w_emb.shape[1]).to(w_emb.dtype)
+    return cfg_consistency(f, text_states, uncond, w, w0_emb)
 
 
 def _check_inputs(latents, image_latents, strength: float, timesteps) -> None:
@@ -119,13 +99,15 @@ def _check_inputs(latents, image_latents, strength: float, timesteps) -> None:
         raise ValueError("explicit timesteps are for text-to-image; img2img picks them from strength")
 
 
-def cfg_consistency(f: ConsistencyModel, cond: torch.Tensor, uncond: torch.Tensor, omega: torch.Tensor):
-    """Real CFG on a real-CFG LCM (no w input): f_c + w (f_c - f_0) (LCM Eq. 6 form), cond and uncond in one
-    batched pass."""
+def cfg_consistency(f: ConsistencyModel, cond: torch.Tensor, uncond: torch.Tensor, omega: torch.Tensor,
+                    w_emb: torch.Tensor | None = None):
+    """Real CFG on a consistency model: f_c + w (f_c - f_0) (LCM Eq. 6 form), cond and uncond in one batched pass;
+    ``w_emb`` [B, d]: the w input both passes get (a w-input LCM at w = 0), None for a real-CFG LCM."""
     text = torch.cat([cond, uncond])  # [2B, L, D]
+    emb = None if w_emb is None else torch.cat([w_emb, w_emb])
 
     def fn(x, t):
-        f_c, f_0 = f(torch.cat([x, x]), torch.cat([t, t]), text).chunk(2)
+        f_c, f_0 = f(torch.cat([x, x]), torch.cat([t, t]), text, emb).chunk(2)
         return guide(f_c, f_0, omega)
     return fn
 

@@ -204,7 +204,7 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
 
 
 def _lcm_takes_negative(service: Service) -> bool:
-    """A real-CFG LCM, or a w-input LCM distilled from w = 0 (read at w = 0), takes a negative prompt."""
+    """A real-CFG LCM, or a w-input LCM distilled from w = 0 (real CFG at w = 0), takes a negative prompt."""
     lcm = getattr(service, "lcm", None)
     return getattr(lcm, "guidance_mode", "embedding") == "cfg" or bool(getattr(lcm, "unguided_w0", False))
 
@@ -223,7 +223,7 @@ def _ui_runner(gr, service: Service, names: list[str]):
         if init_image is not None:
             lcm["strength"] = float(strength)
         if teacher_negative and _lcm_takes_negative(service):
-            lcm["negative_prompt"] = teacher_negative  # an unconditional branch to replace (real CFG; w = 0)
+            lcm["negative_prompt"] = teacher_negative  # an unconditional branch to replace (real CFG; CFG at w = 0)
         try:
             requests = [("LCM" if not loras else "LCM-LoRA", int(steps),
                          parse_request(lcm, limits, service.lora_files, image=init_image))]

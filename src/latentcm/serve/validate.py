@@ -52,7 +52,7 @@ class Limits:
     lora_weight_range: tuple[float, float] = (0.0, 2.0)
     original_inference_steps: int = GRID_POINTS  # N of the LCM's skipping grid (img2img: schedules.img2img_points)
     lcm_guidance_mode: str = "embedding"  # the served LCM's (its sampling.json): "cfg" takes a negative prompt
-    lcm_unguided_w0: bool = False         # the served LCM was distilled from w = 0: takes one too (at w = 0)
+    lcm_unguided_w0: bool = False         # the served LCM was distilled from w = 0: takes one too (CFG at w = 0)
     lcm_guidance: float = LCM_GUIDANCE    # the served LCM's default g (its sampling.json, else the kind's)
 
     @property
