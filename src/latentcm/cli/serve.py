@@ -24,7 +24,8 @@ def export_model(model, out, fp16, single_file, base_model, fmt):
     """Export an LCM as a complete diffusers LatentConsistencyModelPipeline folder with a model card.
 
     The card's YAML front matter names library_name, base_model, tags, pipeline_tag and the
-    recommended 4 steps at the model's default guidance (its sampling.json; else 8.5). Prints each step written (stderr), then the folder.
+    recommended 4 steps at the model's default guidance (its sampling.json; else 8.5). Prints each step
+    written (stderr), then the folder.
 
     --single-file writes the layout A1111, ComfyUI and diffusers' from_single_file read. It has no
     place for the LCM's guidance embedding, so that guidance is baked into the UNet; load it offline

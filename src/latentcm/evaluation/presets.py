@@ -191,7 +191,8 @@ __all__ = ["PRESETS", "LCM_TABLE_ROWS", "lcm_preset_rows", "judged_row", "lcm_ta
 def table1_rows(samplers: list[str], steps: list[int], guidance: float | None = None, *,
                 lcm_steps: list[int] | None = None, guidance_max_t: int | None = None,
                 lcm_schedules: list[str] | None = None, sweep_guidance: list[float] = (),
-                ceiling: bool = False, lcm_guidance: float = LCM_GUIDANCE) -> tuple[list[Row], list[Row], list[Row] | None]:
+                ceiling: bool = False,
+                lcm_guidance: float = LCM_GUIDANCE) -> tuple[list[Row], list[Row], list[Row] | None]:
     """Preset ``table1``: (rows, sweep, ceiling) for ``pipeline.run``.
 
     ``sweep``: every row again at each of ``sweep_guidance`` (rows already in the table left out).
