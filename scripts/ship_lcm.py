@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 
 from latentcm.bundle.loading import sampling_settings
 from latentcm.defaults import TIMESTEP_SCHEDULES
-from latentcm.export.pipeline import write_sampling
+from latentcm.export.pipeline import write_sampling_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "latentcm" / "weights" / "lcm"
@@ -50,8 +50,8 @@ def main() -> None:
     for name in ("model_index.json", "README.md"):
         shutil.copy(src / name, DEST / name)
     UNet2DConditionModel.from_pretrained(src / "unet").half().save_pretrained(DEST / "unet")
-    write_sampling(DEST, args.schedule or found["timestep_schedule"], found["guidance_mode"],
-                   found["guidance"] if args.guidance is None else args.guidance, found["unguided_w0"])
+    given = {"timestep_schedule": args.schedule, "guidance": args.guidance}
+    write_sampling_settings(DEST, {**found, **{k: v for k, v in given.items() if v is not None}})
     reports = ROOT / "reports" / "lcm"
     reports.mkdir(parents=True, exist_ok=True)
     cache = f"runs/lcm-preset-{args.num_samples}"

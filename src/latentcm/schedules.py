@@ -111,8 +111,9 @@ def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = TRAIN_TIM
         strength: fraction of the grid kept, in (0, 1]; 1.0 for text-to-image.
 
     Returns:
-        Descending long tensor [n]; 4 steps give [999, 759, 499, 259] on the default 50-point grid (k = 20)
-        and [999, 749, 499, 249] on the shipped LCM's 20-point grid (k = 50).
+        Descending long tensor [n]; 4 steps give [999, 759, 499, 259] on the default 50-point grid (k = 20),
+        [999, 749, 499, 249] on the shipped LCM's 20-point grid (k = 50) and [999, 799, 499, 299] on a 10-point
+        grid (k = 100, the LCM shipped before it).
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")

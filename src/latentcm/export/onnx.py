@@ -23,7 +23,7 @@ from ..bundle import SAMPLING_FILE, Bundle
 from ..bundle.loading import read_config
 from ..errors import ModelError
 from ..files import write_json
-from .pipeline import carry_sampling
+from .pipeline import write_sampling_settings
 from .release import _check_dest
 
 FORMATS = ("onnx", "openvino")
@@ -173,7 +173,7 @@ def export_onnx(source: str | Path, dest: str | Path, *, fmt: str = "onnx",
         _to_openvino(tmp)
     progress(f"writing the configs, tokenizer/, scheduler/, model_index.json and {SAMPLING_FILE}")
     _write_configs(source, tmp)
-    carry_sampling(tmp, bundle)
+    write_sampling_settings(tmp, bundle.sampling_file())
     if dest.exists():
         dest.rmdir()
     tmp.replace(dest)

@@ -127,12 +127,11 @@ def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embe
     return write_json(Path(folder) / SAMPLING_FILE, found)
 
 
-def carry_sampling(folder: str | Path, bundle) -> Path:
-    """``bundle``'s own ``SAMPLING_FILE`` settings (schedule, guidance mode, default g, ``unguided_w0``) written
-    into an exported ``folder``: latentcm's sampling defaults travel with the model."""
-    found = bundle.sampling_file()
-    return write_sampling(folder, found["timestep_schedule"], found["guidance_mode"], found["guidance"],
-                          found["unguided_w0"])
+def write_sampling_settings(folder: str | Path, settings: dict) -> Path:
+    """``SAMPLING_FILE`` from a settings dict (``bundle.sampling_settings`` / ``Bundle.sampling_file``: schedule,
+    guidance mode, default g, ``unguided_w0``): how an export carries latentcm's sampling defaults with the model."""
+    return write_sampling(folder, settings["timestep_schedule"], settings["guidance_mode"], settings["guidance"],
+                          settings["unguided_w0"])
 
 
 def shipped_name(path: str) -> str:

@@ -15,7 +15,7 @@ from ..defaults import LCM_DEFAULTS
 from ..errors import ModelError
 from ..files import write_text
 from ..schedules import refine_timesteps, train_timesteps
-from .pipeline import carry_safety_parts, carry_sampling
+from .pipeline import carry_safety_parts, write_sampling_settings
 from .single_file import NOT_IN_LAYOUT, check_layout, save_single_file
 
 CARD_TAGS = ("latent-consistency-model", "lcm", "text-to-image")
@@ -216,13 +216,14 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         progress(dropped)
     if single_file:
         progress(f"writing the single file {dest.name}.safetensors (Stable Diffusion checkpoint layout)")
-        progress(NOT_IN_LAYOUT.format(g=_recommended_guidance(bundle)))
-        save_single_file(bundle, tmp / f"{dest.name}.safetensors", guidance=_recommended_guidance(bundle))
+        g = _recommended_guidance(bundle)
+        progress(NOT_IN_LAYOUT.format(g=g))
+        save_single_file(bundle, tmp / f"{dest.name}.safetensors", guidance=g)
     if fp16:
         progress("writing the float16 variant (*.fp16.safetensors)")
         save_fp16_variant(pipe, tmp)
     progress(f"writing {SAMPLING_FILE} and the model card README.md")
-    carry_sampling(tmp, bundle)
+    write_sampling_settings(tmp, bundle.sampling_file())
     write_release_card(tmp, dest.name, source, base_model, fp16, single_file, bundle)
     if dest.exists():
         dest.rmdir()

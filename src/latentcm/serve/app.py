@@ -204,9 +204,8 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
 
 
 def _lcm_takes_negative(service: Service) -> bool:
-    """A real-CFG LCM, or a w-input LCM distilled from w = 0 (real CFG at w = 0), takes a negative prompt."""
-    lcm = getattr(service, "lcm", None)
-    return getattr(lcm, "guidance_mode", "embedding") == "cfg" or bool(getattr(lcm, "unguided_w0", False))
+    """Whether the served LCM takes a negative prompt (``ModelTraits.takes_negative``)."""
+    return service.lcm.traits.takes_negative
 
 
 def _ui_runner(gr, service: Service, names: list[str]):
