@@ -132,8 +132,8 @@ def _load_pair(lcm_model: str, teacher: str) -> tuple[dict, dict]:
     return dirs, bundles
 
 
-@cli.command(help=f"""One PNG with labelled rows: LCM 1, 2, 4 steps and the teacher's DDIM {COMPARE_TEACHER_STEPS} steps
-    (CFG), same seeds.
+@cli.command(help=f"""One PNG with labelled rows: LCM 1, 2, 4 steps (at its own default g, from its sampling.json)
+    and the teacher's DDIM {COMPARE_TEACHER_STEPS} steps (CFG {TEACHER_GUIDANCE}), same seeds.
 
     Prints the PNG's path, then one line per row with its measured seconds per image.
 
