@@ -204,8 +204,9 @@ def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
 
 
 def _lcm_takes_negative(service: Service) -> bool:
-    """Whether the served LCM takes a negative prompt (``ModelTraits.takes_negative``)."""
-    return service.lcm.traits.takes_negative
+    """Whether the served LCM takes a negative prompt (``ModelTraits.takes_negative``); none served: no."""
+    lcm = getattr(service, "lcm", None)
+    return lcm is not None and lcm.traits.takes_negative
 
 
 def _ui_runner(gr, service: Service, names: list[str]):
