@@ -2,6 +2,7 @@
 g = 1 a property of the unguided model, or of deterministic sampling?
 
     python scripts/unguided_samplers.py ROW [ROW ...] [--num-samples 1000] [--guidance 1] [--out FILE.json]
+        [--cache SWEEP/samples]
 
 ROW is one of
   teacher:ode:STEPS     the teacher's guided ODE as ``lcm ablate guidance`` samples it (DDIM trailing, our sampler);
@@ -28,7 +29,8 @@ import torch
 
 from latentcm import registry
 from latentcm.bundle import Bundle
-from latentcm.evaluation import references, scoring
+from latentcm.evaluation import pipeline, references, scoring
+from latentcm.evaluation.generation import generate_cached
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.images import to_pixels
 from latentcm.sampling.teacher import initial_latents
@@ -71,7 +73,10 @@ def diffusers_images(bundle: Bundle, kind: str, prompts: list[str], seeds: list[
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)  # [B, H, W, 3]
 
 
-def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float) -> np.ndarray:
+def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache: Path | None) -> np.ndarray:
+    if cache is not None and row["kind"] == "ode":  # the sweep's own cache (``lcm ablate guidance --out D``: D/samples)
+        return generate_cached(bundle, pipeline.Row(row["model"], "ddim-trailing", row["steps"], guidance), prompts,
+                               0, cache)[0]
     images = []
     for i in range(0, len(prompts), BATCH):
         batch = prompts[i:i + BATCH]
@@ -107,6 +112,8 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--judge", default="judge")
     ap.add_argument("--out", default=None, help="JSON file the results are written to")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="sample cache of `lcm ablate guidance` (OUT/samples): ode rows are read from it if made there")
     args = ap.parse_args()
     rows = [parse_row(r) for r in args.rows]
     torch.manual_seed(0)
@@ -119,7 +126,7 @@ def main() -> None:
         if row["model"] not in bundles:
             bundles[row["model"]] = Bundle.load(registry.resolve(row["model"]))
         bundle = bundles[row["model"]]
-        images = sample(bundle, row, prompts, args.guidance)
+        images = sample(bundle, row, prompts, args.guidance, args.cache)
         scores = scoring.score(images, prompts, extractor, reference, per_image=True)
         per = scores.pop("per_image")["attribute_accuracy"]
         first = first or per

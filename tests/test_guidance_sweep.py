@@ -3,6 +3,7 @@ on a real-CFG LCM: micro models, a handful of images."""
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,6 +78,23 @@ def test_best_guidance_per_curve_and_its_distance_from_the_teacher():
     assert [(b["model"], b["steps"], b["guidance"], b["sweep_points_from_teacher"]) for b in best[1:]] == [
         ("a", 4, 8.5, 2), ("a", 1, 3, 1)]
     assert guidance_sweep.mean_accuracy({"colour": 0.5, "background": 1.0, "shape": 0.75, "size": 0.0}) == 0.75
+    gaps = {("teacher", None): {1: [5.0, 9.0], 2: [0.0, 0.0], 3: [-1.0, 4.0], 8.5: [20.0, 40.0]},
+            ("a", 4): {1: [1.0, 3.0], 2: [2.0, 6.0], 3: [0.5, 8.0], 8.5: [0.0, 0.0]},
+            ("a", 1): {1: [-0.5, 9.0], 2: [-0.1, 1.0], 3: [0.0, 0.0], 8.5: [3.0, 9.0]}}
+    tied = guidance_sweep.best_guidance(lcm, ode, gaps)
+    assert [(b["tied"], b.get("tied_sweep_points_from_teacher")) for b in tied] == [
+        ([2, 3], None), ([8.5], 1), ([1, 2, 3], 0)]
+    assert tied[1]["sweep_points_from_teacher"] == 2 and tied[2]["kid_gap_ci"]["8.5"] == [3.0, 9.0]
+
+
+def test_kid_gaps_are_paired_differences_to_the_best_g():
+    rng = np.random.default_rng(0)
+    ref = SimpleNamespace(features=rng.normal(size=(200, 8)))  # kid_gaps reads only a reference's features
+    same = rng.normal(size=(120, 8))
+    features = {1.0: same, 2.0: same + 0.01, 3.0: same + 1.5}
+    gaps = guidance_sweep.kid_gaps(features, 1.0, ref, intervals.draw(120, 200, 50))
+    assert gaps[1.0] == [0.0, 0.0]                    # the best g against itself: exactly 0 on every resample
+    assert gaps[2.0][0] < 0.5 and gaps[3.0][0] > 0   # a tiny shift is tied with it, a large one resolved worse
 
 
 @pytest.mark.parametrize("size", ["small", "medium", "large"])
@@ -126,8 +144,9 @@ def test_ablate_guidance_sweeps_teacher_ode_and_lcms(micro_teacher, micro_lcm, c
         curve = [r for r in results["records"] if r["model"] == model and r["steps"] == n]
         found = next(b for b in results["best"] if b["model"] == model and b["steps"] == n)
         assert found["guidance"] == min(curve, key=lambda r: r["kid"])["guidance"]
+        assert found["guidance"] in found["tied"] and found["kid_gap_ci"][f"{found['guidance']:g}"] == [0.0, 0.0]
     table = (out / "results.md").read_text()
-    assert "## cfg-lcm, 2 steps" in table and "| 3 (2) |" in table and "## Best g" in table
+    assert "## cfg-lcm, 2 steps" in table and "| 3 (2) |" in table and "## Best g" in table and "g tied with" in table
     assert (out / "tradeoff.png").stat().st_size > 0 and (out / "fidelity.png").stat().st_size > 0
     samples = sorted(p.name for p in (out / "samples").iterdir())
     before = {p: (out / "samples" / p).stat().st_mtime_ns for p in samples}

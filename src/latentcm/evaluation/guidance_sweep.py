@@ -14,7 +14,9 @@ the same held-out prompts and seeds (``pipeline.generate_and_score``) and scored
 
 KID intervals (``resamples`` > 0) are 95% percentile-bootstrap intervals over prompts (``intervals``): to real
 images with the reference drawn on its own, to the ODE with the ODE image of each drawn prompt drawn with it.
-Each (model, steps) gets its best g: the lowest KID to real, and its *following* of the ODE (``following``): its
+Each (model, steps) gets its best g: the lowest KID to real, with (``resamples`` > 0) the set of g *tied* with it --
+those whose paired KID difference to it (``kid_gaps``) has a 95% interval reaching 0, so the sampling error cannot
+rank them below it -- and its *following* of the ODE (``following``): its
 background and shape accuracy at g = 1 beside the ODE's, and how much its mean object area (``scoring.object_area``)
 rises from g = FOLLOW_FROM to FOLLOW_TO as a ratio to the ODE's rise on the same prompts and seeds, with a paired
 bootstrap interval. Writes results.json, results.md, tradeoff.png and
@@ -131,12 +133,12 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
     ode_draws = (intervals.draw(num_samples, num_samples, resamples, seed=1, reference_follows_prompts=True)
                  if resamples else None)
     common = dict(seed=seed, batch_size=batch_size)
-    records, teacher_ode, areas = [], [], {}
+    records, teacher_ode, areas, features = [], [], {}, {(TEACHER, None): {}}
     for g in tqdm(guidances, desc="guidance sweep"):
         row = ode_row(g, TEACHER)
         scores, ode_images, timing = pipeline.generate_and_score(bundles[TEACHER], row, prompts, extractor, ref,
                                                                  out / "samples", per_image=True, **common)
-        ode_features = scores.pop("per_image")["features"]
+        ode_features = features[TEACHER, None][g] = scores.pop("per_image")["features"]
         areas[TEACHER, None, g] = scoring.object_area(ode_images)
         teacher_ode.append(_record(row, scores, timing, areas[TEACHER, None, g]))
         if real_draws:
@@ -147,17 +149,19 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
                 row = pipeline.Row(name, LCM_SAMPLER, n, g)
                 scores, images, timing = pipeline.generate_and_score(bundles[name], row, prompts, extractor, ref,
                                                                      out / "samples", per_image=True, **common)
-                features = scores.pop("per_image")["features"]
+                feats = features.setdefault((name, n), {})[g] = scores.pop("per_image")["features"]
                 areas[name, n, g] = scoring.object_area(images)
                 records.append({**_record(row, scores, timing, areas[name, n, g]),
-                                "fidelity": _fidelity(features, ode_ref, ode_draws)})
+                                "fidelity": _fidelity(feats, ode_ref, ode_draws)})
                 if real_draws:
-                    records[-1]["kid_ci"] = _kid_ci(features, ref, real_draws)
+                    records[-1]["kid_ci"] = _kid_ci(feats, ref, real_draws)
     results = {"num_samples": num_samples, "seed": seed, "guidances": list(guidances), "steps": list(steps),
                "models": {k: str(b.path) for k, b in bundles.items()}, "extractor": extractor.name,
                "extractor_version": extractor.version, "reference": ref.name, "reference_kind": ref.kind,
                "resamples": resamples, "teacher_ode_row": {"sampler": ode_row(0).sampler, "steps": ode_row(0).steps},
-               "records": records, "teacher_ode": teacher_ode, "best": best_guidance(records, teacher_ode),
+               "records": records, "teacher_ode": teacher_ode,
+               "best": best_guidance(records, teacher_ode,
+                                     _curve_gaps(records, teacher_ode, features, ref, real_draws)),
                "following": following(records, teacher_ode, areas, real_draws),
                "floor": scoring.floor(extractor, ref, num_samples)}
     results["floor"]["accuracy"] = mean_accuracy(results["floor"]["attribute_accuracy"])
@@ -166,21 +170,65 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
     return results
 
 
+def _curve_gaps(records: list[dict], teacher_ode: list[dict], features: dict, reference, draws) -> dict | None:
+    """``kid_gaps`` of every curve of the sweep (None without ``draws``)."""
+    if draws is None:
+        return None
+    rows = {(TEACHER, None): teacher_ode}
+    for r in records:
+        rows.setdefault((r["model"], r["steps"]), []).append(r)
+    return {key: kid_gaps(features[key], _lowest_kid(found)["guidance"], reference, draws)
+            for key, found in rows.items()}
+
+
 def _lowest_kid(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: r["kid"])
 
 
-def best_guidance(records: list[dict], teacher_ode: list[dict]) -> list[dict]:
+def kid_gaps(features: dict[float, np.ndarray], best: float, reference: references.Reference,
+             draws: intervals.Draws) -> dict[float, list[float]]:
+    """Per g of one curve (``features``: g -> judge features [N], the same prompts and seeds at every g): the 95%
+    percentile interval of its KID x 10^3 to real minus the ``best`` g's, both on the same resamples of prompts
+    and reference (``intervals.paired``), so what the rows share cancels. The best g's own gap is [0, 0]."""
+    scale = scoring.kid_scale(reference.features)
+    rows = {g: f.astype(np.float64) / scale for g, f in features.items()}
+    _, boot = intervals.resample(rows, reference.features.astype(np.float64) / scale, "kid", draws)
+    return {g: [round(scoring.KID_SCALE * v, 4) for v in intervals.percentile_interval(boot[g] - boot[best])]
+            for g in rows}
+
+
+def _tied(gaps: dict[float, list[float]]) -> list[float]:
+    """The g whose gap to the best g reaches 0: not resolved worse than it."""
+    return sorted(g for g, ci in gaps.items() if ci[0] <= 0)
+
+
+def _points_apart(order: list[float], a: list[float], b: list[float]) -> int:
+    """The fewest sweep points between a g of ``a`` and a g of ``b`` (0 when the sets share one)."""
+    return min(abs(order.index(x) - order.index(y)) for x in a for y in b)
+
+
+def best_guidance(records: list[dict], teacher_ode: list[dict], gaps: dict | None = None) -> list[dict]:
     """Per (model, steps): the g of lowest KID to real, and how many sweep points it lies from the ODE's best g
-    (Fig. 4's question: does the LCM's curve have the teacher's shape?)."""
+    (Fig. 4's question: does the LCM's curve have the teacher's shape?). ``gaps`` ((model, steps) -> ``kid_gaps``,
+    the ODE's under (TEACHER, None)) adds each curve's g tied with its best ("tied", "kid_gap_ci") and, per LCM,
+    the fewest sweep points between its tied g and the ODE's ("tied_sweep_points_from_teacher")."""
     order = sorted({r["guidance"] for r in teacher_ode + records})
     ode = _lowest_kid(teacher_ode)
-    best = [{"model": TEACHER, "steps": ode["steps"], "guidance": ode["guidance"], "kid": ode["kid"]}]
+
+    def entry(key: tuple, top: dict) -> dict:
+        out = {"model": key[0], "steps": top["steps"], "guidance": top["guidance"], "kid": top["kid"]}
+        if gaps and key in gaps:
+            out.update(tied=_tied(gaps[key]), kid_gap_ci={f"{g:g}": ci for g, ci in gaps[key].items()})
+        return out
+
+    best = [entry((TEACHER, None), ode)]
     for model, n in dict.fromkeys((r["model"], r["steps"]) for r in records):
-        top = _lowest_kid([r for r in records if r["model"] == model and r["steps"] == n])
-        best.append({"model": model, "steps": n, "guidance": top["guidance"], "kid": top["kid"],
-                     "teacher_guidance": ode["guidance"],
-                     "sweep_points_from_teacher": abs(order.index(top["guidance"]) - order.index(ode["guidance"]))})
+        found = entry((model, n), _lowest_kid([r for r in records if r["model"] == model and r["steps"] == n]))
+        found.update(teacher_guidance=ode["guidance"],
+                     sweep_points_from_teacher=_points_apart(order, [found["guidance"]], [ode["guidance"]]))
+        if "tied" in found and "tied" in best[0]:
+            found["tied_sweep_points_from_teacher"] = _points_apart(order, found["tied"], best[0]["tied"])
+        best.append(found)
     return best
 
 
@@ -213,16 +261,31 @@ def markdown(results: dict) -> str:
     for model, n in dict.fromkeys((r["model"], r["steps"]) for r in results["records"]):
         lines += ["", f"## {model}, {n} step{'s' if n > 1 else ''}", ""]
         lines += _table([r for r in results["records"] if r["model"] == model and r["steps"] == n], fidelity=True)
-    lines += ["", "## Best g (lowest KID to real)", "", "| model | steps | best g | KID×10³ | sweep points from the "
-              "ODE's best g |", "|---|---|---|---|---|"]
-    for b in results["best"]:
-        apart = b.get("sweep_points_from_teacher", "-")
-        lines.append(f"| {b['model']} | {b['steps']} | {b['guidance']:g} | {b['kid']:.2f} | {apart} |")
+    lines += _best_table(results["best"])
     lines += _following_table(results.get("following", []))
     f = results["floor"]
     lines += ["", f"Real images (floor, n = {f['num_samples']}): KID×10³ {f['kid']:.2f} (mean over reference subsets), "
               f"FID {f['fid']:.2f}, accuracy {_pct(f['accuracy'])}%."]
     return "\n".join(lines) + "\n"
+
+
+def _best_table(best: list[dict]) -> list[str]:
+    """The best-g table; with gaps, the g tied with each best g (a paired KID difference whose interval reaches 0)."""
+    tied = all("tied" in b for b in best)
+    head = "| model | steps | best g | KID×10³ | sweep points from the ODE's best g |"
+    lines = ["", "## Best g (lowest KID to real)", ""]
+    if tied:
+        lines += ["Tied: the g whose KID×10³ minus the best g's, on the same resamples of prompts and reference, "
+                  "has a 95% interval reaching 0 (each gap's interval in results.json, `kid_gap_ci`).", ""]
+        head += " g tied with the best | sweep points between the tied g and the ODE's |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for b in best:
+        cells = [b["model"], str(b["steps"]), f"{b['guidance']:g}", f"{b['kid']:.2f}",
+                 str(b.get("sweep_points_from_teacher", "-"))]
+        if tied:
+            cells += [", ".join(f"{g:g}" for g in b["tied"]), str(b.get("tied_sweep_points_from_teacher", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _following_table(entries: list[dict]) -> list[str]:
@@ -325,5 +388,6 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
-__all__ = ["sweep", "best_guidance", "following", "mean_accuracy", "markdown", "write_report", "plot_tradeoff", "plot_fidelity",
+__all__ = ["sweep", "best_guidance", "kid_gaps", "following", "mean_accuracy", "markdown", "write_report",
+           "plot_tradeoff", "plot_fidelity",
            "GUIDANCES", "STEPS", "ACCURACY_ATTRIBUTES", "TEACHER", "SWEEP_SCHEMA"]
