@@ -11,7 +11,11 @@ ROW is one of
   teacher:diffusers-ddim:STEPS   the same pipeline with a DDIMScheduler (a cross-check of the ode row);
   MODEL:lcm:STEPS       an LCM with LCM Algorithm 3 (re-noises with fresh noise before each step after the first);
   MODEL:tcd:STEPS:GAMMA an LCM with TCD sampling at stochasticity GAMMA (0: deterministic, the DDIM-like
-                        sampler that follows one ODE trajectory).
+                        sampler that follows one ODE trajectory);
+  teacher:exact-cm:STEPS LCM Algorithm 3 with an *exact* consistency function in place of an LCM: from each of the
+                        shipped LCM's STEPS timesteps the teacher's ODE row is solved to t = 0 (DDIM on the points
+                        of its trailing 50-step grid below t), then re-noised with the LCM rows' own step noise.
+                        What a perfectly distilled LCM would give under Algorithm 3; 1 step is the ODE row itself.
 
 Prompts and seeds are ``lcm ablate guidance``'s (held-out captions, image i from seed i), so the ode row is
 that sweep's g = 1 row. Every row is scored by ``scoring.score`` (prompt-scenes reference, KID x 10^3), and its
@@ -33,18 +37,24 @@ from latentcm.evaluation import pipeline, references, scoring
 from latentcm.evaluation.generation import generate_cached
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.images import to_pixels
+from latentcm.models.denoiser import Denoiser
+from latentcm.sampling.lcm import per_image_noise, sample_lcm
+from latentcm.sampling.student import inference_timesteps
 from latentcm.sampling.teacher import initial_latents
+from latentcm.solvers import ddim_step, guide
 
 ATTRIBUTES = ("background", "shape")
+ODE_STEPS = 50          # the ODE row's DDIM trailing steps (``lcm ablate guidance``)
+LCM_GRID_POINTS = 20    # the shipped LCM's skipping grid (k = 50), whose refine timesteps exact-cm rows use
 BATCH = 32
 
 
 def parse_row(text: str) -> dict:
     parts = text.split(":")
-    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "tcd": 4}
+    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "tcd": 4, "exact-cm": 3}
     if len(parts) < 3 or parts[1] not in kinds or len(parts) != kinds[parts[1]]:
-        sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim:STEPS, MODEL:lcm:STEPS or MODEL:tcd:STEPS:GAMMA, "
-                 f"got {text!r}")
+        sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim|exact-cm:STEPS, MODEL:lcm:STEPS or "
+                 f"MODEL:tcd:STEPS:GAMMA, got {text!r}")
     try:
         return {"model": parts[0], "kind": parts[1], "steps": int(parts[2]),
                 "gamma": float(parts[3]) if parts[1] == "tcd" else None}
@@ -73,6 +83,36 @@ def diffusers_images(bundle: Bundle, kind: str, prompts: list[str], seeds: list[
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)  # [B, H, W, 3]
 
 
+def exact_cm_images(bundle: Bundle, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+    """LCM Algorithm 3 whose consistency function is the teacher's guided ODE itself (DDIM on the trailing 50-step
+    grid, the ODE row's, from t to 0), on the shipped LCM's refine timesteps and the LCM rows' per-seed noise."""
+    o = bundle.sampling_options(None, sampler="ddim-trailing", steps=ODE_STEPS, guidance=guidance)
+    shape = bundle.latent_shape(o.height, o.width)
+    denoiser = Denoiser(bundle.unet, bundle.scheduler_config)
+    table = denoiser.alpha_bar
+    grid = list(range(len(table) - 1, 0, -len(table) // ODE_STEPS))  # trailing: 999, 979, ..., 19
+    cond, uncond = bundle.encode_prompts(prompts), bundle.encode_uncond(len(prompts))
+
+    def x0_eps(x, t):  # the guided teacher's (x0, eps): both affine in its output at fixed x (LCM Eq. 6)
+        c = denoiser(x, t, cond)
+        if guidance == 1:
+            return c
+        u = denoiser(x, t, uncond)
+        return tuple(guide(a, b, guidance - 1) for a, b in zip(c, u))
+
+    def solve_to_zero(x, t_batch):  # f*(x, t): the ODE from t down the grid, then its x0 at the last point
+        points = [int(t_batch[0])] + [t for t in grid if t < int(t_batch[0])]
+        for s, t in zip(points, points[1:]):
+            x = ddim_step(x, torch.full_like(t_batch, s), torch.full_like(t_batch, t), x0_eps, alpha_bar=table)
+        return x0_eps(x, torch.full_like(t_batch, points[-1]))[0]
+
+    noise_fn = per_image_noise(seeds, shape)
+    ts = inference_timesteps("refine", steps, len(table), LCM_GRID_POINTS)
+    with torch.no_grad():
+        return to_pixels(bundle.decode(sample_lcm(solve_to_zero, noise_fn(-1), ts, noise_fn=noise_fn,
+                                                  alpha_bar=table)))
+
+
 def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache: Path | None) -> np.ndarray:
     if cache is not None and row["kind"] == "ode":  # the sweep's own cache (``lcm ablate guidance --out D``: D/samples)
         return generate_cached(bundle, pipeline.Row(row["model"], "ddim-trailing", row["steps"], guidance), prompts,
@@ -83,6 +123,9 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache
         seeds = list(range(i, i + len(batch)))
         if row["kind"] in ("ddpm", "diffusers-ddim"):
             images.append(diffusers_images(bundle, row["kind"], batch, seeds, row["steps"], guidance))
+            continue
+        if row["kind"] == "exact-cm":
+            images.append(exact_cm_images(bundle, batch, seeds, row["steps"], guidance))
             continue
         sampler = {"ode": "ddim-trailing"}.get(row["kind"], "lcm")
         x = bundle.generate(batch, seeds, sampler, row["steps"], guidance, gamma=row["gamma"])

@@ -170,9 +170,29 @@ def test_lcd_batches_take_the_zero_share(bundle, micro_data):
     assert 16 < int((omega == 0).sum()) < 48 and omega.max() <= 11
 
 
+def test_low_w_skip_puts_the_low_w_samples_on_their_own_grid_and_off_keeps_the_stream(bundle, micro_data):
+    plain = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(batch_size=64, skip=100,
+                                                                           omega_zero_share=0.5)).batch(1)
+    task = LCDTask(bundle.unet, bundle.scheduler_config, micro_data,
+                   _cfg(batch_size=64, skip=100, omega_zero_share=0.5, low_w_skip=20, low_w_max=1.0))
+    batch = task.batch(1)
+    for key in ("z0", "noise", "omega", "text"):  # the k draw comes last: everything else as without it
+        assert torch.equal(batch[key], plain[key])
+    low = batch["omega"] <= 1.0
+    assert 16 < int(low.sum()) < 56 and not low.all()
+    t, gap = batch["t_start"], batch["t_start"] - batch["t_end"]
+    assert ((t[low] + 1) % 20 == 0).all() and (gap[low] == torch.clamp(t[low], max=20)).all()
+    assert torch.equal(t[~low], plain["t_start"][~low]) and (gap[~low] == torch.clamp(t[~low], max=100)).all()
+    assert ((t[low] + 1) % 100 != 0).any()  # some low-w samples sit between the k = 100 points
+    with pytest.raises(ValueError, match="low_w_skip"):
+        _cfg(low_w_skip=20, omega_max=0.0)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--lora", "4", "--omega-zero-share", "0.2"], "--omega-zero-share needs a w input"),
+    (["--lora", "4", "--low-w-skip", "20"], "--low-w-skip needs a w input"),
     (["--guidance-mode", "cfg", "--omega-zero-share", "0.2"], "omega_zero_share needs a w range"),
+    (["--guidance-mode", "cfg", "--low-w-skip", "20"], "low_w_skip needs"),
     (["--omega-zero-share", "1.5"], "--omega-zero-share"),
 ])
 def test_cli_refuses_a_zero_share_without_a_w_input(micro_teacher, tmp_path, capsys, args, needle):

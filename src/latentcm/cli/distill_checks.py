@@ -43,7 +43,7 @@ def check_guidance_mode(mode: str, omega_min, omega_max, lora, stage: str) -> No
 
 
 def check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_inputs, init_student,
-                         omega_zero_share: float = 0.0) -> None:
+                         omega_zero_share: float = 0.0, low_w_skip: int | None = None) -> None:
     """Refuse the full-UNet options of distill together with --lora."""
     if lora and student_ema:
         raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
@@ -51,7 +51,8 @@ def check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_inputs
         raise UserError("--cond-proj-lr-scale is for full-UNet distillation; LCM-LoRA has no w projection")
     if lora and cond_proj_inputs != "all":
         raise UserError("--cond-proj-inputs is for full-UNet distillation; LCM-LoRA has no w projection")
-    if lora and omega_zero_share:
-        raise UserError("--omega-zero-share needs a w input; LCM-LoRA is distilled at one fixed w")
+    if lora and (omega_zero_share or low_w_skip):
+        option = "--omega-zero-share" if omega_zero_share else "--low-w-skip"
+        raise UserError(f"{option} needs a w input; LCM-LoRA is distilled at one fixed w")
     if lora and init_student:
         raise UserError("--init-student is for full-UNet distillation; LCM-LoRA trains an adapter on the teacher")

@@ -61,6 +61,11 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--omega-zero-share", type=FiniteRange(0, 1), default=0.0, metavar="P",
               help="Draw this share of w at exactly 0 (g = 1, the unguided ODE) instead of from [w_min, w_max], so "
                    "the low end of the w input gets its own signal. Needs a w input (not --lora or cfg mode).")
+@click.option("--low-w-skip", type=click.IntRange(1, 1000), default=None, metavar="K", show_default="none: --skip",
+              help="Skipping interval k for the samples with w <= --low-w-max (their t_{n+k} on that k's grid), "
+                   "--skip for the rest: the skip as a function of w. Needs a w input.")
+@click.option("--low-w-max", type=FiniteRange(0, 50), default=0.0, metavar="W",
+              help="The highest w that --low-w-skip applies to (0: only the samples at w = 0).")
 @click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
               show_default="none: every t",
               help="Guidance in a limited interval (Kynkaanniemi et al. 2024): the teacher's ODE step from t_{n+k} is "
@@ -141,7 +146,7 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
     _torch_threads()
     lora = _lora_config(lora_rank, lora_alpha, lcd["seed"])
     check_full_unet_only(lora, lcd["student_ema"], lcd["cond_proj_lr_scale"], lcd["cond_proj_inputs"], init_student,
-                         lcd["omega_zero_share"])
+                         lcd["omega_zero_share"], lcd["low_w_skip"])
     check_stage(stage, lora, guided_teacher)
     recipe = "distill-guidance" if stage == "guidance" else "distill-lora" if lora else "distill"
     shards = data_dir if data_dir and is_shard_spec(data_dir) else None

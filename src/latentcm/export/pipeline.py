@@ -170,7 +170,8 @@ def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidan
                                      f"of the teacher `{teacher}`, made with latentcm."), command=card_info.get("command") or "# made through the Python API: latentcm.training.recipes.run",
         solver=lcd.get("solver", "?"), skip=k, n_grid=n, grid_first=k - 1, grid_last=n * k - 1,
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
-        omega_zero=(f", and w = 0 for a share of {lcd['omega_zero_share']:g}" if lcd.get("omega_zero_share") else ""),
+        omega_zero=(f", and w = 0 for a share of {lcd['omega_zero_share']:g}" if lcd.get("omega_zero_share") else "")
+        + (f"; k = {lcd['low_w_skip']} for the samples with w <= {lcd['low_w_max']:g}" if lcd.get("low_w_skip") else ""),
         guided_at=("every t (LCM Eq. 6)" if lcd.get("guidance_max_t") is None else
                    f"t_{{n+k}} <= {lcd['guidance_max_t']} only, unguided above (guidance interval)"),
         proj_inputs=("the ones smooth over the w range (`--cond-proj-inputs smooth`)"

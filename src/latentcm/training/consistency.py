@@ -137,11 +137,15 @@ class LCDTask(StudentTask):
         if self.one_pass:  # the solver's x0_eps_fn is the guided teacher's single pass
             self.teacher = Denoiser(guided_teacher.requires_grad_(False).eval(), scheduler_config)
         self.alpha_bar = self.student.denoiser.alpha_bar  # [T] float64
-        self.grid = training_grid(len(self.alpha_bar), cfg.skip)  # [N]
-        if cfg.max_timestep is not None:
-            self.grid = self.grid[self.grid <= cfg.max_timestep]  # t_{n+k} drawn from the low-noise end only
+        self.grid = self._grid(cfg.skip)  # [N]
+        self.low_w_grid = self._grid(cfg.low_w_skip) if cfg.low_w_skip is not None else None
         self.solver = SOLVERS[cfg.solver]
         self.device = self.alpha_bar.device
+
+    def _grid(self, skip: int) -> torch.Tensor:
+        """The t_{n+k} of skipping interval ``skip`` (Sec. 4.3), up to ``max_timestep`` (the low-noise end only)."""
+        grid = training_grid(len(self.alpha_bar), skip)  # [N]
+        return grid if self.cfg.max_timestep is None else grid[grid <= self.cfg.max_timestep]
 
     def _networks(self, teacher_unet, scheduler_config: dict, student) -> None:
         """Online student theta, EMA target theta^- <- theta, frozen teacher (LCM Algorithm 1 line 2)."""
@@ -184,18 +188,31 @@ class LCDTask(StudentTask):
 
     def batch(self, step: int) -> dict:
         """Algorithm 1 line 3: (z, c) ~ D_z, t_{n+k} on the grid, w ~ U[w_min, w_max]; plus the noise of line 4."""
-        g, b, k = step_generator(self.cfg.seed, step), self.cfg.batch_size, self.cfg.skip
+        g, b = step_generator(self.cfg.seed, step), self.cfg.batch_size
         if getattr(self.data, "streaming", False):  # shards: batch index -> stream position (data.shards)
-            return self._streamed_batch(self.data.batch(step), g, k)
+            return self._streamed_batch(self.data.batch(step), g)
         idx = torch.randint(len(self.data), (b,), generator=g)
         t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
         noise = torch.randn((b, *self.data.latents.shape[1:]), generator=g)  # [B, C, h, w]
         omega = draw_omega(self.cfg, b, g)  # [B]
         idx_d = idx.to(self.data.latents.device)
         text = self._drop_prompts(self.data.text_states[idx_d], g)
+        t_start, t_end = self._low_w_times(t_start, omega, g)
         out = {"z0": self.data.latents[idx_d], "text": text, "noise": noise,
-               "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}  # t_n = max(t_{n+k} - k, 0)
+               "t_start": t_start, "t_end": t_end, "omega": omega}
         return {key: v.to(self.device) for key, v in out.items()}
+
+    def _low_w_times(self, t_start: torch.Tensor, omega: torch.Tensor,
+                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_{n+k}, t_n = max(t_{n+k} - k, 0)) [B]; with ``low_w_skip`` the samples at w <= ``low_w_max`` take that
+        k, their t_{n+k} redrawn on its grid (drawn last: without it the batch stream is unchanged)."""
+        k = torch.full_like(t_start, self.cfg.skip)
+        if self.low_w_grid is not None:
+            low = omega <= self.cfg.low_w_max  # [B]
+            redrawn = self.low_w_grid[torch.randint(len(self.low_w_grid), (len(t_start),), generator=g)]
+            t_start = torch.where(low, redrawn, t_start)
+            k = torch.where(low, torch.full_like(k, self.cfg.low_w_skip), k)
+        return t_start, (t_start - k).clamp(min=0)
 
     def _drop_prompts(self, text: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """``empty_prompt_share`` of the captions replaced by the empty prompt (drawn last: a share of 0 leaves the
@@ -205,14 +222,15 @@ class LCDTask(StudentTask):
         drop = (torch.rand(len(text), generator=g) < self.cfg.empty_prompt_share).to(text.device)  # [B]
         return torch.where(drop.view(-1, 1, 1), self.data.uncond_states.to(text.device).expand_as(text), text)
 
-    def _streamed_batch(self, chunk: LCDData, g: torch.Generator, k: int) -> dict:
+    def _streamed_batch(self, chunk: LCDData, g: torch.Generator) -> dict:
         """A batch of a streaming source: its encoded samples, with t, noise and w drawn as for cached data."""
         b = len(chunk)
         t_start = self.grid[torch.randint(len(self.grid), (b,), generator=g)]  # t_{n+k} [B]
         noise = torch.randn((b, *chunk.latents.shape[1:]), generator=g)  # [B, C, h, w]
         omega = draw_omega(self.cfg, b, g)  # [B]
-        out = {"z0": chunk.latents, "text": self._drop_prompts(chunk.text_states, g), "noise": noise,
-               "t_start": t_start, "t_end": (t_start - k).clamp(min=0), "omega": omega}
+        text = self._drop_prompts(chunk.text_states, g)
+        t_start, t_end = self._low_w_times(t_start, omega, g)
+        out = {"z0": chunk.latents, "text": text, "noise": noise, "t_start": t_start, "t_end": t_end, "omega": omega}
         return {key: v.to(self.device) for key, v in out.items()}
 
     @torch.no_grad()
@@ -301,6 +319,11 @@ class LoRATask(LCDTask):
             raise ValueError("a slow EMA of the student (student_ema) is for full-UNet distillation, not LCM-LoRA")
         self.lora_cfg = lora
         super().__init__(teacher_unet, scheduler_config, data, cfg, preview_fn=preview_fn)
+
+    def _grid(self, skip: int) -> torch.Tensor:
+        """The t_{n+k} of skipping interval ``skip`` (Sec. 4.3), up to ``max_timestep`` (the low-noise end only)."""
+        grid = training_grid(len(self.alpha_bar), skip)  # [N]
+        return grid if self.cfg.max_timestep is None else grid[grid <= self.cfg.max_timestep]
 
     def _networks(self, teacher_unet, scheduler_config: dict, student) -> None:
         """One UNet plays three parts: student (online adapter), teacher (adapters off), target (EMA adapter)."""

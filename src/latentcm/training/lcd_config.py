@@ -43,6 +43,8 @@ class LCDConfig:
     # (w = 0), no w input; sampled with real CFG over a student that also learnt the empty prompt
     empty_prompt_share: float = 0.0    # share of training captions replaced by the empty prompt (cfg mode: > 0)
     omega_zero_share: float = 0.0      # share of samples at exactly w = 0 (g = 1, the unguided ODE) instead of U
+    low_w_skip: int | None = None      # k for the samples with w <= low_w_max (their t_{n+k} on that k's grid);
+    low_w_max: float = 0.0             # None: one k for every w (Sec. 4.3's k as a function of w)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -75,11 +77,13 @@ class LCDConfig:
             raise ValueError(f"omega_zero_share must be in [0, 1], got {self.omega_zero_share}")
         if self.omega_zero_share > 0 and self.omega_max == 0:
             raise ValueError("omega_zero_share needs a w range (omega_max > 0): every w is 0 already")
+        if self.low_w_skip is not None and (self.low_w_skip < 1 or self.omega_max == 0 or self.low_w_max < 0):
+            raise ValueError("low_w_skip needs k >= 1, a w range (omega_max > 0) and low_w_max >= 0")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
-        if self.max_timestep is not None and self.max_timestep < self.skip - 1:
-            raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point "
-                             f"(the lowest is k - 1 = {self.skip - 1})")
+        lowest = max(self.skip, self.low_w_skip or 0) - 1
+        if self.max_timestep is not None and self.max_timestep < lowest:
+            raise ValueError(f"max_timestep {self.max_timestep} leaves no grid point (the lowest is k - 1 = {lowest})")
 
 
 def draw_omega(cfg: LCDConfig, n: int, g: torch.Generator) -> torch.Tensor:
