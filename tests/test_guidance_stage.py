@@ -186,6 +186,9 @@ def test_low_w_skip_puts_the_low_w_samples_on_their_own_grid_and_off_keeps_the_s
     assert ((t[low] + 1) % 100 != 0).any()  # some low-w samples sit between the k = 100 points
     with pytest.raises(ValueError, match="low_w_skip"):
         _cfg(low_w_skip=20, omega_max=0.0)
+    from latentcm.export.pipeline import _low_w_text  # what the LCM card says of the recipe's low-w end
+    assert _low_w_text({"omega_zero_share": 0.5, "low_w_skip": 20, "low_w_max": 1.0}) == (
+        ", and w = 0 for a share of 0.5; k = 20 for the samples with w <= 1")
 
 
 @pytest.mark.parametrize("args, needle", [

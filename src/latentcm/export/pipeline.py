@@ -156,6 +156,16 @@ def _guidance_text(lcd: dict, unet: dict, guidance: float | None, w0: bool = Fal
     return {"guidance_note": note, "use": use}
 
 
+
+def _low_w_text(lcd: dict) -> str:
+    """The card's note on the low-w end of the recipe: the w = 0 share and the low-w skip, where set."""
+    share = lcd.get("omega_zero_share")
+    text = f", and w = 0 for a share of {share:g}" if share else ""
+    if lcd.get("low_w_skip"):
+        text += f"; k = {lcd['low_w_skip']} for the samples with w <= {lcd['low_w_max']:g}"
+    return text
+
+
 def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidance: float | None = None) -> Path:
     """README.md with YAML front matter (library_name: diffusers), the command that made the model and its
     timestep schedule."""
@@ -170,8 +180,7 @@ def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidan
                                      f"of the teacher `{teacher}`, made with latentcm."), command=card_info.get("command") or "# made through the Python API: latentcm.training.recipes.run",
         solver=lcd.get("solver", "?"), skip=k, n_grid=n, grid_first=k - 1, grid_last=n * k - 1,
         omega_min=lcd.get("omega_min", "?"), omega_max=lcd.get("omega_max", "?"), ema_decay=lcd.get("ema_decay", "?"),
-        omega_zero=(f", and w = 0 for a share of {lcd['omega_zero_share']:g}" if lcd.get("omega_zero_share") else "")
-        + (f"; k = {lcd['low_w_skip']} for the samples with w <= {lcd['low_w_max']:g}" if lcd.get("low_w_skip") else ""),
+        omega_zero=_low_w_text(lcd),
         guided_at=("every t (LCM Eq. 6)" if lcd.get("guidance_max_t") is None else
                    f"t_{{n+k}} <= {lcd['guidance_max_t']} only, unguided above (guidance interval)"),
         proj_inputs=("the ones smooth over the w range (`--cond-proj-inputs smooth`)"
