@@ -10,12 +10,17 @@ ROW is one of
                         (ancestral sampling, trailing timesteps), the same initial noise per image;
   teacher:diffusers-ddim:STEPS   the same pipeline with a DDIMScheduler (a cross-check of the ode row);
   MODEL:lcm:STEPS       an LCM with LCM Algorithm 3 (re-noises with fresh noise before each step after the first);
+  MODEL:lcm-at:T1-T2-.. the same on the given timesteps (descending, within the schedule), e.g.
+                        999-249-149-49: how late re-noising starts, at the same number of steps;
   MODEL:tcd:STEPS:GAMMA an LCM with TCD sampling at stochasticity GAMMA (0: deterministic, the DDIM-like
                         sampler that follows one ODE trajectory);
   teacher:exact-cm:STEPS LCM Algorithm 3 with an *exact* consistency function in place of an LCM: from each of the
                         shipped LCM's STEPS timesteps the teacher's ODE row is solved to t = 0 (DDIM on the points
                         of its trailing 50-step grid below t), then re-noised with the LCM rows' own step noise.
-                        What a perfectly distilled LCM would give under Algorithm 3; 1 step is the ODE row itself.
+                        What a perfectly distilled LCM would give under Algorithm 3; 1 step is the ODE row itself;
+  MODEL:handoff:T       the teacher's ODE row from t = 999 down to T (its trailing grid, then one DDIM step to T),
+                        then the LCM's Algorithm 3 from that state on T and its 4-step refine timesteps below T:
+                        the noise level at which the LCM's output departs from the ODE's.
 
 Prompts and seeds are ``lcm ablate guidance``'s (held-out captions, image i from seed i), so the ode row is
 that sweep's g = 1 row. Every row is scored by ``scoring.score`` (prompt-scenes reference, KID x 10^3), and its
@@ -51,15 +56,16 @@ BATCH = 32
 
 def parse_row(text: str) -> dict:
     parts = text.split(":")
-    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "tcd": 4, "exact-cm": 3}
+    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "lcm-at": 3, "tcd": 4, "exact-cm": 3, "handoff": 3}
     if len(parts) < 3 or parts[1] not in kinds or len(parts) != kinds[parts[1]]:
-        sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim|exact-cm:STEPS, MODEL:lcm:STEPS or "
-                 f"MODEL:tcd:STEPS:GAMMA, got {text!r}")
+        sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim|exact-cm:STEPS, MODEL:lcm:STEPS, "
+                 f"MODEL:lcm-at:T1-T2-..., MODEL:handoff:T or MODEL:tcd:STEPS:GAMMA, got {text!r}")
     try:
-        return {"model": parts[0], "kind": parts[1], "steps": int(parts[2]),
-                "gamma": float(parts[3]) if parts[1] == "tcd" else None}
+        timesteps = [int(t) for t in parts[2].split("-")] if parts[1] == "lcm-at" else None
+        return {"model": parts[0], "kind": parts[1], "steps": len(timesteps) if timesteps else int(parts[2]),
+                "timesteps": timesteps, "gamma": float(parts[3]) if parts[1] == "tcd" else None}
     except ValueError:
-        sys.exit(f"error: STEPS is an integer and GAMMA a number, got {text!r}")
+        sys.exit(f"error: STEPS and timesteps are integers and GAMMA a number, got {text!r}")
 
 
 def diffusers_images(bundle: Bundle, kind: str, prompts: list[str], seeds: list[int], steps: int,
@@ -83,37 +89,65 @@ def diffusers_images(bundle: Bundle, kind: str, prompts: list[str], seeds: list[
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)  # [B, H, W, 3]
 
 
+class TeacherODE:
+    """The teacher's guided ODE as the ode row solves it: DDIM on the trailing 50-step grid (999, 979, ..., 19)."""
+
+    def __init__(self, bundle: Bundle, prompts: list[str], guidance: float):
+        self.denoiser = Denoiser(bundle.unet, bundle.scheduler_config)
+        self.table = self.denoiser.alpha_bar
+        self.grid = list(range(len(self.table) - 1, 0, -len(self.table) // ODE_STEPS))
+        self.cond, self.uncond = bundle.encode_prompts(prompts), bundle.encode_uncond(len(prompts))
+        self.guidance = guidance
+
+    def x0_eps(self, x, t):  # the guided teacher's (x0, eps): both affine in its output at fixed x (LCM Eq. 6)
+        c = self.denoiser(x, t, self.cond)
+        if self.guidance == 1:
+            return c
+        u = self.denoiser(x, t, self.uncond)
+        return tuple(guide(a, b, self.guidance - 1) for a, b in zip(c, u))
+
+    def solve(self, x: torch.Tensor, start: int, points: list[int]) -> torch.Tensor:
+        """x at ``start`` carried by DDIM steps through ``points`` (descending, below ``start``)."""
+        t0 = torch.full((len(x),), start, dtype=torch.long)
+        for s, t in zip([start, *points], points):
+            x = ddim_step(x, torch.full_like(t0, s), torch.full_like(t0, t), self.x0_eps, alpha_bar=self.table)
+        return x
+
+    def to_zero(self, x: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
+        """f*(x, t): the ODE from t down the grid, then its x0 at the last point."""
+        points = [t for t in self.grid if t < int(t_batch[0])]
+        x = self.solve(x, int(t_batch[0]), points)
+        return self.x0_eps(x, torch.full_like(t_batch, points[-1] if points else int(t_batch[0])))[0]
+
+
 def exact_cm_images(bundle: Bundle, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
     """LCM Algorithm 3 whose consistency function is the teacher's guided ODE itself (DDIM on the trailing 50-step
     grid, the ODE row's, from t to 0), on the shipped LCM's refine timesteps and the LCM rows' per-seed noise."""
     o = bundle.sampling_options(None, sampler="ddim-trailing", steps=ODE_STEPS, guidance=guidance)
-    shape = bundle.latent_shape(o.height, o.width)
-    denoiser = Denoiser(bundle.unet, bundle.scheduler_config)
-    table = denoiser.alpha_bar
-    grid = list(range(len(table) - 1, 0, -len(table) // ODE_STEPS))  # trailing: 999, 979, ..., 19
-    cond, uncond = bundle.encode_prompts(prompts), bundle.encode_uncond(len(prompts))
-
-    def x0_eps(x, t):  # the guided teacher's (x0, eps): both affine in its output at fixed x (LCM Eq. 6)
-        c = denoiser(x, t, cond)
-        if guidance == 1:
-            return c
-        u = denoiser(x, t, uncond)
-        return tuple(guide(a, b, guidance - 1) for a, b in zip(c, u))
-
-    def solve_to_zero(x, t_batch):  # f*(x, t): the ODE from t down the grid, then its x0 at the last point
-        points = [int(t_batch[0])] + [t for t in grid if t < int(t_batch[0])]
-        for s, t in zip(points, points[1:]):
-            x = ddim_step(x, torch.full_like(t_batch, s), torch.full_like(t_batch, t), x0_eps, alpha_bar=table)
-        return x0_eps(x, torch.full_like(t_batch, points[-1]))[0]
-
-    noise_fn = per_image_noise(seeds, shape)
-    ts = inference_timesteps("refine", steps, len(table), LCM_GRID_POINTS)
+    ode = TeacherODE(bundle, prompts, guidance)
+    noise_fn = per_image_noise(seeds, bundle.latent_shape(o.height, o.width))
+    ts = inference_timesteps("refine", steps, len(ode.table), LCM_GRID_POINTS)
     with torch.no_grad():
-        return to_pixels(bundle.decode(sample_lcm(solve_to_zero, noise_fn(-1), ts, noise_fn=noise_fn,
-                                                  alpha_bar=table)))
+        return to_pixels(bundle.decode(sample_lcm(ode.to_zero, noise_fn(-1), ts, noise_fn=noise_fn,
+                                                  alpha_bar=ode.table)))
 
 
-def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache: Path | None) -> np.ndarray:
+def handoff_images(teacher: Bundle, lcm: Bundle, prompts: list[str], seeds: list[int], t_star: int,
+                   guidance: float) -> np.ndarray:
+    """The ODE row's trajectory (same initial noise) down to t_star, then the LCM's Algorithm 3 from there on
+    t_star and its 4-step refine timesteps below it."""
+    o = teacher.sampling_options(None, sampler="ddim-trailing", steps=ODE_STEPS, guidance=guidance)
+    ode = TeacherODE(teacher, prompts, guidance)
+    noise = per_image_noise(seeds, teacher.latent_shape(o.height, o.width))(-1)
+    with torch.no_grad():
+        x = ode.solve(noise, ode.grid[0], [t for t in ode.grid if t > t_star] + [t_star])
+    below = [t for t in inference_timesteps("refine", 4, len(ode.table), LCM_GRID_POINTS) if t < t_star]
+    return to_pixels(lcm.generate(prompts, seeds, "lcm", 1 + len(below), guidance, latents=x,
+                                  timesteps=[t_star, *below]))
+
+
+def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache: Path | None,
+           teacher: Bundle | None = None) -> np.ndarray:
     if cache is not None and row["kind"] == "ode":  # the sweep's own cache (``lcm ablate guidance --out D``: D/samples)
         return generate_cached(bundle, pipeline.Row(row["model"], "ddim-trailing", row["steps"], guidance), prompts,
                                0, cache)[0]
@@ -127,8 +161,12 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache
         if row["kind"] == "exact-cm":
             images.append(exact_cm_images(bundle, batch, seeds, row["steps"], guidance))
             continue
+        if row["kind"] == "handoff":
+            images.append(handoff_images(teacher, bundle, batch, seeds, row["steps"], guidance))
+            continue
         sampler = {"ode": "ddim-trailing"}.get(row["kind"], "lcm")
-        x = bundle.generate(batch, seeds, sampler, row["steps"], guidance, gamma=row["gamma"])
+        x = bundle.generate(batch, seeds, sampler, row["steps"], guidance, gamma=row["gamma"],
+                            timesteps=row["timesteps"])
         images.append(to_pixels(x))
     return np.concatenate(images)
 
@@ -144,6 +182,10 @@ def paired_delta(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Ge
 
 def label(row: dict) -> str:
     extra = f", gamma {row['gamma']:g}" if row["gamma"] is not None else ""
+    if row["timesteps"]:
+        return f"{row['model']} lcm on {'-'.join(map(str, row['timesteps']))}"
+    if row["kind"] == "handoff":
+        return f"teacher ode to t = {row['steps']}, then {row['model']} lcm"
     return f"{row['model']} {row['kind']} {row['steps']}{extra}"
 
 
@@ -169,7 +211,9 @@ def main() -> None:
         if row["model"] not in bundles:
             bundles[row["model"]] = Bundle.load(registry.resolve(row["model"]))
         bundle = bundles[row["model"]]
-        images = sample(bundle, row, prompts, args.guidance, args.cache)
+        if row["kind"] == "handoff" and "teacher" not in bundles:
+            bundles["teacher"] = Bundle.load(registry.resolve("teacher"))
+        images = sample(bundle, row, prompts, args.guidance, args.cache, bundles.get("teacher"))
         scores = scoring.score(images, prompts, extractor, reference, per_image=True)
         per = scores.pop("per_image")["attribute_accuracy"]
         first = first or per

@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 
+from latentcm import schedules
 from latentcm.bundle import Bundle
 from latentcm.cli import main
 from latentcm.solvers import SOLVERS, augmented_step
@@ -137,6 +138,8 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
     (["--solver", "dpm-solver"], "--solver is an LCD option"),
     (["--schedule", "refine"], "--schedule is an LCD option"),
     (["--lora", "4"], "--lora is an LCD option"),
+    (["--noise-start-share", "0.2"], "--noise-start-share is an LCD option"),
+    (["--low-w-skip", "20"], "--low-w-skip is an LCD option"),
 ])
 def test_cli_guidance_stage_refuses_lcd_options(micro_teacher, tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
@@ -191,12 +194,61 @@ def test_low_w_skip_puts_the_low_w_samples_on_their_own_grid_and_off_keeps_the_s
         ", and w = 0 for a share of 0.5; k = 20 for the samples with w <= 1")
 
 
+def test_noise_starts_begin_at_the_top_from_pure_noise_and_off_keeps_the_stream(bundle, micro_data):
+    cfg = dict(batch_size=64, skip=100, omega_zero_share=0.5, low_w_skip=20, low_w_max=1.0)
+    plain = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(**cfg)).batch(1)
+    task = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(**cfg, noise_start_share=0.25))
+    batch = task.batch(1)
+    for key in ("z0", "noise", "omega", "text"):  # the noise-start draw comes last
+        assert torch.equal(batch[key], plain[key])
+    pure, low = batch["pure_noise"], batch["omega"] <= 1.0
+    assert 4 < int(pure.sum()) < 32
+    assert (batch["t_start"][pure] == 999).all() and torch.equal(batch["t_start"][~pure], plain["t_start"][~pure])
+    gap = batch["t_start"] - batch["t_end"]
+    assert (gap[pure & low] == 20).all() and (gap[pure & ~low] == 100).all()  # each sample keeps its own k
+    seen, fwd = {}, task.student.forward
+    task.student.forward = lambda z, t, *a, **k: (seen.setdefault("z", z), fwd(z, t, *a, **k))[1]
+    with torch.no_grad():
+        task.loss(batch, 1)
+    assert torch.equal(seen["z"][pure], batch["noise"][pure])  # the sampler's own start, no data in it
+    assert not torch.equal(seen["z"][~pure], batch["noise"][~pure])
+    with pytest.raises(ValueError, match="noise_start_share"):
+        _cfg(noise_start_share=0.5, target="same-noise")
+    from latentcm.export.pipeline import _low_w_text
+    assert _low_w_text({"noise_start_share": 0.25}) == (
+        "; a share of 0.25 starting at the grid's top point from pure noise")
+
+
+def test_ode_starts_put_the_input_on_the_teachers_ode_from_pure_noise(bundle, micro_data):
+    cfg = dict(batch_size=32, skip=100)
+    plain = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(**cfg)).batch(2)
+    task = LCDTask(bundle.unet, bundle.scheduler_config, micro_data,
+                   _cfg(**cfg, noise_start_share=0.2, ode_start_share=0.5, ode_start_steps=1))
+    batch = task.batch(2)
+    pure, ode = batch["pure_noise"], batch["ode_start"]
+    assert ode.any() and pure.any() and not (pure & ode).any()
+    assert torch.equal(batch["t_start"][ode], plain["t_start"][ode]) and (batch["t_start"][ode] < 999).all()
+    seen, fwd = {}, task.student.forward
+    task.student.forward = lambda z, t, *a, **k: (seen.setdefault("z", z), fwd(z, t, *a, **k))[1]
+    with torch.no_grad():
+        task.loss(batch, 2)
+        t, text, omega = batch["t_start"][ode], batch["text"][ode], batch["omega"][ode]
+        one_step = task.solver_target(batch["noise"][ode], torch.full_like(t, 999), t, text, omega)
+    torch.testing.assert_close(seen["z"][ode], one_step)  # one guided teacher step from the top point's noise
+    rest = ~(pure | ode)  # the others: data noised to t_{n+k}, as without the option
+    noised = schedules.add_noise(batch["z0"], batch["noise"], task.alpha_bar[batch["t_start"]])
+    torch.testing.assert_close(seen["z"][rest], noised[rest])
+    with pytest.raises(ValueError, match="ode_start_share"):
+        _cfg(noise_start_share=0.6, ode_start_share=0.5)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--lora", "4", "--omega-zero-share", "0.2"], "--omega-zero-share needs a w input"),
     (["--lora", "4", "--low-w-skip", "20"], "--low-w-skip needs a w input"),
     (["--guidance-mode", "cfg", "--omega-zero-share", "0.2"], "omega_zero_share needs a w range"),
     (["--guidance-mode", "cfg", "--low-w-skip", "20"], "low_w_skip needs"),
     (["--omega-zero-share", "1.5"], "--omega-zero-share"),
+    (["--noise-start-share", "-0.1"], "--noise-start-share"),
 ])
 def test_cli_refuses_a_zero_share_without_a_w_input(micro_teacher, tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as exc:

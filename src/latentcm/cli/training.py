@@ -66,6 +66,16 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
                    "--skip for the rest: the skip as a function of w. Needs a w input.")
 @click.option("--low-w-max", type=FiniteRange(0, 50), default=0.0, metavar="W",
               help="The highest w that --low-w-skip applies to (0: only the samples at w = 0).")
+@click.option("--noise-start-share", type=FiniteRange(0, 1), default=0.0, metavar="P",
+              help="Start this share of the samples where the sampler starts: t_{n+k} at the grid's top point and "
+                   "its input pure noise N(0, I), not data noised to it (which still carries sqrt(alpha_bar_T) of "
+                   "the image, so the student never meets a start that disagrees with its caption).")
+@click.option("--ode-start-share", type=FiniteRange(0, 1), default=0.0, metavar="P",
+              help="Take this share of the samples' inputs from the teacher's guided ODE (at their w) run from pure "
+                   "noise down to their t_{n+k} (--ode-start-steps solver steps) instead of data noised to it: the "
+                   "states the sampler meets. Costs those steps' teacher passes.")
+@click.option("--ode-start-steps", type=click.IntRange(1, 100), default=2, metavar="S",
+              help="Solver steps of an ODE start (--ode-start-share).")
 @click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
               show_default="none: every t",
               help="Guidance in a limited interval (Kynkaanniemi et al. 2024): the teacher's ODE step from t_{n+k} is "

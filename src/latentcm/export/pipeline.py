@@ -158,11 +158,17 @@ def _guidance_text(lcd: dict, unet: dict, guidance: float | None, w0: bool = Fal
 
 
 def _low_w_text(lcd: dict) -> str:
-    """The card's note on the low-w end of the recipe: the w = 0 share and the low-w skip, where set."""
+    """The card's note on the low-w end of the recipe: the w = 0 share, the low-w skip and the noise starts, where
+    set."""
     share = lcd.get("omega_zero_share")
     text = f", and w = 0 for a share of {share:g}" if share else ""
     if lcd.get("low_w_skip"):
         text += f"; k = {lcd['low_w_skip']} for the samples with w <= {lcd['low_w_max']:g}"
+    if lcd.get("noise_start_share"):
+        text += f"; a share of {lcd['noise_start_share']:g} starting at the grid's top point from pure noise"
+    if lcd.get("ode_start_share"):
+        text += (f"; a share of {lcd['ode_start_share']:g} starting on the teacher's ODE from pure noise "
+                 f"({lcd.get('ode_start_steps', 2)} solver steps)")
     return text
 
 

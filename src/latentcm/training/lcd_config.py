@@ -45,6 +45,11 @@ class LCDConfig:
     omega_zero_share: float = 0.0      # share of samples at exactly w = 0 (g = 1, the unguided ODE) instead of U
     low_w_skip: int | None = None      # k for the samples with w <= low_w_max (their t_{n+k} on that k's grid);
     low_w_max: float = 0.0             # None: one k for every w (Sec. 4.3's k as a function of w)
+    noise_start_share: float = 0.0     # share of samples that start where the sampler does: t_{n+k} = the grid's
+    # top point and z_{t_{n+k}} pure noise N(0, I), not data noised to it (which keeps sqrt(alpha_bar_T) of it)
+    ode_start_share: float = 0.0       # share of samples whose z_{t_{n+k}} is the teacher's guided ODE (at their
+    # w) from pure noise at the top point, ode_start_steps solver steps, instead of data noised to t_{n+k}
+    ode_start_steps: int = 2
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -79,6 +84,13 @@ class LCDConfig:
             raise ValueError("omega_zero_share needs a w range (omega_max > 0): every w is 0 already")
         if self.low_w_skip is not None and (self.low_w_skip < 1 or self.omega_max == 0 or self.low_w_max < 0):
             raise ValueError("low_w_skip needs k >= 1, a w range (omega_max > 0) and low_w_max >= 0")
+        if not 0.0 <= self.noise_start_share <= 1.0 or (self.noise_start_share > 0 and self.target != "solver"):
+            raise ValueError("noise_start_share must be in [0, 1] and needs LCD's solver target (LCF's same-noise "
+                             "target is the data noised again)")
+        if not 0.0 <= self.ode_start_share <= 1.0 - self.noise_start_share or self.ode_start_steps < 1 or (
+                self.ode_start_share > 0 and self.target != "solver"):
+            raise ValueError("ode_start_share must be in [0, 1 - noise_start_share], ode_start_steps >= 1, and it "
+                             "needs LCD's solver target (a teacher)")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         lowest = max(self.skip, self.low_w_skip or 0) - 1
