@@ -45,6 +45,7 @@ from ..solvers import SOLVERS, augmented_step_batched
 from .data.tensors import LCDData
 from .lcd_config import COND_PROJ_INPUTS, LOSSES, TARGETS, LCDConfig, distance, draw_omega  # noqa: F401 -- re-exported
 from .loop import ema_update, step_generator
+from .starts import draw_starts, ode_states
 from .precision import Float32Output, warn_slow_ema, wrap_float32  # noqa: F401 -- re-exported
 
 
@@ -206,7 +207,7 @@ class LCDTask(StudentTask):
                g: torch.Generator) -> tuple[torch.Tensor, ...]:
         """(t_{n+k}, t_n = max(t_{n+k} - k, 0), pure-noise start, ODE start) [B] from the drawn t_{n+k} and w."""
         t_start, k = self._low_w_times(t_start, omega, g)
-        t_start, pure, ode = self._noise_starts(t_start, g)
+        t_start, pure, ode = draw_starts(self.cfg, t_start, self.grid.max(), g)
         return t_start, (t_start - k).clamp(min=0), pure, ode
 
     def _low_w_times(self, t_start: torch.Tensor, omega: torch.Tensor,
@@ -220,35 +221,6 @@ class LCDTask(StudentTask):
             t_start = torch.where(low, redrawn, t_start)
             k = torch.where(low, torch.full_like(k, self.cfg.low_w_skip), k)
         return t_start, k
-
-    def _noise_starts(self, t_start: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """(t_{n+k}, pure, ode) [B]: ``noise_start_share`` of the samples moved to the grid's top point, where
-        Algorithm 3 starts from pure noise, their z_{t_{n+k}} that noise; ``ode_start_share`` keep their t_{n+k}
-        and take z_{t_{n+k}} from the teacher's ODE out of that noise (``loss``; at the top point the two are one).
-        Drawn last: shares of 0 leave the stream as it was."""
-        none = torch.zeros_like(t_start, dtype=torch.bool)
-        if self.cfg.noise_start_share == 0 and self.cfg.ode_start_share == 0:
-            return t_start, none, none
-        u = torch.rand(len(t_start), generator=g)  # [B]
-        top = self.grid.max()
-        pure = u < self.cfg.noise_start_share
-        ode = (u >= self.cfg.noise_start_share) & (u < self.cfg.noise_start_share + self.cfg.ode_start_share)
-        pure, ode = pure | (ode & (t_start == top)), ode & (t_start < top)
-        return torch.where(pure, top, t_start), pure, ode
-
-    @torch.no_grad()
-    def _ode_states(self, noise: torch.Tensor, t_start: torch.Tensor, text: torch.Tensor,
-                    omega: torch.Tensor) -> torch.Tensor:
-        """z_{t_{n+k}} on the teacher's guided ODE at w (the one LCD distils) from pure noise at the grid's top
-        point: ``ode_start_steps`` solver steps of equal length in t. The states Algorithm 3's first step meets,
-        which data noised to t_{n+k} (still carrying sqrt(alpha_bar) of an image that matches its caption) is not."""
-        top, steps = self.grid.max(), self.cfg.ode_start_steps
-        z, s = noise, torch.full_like(t_start, top)
-        for i in range(1, steps + 1):
-            t = top - torch.div((top - t_start) * i, steps, rounding_mode="floor")  # [B]; the last is t_start
-            z = self.solver_target(z, s, t, text, omega)
-            s = t
-        return z
 
     def _drop_prompts(self, text: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """``empty_prompt_share`` of the captions replaced by the empty prompt (drawn last: a share of 0 leaves the
@@ -304,7 +276,10 @@ class LCDTask(StudentTask):
         ode = batch["ode_start"]  # [B]
         if ode.any():
             z_s = z_s.clone()
-            z_s[ode] = self._ode_states(batch["noise"][ode].to(z_s.dtype), t_start[ode], text[ode], omega[ode])
+            text_o, omega_o = text[ode], omega[ode]
+            z_s[ode] = ode_states(lambda z, s, t: self.solver_target(z, s, t, text_o, omega_o),
+                                  batch["noise"][ode].to(z_s.dtype), t_start[ode], self.grid.max(),
+                                  self.cfg.ode_start_steps)
         # 2. the w embedding, fed to student and target as timestep_cond (LCM Sec. 4.2)
         w_emb = self.w_embedding(omega, z_s.dtype)  # [B, d], or None (LCM-LoRA)
         # 3. online prediction f_theta(z_{t_{n+k}}, w, c, t_{n+k})
