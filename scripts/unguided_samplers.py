@@ -138,7 +138,7 @@ def handoff_images(teacher: Bundle, lcm: Bundle, prompts: list[str], seeds: list
     t_star and its 4-step refine timesteps below it."""
     o = teacher.sampling_options(None, sampler="ddim-trailing", steps=ODE_STEPS, guidance=guidance)
     ode = TeacherODE(teacher, prompts, guidance)
-    noise = per_image_noise(seeds, teacher.latent_shape(o.height, o.width))(-1)
+    noise = initial_latents(seeds, teacher.latent_shape(o.height, o.width))  # the ode row's own start
     with torch.no_grad():
         x = ode.solve(noise, ode.grid[0], [t for t in ode.grid if t > t_star] + [t_star])
     below = [t for t in inference_timesteps("refine", 4, len(ode.table), LCM_GRID_POINTS) if t < t_star]

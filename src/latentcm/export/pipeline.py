@@ -156,7 +156,6 @@ def _guidance_text(lcd: dict, unet: dict, guidance: float | None, w0: bool = Fal
     return {"guidance_note": note, "use": use}
 
 
-
 def _low_w_text(lcd: dict) -> str:
     """The card's note on the low-w end of the recipe: the w = 0 share, the low-w skip and the noise starts, where
     set."""
@@ -168,7 +167,7 @@ def _low_w_text(lcd: dict) -> str:
         text += f"; a share of {lcd['noise_start_share']:g} starting at the grid's top point from pure noise"
     if lcd.get("ode_start_share"):
         text += (f"; a share of {lcd['ode_start_share']:g} starting on the teacher's ODE from pure noise "
-                 f"({lcd.get('ode_start_steps', 2)} solver steps)")
+                 f"({lcd['ode_start_steps']} solver steps)")
     return text
 
 

@@ -45,8 +45,8 @@ from ..solvers import SOLVERS, augmented_step_batched
 from .data.tensors import LCDData
 from .lcd_config import COND_PROJ_INPUTS, LOSSES, TARGETS, LCDConfig, distance, draw_omega  # noqa: F401 -- re-exported
 from .loop import ema_update, step_generator
-from .starts import draw_starts, ode_states
 from .precision import Float32Output, warn_slow_ema, wrap_float32  # noqa: F401 -- re-exported
+from .starts import draw_starts, ode_states
 
 
 def restrict_cond_proj(unet, omega_min: float, omega_max: float) -> None:
@@ -270,16 +270,7 @@ class LCDTask(StudentTask):
         """Algorithm 1 lines 4-6 on one batch."""
         t_start, t_end, omega, text = batch["t_start"], batch["t_end"], batch["omega"], batch["text"]
         # 1. z_{t_{n+k}} ~ N(alpha(t_{n+k}) z, sigma^2(t_{n+k}) I) from the cached latent (line 4)
-        z_s = schedules.add_noise(batch["z0"], batch["noise"], self.alpha_bar[t_start])  # [B, C, h, w]
-        #    or, for a noise start, the pure noise Algorithm 3 starts from at t = T; for an ODE start, the teacher's
-        z_s = torch.where(batch["pure_noise"].view(-1, 1, 1, 1), batch["noise"].to(z_s.dtype), z_s)
-        ode = batch["ode_start"]  # [B]
-        if ode.any():
-            z_s = z_s.clone()
-            text_o, omega_o = text[ode], omega[ode]
-            z_s[ode] = ode_states(lambda z, s, t: self.solver_target(z, s, t, text_o, omega_o),
-                                  batch["noise"][ode].to(z_s.dtype), t_start[ode], self.grid.max(),
-                                  self.cfg.ode_start_steps)
+        z_s = self._inputs(batch)  # [B, C, h, w]
         # 2. the w embedding, fed to student and target as timestep_cond (LCM Sec. 4.2)
         w_emb = self.w_embedding(omega, z_s.dtype)  # [B, d], or None (LCM-LoRA)
         # 3. online prediction f_theta(z_{t_{n+k}}, w, c, t_{n+k})
@@ -294,6 +285,19 @@ class LCDTask(StudentTask):
         # 6. distance d (line 6); the update (line 7) is the loop's, the EMA (line 8) is after_update
         loss = distance(pred.float(), target.float(), self.cfg.loss, self.cfg.huber_c)
         return loss, {"omega_mean": float(omega.mean())}
+
+    def _inputs(self, batch: dict) -> torch.Tensor:
+        """z_{t_{n+k}} [B, C, h, w]: data noised to t_{n+k} (Alg. 1 line 4), or a sampler start (``starts``)."""
+        noise, t_start = batch["noise"], batch["t_start"]
+        z_s = schedules.add_noise(batch["z0"], noise, self.alpha_bar[t_start])
+        z_s = torch.where(batch["pure_noise"].view(-1, 1, 1, 1), noise.to(z_s.dtype), z_s)
+        ode = batch["ode_start"]  # [B]
+        if not ode.any():
+            return z_s
+        text, omega, z_s = batch["text"][ode], batch["omega"][ode], z_s.clone()
+        z_s[ode] = ode_states(lambda z, s, t: self.solver_target(z, s, t, text, omega), noise[ode].to(z_s.dtype),
+                              t_start[ode], self.grid.max(), self.cfg.ode_start_steps)
+        return z_s
 
     def w_embedding(self, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The w embedding [B, d] fed as timestep_cond (LCM Sec. 4.2); None for a student without a w input (the
