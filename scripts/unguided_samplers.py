@@ -20,7 +20,10 @@ ROW is one of
                         What a perfectly distilled LCM would give under Algorithm 3; 1 step is the ODE row itself;
   MODEL:handoff:T       the teacher's ODE row from t = 999 down to T (its trailing grid, then one DDIM step to T),
                         then the LCM's Algorithm 3 from that state on T and its 4-step refine timesteps below T:
-                        the noise level at which the LCM's output departs from the ODE's.
+                        the noise level at which the LCM's output departs from the ODE's;
+  MODEL:takeover:T      the reverse: the LCM's Algorithm 3 on its 4-step refine timesteps above T, its last
+                        prediction re-noised to T with that step's own noise, then the teacher's ODE row from T to
+                        0: whether the ODE, given the LCM's own re-noised states, keeps the LCM's background.
 
 Prompts and seeds are ``lcm ablate guidance``'s (held-out captions, image i from seed i), so the ode row is
 that sweep's g = 1 row. Every row is scored by ``scoring.score`` (prompt-scenes reference, KID x 10^3), and its
@@ -43,7 +46,7 @@ from latentcm.evaluation.generation import generate_cached
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.images import to_pixels
 from latentcm.models.denoiser import Denoiser
-from latentcm.sampling.lcm import per_image_noise, sample_lcm
+from latentcm.sampling.lcm import per_image_noise, renoise, sample_lcm
 from latentcm.sampling.student import inference_timesteps
 from latentcm.sampling.teacher import initial_latents
 from latentcm.solvers import ddim_step, guide
@@ -56,10 +59,11 @@ BATCH = 32
 
 def parse_row(text: str) -> dict:
     parts = text.split(":")
-    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "lcm-at": 3, "tcd": 4, "exact-cm": 3, "handoff": 3}
+    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "lcm-at": 3, "tcd": 4, "exact-cm": 3, "handoff": 3,
+             "takeover": 3}
     if len(parts) < 3 or parts[1] not in kinds or len(parts) != kinds[parts[1]]:
         sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim|exact-cm:STEPS, MODEL:lcm:STEPS, "
-                 f"MODEL:lcm-at:T1-T2-..., MODEL:handoff:T or MODEL:tcd:STEPS:GAMMA, got {text!r}")
+                 f"MODEL:lcm-at:T1-T2-..., MODEL:handoff:T, MODEL:takeover:T or MODEL:tcd:STEPS:GAMMA, got {text!r}")
     try:
         timesteps = [int(t) for t in parts[2].split("-")] if parts[1] == "lcm-at" else None
         return {"model": parts[0], "kind": parts[1], "steps": len(timesteps) if timesteps else int(parts[2]),
@@ -146,6 +150,20 @@ def handoff_images(teacher: Bundle, lcm: Bundle, prompts: list[str], seeds: list
                                   timesteps=[t_star, *below]))
 
 
+def takeover_images(teacher: Bundle, lcm: Bundle, prompts: list[str], seeds: list[int], t_star: int,
+                    guidance: float) -> np.ndarray:
+    """The LCM row's Algorithm 3 on its refine timesteps above t_star, its last prediction re-noised to t_star with
+    the step noise the LCM row draws there, then the ODE row's DDIM from t_star to 0 (``TeacherODE.to_zero``)."""
+    o = teacher.sampling_options(None, sampler="ddim-trailing", steps=ODE_STEPS, guidance=guidance)
+    ode = TeacherODE(teacher, prompts, guidance)
+    above = [t for t in inference_timesteps("refine", 4, len(ode.table), LCM_GRID_POINTS) if t > t_star]
+    noise_fn = per_image_noise(seeds, teacher.latent_shape(o.height, o.width))
+    with torch.no_grad():
+        x0 = lcm.sample_latents(prompts, seeds, "lcm", len(above), guidance, timesteps=above)
+        x = renoise(x0, t_star, noise_fn(len(above) - 1), ode.table)
+        return to_pixels(teacher.decode(ode.to_zero(x, torch.full((len(x),), t_star, dtype=torch.long))))
+
+
 def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache: Path | None,
            teacher: Bundle | None = None) -> np.ndarray:
     if cache is not None and row["kind"] == "ode":  # the sweep's own cache (``lcm ablate guidance --out D``: D/samples)
@@ -161,8 +179,9 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache
         if row["kind"] == "exact-cm":
             images.append(exact_cm_images(bundle, batch, seeds, row["steps"], guidance))
             continue
-        if row["kind"] == "handoff":
-            images.append(handoff_images(teacher, bundle, batch, seeds, row["steps"], guidance))
+        if row["kind"] in ("handoff", "takeover"):
+            make = handoff_images if row["kind"] == "handoff" else takeover_images
+            images.append(make(teacher, bundle, batch, seeds, row["steps"], guidance))
             continue
         sampler = {"ode": "ddim-trailing"}.get(row["kind"], "lcm")
         x = bundle.generate(batch, seeds, sampler, row["steps"], guidance, gamma=row["gamma"],
@@ -186,6 +205,8 @@ def label(row: dict) -> str:
         return f"{row['model']} lcm on {'-'.join(map(str, row['timesteps']))}"
     if row["kind"] == "handoff":
         return f"teacher ode to t = {row['steps']}, then {row['model']} lcm"
+    if row["kind"] == "takeover":
+        return f"{row['model']} lcm to t = {row['steps']}, then teacher ode"
     return f"{row['model']} {row['kind']} {row['steps']}{extra}"
 
 
@@ -211,7 +232,7 @@ def main() -> None:
         if row["model"] not in bundles:
             bundles[row["model"]] = Bundle.load(registry.resolve(row["model"]))
         bundle = bundles[row["model"]]
-        if row["kind"] == "handoff" and "teacher" not in bundles:
+        if row["kind"] in ("handoff", "takeover") and "teacher" not in bundles:
             bundles["teacher"] = Bundle.load(registry.resolve("teacher"))
         images = sample(bundle, row, prompts, args.guidance, args.cache, bundles.get("teacher"))
         scores = scoring.score(images, prompts, extractor, reference, per_image=True)

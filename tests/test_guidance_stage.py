@@ -9,6 +9,7 @@ from latentcm import schedules
 from latentcm.bundle import Bundle
 from latentcm.cli import main
 from latentcm.solvers import SOLVERS, augmented_step
+from latentcm.training import consistency
 from latentcm.training.consistency import LCDConfig, LCDTask
 from latentcm.training.guided import GuidanceTask, w_following, w_following_probe
 from latentcm.training.loop import LoopConfig, fit
@@ -129,9 +130,10 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
     lcm = tmp_path / "lcm"
     main(["distill", "--teacher", str(micro_teacher), "--init-student", str(guided), "--guided-teacher", str(guided),
           "--out", str(lcm), "--max-steps", "2", "--batch-size", "2", "--num-data", "4", "--validate-every", "0",
-          "--omega-zero-share", "0.25"])
+          "--omega-zero-share", "0.25", "--ode-pair-share", "0.5", "--ode-pair-steps", "2"])
     assert Bundle.load(lcm).is_lcm
-    assert "w = 0 for a share of 0.25" in (lcm / "README.md").read_text()  # the card states the w draw
+    card = (lcm / "README.md").read_text()
+    assert "w = 0 for a share of 0.25" in card and "ODE's end point as target (2 solver steps)" in card
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -140,6 +142,7 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
     (["--lora", "4"], "--lora is an LCD option"),
     (["--noise-start-share", "0.2"], "--noise-start-share is an LCD option"),
     (["--low-w-skip", "20"], "--low-w-skip is an LCD option"),
+    (["--ode-pair-share", "0.2"], "--ode-pair-share is an LCD option"),
 ])
 def test_cli_guidance_stage_refuses_lcd_options(micro_teacher, tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
@@ -206,8 +209,7 @@ def test_noise_starts_begin_at_the_top_from_pure_noise_and_off_keeps_the_stream(
     assert (batch["t_start"][pure] == 999).all() and torch.equal(batch["t_start"][~pure], plain["t_start"][~pure])
     gap = batch["t_start"] - batch["t_end"]
     assert (gap[pure & low] == 20).all() and (gap[pure & ~low] == 100).all()  # each sample keeps its own k
-    seen, fwd = {}, task.student.forward
-    task.student.forward = lambda z, t, *a, **k: (seen.setdefault("z", z), fwd(z, t, *a, **k))[1]
+    seen = _record_inputs(task)
     with torch.no_grad():
         task.loss(batch, 1)
     assert torch.equal(seen["z"][pure], batch["noise"][pure])  # the sampler's own start, no data in it
@@ -219,17 +221,28 @@ def test_noise_starts_begin_at_the_top_from_pure_noise_and_off_keeps_the_stream(
         "; a share of 0.25 starting at the grid's top point from pure noise")
 
 
-def test_ode_starts_put_the_input_on_the_teachers_ode_from_pure_noise(bundle, micro_data):
+def _with_option(bundle, micro_data, step: int, **options):
+    """(the batch without the options, the task with them, its batch) at batch size 32, k = 100."""
     cfg = dict(batch_size=32, skip=100)
-    plain = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(**cfg)).batch(2)
-    task = LCDTask(bundle.unet, bundle.scheduler_config, micro_data,
-                   _cfg(**cfg, noise_start_share=0.2, ode_start_share=0.5, ode_start_steps=1))
-    batch = task.batch(2)
+    plain = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(**cfg)).batch(step)
+    task = LCDTask(bundle.unet, bundle.scheduler_config, micro_data, _cfg(**cfg, **options))
+    return plain, task, task.batch(step)
+
+
+def _record_inputs(task) -> dict:
+    """Record the student's input z_{t_{n+k}} under "z" on its next forward."""
+    seen, fwd = {}, task.student.forward
+    task.student.forward = lambda z, t, *a, **k: (seen.setdefault("z", z), fwd(z, t, *a, **k))[1]
+    return seen
+
+
+def test_ode_starts_put_the_input_on_the_teachers_ode_from_pure_noise(bundle, micro_data):
+    plain, task, batch = _with_option(bundle, micro_data, 2, noise_start_share=0.2, ode_start_share=0.5,
+                                      ode_start_steps=1)
     pure, ode = batch["pure_noise"], batch["ode_start"]
     assert ode.any() and pure.any() and not (pure & ode).any()
     assert torch.equal(batch["t_start"][ode], plain["t_start"][ode]) and (batch["t_start"][ode] < 999).all()
-    seen, fwd = {}, task.student.forward
-    task.student.forward = lambda z, t, *a, **k: (seen.setdefault("z", z), fwd(z, t, *a, **k))[1]
+    seen = _record_inputs(task)
     with torch.no_grad():
         task.loss(batch, 2)
         t, text, omega = batch["t_start"][ode], batch["text"][ode], batch["omega"][ode]
@@ -240,6 +253,38 @@ def test_ode_starts_put_the_input_on_the_teachers_ode_from_pure_noise(bundle, mi
     torch.testing.assert_close(seen["z"][rest], noised[rest])
     with pytest.raises(ValueError, match="ode_start_share"):
         _cfg(noise_start_share=0.6, ode_start_share=0.5)
+
+
+def test_ode_pairs_take_input_and_target_from_one_teacher_trajectory(bundle, micro_data, monkeypatch):
+    plain, task, batch = _with_option(bundle, micro_data, 3, noise_start_share=0.2, ode_pair_share=0.5,
+                                      ode_pair_steps=4)
+    pair, pure = batch["ode_pair"], batch["pure_noise"]
+    assert 4 < int(pair.sum()) < 28 and pure.any() and not (pair & pure).any()
+    for key in ("z0", "noise", "omega", "text"):  # the pair draws come last
+        assert torch.equal(batch[key], plain[key])
+    times = [999, 749, 499, 249, 0]  # 4 trailing steps from the top point, then t = 0
+    assert set(batch["t_start"][pair].tolist()) <= set(times[:-1]) and len(set(batch["t_start"][pair].tolist())) > 1
+    seen = _record_inputs(task)
+    monkeypatch.setattr(consistency, "distance", lambda pred, target, *a: seen.setdefault("target", target).sum())
+    with torch.no_grad():
+        task.loss(batch, 3)
+        text, omega, z = batch["text"][pair], batch["omega"][pair], batch["noise"][pair]
+        states = [z]
+        for s, t in zip(times[:-1], times[1:]):  # the teacher's guided DDIM, by hand
+            states.append(task.solver_target(states[-1], torch.full_like(omega, s, dtype=torch.long),
+                                             torch.full_like(omega, t, dtype=torch.long), text, omega))
+    where = [times.index(t) for t in batch["t_start"][pair].tolist()]
+    torch.testing.assert_close(seen["z"][pair], torch.stack([states[j][i] for i, j in enumerate(where)]))
+    torch.testing.assert_close(seen["target"][pair], states[-1])  # the trajectory's end point, no EMA network
+    pairs_off, target = {**batch, "ode_pair": torch.zeros_like(pair)}, seen.pop("target")
+    with torch.no_grad():
+        task.loss(pairs_off, 3)
+    torch.testing.assert_close(target[~pair], seen["target"][~pair])  # the others keep the EMA network's target
+    assert not torch.allclose(target[pair], seen["target"][pair])
+    with pytest.raises(ValueError, match="ode_pair_share"):
+        _cfg(noise_start_share=0.6, ode_pair_share=0.5)
+    with pytest.raises(ValueError, match="ode_pair_share"):
+        _cfg(ode_pair_share=0.5, target="same-noise")
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -63,8 +63,9 @@ def test_zero_init_student_reproduces_the_teacher(bundle):
 def test_batches_are_deterministic_per_step(bundle, data):
     a, b = _task(bundle, data, seed=3), _task(bundle, data, seed=3)
     b3, b3_again, b4 = a.batch(3), b.batch(3), a.batch(4)
-    assert b3.keys() == {"z0", "text", "noise", "t_start", "t_end", "omega", "pure_noise", "ode_start"}
-    assert not (b3["pure_noise"].any() or b3["ode_start"].any())  # no noise or ODE starts unless asked for
+    assert b3.keys() == {"z0", "text", "noise", "t_start", "t_end", "omega", "pure_noise", "ode_start",
+                         "ode_pair"}
+    assert not (b3["pure_noise"].any() or b3["ode_start"].any() or b3["ode_pair"].any())  # none unless asked for
     assert all(torch.equal(b3[k], b3_again[k]) for k in b3)
     assert not torch.equal(b3["noise"], b4["noise"])
     grid = training_grid(1000, 20)

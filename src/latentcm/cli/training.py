@@ -76,6 +76,14 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
                    "states the sampler meets. Costs those steps' teacher passes.")
 @click.option("--ode-start-steps", type=click.IntRange(1, 100), default=2, metavar="S",
               help="Solver steps of an ODE start (--ode-start-share).")
+@click.option("--ode-pair-share", type=FiniteRange(0, 1), default=0.0, metavar="P",
+              help="Train this share of the samples on ODE pairs: the teacher's guided ODE (at their w) from pure "
+                   "noise to t = 0 in --ode-pair-steps steps; the input is its state at one of those steps' start "
+                   "points, the target its end point, in place of the EMA target's output (no bootstrapping up the "
+                   "grid). Costs those steps' teacher passes.")
+@click.option("--ode-pair-steps", type=click.IntRange(2, 1000), default=20, metavar="S",
+              help="Solver steps of an ODE pair's trajectory (--ode-pair-share); its start points are 999, "
+                   "999 - 1000/S, ...")
 @click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
               show_default="none: every t",
               help="Guidance in a limited interval (Kynkaanniemi et al. 2024): the teacher's ODE step from t_{n+k} is "

@@ -168,6 +168,9 @@ def _low_w_text(lcd: dict) -> str:
     if lcd.get("ode_start_share"):
         text += (f"; a share of {lcd['ode_start_share']:g} starting on the teacher's ODE from pure noise "
                  f"({lcd['ode_start_steps']} solver steps)")
+    if lcd.get("ode_pair_share"):
+        text += (f"; a share of {lcd['ode_pair_share']:g} on the teacher's ODE from pure noise with that ODE's end "
+                 f"point as target ({lcd['ode_pair_steps']} solver steps)")
     return text
 
 

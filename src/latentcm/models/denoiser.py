@@ -14,6 +14,7 @@ import torch
 
 from .. import parameterization as P
 from ..errors import ModelError
+from ..guidance import smooth_embedding_mask
 from ..registry import safetensors_files
 from ..schedules import alpha_sigma_at, alphas_cumprod_from_config, check_schedule  # noqa: F401 (re-export)
 from .sdxl import unet_forward
@@ -61,6 +62,20 @@ class ConsistencyModel(torch.nn.Module):
                 w_emb: torch.Tensor | None = None) -> torch.Tensor:
         x0_pred, _ = self.denoiser(z_t, t, text_states, w_emb)  # [B, C, H, W]
         return P.consistency_fn(z_t, x0_pred, t, sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling)
+
+
+def restrict_cond_proj(unet, omega_min: float, omega_max: float) -> None:
+    """Let the w projection read only the w-embedding entries that are smooth over [omega_min, omega_max]
+    (``guidance.smooth_embedding_mask``): the other columns of ``time_embedding.cond_proj`` are zeroed and a
+    gradient hook keeps them zero, so Adam cannot turn aliasing features into noise in the time embedding. The
+    weight keeps its shape: exports load in diffusers unchanged."""
+    proj = unet.time_embedding.cond_proj
+    if proj is None or omega_min == omega_max:
+        raise ValueError("cond_proj_inputs 'smooth' needs a w projection and a w range (omega_min < omega_max)")
+    keep = smooth_embedding_mask(proj.in_features, omega_min, omega_max).to(proj.weight.device)  # [d]
+    with torch.no_grad():
+        proj.weight[:, ~keep] = 0
+    proj.weight.register_hook(lambda grad: grad * keep.to(grad.dtype))
 
 
 def make_student(teacher_unet: torch.nn.Module, time_cond_proj_dim: int = 256, *,

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from .. import schedules
-from ..guidance import guidance_scale_embedding, interval_omega, smooth_embedding_mask
-from ..models.denoiser import ConsistencyModel, Denoiser, make_student
+from ..guidance import guidance_scale_embedding, interval_omega
+from ..models.denoiser import ConsistencyModel, Denoiser, make_student, restrict_cond_proj
 from ..models.lora import ADAPTER, TARGET_ADAPTER, AdapterView, AdapterWeights, LoRAConfig, add_lora
 from ..schedules import training_grid
 from ..solvers import SOLVERS, augmented_step_batched
@@ -46,21 +46,7 @@ from .data.tensors import LCDData
 from .lcd_config import COND_PROJ_INPUTS, LOSSES, TARGETS, LCDConfig, distance, draw_omega  # noqa: F401 -- re-exported
 from .loop import ema_update, step_generator
 from .precision import Float32Output, warn_slow_ema, wrap_float32  # noqa: F401 -- re-exported
-from .starts import draw_starts, ode_states
-
-
-def restrict_cond_proj(unet, omega_min: float, omega_max: float) -> None:
-    """Let the w projection read only the w-embedding entries that are smooth over [omega_min, omega_max]
-    (``guidance.smooth_embedding_mask``): the other columns of ``time_embedding.cond_proj`` are zeroed and a
-    gradient hook keeps them zero, so Adam cannot turn aliasing features into noise in the time embedding. The
-    weight keeps its shape: exports load in diffusers unchanged."""
-    proj = unet.time_embedding.cond_proj
-    if proj is None or omega_min == omega_max:
-        raise ValueError("cond_proj_inputs 'smooth' needs a w projection and a w range (omega_min < omega_max)")
-    keep = smooth_embedding_mask(proj.in_features, omega_min, omega_max).to(proj.weight.device)  # [d]
-    with torch.no_grad():
-        proj.weight[:, ~keep] = 0
-    proj.weight.register_hook(lambda grad: grad * keep.to(grad.dtype))
+from .starts import draw_starts, ode_pairs, ode_states
 
 
 # --- the task ------------------------------------------------------------------------------------
@@ -198,17 +184,18 @@ class LCDTask(StudentTask):
         omega = draw_omega(self.cfg, b, g)  # [B]
         idx_d = idx.to(self.data.latents.device)
         text = self._drop_prompts(self.data.text_states[idx_d], g)
-        t_start, t_end, pure, ode = self._times(t_start, omega, g)
-        out = {"z0": self.data.latents[idx_d], "text": text, "noise": noise,
-               "t_start": t_start, "t_end": t_end, "omega": omega, "pure_noise": pure, "ode_start": ode}
+        t_start, t_end, pure, ode, pair = self._times(t_start, omega, g)
+        out = {"z0": self.data.latents[idx_d], "text": text, "noise": noise, "t_start": t_start, "t_end": t_end,
+               "omega": omega, "pure_noise": pure, "ode_start": ode, "ode_pair": pair}
         return {key: v.to(self.device) for key, v in out.items()}
 
     def _times(self, t_start: torch.Tensor, omega: torch.Tensor,
                g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """(t_{n+k}, t_n = max(t_{n+k} - k, 0), pure-noise start, ODE start) [B] from the drawn t_{n+k} and w."""
+        """(t_{n+k}, t_n = max(t_{n+k} - k, 0), pure-noise start, ODE start, ODE pair) [B] from the drawn t_{n+k}
+        and w."""
         t_start, k = self._low_w_times(t_start, omega, g)
-        t_start, pure, ode = draw_starts(self.cfg, t_start, self.grid.max(), g)
-        return t_start, (t_start - k).clamp(min=0), pure, ode
+        t_start, pure, ode, pair = draw_starts(self.cfg, t_start, self.grid.max(), g)
+        return t_start, (t_start - k).clamp(min=0), pure, ode, pair
 
     def _low_w_times(self, t_start: torch.Tensor, omega: torch.Tensor,
                      g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +224,9 @@ class LCDTask(StudentTask):
         noise = torch.randn((b, *chunk.latents.shape[1:]), generator=g)  # [B, C, h, w]
         omega = draw_omega(self.cfg, b, g)  # [B]
         text = self._drop_prompts(chunk.text_states, g)
-        t_start, t_end, pure, ode = self._times(t_start, omega, g)
+        t_start, t_end, pure, ode, pair = self._times(t_start, omega, g)
         out = {"z0": chunk.latents, "text": text, "noise": noise, "t_start": t_start, "t_end": t_end, "omega": omega,
-               "pure_noise": pure, "ode_start": ode}
+               "pure_noise": pure, "ode_start": ode, "ode_pair": pair}
         return {key: v.to(self.device) for key, v in out.items()}
 
     @torch.no_grad()
@@ -270,7 +257,7 @@ class LCDTask(StudentTask):
         """Algorithm 1 lines 4-6 on one batch."""
         t_start, t_end, omega, text = batch["t_start"], batch["t_end"], batch["omega"], batch["text"]
         # 1. z_{t_{n+k}} ~ N(alpha(t_{n+k}) z, sigma^2(t_{n+k}) I) from the cached latent (line 4)
-        z_s = self._inputs(batch)  # [B, C, h, w]
+        z_s, pair_end = self._inputs(batch)  # [B, C, h, w], and the ODE pairs' end points (or None)
         # 2. the w embedding, fed to student and target as timestep_cond (LCM Sec. 4.2)
         w_emb = self.w_embedding(omega, z_s.dtype)  # [B, d], or None (LCM-LoRA)
         # 3. online prediction f_theta(z_{t_{n+k}}, w, c, t_{n+k})
@@ -282,22 +269,29 @@ class LCDTask(StudentTask):
                      else self.same_noise_target(batch["z0"], batch["noise"], t_end))
             # 5. target network f_theta^-(z_hat_{t_n}, w, c, t_n)
             target = self.target(z_hat, t_end, text, w_emb)
+            if pair_end is not None:  # an ODE pair's target is its trajectory's origin (``starts.ode_pairs``)
+                target[batch["ode_pair"]] = pair_end.to(target.dtype)
         # 6. distance d (line 6); the update (line 7) is the loop's, the EMA (line 8) is after_update
         loss = distance(pred.float(), target.float(), self.cfg.loss, self.cfg.huber_c)
         return loss, {"omega_mean": float(omega.mean())}
 
-    def _inputs(self, batch: dict) -> torch.Tensor:
-        """z_{t_{n+k}} [B, C, h, w]: data noised to t_{n+k} (Alg. 1 line 4), or a sampler start (``starts``)."""
-        noise, t_start = batch["noise"], batch["t_start"]
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z_{t_{n+k}} [B, C, h, w], the ODE pairs' end points or None): data noised to t_{n+k} (Alg. 1 line 4), or
+        a sampler start or an ODE pair (``starts``)."""
+        noise, t_start, text, omega = batch["noise"], batch["t_start"], batch["text"], batch["omega"]
         z_s = schedules.add_noise(batch["z0"], noise, self.alpha_bar[t_start])
         z_s = torch.where(batch["pure_noise"].view(-1, 1, 1, 1), noise.to(z_s.dtype), z_s)
-        ode = batch["ode_start"]  # [B]
-        if not ode.any():
-            return z_s
-        text, omega, z_s = batch["text"][ode], batch["omega"][ode], z_s.clone()
-        z_s[ode] = ode_states(lambda z, s, t: self.solver_target(z, s, t, text, omega), noise[ode].to(z_s.dtype),
-                              t_start[ode], self.grid.max(), self.cfg.ode_start_steps)
-        return z_s
+        ode, pair, end = batch["ode_start"], batch["ode_pair"], None  # [B]
+
+        def step(sel):  # one guided teacher step of the selected samples
+            return lambda z, s, t: self.solver_target(z, s, t, text[sel], omega[sel])
+        if ode.any():  # z_s is torch.where's own tensor: written in place
+            z_s[ode] = ode_states(step(ode), noise[ode].to(z_s.dtype), t_start[ode], self.grid.max(),
+                                  self.cfg.ode_start_steps)
+        if pair.any():
+            z_s[pair], end = ode_pairs(step(pair), noise[pair].to(z_s.dtype), t_start[pair], self.grid.max(),
+                                       self.cfg.ode_pair_steps)
+        return z_s, end
 
     def w_embedding(self, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The w embedding [B, d] fed as timestep_cond (LCM Sec. 4.2); None for a student without a w input (the

@@ -24,9 +24,9 @@ import torch
 
 from .. import schedules
 from ..guidance import guidance_scale_embedding
-from ..models.denoiser import Denoiser, make_student
+from ..models.denoiser import Denoiser, make_student, restrict_cond_proj
 from ..solvers import guide
-from .consistency import StudentTask, restrict_cond_proj
+from .consistency import StudentTask
 from .data.tensors import LCDData
 from .lcd_config import LCDConfig, distance, draw_omega
 from .loop import ema_update, step_generator

@@ -50,6 +50,9 @@ class LCDConfig:
     ode_start_share: float = 0.0       # share of samples whose z_{t_{n+k}} is the teacher's guided ODE (at their
     # w) from pure noise at the top point, ode_start_steps solver steps, instead of data noised to t_{n+k}
     ode_start_steps: int = 2
+    ode_pair_share: float = 0.0        # share of samples on the teacher's guided ODE from pure noise (ode_pair_steps
+    # DDIM-spaced steps from the top point to t = 0) whose target is that ODE's own end point, not the EMA target
+    ode_pair_steps: int = 20           # their input is the state at one of the steps' start points, drawn uniformly
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -91,6 +94,10 @@ class LCDConfig:
                 self.ode_start_share > 0 and self.target != "solver"):
             raise ValueError("ode_start_share must be in [0, 1 - noise_start_share], ode_start_steps >= 1, and it "
                              "needs LCD's solver target (a teacher)")
+        if not 0.0 <= self.ode_pair_share <= 1.0 - self.noise_start_share - self.ode_start_share or (
+                self.ode_pair_steps < 2 or (self.ode_pair_share > 0 and self.target != "solver")):
+            raise ValueError("ode_pair_share must be in [0, 1 - noise_start_share - ode_start_share], ode_pair_steps "
+                             ">= 2, and it needs LCD's solver target (a teacher)")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         lowest = max(self.skip, self.low_w_skip or 0) - 1
