@@ -130,10 +130,12 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
     lcm = tmp_path / "lcm"
     main(["distill", "--teacher", str(micro_teacher), "--init-student", str(guided), "--guided-teacher", str(guided),
           "--out", str(lcm), "--max-steps", "2", "--batch-size", "2", "--num-data", "4", "--validate-every", "0",
-          "--omega-zero-share", "0.25", "--ode-pair-share", "0.5", "--ode-pair-steps", "2"])
+          "--omega-zero-share", "0.25", "--ode-pair-share", "0.5", "--ode-pair-steps", "2",
+          "--ode-pair-starts", "top"])
     assert Bundle.load(lcm).is_lcm
     card = (lcm / "README.md").read_text()
-    assert "w = 0 for a share of 0.25" in card and "ODE's end point as target (2 solver steps)" in card
+    assert "w = 0 for a share of 0.25" in card
+    assert "ODE's end point as target (2 solver steps, input always the pure noise)" in card
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -143,6 +145,7 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
     (["--noise-start-share", "0.2"], "--noise-start-share is an LCD option"),
     (["--low-w-skip", "20"], "--low-w-skip is an LCD option"),
     (["--ode-pair-share", "0.2"], "--ode-pair-share is an LCD option"),
+    (["--ode-pair-starts", "top"], "--ode-pair-starts is an LCD option"),
 ])
 def test_cli_guidance_stage_refuses_lcd_options(micro_teacher, tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
@@ -285,6 +288,24 @@ def test_ode_pairs_take_input_and_target_from_one_teacher_trajectory(bundle, mic
         _cfg(noise_start_share=0.6, ode_pair_share=0.5)
     with pytest.raises(ValueError, match="ode_pair_share"):
         _cfg(ode_pair_share=0.5, target="same-noise")
+
+
+def test_ode_pairs_at_the_top_point_map_pure_noise_to_the_odes_end(bundle, micro_data, monkeypatch):
+    _, task, batch = _with_option(bundle, micro_data, 3, ode_pair_share=0.5, ode_pair_steps=2, ode_pair_starts="top")
+    pair = batch["ode_pair"]
+    assert 4 < int(pair.sum()) < 28 and (batch["t_start"][pair] == 999).all()
+    seen = _record_inputs(task)
+    monkeypatch.setattr(consistency, "distance", lambda pred, target, *a: seen.setdefault("target", target).sum())
+    with torch.no_grad():
+        task.loss(batch, 3)
+        text, omega, z = batch["text"][pair], batch["omega"][pair], batch["noise"][pair]
+        for s, t in ((999, 499), (499, 0)):  # the teacher's guided DDIM, by hand
+            z = task.solver_target(z, torch.full_like(omega, s, dtype=torch.long),
+                                   torch.full_like(omega, t, dtype=torch.long), text, omega)
+    torch.testing.assert_close(seen["z"][pair], batch["noise"][pair])  # the sampler's start: pure noise
+    torch.testing.assert_close(seen["target"][pair], z)
+    with pytest.raises(ValueError, match="ode_pair_starts"):
+        _cfg(ode_pair_share=0.5, ode_pair_starts="middle")
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -84,6 +84,9 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--ode-pair-steps", type=click.IntRange(2, 1000), default=20, metavar="S",
               help="Solver steps of an ODE pair's trajectory (--ode-pair-share); its start points are 999, "
                    "999 - 1000/S, ...")
+@click.option("--ode-pair-starts", type=click.Choice(["uniform", "top"]), default="uniform",
+              help="Where an ODE pair's input lies (--ode-pair-share): uniform over its trajectory's start points, or "
+                   "always at the top point (pure noise: the map of Algorithm 3's first step).")
 @click.option("--guidance-max-t", type=click.IntRange(0, 10**6), default=None, metavar="T",
               show_default="none: every t",
               help="Guidance in a limited interval (Kynkaanniemi et al. 2024): the teacher's ODE step from t_{n+k} is "

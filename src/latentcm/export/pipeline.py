@@ -170,7 +170,8 @@ def _low_w_text(lcd: dict) -> str:
                  f"({lcd['ode_start_steps']} solver steps)")
     if lcd.get("ode_pair_share"):
         text += (f"; a share of {lcd['ode_pair_share']:g} on the teacher's ODE from pure noise with that ODE's end "
-                 f"point as target ({lcd['ode_pair_steps']} solver steps)")
+                 f"point as target ({lcd['ode_pair_steps']} solver steps"
+                 + (", input always the pure noise" if lcd.get("ode_pair_starts") == "top" else "") + ")")
     return text
 
 

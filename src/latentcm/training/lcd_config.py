@@ -53,6 +53,7 @@ class LCDConfig:
     ode_pair_share: float = 0.0        # share of samples on the teacher's guided ODE from pure noise (ode_pair_steps
     # DDIM-spaced steps from the top point to t = 0) whose target is that ODE's own end point, not the EMA target
     ode_pair_steps: int = 20           # their input is the state at one of the steps' start points, drawn uniformly
+    ode_pair_starts: str = "uniform"   # uniform: over those start points | top: always the top point, pure noise
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -98,6 +99,8 @@ class LCDConfig:
                 self.ode_pair_steps < 2 or (self.ode_pair_share > 0 and self.target != "solver")):
             raise ValueError("ode_pair_share must be in [0, 1 - noise_start_share - ode_start_share], ode_pair_steps "
                              ">= 2, and it needs LCD's solver target (a teacher)")
+        if self.ode_pair_starts not in ("uniform", "top"):
+            raise ValueError(f"ode_pair_starts must be uniform or top, got {self.ode_pair_starts!r}")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         lowest = max(self.skip, self.low_w_skip or 0) - 1

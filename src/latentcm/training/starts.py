@@ -15,8 +15,8 @@ def draw_starts(cfg: LCDConfig, t_start: torch.Tensor, top: torch.Tensor,
     """(t_{n+k}, pure, ode, pair) [B]: ``noise_start_share`` of the samples moved to the top point, where Algorithm 3
     starts from pure noise, their input that noise; ``ode_start_share`` keep their t_{n+k} and take their input
     from the teacher's ODE out of that noise (at the top point the two are one); ``ode_pair_share`` move to a
-    start point of the pair trajectory (``pair_times``), drawn uniformly. Drawn only when a share is > 0, so
-    shares of 0 leave the batch stream as it was."""
+    start point of the pair trajectory (``pair_times``), drawn uniformly, or to its top point
+    (``ode_pair_starts``). Drawn only when a share is > 0, so shares of 0 leave the batch stream as it was."""
     none = torch.zeros_like(t_start, dtype=torch.bool)
     if cfg.noise_start_share == 0 and cfg.ode_start_share == 0 and cfg.ode_pair_share == 0:
         return t_start, none, none, none
@@ -28,6 +28,8 @@ def draw_starts(cfg: LCDConfig, t_start: torch.Tensor, top: torch.Tensor,
     if cfg.ode_pair_share == 0:
         return t_start, pure, ode, none
     pair = (u >= second) & (u < second + cfg.ode_pair_share)
+    if cfg.ode_pair_starts == "top":  # the sampler's first step: pure noise at the top point to the ODE's end
+        return torch.where(pair, top, t_start), pure, ode, pair
     on_path = pair_times(top, cfg.ode_pair_steps)[torch.randint(cfg.ode_pair_steps, (len(u),), generator=g)]
     return torch.where(pair, on_path.to(t_start), t_start), pure, ode, pair
 
