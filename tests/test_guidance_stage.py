@@ -306,6 +306,8 @@ def test_ode_pairs_at_the_top_point_map_pure_noise_to_the_odes_end(bundle, micro
     torch.testing.assert_close(seen["target"][pair], z)
     with pytest.raises(ValueError, match="ode_pair_starts"):
         _cfg(ode_pair_share=0.5, ode_pair_starts="middle")
+    with pytest.raises(ValueError, match="top needs ode_pair_share"):
+        _cfg(ode_pair_starts="top")  # no pairs to place: refused, not ignored
 
 
 @pytest.mark.parametrize("args, needle", [

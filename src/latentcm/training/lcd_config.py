@@ -99,8 +99,10 @@ class LCDConfig:
                 self.ode_pair_steps < 2 or (self.ode_pair_share > 0 and self.target != "solver")):
             raise ValueError("ode_pair_share must be in [0, 1 - noise_start_share - ode_start_share], ode_pair_steps "
                              ">= 2, and it needs LCD's solver target (a teacher)")
-        if self.ode_pair_starts not in ("uniform", "top"):
-            raise ValueError(f"ode_pair_starts must be uniform or top, got {self.ode_pair_starts!r}")
+        top_alone = self.ode_pair_starts == "top" and not self.ode_pair_share
+        if self.ode_pair_starts not in ("uniform", "top") or top_alone:
+            raise ValueError(f"ode_pair_starts must be uniform or top (top needs ode_pair_share > 0), got "
+                             f"{self.ode_pair_starts!r}")
         if self.guidance_max_t is not None and self.guidance_max_t < 0:
             raise ValueError(f"guidance_max_t must be >= 0, got {self.guidance_max_t}")
         lowest = max(self.skip, self.low_w_skip or 0) - 1
