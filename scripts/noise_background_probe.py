@@ -118,16 +118,18 @@ def main() -> None:
     prompts, captions = [p for p, _ in pairs], [c for _, c in pairs]
     extractor = JudgeExtractor.load(registry.resolve(args.judge))
     reference = references.reference_set(extractor, "prompt-scenes")
-    bundles, results, rng = {}, [], np.random.default_rng(0)
-    x, first_off, edges, first_score = None, None, None, None
+    bundles = {rows[0]["model"]: Bundle.load(registry.resolve(rows[0]["model"]))}
+    x = features(bundles[rows[0]["model"]], captions, args.num_samples)  # every row's images share their x_T
+    results, rng, first_off, edges, first_score = [], np.random.default_rng(0), None, None, None
     for row in rows:
-        bundle = bundles.setdefault(row["model"], Bundle.load(registry.resolve(row["model"])))
-        if row["kind"] in ("handoff", "takeover"):
-            bundles.setdefault("teacher", Bundle.load(registry.resolve("teacher")))
+        if row["model"] not in bundles:
+            bundles[row["model"]] = Bundle.load(registry.resolve(row["model"]))
+        bundle = bundles[row["model"]]
+        if row["kind"] in ("handoff", "takeover") and "teacher" not in bundles:
+            bundles["teacher"] = Bundle.load(registry.resolve("teacher"))
         images = sample(bundle, row, prompts, args.guidance, args.cache, bundles.get("teacher"))
         scores = scoring.score(images, prompts, extractor, reference, per_image=True)
         off = 1.0 - scores["per_image"]["attribute_accuracy"]["background"]  # [N]; every caption names one
-        x = features(bundle, captions, args.num_samples) if x is None else x
         score = out_of_fold(x, off)
         if first_off is None:
             first_off, first_score = off, score

@@ -294,7 +294,8 @@ def test_ode_pairs_at_the_top_point_map_pure_noise_to_the_odes_end(bundle, micro
     _, task, batch = _with_option(bundle, micro_data, 3, ode_pair_share=0.5, ode_pair_steps=2, ode_pair_starts="top")
     pair = batch["ode_pair"]
     assert 4 < int(pair.sum()) < 28 and (batch["t_start"][pair] == 999).all()
-    seen = _record_inputs(task)
+    seen, sizes, target_fn = _record_inputs(task), [], task.target
+    task.target = lambda z, *a: (sizes.append(len(z)), target_fn(z, *a))[1]
     monkeypatch.setattr(consistency, "distance", lambda pred, target, *a: seen.setdefault("target", target).sum())
     with torch.no_grad():
         task.loss(batch, 3)
@@ -304,6 +305,7 @@ def test_ode_pairs_at_the_top_point_map_pure_noise_to_the_odes_end(bundle, micro
                                    torch.full_like(omega, t, dtype=torch.long), text, omega)
     torch.testing.assert_close(seen["z"][pair], batch["noise"][pair])  # the sampler's start: pure noise
     torch.testing.assert_close(seen["target"][pair], z)
+    assert sizes == [int((~pair).sum())]  # no solver step or target pass on the pair samples
     with pytest.raises(ValueError, match="ode_pair_starts"):
         _cfg(ode_pair_share=0.5, ode_pair_starts="middle")
     with pytest.raises(ValueError, match="top needs ode_pair_share"):

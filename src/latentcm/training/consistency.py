@@ -191,8 +191,7 @@ class LCDTask(StudentTask):
 
     def _times(self, t_start: torch.Tensor, omega: torch.Tensor,
                g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """(t_{n+k}, t_n = max(t_{n+k} - k, 0), pure-noise start, ODE start, ODE pair) [B] from the drawn t_{n+k}
-        and w."""
+        """(t_{n+k}, t_n = max(t_{n+k} - k, 0), pure-noise start, ODE start, ODE pair) [B] from t_{n+k} and w."""
         t_start, k = self._low_w_times(t_start, omega, g)
         t_start, pure, ode, pair = draw_starts(self.cfg, t_start, self.grid.max(), g)
         return t_start, (t_start - k).clamp(min=0), pure, ode, pair
@@ -210,8 +209,7 @@ class LCDTask(StudentTask):
         return t_start, k
 
     def _drop_prompts(self, text: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """``empty_prompt_share`` of the captions replaced by the empty prompt (drawn last: a share of 0 leaves the
-        batch stream as it was)."""
+        """``empty_prompt_share`` of the captions made the empty prompt (drawn last: a share of 0 keeps the stream)."""
         if self.cfg.empty_prompt_share == 0:
             return text
         drop = (torch.rand(len(text), generator=g) < self.cfg.empty_prompt_share).to(text.device)  # [B]
@@ -255,7 +253,7 @@ class LCDTask(StudentTask):
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         """Algorithm 1 lines 4-6 on one batch."""
-        t_start, t_end, omega, text = batch["t_start"], batch["t_end"], batch["omega"], batch["text"]
+        t_start, omega, text = batch["t_start"], batch["omega"], batch["text"]
         # 1. z_{t_{n+k}} ~ N(alpha(t_{n+k}) z, sigma^2(t_{n+k}) I) from the cached latent (line 4)
         z_s, pair_end = self._inputs(batch)  # [B, C, h, w], and the ODE pairs' end points (or None)
         # 2. the w embedding, fed to student and target as timestep_cond (LCM Sec. 4.2)
@@ -263,21 +261,29 @@ class LCDTask(StudentTask):
         # 3. online prediction f_theta(z_{t_{n+k}}, w, c, t_{n+k})
         pred = self.student(z_s, t_start, text, w_emb)  # [B, C, h, w]
         with torch.no_grad():
-            # 4. guided solver target z_hat_{t_n} from the teacher (line 5), guided where t_{n+k} <= guidance_max_t
-            w_teacher = interval_omega(omega, t_start, self.cfg.guidance_max_t)  # [B]
-            z_hat = (self.solver_target(z_s, t_start, t_end, text, w_teacher) if self.cfg.target == "solver"
-                     else self.same_noise_target(batch["z0"], batch["noise"], t_end))
-            # 5. target network f_theta^-(z_hat_{t_n}, w, c, t_n)
-            target = self.target(z_hat, t_end, text, w_emb)
-            if pair_end is not None:  # an ODE pair's target is its trajectory's origin (``starts.ode_pairs``)
-                target[batch["ode_pair"]] = pair_end.to(target.dtype)
+            if pair_end is None:
+                target = self._bootstrap_target(batch, z_s, w_emb, slice(None))
+            else:  # an ODE pair's target is its trajectory's origin (``starts.ode_pairs``): no solver, no target pass
+                target, pair = pred.new_empty(pred.shape, dtype=torch.float32), batch["ode_pair"]  # [B, C, h, w], [B]
+                target[pair] = pair_end.float()
+                if not pair.all():
+                    target[~pair] = self._bootstrap_target(batch, z_s, w_emb, ~pair).float()
         # 6. distance d (line 6); the update (line 7) is the loop's, the EMA (line 8) is after_update
         loss = distance(pred.float(), target.float(), self.cfg.loss, self.cfg.huber_c)
         return loss, {"omega_mean": float(omega.mean())}
 
+    def _bootstrap_target(self, batch: dict, z_s: torch.Tensor, w_emb: torch.Tensor | None, sel) -> torch.Tensor:
+        """Algorithm 1 line 5 and the target network's output, on the samples ``sel`` picks (a mask, or all)."""
+        t_start, t_end, omega, text = (batch[key][sel] for key in ("t_start", "t_end", "omega", "text"))
+        # 4. guided solver target z_hat_{t_n} from the teacher (line 5), guided where t_{n+k} <= guidance_max_t
+        w_teacher = interval_omega(omega, t_start, self.cfg.guidance_max_t)  # [B]
+        z_hat = (self.solver_target(z_s[sel], t_start, t_end, text, w_teacher) if self.cfg.target == "solver"
+                 else self.same_noise_target(batch["z0"][sel], batch["noise"][sel], t_end))
+        # 5. target network f_theta^-(z_hat_{t_n}, w, c, t_n)
+        return self.target(z_hat, t_end, text, None if w_emb is None else w_emb[sel])
+
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(z_{t_{n+k}} [B, C, h, w], the ODE pairs' end points or None): data noised to t_{n+k} (Alg. 1 line 4), or
-        a sampler start or an ODE pair (``starts``)."""
+        """(z_{t_{n+k}}, ODE pairs' end points or None): data noised to t_{n+k} (Alg. 1 line 4), or from ``starts``."""
         noise, t_start, text, omega = batch["noise"], batch["t_start"], batch["text"], batch["omega"]
         z_s = schedules.add_noise(batch["z0"], noise, self.alpha_bar[t_start])
         z_s = torch.where(batch["pure_noise"].view(-1, 1, 1, 1), noise.to(z_s.dtype), z_s)
