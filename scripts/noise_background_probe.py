@@ -28,7 +28,7 @@ from latentcm.bundle import Bundle
 from latentcm.evaluation import references, scoring
 from latentcm.evaluation.extractors import JudgeExtractor
 from latentcm.sampling.teacher import initial_latents
-from unguided_samplers import label, parse_row, sample
+from unguided_samplers import label, parse_row, row_images
 
 BIN_EDGES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)   # quantiles of the first row's score
 FOLDS, RIDGE = 5, 1e-2
@@ -122,12 +122,7 @@ def main() -> None:
     x = features(bundles[rows[0]["model"]], captions, args.num_samples)  # every row's images share their x_T
     results, rng, first_off, edges, first_score = [], np.random.default_rng(0), None, None, None
     for row in rows:
-        if row["model"] not in bundles:
-            bundles[row["model"]] = Bundle.load(registry.resolve(row["model"]))
-        bundle = bundles[row["model"]]
-        if row["kind"] in ("handoff", "takeover") and "teacher" not in bundles:
-            bundles["teacher"] = Bundle.load(registry.resolve("teacher"))
-        images = sample(bundle, row, prompts, args.guidance, args.cache, bundles.get("teacher"))
+        images = row_images(row, bundles, prompts, args.guidance, args.cache)
         scores = scoring.score(images, prompts, extractor, reference, per_image=True)
         off = 1.0 - scores["per_image"]["attribute_accuracy"]["background"]  # [N]; every caption names one
         score = out_of_fold(x, off)

@@ -190,6 +190,15 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache
     return np.concatenate(images)
 
 
+def row_images(row: dict, bundles: dict, prompts: list[str], guidance: float, cache: Path | None) -> np.ndarray:
+    """``sample`` for one row, loading its model (and the teacher, for hand-off and take-over rows) into
+    ``bundles`` once."""
+    for name in (row["model"], "teacher") if row["kind"] in ("handoff", "takeover") else (row["model"],):
+        if name not in bundles:
+            bundles[name] = Bundle.load(registry.resolve(name))
+    return sample(bundles[row["model"]], row, prompts, guidance, cache, bundles.get("teacher"))
+
+
 def paired_delta(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict:
     """Mean of b - a in points over the images where both are scored, with a percentile bootstrap interval."""
     keep = ~(np.isnan(a) | np.isnan(b))
@@ -229,12 +238,7 @@ def main() -> None:
     bundles, results, first = {}, [], None
     rng = np.random.default_rng(0)
     for row in rows:
-        if row["model"] not in bundles:
-            bundles[row["model"]] = Bundle.load(registry.resolve(row["model"]))
-        bundle = bundles[row["model"]]
-        if row["kind"] in ("handoff", "takeover") and "teacher" not in bundles:
-            bundles["teacher"] = Bundle.load(registry.resolve("teacher"))
-        images = sample(bundle, row, prompts, args.guidance, args.cache, bundles.get("teacher"))
+        images = row_images(row, bundles, prompts, args.guidance, args.cache)
         scores = scoring.score(images, prompts, extractor, reference, per_image=True)
         per = scores.pop("per_image")["attribute_accuracy"]
         first = first or per
