@@ -1,7 +1,8 @@
 """Paired comparison of LCMs on the same prompts and seeds: is a candidate better, worse or level with a baseline?
 
     python scripts/paired_lcms.py BASE=MODEL CAND=MODEL [...] --rows STEPS:NAME@G,NAME@G,... [--rows ...]
-                                 [--negative NAME=TEXT ...] [--num-samples 1000] [--out FILE.json]
+                                 [--negative NAME=TEXT ...] [--renoise NAME=MODE ...] [--num-samples 1000]
+                                 [--out FILE.json]
 
 Each --rows names one step count and, per model, the guidance scale g it is sampled at there (e.g. each model's
 best g from ``lcm ablate guidance``). The prompts and seeds are ``lcm ablate guidance``'s (held-out captions,
@@ -12,7 +13,9 @@ the reference resampled with them (``evaluation.intervals``). "better" / "worse"
 excludes 0, else "level". Judge accuracies (colour, background, shape) get the same paired intervals.
 ``--negative NAME=TEXT`` samples that model with a negative prompt (an LCM that takes one; TEXT may be empty:
 ``NAME=`` is real CFG against the empty prompt, the quality of the negative-prompt mode itself). A model may be
-named twice (``a=DIR b=DIR --negative b=``) to compare its two modes.
+named twice (``a=DIR b=DIR --negative b=``) to compare its two modes. ``--renoise NAME=keep-means`` samples that
+model with keep-means re-noising (``lcm generate --renoise``); ``a=DIR b=DIR --renoise b=keep-means`` compares the two
+samplers on one model.
 """
 import argparse
 import json
@@ -50,10 +53,10 @@ def verdict(ci: list[float], lower_is_better: bool) -> str:
 
 
 def compare(bundles: dict, names: list[str], steps: int, gs: dict, prompts, extractor, ref, draws, cache: Path,
-            negatives: dict):
+            negatives: dict, renoise: dict):
     features, accuracy, out = {}, {}, {"steps": steps, "guidance": gs, "rows": {}}
     for name in names:
-        row = Row(name, LCM_SAMPLER, steps, gs[name], negative_prompt=negatives.get(name))
+        row = Row(name, LCM_SAMPLER, steps, gs[name], negative_prompt=negatives.get(name), renoise=renoise.get(name))
         scores, _, _ = generate_and_score(bundles[name], row, prompts, extractor, ref, cache, per_image=True)
         per = scores.pop("per_image")
         features[name], accuracy[name] = per["features"], per["attribute_accuracy"]
@@ -95,6 +98,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--resamples", type=int, default=200)
     ap.add_argument("--negative", action="append", default=[], metavar="NAME=TEXT")
+    ap.add_argument("--renoise", action="append", default=[], metavar="NAME=MODE")
     ap.add_argument("--judge", default="judge")
     ap.add_argument("--cache", default="runs/paired-lcms", help="folder the samples are cached in")
     ap.add_argument("--out", default=None)
@@ -108,16 +112,19 @@ def main() -> None:
     negatives = dict(item.split("=", 1) for item in args.negative if "=" in item)
     if len(negatives) != len(args.negative) or not set(negatives) <= set(names):
         sys.exit(f"error: each --negative is NAME=TEXT with NAME one of {', '.join(names)}")
+    renoise = dict(item.split("=", 1) for item in args.renoise if "=" in item)
+    if len(renoise) != len(args.renoise) or not set(renoise) <= set(names):
+        sys.exit(f"error: each --renoise is NAME=MODE with NAME one of {', '.join(names)}")
     extractor = JudgeExtractor.load(registry.resolve(args.judge))
     ref = references.reference_set(extractor, "prompt-scenes")
     prompts = [p for p, _ in references.heldout_prompts(args.num_samples)]
     draws = intervals.draw(args.num_samples, len(ref.features), args.resamples, seed=0)
-    results = [compare(bundles, names, steps, gs, prompts, extractor, ref, draws, Path(args.cache), negatives)
+    results = [compare(bundles, names, steps, gs, prompts, extractor, ref, draws, Path(args.cache), negatives, renoise)
                for steps, gs in rows]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"num_samples": args.num_samples, "models": dict(pairs),
-                                              "negatives": negatives,
+                                              "negatives": negatives, "renoise": renoise,
                                               "reference": ref.name, "results": results}, indent=1))
     print(markdown(results, names, args.num_samples))
 

@@ -10,6 +10,7 @@ ROW is one of
                         (ancestral sampling, trailing timesteps), the same initial noise per image;
   teacher:diffusers-ddim:STEPS   the same pipeline with a DDIMScheduler (a cross-check of the ode row);
   MODEL:lcm:STEPS       an LCM with LCM Algorithm 3 (re-noises with fresh noise before each step after the first);
+  MODEL:lcm-km:STEPS    the same with keep-means re-noising (each channel's mean from the step's noise estimate);
   MODEL:lcm-at:T1-T2-.. the same on the given timesteps (descending, within the schedule), e.g.
                         999-249-149-49: how late re-noising starts, at the same number of steps;
   MODEL:tcd:STEPS:GAMMA an LCM with TCD sampling at stochasticity GAMMA (0: deterministic, the DDIM-like
@@ -18,6 +19,7 @@ ROW is one of
                         shipped LCM's STEPS timesteps the teacher's ODE row is solved to t = 0 (DDIM on the points
                         of its trailing 50-step grid below t), then re-noised with the LCM rows' own step noise.
                         What a perfectly distilled LCM would give under Algorithm 3; 1 step is the ODE row itself;
+  teacher:exact-cm-km:STEPS the same with keep-means re-noising (``lcm generate --renoise keep-means``);
   MODEL:handoff:T       the teacher's ODE row from t = 999 down to T (its trailing grid, then one DDIM step to T),
                         then the LCM's Algorithm 3 from that state on T and its 4-step refine timesteps below T:
                         the noise level at which the LCM's output departs from the ODE's;
@@ -59,10 +61,11 @@ BATCH = 32
 
 def parse_row(text: str) -> dict:
     parts = text.split(":")
-    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "lcm-at": 3, "tcd": 4, "exact-cm": 3, "handoff": 3,
+    kinds = {"ode": 3, "ddpm": 3, "diffusers-ddim": 3, "lcm": 3, "lcm-km": 3, "lcm-at": 3, "tcd": 4, "exact-cm": 3,
+             "exact-cm-km": 3, "handoff": 3,
              "takeover": 3}
     if len(parts) < 3 or parts[1] not in kinds or len(parts) != kinds[parts[1]]:
-        sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim|exact-cm:STEPS, MODEL:lcm:STEPS, "
+        sys.exit(f"error: a row is teacher:ode|ddpm|diffusers-ddim|exact-cm|exact-cm-km:STEPS, MODEL:lcm|lcm-km:STEPS, "
                  f"MODEL:lcm-at:T1-T2-..., MODEL:handoff:T, MODEL:takeover:T or MODEL:tcd:STEPS:GAMMA, got {text!r}")
     try:
         timesteps = [int(t) for t in parts[2].split("-")] if parts[1] == "lcm-at" else None
@@ -124,7 +127,8 @@ class TeacherODE:
         return self.x0_eps(x, torch.full_like(t_batch, points[-1] if points else int(t_batch[0])))[0]
 
 
-def exact_cm_images(bundle: Bundle, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+def exact_cm_images(bundle: Bundle, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                    renoise: str = "fresh") -> np.ndarray:
     """LCM Algorithm 3 whose consistency function is the teacher's guided ODE itself (DDIM on the trailing 50-step
     grid, the ODE row's, from t to 0), on the shipped LCM's refine timesteps and the LCM rows' per-seed noise."""
     o = bundle.sampling_options(None, sampler="ddim-trailing", steps=ODE_STEPS, guidance=guidance)
@@ -133,7 +137,7 @@ def exact_cm_images(bundle: Bundle, prompts: list[str], seeds: list[int], steps:
     ts = inference_timesteps("refine", steps, len(ode.table), LCM_GRID_POINTS)
     with torch.no_grad():
         return to_pixels(bundle.decode(sample_lcm(ode.to_zero, noise_fn(-1), ts, noise_fn=noise_fn,
-                                                  alpha_bar=ode.table)))
+                                                  alpha_bar=ode.table, keep_means=renoise == "keep-means")))
 
 
 def handoff_images(teacher: Bundle, lcm: Bundle, prompts: list[str], seeds: list[int], t_star: int,
@@ -176,8 +180,9 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache
         if row["kind"] in ("ddpm", "diffusers-ddim"):
             images.append(diffusers_images(bundle, row["kind"], batch, seeds, row["steps"], guidance))
             continue
-        if row["kind"] == "exact-cm":
-            images.append(exact_cm_images(bundle, batch, seeds, row["steps"], guidance))
+        if row["kind"] in ("exact-cm", "exact-cm-km"):
+            renoise = "keep-means" if row["kind"] == "exact-cm-km" else "fresh"
+            images.append(exact_cm_images(bundle, batch, seeds, row["steps"], guidance, renoise))
             continue
         if row["kind"] in ("handoff", "takeover"):
             make = handoff_images if row["kind"] == "handoff" else takeover_images
@@ -185,7 +190,7 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache
             continue
         sampler = {"ode": "ddim-trailing"}.get(row["kind"], "lcm")
         x = bundle.generate(batch, seeds, sampler, row["steps"], guidance, gamma=row["gamma"],
-                            timesteps=row["timesteps"])
+                            timesteps=row["timesteps"], renoise="keep-means" if row["kind"] == "lcm-km" else None)
         images.append(to_pixels(x))
     return np.concatenate(images)
 

@@ -129,9 +129,10 @@ def test_single_file_keeps_the_mode_and_sampling_settings(cfg_lcm, tmp_path):
 
     src = Bundle.load(cfg_lcm)
     src.timestep_schedule, src.default_guidance = "refine", 2.5  # not the defaults: the file must carry them
+    src.renoise = "keep-means"
     restored = load_single_file(save_single_file(src, tmp_path / "cfg.safetensors"))
     assert restored.sampling_file() == {"timestep_schedule": "refine", "guidance_mode": "cfg", "guidance": 2.5,
-                                        "unguided_w0": False}
+                                        "unguided_w0": False, "renoise": "keep-means"}
     assert restored.unet.config.get("time_cond_proj_dim") is None
     options = {"steps": 2, "negative_prompt": "blue"}
     assert torch.equal(restored.generate(["a red circle"], [0], **options), src.generate(["a red circle"], [0], **options))

@@ -89,6 +89,14 @@ INVALID_CASES = [
          serve={"negative_prompt": "red"}),
     Case("negative prompt not a string", dict(sampler="ddim", negative_prompt=["red"]), "teacher",
          "negative_prompt must be a string, got list", serve={"model": "teacher", "negative_prompt": ["red"]}),
+    Case("renoise with gamma", dict(gamma=0.3, renoise="keep-means"), "lcm",
+         "renoise is LCM Algorithm 3's; TCD sampling (gamma) re-noises by its own rule",
+         serve={"gamma": 0.3, "renoise": "keep-means"}),
+    Case("renoise on a teacher sampler", dict(sampler="ddim", renoise="keep-means"), "teacher",
+         "renoise is the LCM sampler's; teacher samplers do not re-noise",
+         serve={"model": "teacher", "renoise": "keep-means"}),
+    Case("unknown renoise", dict(renoise="ddpm"), "lcm", "unknown renoise 'ddpm'; choose from fresh, keep-means",
+         serve={"renoise": "ddpm"}),
     Case("size off the VAE factor", dict(height=17, width=17), "lcm",
          "height and width must be divisible by the VAE factor {vae}, got 17x17"),
 ]
@@ -169,7 +177,7 @@ def test_bundle_takes_the_options_as_one_object(bundles):
 # --- the command line: the same rules through `lcm generate`, parameters named as flags ------------------
 # Cases click's own option types refuse first (ranges, choices): their message is click's, about the flag.
 CLICK_TYPED = {"gamma above 1", "gamma below 0", "guidance NaN", "strength 0", "strength above 1", "unknown schedule",
-               "unknown sampler", "no steps",
+               "unknown sampler", "no steps", "unknown renoise",
                "negative prompt not a string"}  # (a flag's value is always a string)
 
 

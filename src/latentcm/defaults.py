@@ -16,6 +16,10 @@ TIMESTEP_SCHEDULES = ("grid", "refine")
 # How an LCM forms its guided prediction: "embedding" (LCM Sec. 4.2: w is an input, one pass per step) or "cfg"
 # (real classifier-free guidance over a student distilled on the unguided ODE: two passes, takes negative prompts)
 GUIDANCE_MODES = ("embedding", "cfg")
+# The LCM sampler's re-noising noise between steps: "fresh" (LCM Algorithm 3, diffusers' LCMScheduler) or
+# "keep-means" (its per-channel spatial means taken from the step's noise estimate; sampling.lcm). An LCM
+# folder's sampling.json may name one; "fresh" where it has none.
+RENOISE = ("fresh", "keep-means")
 CFG_LCM_GUIDANCE = 2.0            # default g of a real-CFG LCM whose sampling.json names none (small g: PCM, TDD)
 
 LCM_OMEGA = 7.5                   # paper w of the shipped LCM's default and of training previews

@@ -57,6 +57,7 @@ class Bundle:
     default_guidance: float | None = None  # the g the folder's SAMPLING_FILE recommends; None: the kind's default
     # SAMPLING_FILE: a w-input LCM distilled from w = 0, which takes a negative prompt through real CFG at w = 0
     unguided_w0: bool = False
+    renoise: str = "fresh"  # SAMPLING_FILE: the LCM sampler's re-noising noise (defaults.RENOISE)
     # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
     autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast
     channels_last_vae: bool = False             # VAE weights and inputs in channels_last memory format
@@ -75,12 +76,13 @@ class Bundle:
         """Take an LCM's SAMPLING_FILE settings (``loading.sampling_settings``); returns self."""
         self.timestep_schedule, self.guidance_mode = settings["timestep_schedule"], settings["guidance_mode"]
         self.default_guidance, self.unguided_w0 = settings["guidance"], settings.get("unguided_w0", False)
+        self.renoise = settings.get("renoise", "fresh")
         return self
 
     def sampling_file(self) -> dict:
         """The SAMPLING_FILE settings this bundle samples with (what ``use_sampling`` takes)."""
         return {"timestep_schedule": self.timestep_schedule, "guidance_mode": self.guidance_mode,
-                "guidance": self.default_guidance, "unguided_w0": self.unguided_w0}
+                "guidance": self.default_guidance, "unguided_w0": self.unguided_w0, "renoise": self.renoise}
 
     def to(self, device: str | torch.device) -> "Bundle":
         """Move every network to ``device`` (in place); returns self."""
@@ -155,7 +157,7 @@ class Bundle:
         return ModelTraits(self.is_lcm, self.original_inference_steps, train_timesteps(self.scheduler_config),
                            self.vae_factor, self.default_size, self.timestep_schedule, str(self.path or "this model"),
                            self.unet.config.get("time_cond_proj_dim") is not None, self.guidance_mode,
-                           self.default_guidance, self.unguided_w0)
+                           self.default_guidance, self.unguided_w0, self.renoise)
 
     def sampling_options(self, options: SamplingOptions | None = None, **given) -> SamplingOptions:
         """``options`` (or ones built from the keywords ``given``) resolved for this model; ModelError when
@@ -252,11 +254,12 @@ class Bundle:
                        width: int | None = None, latents: torch.Tensor | None = None,
                        gamma: float | None = None, guidance_max_t: int | None = None,
                        timesteps: list[int] | None = None, schedule: str | None = None, *,
-                       negative_prompt: str | None = None, options: SamplingOptions | None = None) -> torch.Tensor:
+                       negative_prompt: str | None = None, renoise: str | None = None,
+                       options: SamplingOptions | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] (unscaled by the VAE factor); arguments as in ``generate``."""
         o = self.sampling_options(options, sampler=sampler, steps=steps, guidance=guidance, gamma=gamma,
                                   guidance_max_t=guidance_max_t, timesteps=timesteps, schedule=schedule,
-                                  height=height, width=width, negative_prompt=negative_prompt)
+                                  height=height, width=width, negative_prompt=negative_prompt, renoise=renoise)
         if len(prompts) != len(seeds):
             raise ModelError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
         shape = self.latent_shape(o.height, o.width)
@@ -272,16 +275,17 @@ class Bundle:
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  latents: torch.Tensor | None = None, gamma: float | None = None,
                  guidance_max_t: int | None = None, timesteps: list[int] | None = None,
-                 schedule: str | None = None, *, negative_prompt: str | None = None,
+                 schedule: str | None = None, *, negative_prompt: str | None = None, renoise: str | None = None,
                  options: SamplingOptions | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [-1, 1], one per (prompt, seed).
 
         Args:
             prompts: one prompt per image.
             seeds: one seed per image; image b depends on seeds[b] only, never on the batch.
-            sampler, steps, guidance, height, width, gamma, guidance_max_t, timesteps, schedule: the sampling
-                options (``sampling.options.SamplingOptions``, where each is described); None: the model's
-                default (``self.defaults``, ``self.default_size``, ``self.timestep_schedule``).
+            sampler, steps, guidance, height, width, gamma, guidance_max_t, timesteps, schedule, renoise: the
+                sampling options (``sampling.options.SamplingOptions``, where each is described); None: the
+                model's default (``self.defaults``, ``self.default_size``, ``self.timestep_schedule``,
+                ``self.renoise``).
             negative_prompt: teacher samplers: the text of CFG's unconditional branch instead of "" (an LCM
                 refuses one: ``SamplingOptions``).
             latents: initial latents [B, C, h, w] instead of the seeds' first draws.
@@ -289,7 +293,7 @@ class Bundle:
         """
         return self.decode(self.sample_latents(prompts, seeds, sampler, steps, guidance, height, width, latents,
                                                gamma, guidance_max_t, timesteps, schedule,
-                                               negative_prompt=negative_prompt, options=options))
+                                               negative_prompt=negative_prompt, renoise=renoise, options=options))
 
     @torch.no_grad()
     def img2img_latents(self, prompts: list[str], seeds: list[int], images: torch.Tensor,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .. import offline
-from ..defaults import GUIDANCE_MODES, TIMESTEP_SCHEDULES
+from ..defaults import GUIDANCE_MODES, RENOISE, TIMESTEP_SCHEDULES
 from ..errors import ModelError, one_line
 from ..models import sdxl
 from ..registry import safetensors_files
@@ -97,8 +97,8 @@ def load_parts(path: str | Path) -> tuple:
 
 def sampling_settings(path: Path) -> dict:
     """What an LCM folder's SAMPLING_FILE asks for: {"timestep_schedule": "grid"|"refine", "guidance_mode":
-    "embedding"|"cfg", "guidance": default g or None, "unguided_w0": bool}; each absent key (or an absent file)
-    gives the first / None / False. ``unguided_w0``: an LCM with a w input distilled from w = 0 (the unguided
+    "embedding"|"cfg", "guidance": default g or None, "unguided_w0": bool, "renoise": "fresh"|"keep-means"};
+    each absent key (or an absent file) gives the first / None / False / the first. ``unguided_w0``: an LCM with a w input distilled from w = 0 (the unguided
     ODE), so that real CFG at w = 0 can take a negative prompt (``sampling.student``). ModelError on a file
     that is not such an object."""
     file = Path(path) / SAMPLING_FILE
@@ -116,7 +116,7 @@ def parse_sampling(text: str, where: Path | str) -> dict:
         raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
     out = {"timestep_schedule": found.get("timestep_schedule", "grid"),
            "guidance_mode": found.get("guidance_mode", "embedding"), "guidance": found.get("guidance"),
-           "unguided_w0": found.get("unguided_w0", False)}
+           "unguided_w0": found.get("unguided_w0", False), "renoise": found.get("renoise", RENOISE[0])}
     if out["timestep_schedule"] not in TIMESTEP_SCHEDULES:
         raise ModelError(f"{file}: timestep_schedule must be one of {', '.join(TIMESTEP_SCHEDULES)}, "
                          f"got {out['timestep_schedule']!r}")
@@ -125,6 +125,8 @@ def parse_sampling(text: str, where: Path | str) -> dict:
     if not isinstance(out["unguided_w0"], bool) or (out["unguided_w0"] and out["guidance_mode"] != "embedding"):
         raise ModelError(f"{file}: unguided_w0 must be true or false, and true only with guidance_mode embedding, "
                          f"got {out['unguided_w0']!r}")
+    if out["renoise"] not in RENOISE:
+        raise ModelError(f"{file}: renoise must be one of {', '.join(RENOISE)}, got {out['renoise']!r}")
     g = out["guidance"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 1 <= g <= 50):
         raise ModelError(f"{file}: guidance must be a number in [1, 50], got {g!r}")

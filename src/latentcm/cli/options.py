@@ -23,7 +23,7 @@ SEED_MAX = 2**31 - 1
 # parameters, the CLI of flags. The names are SamplingOptions' fields (not imported: that would load torch).
 FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "sampler", "steps", "guidance", "gamma", "guidance_max_t", "timesteps", "schedule", "strength", "height",
-    "width", "negative_prompt")}
+    "width", "negative_prompt", "renoise")}
 
 # Flags of diffusers' training scripts (train_lcm_distill_*.py, train_text_to_image*.py) -> ours, first one the
 # command has; a flag that is ours with '_' for '-' is matched without a row here.

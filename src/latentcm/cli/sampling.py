@@ -8,7 +8,7 @@ import click
 
 from .. import registry
 from ..defaults import COMPARE_TEACHER_STEPS, LCM_GUIDANCE, LCM_STEPS, TEACHER_GUIDANCE, TEACHER_STEPS
-from ..defaults import TIMESTEP_SCHEDULES
+from ..defaults import RENOISE, TIMESTEP_SCHEDULES
 from .app import cli
 from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, _int_list, default_model, flag_error,
                       seed_option)
@@ -52,6 +52,10 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
 @click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
               help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "
                    "first step, every step at low noise); the shipped LCM's sampling.json asks for refine.")
+@click.option("--renoise", type=click.Choice(RENOISE), default=None, show_default="the model's (fresh)",
+              help="LCM: the noise added between steps: fresh (LCM Algorithm 3, as diffusers' LCMScheduler) or "
+                   "keep-means (each channel's mean taken from the step's own noise estimate, so the later steps "
+                   "keep the first step's background; docs/diagnosis-guidance.md).")
 @click.option("--runtime", type=click.Choice(["torch", "onnx", "openvino"]), default="torch",
               help="onnx / openvino: run a folder written by lcm export --format onnx|openvino (same sampler).")
 def generate(prompt, model, loras, num_images, seed, out, runtime, **options):

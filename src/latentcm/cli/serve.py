@@ -101,7 +101,7 @@ def serve(host, port, lcm_model, teacher, loras, max_batch, batch_window_ms, max
     """Serve the LCM as a web demo (gradio, at /) and an HTTP/JSON API that batches concurrent requests.
 
     POST /api/generate takes JSON (prompt, steps, guidance, seed, num_images, height, width, gamma,
-    loras, init_image as base64, strength, negative_prompt) and answers PNGs as base64 with timings;
+    loras, init_image as base64, strength, negative_prompt, renoise) and answers PNGs as base64 with timings;
     GET /health. guidance defaults to the served LCM's own g (its sampling.json; the shipped LCM's 2);
     negative_prompt works for the teacher and for an LCM that takes one (the shipped LCM does).
 

@@ -57,6 +57,9 @@ def _identity(bundle, row, prompts: list[str], seed: int, image_format: str) -> 
         identity["format"] = image_format
     if row.sampler == LCM_SAMPLER:  # the timesteps: the row's schedule, else the one the model folder asks for
         identity["schedule"] = row.schedule or getattr(bundle, "timestep_schedule", "grid")
+        renoise = row.renoise or getattr(bundle, "renoise", "fresh")
+        if renoise != "fresh":  # files made before the option existed stay valid
+            identity["renoise"] = renoise
     return identity
 
 

@@ -44,19 +44,21 @@ class Row(NamedTuple):
     guidance_max_t: int | None = None  # teacher rows: guided only at t <= this (a guidance interval); None: every t
     schedule: str | None = None        # LCM rows: "grid" | "refine" timesteps; None: the model's own
     negative_prompt: str | None = None  # teacher rows: CFG's unconditional text; None: the empty prompt
+    renoise: str | None = None         # LCM rows: "fresh" | "keep-means" re-noising; None: the model's own
 
     @property
     def key(self) -> str:
         interval = "" if self.guidance_max_t is None else f"-gmax{self.guidance_max_t}"
         schedule = "" if self.schedule is None else f"-{self.schedule}"
         negative = "" if self.negative_prompt is None else f"-neg{sha256(self.negative_prompt.encode()).hexdigest()[:8]}"
-        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}{interval}{schedule}{negative}"
+        renoise = "" if self.renoise is None else f"-{self.renoise}"
+        return f"{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}{interval}{schedule}{negative}{renoise}"
 
     @property
     def options(self) -> SamplingOptions:
         """The row's sampling options (checked once, by ``SamplingOptions``)."""
         return SamplingOptions(self.sampler, self.steps, self.guidance, guidance_max_t=self.guidance_max_t,
-                               schedule=self.schedule, negative_prompt=self.negative_prompt)
+                               schedule=self.schedule, negative_prompt=self.negative_prompt, renoise=self.renoise)
 
     @property
     def label(self) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..bundle import SAMPLING_FILE, Bundle
-from ..defaults import CFG_LCM_GUIDANCE, GUIDANCE_MODES, LCM_GUIDANCE, LCM_STEPS, SKIP, TIMESTEP_SCHEDULES
+from ..defaults import (CFG_LCM_GUIDANCE, GUIDANCE_MODES, LCM_GUIDANCE, LCM_STEPS, RENOISE, SKIP,
+                        TIMESTEP_SCHEDULES)
 from ..errors import ModelError
 from ..files import write_json, write_text
 from ..schedules import lcm_scheduler_config, skip_of
@@ -111,10 +112,10 @@ def unguided_w0(card_info: dict) -> bool:
 
 
 def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embedding",
-                   guidance: float | None = None, unguided_w0: bool = False) -> Path:
+                   guidance: float | None = None, unguided_w0: bool = False, renoise: str = "fresh") -> Path:
     """An LCM folder's ``SAMPLING_FILE``: the timestep schedule latentcm samples it on by default, for a
-    real-CFG LCM its guidance mode and default g, and for a w-input LCM distilled from w = 0 ``unguided_w0``
-    (read back by ``bundle.sampling_settings``)."""
+    real-CFG LCM its guidance mode and default g, for a w-input LCM distilled from w = 0 ``unguided_w0``, and a
+    re-noising other than Algorithm 3's fresh noise (read back by ``bundle.sampling_settings``)."""
     if guidance_mode not in GUIDANCE_MODES:
         raise ModelError(f"unknown guidance mode {guidance_mode!r}; choose from {', '.join(GUIDANCE_MODES)}")
     found = {"timestep_schedule": check_schedule(schedule)}
@@ -122,6 +123,10 @@ def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embe
         found["guidance_mode"] = guidance_mode
     if unguided_w0:
         found["unguided_w0"] = True
+    if renoise not in RENOISE:
+        raise ModelError(f"unknown renoise {renoise!r}; choose from {', '.join(RENOISE)}")
+    if renoise != "fresh":
+        found["renoise"] = renoise
     if guidance is not None:
         found["guidance"] = float(guidance)
     return write_json(Path(folder) / SAMPLING_FILE, found)
@@ -131,7 +136,7 @@ def write_sampling_settings(folder: str | Path, settings: dict) -> Path:
     """``SAMPLING_FILE`` from a settings dict (``bundle.sampling_settings`` / ``Bundle.sampling_file``: schedule,
     guidance mode, default g, ``unguided_w0``): how an export carries latentcm's sampling defaults with the model."""
     return write_sampling(folder, settings["timestep_schedule"], settings["guidance_mode"], settings["guidance"],
-                          settings["unguided_w0"])
+                          settings["unguided_w0"], settings.get("renoise", "fresh"))
 
 
 def shipped_name(path: str) -> str:

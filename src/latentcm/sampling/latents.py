@@ -45,7 +45,8 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, options: SamplingOptio
                               omega=omega_from_guidance(o.guidance), latents=latents, image_latents=image_latents,
                               strength=1.0 if o.strength is None else o.strength,
                               original_inference_steps=original_inference_steps, gamma=o.gamma,
-                              timesteps=o.timesteps, schedule=o.schedule or "grid", uncond=uncond)
+                              timesteps=o.timesteps, schedule=o.schedule or "grid", uncond=uncond,
+                              renoise=o.renoise or "fresh")
     if uncond is None:
         raise ValueError("teacher samplers need the unconditional encodings (uncond) for CFG")
     if latents is None:

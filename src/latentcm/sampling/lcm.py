@@ -1,6 +1,11 @@
 """Multistep latent consistency sampling (LCM Algorithm 3), and its TCD variant with stochasticity gamma
 (Zheng et al. 2024, Trajectory Consistency Distillation, arXiv 2402.19159: "strategic stochastic sampling",
-the sampler of diffusers' ``TCDScheduler``). Randomness is injected."""
+the sampler of diffusers' ``TCDScheduler``). Randomness is injected.
+
+Algorithm 3 re-noises with fresh noise. ``keep_means`` (``defaults.RENOISE`` "keep-means") replaces the fresh noise's per-channel
+spatial means by those of the step's own noise estimate (``keep_channel_means``): DDIM, deterministic, on those C
+directions, Algorithm 3 on the rest. The teacher's ODE settles an image's background on the channel means of its
+initial noise (``scripts/noise_background_probe.py``); fresh noise redraws them at every step."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -19,6 +24,20 @@ def renoise(denoised: torch.Tensor, t_next, noise: torch.Tensor,
     """z_{t_next} = alpha_{t_next} z + sigma_{t_next} noise, with FRESH noise (LCM Algorithm 3)."""
     alpha, sigma = alpha_sigma_at(table_or_default(alpha_bar).to(denoised.device), t_next)
     return P.append_dims(alpha, denoised) * denoised + P.append_dims(sigma, denoised) * noise  # [B, ...]
+
+
+def noise_estimate(x_t: torch.Tensor, denoised: torch.Tensor, t: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """eps = (x_t - alpha_t x0) / sigma_t: the noise that x0 = ``denoised`` implies at (x_t, t) [B, ...]."""
+    alpha_t, sigma_t = alpha_sigma_at(alpha_bar.to(x_t.device), int(t))
+    return (x_t - alpha_t.to(x_t.dtype) * denoised) / sigma_t.to(x_t.dtype)
+
+
+def keep_channel_means(noise: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """``noise`` [B, C, ...] with each channel's spatial mean replaced by ``estimate``'s. For i.i.d. N(0, I) noise
+    the channel means are independent of the rest, so the result is N(0, I) whenever the estimate's means are
+    distributed as noise means (an exact model's noise estimate)."""
+    dims = tuple(range(2, noise.ndim))
+    return noise - noise.mean(dims, keepdim=True) + estimate.mean(dims, keepdim=True)
 
 
 def lcm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, t_next: int | None, noise: torch.Tensor | None,
@@ -68,8 +87,7 @@ def tcd_move(denoised: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int | No
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     table = table_or_default(alpha_bar).to(x_t.device)
-    alpha_t, sigma_t = alpha_sigma_at(table, int(t))
-    eps = (x_t - alpha_t.to(x_t.dtype) * denoised) / sigma_t.to(x_t.dtype)  # [B, ...]
+    eps = noise_estimate(x_t, denoised, t, table)  # [B, ...]
     s = tcd_s(0 if t_prev is None else t_prev, gamma)
     ab_s = table[s]
     x_s = ab_s.sqrt().to(x_t.dtype) * denoised + (1 - ab_s).sqrt().to(x_t.dtype) * eps
@@ -93,7 +111,8 @@ def tcd_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, t_prev: int 
 @torch.no_grad()
 def sample_lcm(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps: Sequence[int] | torch.Tensor, *,
                noise_fn: NoiseFn, alpha_bar: torch.Tensor | None = None,
-               callback: Callable[[dict], None] | None = None, gamma: float | None = None) -> torch.Tensor:
+               callback: Callable[[dict], None] | None = None, gamma: float | None = None,
+               keep_means: bool = False) -> torch.Tensor:
     """Multistep latent consistency sampling (LCM Algorithm 3): denoise, re-noise to the next t, repeat.
 
     With ``gamma`` (TCD's stochasticity in [0, 1]) each step instead moves by ``tcd_move`` (DDIM to
@@ -108,12 +127,16 @@ def sample_lcm(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps: 
         alpha_bar: schedule table [T]; Stable Diffusion's by default.
         callback: called after every step with {"i", "t", "x", "denoised"}.
         gamma: None for LCM sampling, else TCD's gamma (0 = deterministic; see ``tcd_move``).
+        keep_means: Algorithm 3's re-noising noise with its channel means from the step's noise estimate
+            (``keep_channel_means``) instead of fresh ones. Not with gamma.
 
     Returns:
         The last ``denoised`` [B, ...] (not a re-noised latent); with gamma, the timestep-0 latent.
     """
     if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if gamma is not None and keep_means:
+        raise ValueError("keep_means is Algorithm 3's re-noising; TCD (gamma) has its own")
     table = table_or_default(alpha_bar).to(latents.device)
     ts = [int(t) for t in timesteps]
     x = latents
@@ -122,7 +145,10 @@ def sample_lcm(consistency_fn: ConsistencyFn, latents: torch.Tensor, timesteps: 
         denoised = consistency_fn(x, t_batch)  # [B, ...]
         t_next = ts[i + 1] if i + 1 < len(ts) else None
         if gamma is None and t_next is not None:  # Algorithm 3: fresh noise to the next t
-            x = renoise(denoised, t_next, noise_fn(i).to(denoised), table)
+            noise = noise_fn(i).to(denoised)
+            if keep_means:
+                noise = keep_channel_means(noise, noise_estimate(x, denoised, t, table))
+            x = renoise(denoised, t_next, noise, table)
         elif gamma is not None:  # TCD: DDIM to s, then re-noise from s to t_next
             noise = noise_fn(i) if t_next is not None and gamma > 0 else None
             x = tcd_move(denoised, x, t, t_next, noise, float(gamma), table)

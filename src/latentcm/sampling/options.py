@@ -12,7 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..defaults import CFG_LCM_GUIDANCE, LCM_DEFAULTS, LCM_SAMPLER, TEACHER_DEFAULTS, TEACHER_SAMPLERS, TIMESTEP_SCHEDULES
+from ..defaults import (CFG_LCM_GUIDANCE, LCM_DEFAULTS, LCM_SAMPLER, RENOISE, TEACHER_DEFAULTS, TEACHER_SAMPLERS,
+                        TIMESTEP_SCHEDULES)
 from ..errors import ModelError
 from ..schedules import TRAIN_TIMESTEPS, img2img_points
 
@@ -42,6 +43,7 @@ class ModelTraits:
     guidance_mode: str = "embedding"             # an LCM's: "embedding" (w input) or "cfg" (real CFG, two passes)
     default_guidance: float | None = None        # the g its folder recommends (sampling.json); None: the kind's
     unguided_w0: bool = False                    # a w-input LCM distilled from w = 0: negatives by real CFG at w = 0
+    renoise: str = "fresh"                       # the LCM sampler's re-noising when none is given (sampling.json)
 
     @property
     def takes_negative(self) -> bool:
@@ -81,6 +83,8 @@ class SamplingOptions:
         w-input LCM distilled from w = 0 (``unguided_w0``): real CFG between its w = 0 predictions for the
         prompt and the negative, at scale g (default ``CFG_LCM_GUIDANCE``).
     height, width: image size, multiples of the VAE factor (text-to-image; img2img takes the image's).
+    renoise: LCM Algorithm 3 only (not with gamma): "fresh" re-noising noise, or "keep-means" (its channel means
+        from the step's noise estimate, ``sampling.lcm.keep_channel_means``); None: the model's (sampling.json).
     """
 
     sampler: str | None = None
@@ -94,6 +98,7 @@ class SamplingOptions:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    renoise: str | None = None
     # Room for guidance_mode (how the guided prediction is formed), with its rules below.
 
     def __post_init__(self):
@@ -116,6 +121,8 @@ class SamplingOptions:
             raise ModelError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.schedule is not None and self.schedule not in TIMESTEP_SCHEDULES:
             raise ModelError(f"unknown timestep schedule {self.schedule!r}; choose from {', '.join(TIMESTEP_SCHEDULES)}")
+        if self.renoise is not None and self.renoise not in RENOISE:
+            raise ModelError(f"unknown renoise {self.renoise!r}; choose from {', '.join(RENOISE)}")
 
     def _check_combinations(self) -> None:
         """Options that exclude each other, and options that only one kind of sampler takes."""
@@ -127,6 +134,8 @@ class SamplingOptions:
             raise ModelError("timesteps and schedule are for text-to-image; img2img picks its timesteps from strength")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ModelError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        if self.gamma is not None and self.renoise not in (None, "fresh"):
+            raise ModelError("renoise is LCM Algorithm 3's; TCD sampling (gamma) re-noises by its own rule")
         if self.sampler == LCM_SAMPLER and self.guidance_max_t is not None:
             raise ModelError("a guidance interval (guidance_max_t) is for teacher samplers; an LCM's was fixed "
                              "when it was distilled (its own guidance_max_t)")
@@ -138,6 +147,8 @@ class SamplingOptions:
             raise ModelError("a timestep schedule is for the LCM sampler; a teacher sampler takes steps")
         if self.gamma is not None:
             raise ModelError("gamma (TCD sampling) needs an LCM (sampler 'lcm'); teacher samplers do not support it")
+        if self.renoise is not None:
+            raise ModelError("renoise is the LCM sampler's; teacher samplers do not re-noise")
         if self.strength is not None:
             raise ModelError("img2img needs an LCM (sampler 'lcm': an LCM folder or an LCM-LoRA); teacher samplers "
                              "do not support it")
@@ -155,12 +166,16 @@ class SamplingOptions:
         schedule = self.schedule
         if schedule is None and sampler == LCM_SAMPLER and self.timesteps is None and not self.img2img:
             schedule = model.timestep_schedule
+        renoise = self.renoise
+        if renoise is None and sampler == LCM_SAMPLER:
+            renoise = "fresh" if self.gamma is not None else model.renoise
         size = None if self.img2img else model.default_size
         if self.guidance is None and model.is_lcm and model.unguided_w0 and self.negative_prompt is not None:
             d_guidance = CFG_LCM_GUIDANCE  # real CFG at w = 0: a small CFG scale, not the w input's default
         out = dataclasses.replace(self, sampler=sampler, steps=steps,
                                   guidance=d_guidance if self.guidance is None else self.guidance,
-                                  schedule=schedule, height=self.height or size, width=self.width or size)
+                                  schedule=schedule, height=self.height or size, width=self.width or size,
+                                  renoise=renoise)
         out._check_model(model)
         return out
 

@@ -16,7 +16,7 @@ from ..guidance import guidance_scale_embedding
 from ..models.denoiser import ConsistencyModel, Denoiser
 from ..solvers import guide
 from ..schedules import GRID_POINTS, TRAIN_TIMESTEPS, lcm_timesteps, refine_timesteps, validate_timesteps
-from .lcm import per_image_noise, renoise, sample_lcm
+from .lcm import per_image_noise, renoise as add_noise, sample_lcm
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                    strength: float = 1.0, gamma: float | None = None,
                    timesteps: Sequence[int] | None = None, schedule: str = "grid",
-                   uncond: torch.Tensor | None = None) -> torch.Tensor:
+                   uncond: torch.Tensor | None = None, renoise: str = "fresh") -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
@@ -56,6 +56,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
             output as diffusers' StableDiffusionPipeline + LCMScheduler does (f is affine in it at fixed z_t). For
             an LCM with a w input (one distilled from w = 0) both passes read w = 0: CFG between its unguided
             predictions, how it takes a negative prompt.
+        renoise: Algorithm 3's re-noising noise, "fresh" or "keep-means" (``defaults.RENOISE``).
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -75,9 +76,9 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
           else validate_timesteps(timesteps, len(f.denoiser.alpha_bar), n_grid))
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
     if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
-        x_T = renoise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
+        x_T = add_noise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
     return sample_lcm(_guided_fn(f, text_states, uncond, w, w_emb), x_T, ts, noise_fn=noise_fn,
-                      alpha_bar=f.denoiser.alpha_bar, gamma=gamma)
+                      alpha_bar=f.denoiser.alpha_bar, gamma=gamma, keep_means=renoise == "keep-means")
 
 
 def _guided_fn(f: ConsistencyModel, text_states: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,

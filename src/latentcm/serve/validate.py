@@ -22,7 +22,7 @@ from ..schedules import GRID_POINTS
 MODELS = ("lcm", "teacher")
 SAMPLER = {"lcm": LCM_SAMPLER, "teacher": "ddim"}  # how each served model is sampled
 FIELDS = ("prompt", "model", "steps", "guidance", "seed", "num_images", "height", "width", "gamma", "loras",
-          "init_image", "strength", "negative_prompt")
+          "init_image", "strength", "negative_prompt", "renoise")
 
 
 class BadRequest(ValueError):
@@ -77,6 +77,7 @@ class Request:
     loras: tuple[tuple[str, float], ...] = ()  # registered LoRA names and weights, stacked on the teacher
     strength: float | None = None            # img2img only
     negative_prompt: str | None = None       # teacher or real-CFG LCM: CFG's unconditional text instead of ""
+    renoise: str | None = None               # LCM: "fresh" | "keep-means"; None: the served LCM's own
     image: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [1, 3, H, W] in [-1, 1]
 
     @property
@@ -87,13 +88,14 @@ class Request:
     def options(self) -> SamplingOptions:
         """The request's sampling options (each model's default where the request has none)."""
         return SamplingOptions(SAMPLER[self.model], self.steps, self.guidance, self.gamma, strength=self.strength,
-                               height=self.height, width=self.width, negative_prompt=self.negative_prompt)
+                               height=self.height, width=self.width, negative_prompt=self.negative_prompt,
+                               renoise=self.renoise)
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one UNet batch: same model, steps, guidance, gamma, size, LoRAs."""
         return (self.model, self.loras, self.steps, self.guidance, self.gamma, self.height, self.width,
-                self.image is not None, self.strength, self.negative_prompt)
+                self.image is not None, self.strength, self.negative_prompt, self.renoise)
 
 
 def _number(payload: dict, name: str, lo: float, hi: float, default, *, integer: bool = False, nullable=False):
@@ -190,6 +192,7 @@ def parse_request(payload, limits: Limits, loras: dict | tuple = (), *, image: I
     request = Request(prompt=prompt, model=model, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
                       height=height, width=width, gamma=gamma, loras=lora_list, strength=strength,
                       negative_prompt=_parse_negative(payload.get("negative_prompt"), limits),
+                      renoise=_parse_renoise(payload.get("renoise")),
                       image=None if image is None else image_tensor(image, width, height))
     check_options(request, limits)
     return request
@@ -220,6 +223,13 @@ def _parse_prompt(prompt, limits: Limits) -> str:
     if any(ord(c) < 32 and c not in "\t\n" for c in prompt):
         raise BadRequest("prompt contains control characters")
     return prompt
+
+
+def _parse_renoise(value) -> str | None:
+    """An optional re-noising mode: a string (its values are checked by ``SamplingOptions``) or null."""
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"renoise must be a string, got {type(value).__name__}")
+    return value
 
 
 def _parse_negative(text, limits: Limits) -> str | None:
