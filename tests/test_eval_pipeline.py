@@ -119,7 +119,8 @@ def test_no_module_scores_images_outside_scoring_score():
 def test_one_row_type():
     assert compare.Row is pipeline.Row and all(isinstance(r, pipeline.Row) for r in presets.LCM_TABLE_ROWS)
     row = pipeline.Row("lcm", "lcm", 2, 8.5)
-    assert row.key == "lcm-lcm-2-g8.5" and row.label == "LCM 2 steps" and tuple(row) == ("lcm", "lcm", 2, 8.5, None, None, None)
+    assert row.key == "lcm-lcm-2-g8.5" and row.label == "LCM 2 steps"
+    assert tuple(row) == ("lcm", "lcm", 2, 8.5, None, None, None, None)
     bench = (ROOT / "benchmarks" / "bench_sampling.py").read_text()
     assert "from latentcm.evaluation.pipeline import Row" in bench
 
