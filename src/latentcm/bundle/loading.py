@@ -98,9 +98,9 @@ def load_parts(path: str | Path) -> tuple:
 def sampling_settings(path: Path) -> dict:
     """What an LCM folder's SAMPLING_FILE asks for: {"timestep_schedule": "grid"|"refine", "guidance_mode":
     "embedding"|"cfg", "guidance": default g or None, "unguided_w0": bool, "renoise": "fresh"|"keep-means"};
-    each absent key (or an absent file) gives the first / None / False / the first. ``unguided_w0``: an LCM with a w input distilled from w = 0 (the unguided
-    ODE), so that real CFG at w = 0 can take a negative prompt (``sampling.student``). ModelError on a file
-    that is not such an object."""
+    an absent key (or an absent file) gives the first choice, None or False. ``unguided_w0``: an LCM with a w
+    input distilled from w = 0 (the unguided ODE), so that real CFG at w = 0 can take a negative prompt
+    (``sampling.student``). ModelError on a file that is not such an object."""
     file = Path(path) / SAMPLING_FILE
     return parse_sampling(file.read_text() if file.is_file() else "{}", file)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from diffusers import LCMScheduler
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
-from ..sampling.lcm import keep_channel_means
+from ..sampling.lcm import keep_channel_means, noise_estimate, renoise
 
 
 class KeepMeansLCMScheduler(LCMScheduler):
@@ -22,9 +22,8 @@ class KeepMeansLCMScheduler(LCMScheduler):
         out = super().step(model_output, timestep, sample, generator=generator, return_dict=True)
         if self.step_index == self.num_inference_steps:  # the last step: LCMScheduler adds no noise
             return out if return_dict else (out.prev_sample, out.denoised)
-        a_t, a_next = self.alphas_cumprod[timestep], self.alphas_cumprod[self.timesteps[self.step_index]]
-        denoised = out.denoised
-        noise = (out.prev_sample - a_next.sqrt() * denoised) / (1 - a_next).sqrt()  # the draw LCMScheduler made
-        estimate = (sample - a_t.sqrt() * denoised) / (1 - a_t).sqrt()
-        prev = a_next.sqrt() * denoised + (1 - a_next).sqrt() * keep_channel_means(noise, estimate)
+        table, t_next, denoised = self.alphas_cumprod, int(self.timesteps[self.step_index]), out.denoised
+        drawn = noise_estimate(out.prev_sample, denoised, t_next, table)  # the noise LCMScheduler added
+        kept = keep_channel_means(drawn, noise_estimate(sample, denoised, int(timestep), table))
+        prev = renoise(denoised, t_next, kept, table)
         return LCMSchedulerOutput(prev_sample=prev, denoised=denoised) if return_dict else (prev, denoised)

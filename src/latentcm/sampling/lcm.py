@@ -2,10 +2,11 @@
 (Zheng et al. 2024, Trajectory Consistency Distillation, arXiv 2402.19159: "strategic stochastic sampling",
 the sampler of diffusers' ``TCDScheduler``). Randomness is injected.
 
-Algorithm 3 re-noises with fresh noise. ``keep_means`` (``defaults.RENOISE`` "keep-means") replaces the fresh noise's per-channel
-spatial means by those of the step's own noise estimate (``keep_channel_means``): DDIM, deterministic, on those C
-directions, Algorithm 3 on the rest. The teacher's ODE settles an image's background on the channel means of its
-initial noise (``scripts/noise_background_probe.py``); fresh noise redraws them at every step."""
+Algorithm 3 re-noises with fresh noise. ``keep_means`` (``defaults.RENOISE`` "keep-means") replaces the fresh
+noise's per-channel spatial means by those of the step's own noise estimate (``keep_channel_means``): DDIM,
+deterministic, on those C directions, Algorithm 3 on the rest. The teacher's ODE settles an image's background on
+the channel means of its initial noise (``scripts/noise_background_probe.py``); fresh noise redraws them at every
+step."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
