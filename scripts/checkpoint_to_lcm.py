@@ -12,7 +12,7 @@ from pathlib import Path
 
 from latentcm import registry
 from latentcm.bundle import Bundle, sampling_schedule
-from latentcm.defaults import SKIP, TIMESTEP_SCHEDULES
+from latentcm.defaults import RENOISE, SKIP, TIMESTEP_SCHEDULES
 from latentcm.export.pipeline import export_lcm
 from latentcm.models.denoiser import make_student
 from latentcm.training.checkpoint import load_checkpoint
@@ -46,6 +46,8 @@ def main() -> None:
                     help="timestep schedule of the folder's sampling.json (default: the run's, else grid)")
     ap.add_argument("--guidance", type=float, default=None,
                     help="default g of the folder's sampling.json and card (default: none, the kind's default)")
+    ap.add_argument("--renoise", choices=RENOISE, default="fresh",
+                    help="the LCM sampler's default re-noising, written to sampling.json and the card")
     args = ap.parse_args()
     path = Path(args.checkpoint)
     path = path if path.is_file() else Path(args.run) / "checkpoints" / args.checkpoint
@@ -54,7 +56,8 @@ def main() -> None:
     meta = load_checkpoint(path, modules, None)
     lcd = meta.get("lcd", {})
     export = (f"python scripts/checkpoint_to_lcm.py --run {args.run} --checkpoint {path.name} --which {args.which}"
-              + (f" --guidance {args.guidance:g}" if args.guidance is not None else ""))
+              + (f" --guidance {args.guidance:g}" if args.guidance is not None else "")
+              + (f" --renoise {args.renoise}" if args.renoise != "fresh" else ""))
     made_by = commands(Path(args.run))
     distill = "\n".join(made_by) or None
     own = made_by[-1] if made_by else ""
@@ -66,7 +69,8 @@ def main() -> None:
                {"command": f"{distill}\n{export}" if distill else export, "teacher": args.teacher,
                 "steps": meta["step"], "lcd": lcd, "loop": loop,
                 "guided_teacher": guided.group(1) if guided else None}, skip=lcd.get("skip", SKIP),
-               schedule=args.schedule or sampling_schedule(Path(args.run)), guidance=args.guidance)
+               schedule=args.schedule or sampling_schedule(Path(args.run)), guidance=args.guidance,
+               renoise=args.renoise)
     print(json.dumps({"out": args.out, "step": meta["step"]}))
 
 

@@ -117,3 +117,28 @@ def test_the_http_api_takes_the_mode_and_refuses_a_non_string():
     assert request.options.renoise == "keep-means" and parse_request({"prompt": PROMPT}, Limits(), ()).renoise is None
     with pytest.raises(BadRequest, match="renoise must be a string, got int"):
         parse_request({"prompt": PROMPT, "renoise": 1}, Limits(), ())
+
+
+def test_an_export_carries_the_mode_and_its_card_says_how_diffusers_samples_it(micro_lcm, micro_teacher, tmp_path):
+    """export_lcm(renoise="keep-means"): sampling.json names it, latentcm samples the folder with it by default,
+    and the card's scheduler swap makes diffusers' pipeline give the same latents."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from latentcm.export.pipeline import export_lcm
+    from latentcm.export.scheduler import KeepMeansLCMScheduler
+
+    source = Bundle.load(micro_lcm)
+    out = export_lcm(source.unet, micro_teacher, tmp_path / "km", {"lcd": {"omega_min": 1}}, schedule="grid",
+                     renoise="keep-means")
+    assert json.loads((out / "sampling.json").read_text())["renoise"] == "keep-means"
+    card = (out / "README.md").read_text()
+    assert "KeepMeansLCMScheduler.from_config(pipe.scheduler.config)" in card
+    assert "KeepMeansLCMScheduler" not in (export_lcm(source.unet, micro_teacher, tmp_path / "fresh",
+                                                      {"lcd": {"omega_min": 1}}) / "README.md").read_text()
+    pipe = LatentConsistencyModelPipeline.from_pretrained(out, local_files_only=True)
+    pipe.scheduler = KeepMeansLCMScheduler.from_config(pipe.scheduler.config)  # as the card says
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe([PROMPT], num_inference_steps=4, guidance_scale=3.0, output_type="latent",
+               generator=[torch.Generator().manual_seed(5)]).images
+    ours = Bundle.load(out).sample_latents([PROMPT], [5], "lcm", 4, 3.0)  # the folder's own default re-noising
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)

@@ -392,15 +392,21 @@ def test_ui_errors_show_in_the_page_not_a_crash(server, service):
     """The UI path validates like the API: its handler turns a bad input into a gradio error message."""
     import gradio as gr
 
-    from latentcm.serve.app import build_ui
+    from latentcm.serve.app import MODEL_DEFAULT, build_ui
 
     demo = build_ui(service)
     fn = next(f for f in demo.fns.values() if f.api_name == "generate").fn
     with pytest.raises(gr.Error, match="prompt is empty"):
-        fn("", 4, 8.5, 0, 1, 64, 64, False, 0.3, None, 0.5, False, 25, 0.0)
+        fn("", 4, 8.5, 0, 1, 64, 64, False, 0.3, MODEL_DEFAULT, None, 0.5, False, 25, 0.0)
     big = Image.new("RGB", (5000, 5000))
     with pytest.raises(gr.Error, match="pixels"):
-        fn(PROMPT, 2, 8.5, 0, 1, 64, 64, False, 0.3, big, 0.5, False, 25, 0.0)
-    lcm_images, teacher_images, text = fn(PROMPT, 2, 8.5, 0, 1, 64, 64, True, 0.3, None, 0.5, True, 2, 0.0)
+        fn(PROMPT, 2, 8.5, 0, 1, 64, 64, False, 0.3, MODEL_DEFAULT, big, 0.5, False, 25, 0.0)
+    with pytest.raises(gr.Error, match="TCD sampling"):  # keep-means is Algorithm 3's, not TCD's
+        fn(PROMPT, 2, 8.5, 0, 1, 64, 64, True, 0.3, "keep-means", None, 0.5, False, 25, 0.0)
+    lcm_images, teacher_images, text = fn(PROMPT, 2, 8.5, 0, 1, 64, 64, True, 0.3, MODEL_DEFAULT, None, 0.5, True, 2,
+                                          0.0)
     assert len(lcm_images) == 1 and len(teacher_images) == 1 and "Teacher DDIM" in text and math.isfinite(
         lcm_images[0].mean())
+    fresh, _, _ = fn(PROMPT, 2, 8.5, 0, 1, 64, 64, False, 0.3, "fresh", None, 0.5, False, 2, 0.0)
+    kept, _, _ = fn(PROMPT, 2, 8.5, 0, 1, 64, 64, False, 0.3, "keep-means", None, 0.5, False, 2, 0.0)
+    assert np.abs(np.asarray(fresh[0], dtype=float) - np.asarray(kept[0], dtype=float)).max() > 0  # it reaches the sampler

@@ -52,8 +52,15 @@ tags: [latent-consistency-model, lcm, latentcm, text-to-image]
 {use}
 
 Timestep schedule: `{schedule}` ({schedule_note}). latentcm (`lcm generate`, `Bundle`) samples on it by default; it
-is named in `{sampling_file}`, which diffusers ignores.
+is named in `{sampling_file}`, which diffusers ignores.{renoise_note}
 """
+KEEP_MEANS_NOTE = """
+
+Re-noising between steps: `keep-means` (`lcm generate --renoise`, named in `{sampling_file}`). Each step's fresh
+noise has its per-channel spatial means replaced by those of the step's own noise estimate. diffusers'
+`LCMScheduler` draws fresh noise, which gives different images. To sample as latentcm does, swap the scheduler:
+`pipe.scheduler = KeepMeansLCMScheduler.from_config(pipe.scheduler.config)`, importing
+`from latentcm.export.scheduler import KeepMeansLCMScheduler`."""
 
 EMBEDDING_NOTE = ("The UNet takes the guidance w as a `timestep_cond` embedding (`time_cond_proj_dim` {dim}), so "
                   "sampling needs one UNet pass per step and takes no negative prompt.")
@@ -180,9 +187,10 @@ def _low_w_text(lcd: dict) -> str:
     return text
 
 
-def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidance: float | None = None) -> Path:
-    """README.md with YAML front matter (library_name: diffusers), the command that made the model and its
-    timestep schedule."""
+def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidance: float | None = None,
+                   renoise: str = "fresh") -> Path:
+    """README.md with YAML front matter (library_name: diffusers), the command that made the model, its
+    timestep schedule and (other than fresh noise) its re-noising."""
     lcd, loop = card_info.get("lcd", {}), card_info.get("loop", {})
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
@@ -203,7 +211,8 @@ def write_lcm_card(folder: Path, card_info: dict, schedule: str = "grid", guidan
         steps=card_info.get("steps", "?"), batch=lcd.get("batch_size", "?"), processes=card_info.get("processes", 1),
         lr=loop.get("lr", "?"), seed=lcd.get("seed", "?"),
         **_guidance_text(lcd, unet, guidance, unguided_w0(card_info)),
-        schedule=schedule, schedule_note=SCHEDULE_NOTES[check_schedule(schedule)], sampling_file=SAMPLING_FILE)
+        schedule=schedule, schedule_note=SCHEDULE_NOTES[check_schedule(schedule)], sampling_file=SAMPLING_FILE,
+        renoise_note=KEEP_MEANS_NOTE.format(sampling_file=SAMPLING_FILE) if renoise == "keep-means" else "")
     return write_text(folder / "README.md", text)
 
 
@@ -264,7 +273,8 @@ def _move_into(src: Path, dest: Path) -> None:
 
 
 def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path, card_info: dict, *,
-               skip: int = SKIP, schedule: str = "grid", guidance: float | None = None) -> Path:
+               skip: int = SKIP, schedule: str = "grid", guidance: float | None = None,
+               renoise: str = "fresh") -> Path:
     """Write a complete diffusers LatentConsistencyModelPipeline folder into ``dest``, with its ``SAMPLING_FILE``
     (a real-CFG LCM, ``card_info["lcd"]["guidance_mode"] == "cfg"``: a StableDiffusionPipeline folder with an
     LCMScheduler).
@@ -278,6 +288,8 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
         schedule: the timestep schedule latentcm samples the model on by default (``defaults.TIMESTEP_SCHEDULES``;
             "grid" is diffusers' own selection).
         guidance: the default g written to ``SAMPLING_FILE`` and the card; None: the kind's default.
+        renoise: the LCM sampler's default re-noising (``defaults.RENOISE``), written to ``SAMPLING_FILE`` and
+            the card.
 
     Returns:
         ``dest``.
@@ -309,8 +321,8 @@ def export_lcm(student: torch.nn.Module, bundle_or_teacher_dir, dest: str | Path
     if dropped:
         logging.getLogger(__name__).warning(dropped)
     write_sampling(tmp, schedule, "cfg" if cfg_mode else "embedding", guidance,
-                   unguided_w0(card_info) and not getattr(bundle, "is_sdxl", False))
-    card = write_lcm_card(tmp, card_info, schedule, guidance)
+                   unguided_w0(card_info) and not getattr(bundle, "is_sdxl", False), renoise)
+    card = write_lcm_card(tmp, card_info, schedule, guidance, renoise)
     if carried or dropped:
         write_text(card, card.read_text() + (SAFETY_CARD.format(parts="`, `".join(carried)) if carried else
                                               f"\n## Safety checker\n\nThe {dropped.removeprefix('warning: the ')}.\n"))

@@ -20,7 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import fastapi  # noqa: E402,F401 -- the serve extra: an ImportError here is reported by `lcm serve`
 import uvicorn  # noqa: E402,F401
 
-from ..defaults import COMPARE_TEACHER_STEPS, IMG2IMG_STRENGTH, LCM_STEPS  # noqa: E402
+from ..defaults import COMPARE_TEACHER_STEPS, IMG2IMG_STRENGTH, LCM_STEPS, RENOISE  # noqa: E402
 from ..errors import ModelError, one_line  # noqa: E402
 from .batcher import Busy, Stopped  # noqa: E402
 from .service import Reply, ServeConfig, Service  # noqa: E402
@@ -131,12 +131,15 @@ def _timing_line(name: str, result: Reply, ticket, steps: int) -> str:
             f"{t['per_image_s'] * 1000:.0f} ms/image; queued {ticket.started - ticket.submitted:.3f} s)")
 
 
+MODEL_DEFAULT = "the model's own"  # the re-noising choice that leaves it to the served LCM's sampling.json
+
 # Whole images at every page width: the gallery grows with its rows, each image scaled to fit its cell.
 GALLERY = {"columns": 4, "format": "png", "height": "auto", "object_fit": "contain"}
 
 
 def build_ui(service: Service):
-    """The gradio Blocks: prompt, steps, guidance, seed, images, TCD gamma, LoRA weights, img2img, teacher."""
+    """The gradio Blocks: prompt, steps, guidance, seed, images, TCD gamma, re-noising, LoRA weights, img2img,
+    teacher."""
     import gradio as gr
 
     names = sorted(service.lora_files)[:8]
@@ -158,7 +161,7 @@ def build_ui(service: Service):
 
 
 def _ui_sampling_inputs(gr, limits) -> list:
-    """[prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma]."""
+    """[prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, renoise]."""
     sizes = dict(minimum=limits.min_size, maximum=limits.max_size, step=limits.size_multiple,
                  value=limits.default_size)
     prompt = gr.Textbox(label="Prompt", value="", placeholder="a large red circle on a blue background",
@@ -175,7 +178,10 @@ def _ui_sampling_inputs(gr, limits) -> list:
     with gr.Row():
         use_tcd = gr.Checkbox(value=False, label="TCD sampler (stochasticity gamma)")
         gamma = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="gamma (0 = deterministic)")
-    return [prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma]
+    renoise = gr.Radio([MODEL_DEFAULT, *RENOISE], value=MODEL_DEFAULT, elem_id="renoise",
+                       label="Re-noising between LCM steps (keep-means: each channel's mean from the step's own noise "
+                             "estimate)")
+    return [prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, renoise]
 
 
 def _ui_extra_inputs(gr, service: Service, names: list[str]) -> list:
@@ -213,13 +219,14 @@ def _ui_runner(gr, service: Service, names: list[str]):
     """The UI's callback: the inputs of ``build_ui`` -> (LCM images, teacher images, timing lines)."""
     limits = service.limits
 
-    def run(prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, init_image, strength,
+    def run(prompt, steps, guidance, seed, num_images, height, width, use_tcd, gamma, renoise, init_image, strength,
             compare, teacher_steps, teacher_negative, *weights):
         loras = [{"name": n, "weight": float(w)} for n, w in zip(names, weights) if w > 0]
         base = {"prompt": prompt, "seed": int(seed or 0), "num_images": int(num_images), "height": int(height),
                 "width": int(width)}
         lcm = dict(base, model="lcm", steps=int(steps), gamma=float(gamma) if use_tcd else None,
-                   guidance=None if loras else float(guidance), loras=loras)
+                   guidance=None if loras else float(guidance), loras=loras,
+                   renoise=None if renoise in (None, MODEL_DEFAULT) else renoise)
         if init_image is not None:
             lcm["strength"] = float(strength)
         if teacher_negative and _lcm_takes_negative(service):
