@@ -93,7 +93,8 @@ class Request:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one UNet batch: same model, steps, guidance, gamma, size, LoRAs."""
+        """Requests with equal keys can share one UNet batch: same model, steps, guidance, gamma, size, LoRAs,
+        img2img strength, negative prompt and re-noising."""
         return (self.model, self.loras, self.steps, self.guidance, self.gamma, self.height, self.width,
                 self.image is not None, self.strength, self.negative_prompt, self.renoise)
 
