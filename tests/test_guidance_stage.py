@@ -141,6 +141,7 @@ def test_cli_guidance_stage_then_lcd_from_it(micro_teacher, tmp_path, capsys):
 @pytest.mark.parametrize("args, needle", [
     (["--solver", "dpm-solver"], "--solver is an LCD option"),
     (["--schedule", "refine"], "--schedule is an LCD option"),
+    (["--renoise", "keep-means"], "--renoise is an LCD option"),
     (["--lora", "4"], "--lora is an LCD option"),
     (["--noise-start-share", "0.2"], "--noise-start-share is an LCD option"),
     (["--low-w-skip", "20"], "--low-w-skip is an LCD option"),

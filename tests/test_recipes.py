@@ -152,9 +152,34 @@ def test_cli_passes_the_timestep_schedule_to_the_job(command, tmp_path, monkeypa
     monkeypatch.setattr(recipes, "load_source", lambda path, kind: None)
     base = (["distill", "--teacher", str(tmp_path / "t")] if command == "distill"
             else ["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path)])
-    main([*base, "--out", str(tmp_path / "a"), "--schedule", "refine"])
+    main([*base, "--out", str(tmp_path / "a"), "--schedule", "refine", "--renoise", "keep-means"])
     main([*base, "--out", str(tmp_path / "b")])
     assert [job.sampling_schedule for job in jobs] == ["refine", None]
+    assert [job.sampling_renoise for job in jobs] == ["keep-means", None]
+
+
+def test_the_exported_re_noising_is_the_jobs_else_the_source_lcms_else_fresh(tmp_path):
+    """``renoise_of``: what --renoise asks for; without it LCF keeps its source LCM's and LCD from a teacher is fresh."""
+    from types import SimpleNamespace
+
+    from latentcm.training.loop import LoopConfig
+
+    lcm = SimpleNamespace(is_lcm=True, traits=SimpleNamespace(renoise="keep-means"))
+    teacher = SimpleNamespace(is_lcm=False)
+    job = recipes.Job(tmp_path, tmp_path / "out", LoopConfig(max_steps=1))
+    assert recipes.renoise_of(job, lcm) == "keep-means" and recipes.renoise_of(job, teacher) == "fresh"
+    asked = recipes.Job(tmp_path, tmp_path / "out", LoopConfig(max_steps=1), sampling_renoise="fresh")
+    assert recipes.renoise_of(asked, lcm) == "fresh"
+
+
+def test_renoise_with_lora_is_one_line(tmp_path, capsys):
+    from latentcm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "o"), "--lora", "4",
+              "--renoise", "keep-means"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "an LCM-LoRA folder carries none" in err
 
 
 def test_run_without_an_lcd_config_uses_the_recipes_defaults(micro_teacher, tmp_path, monkeypatch):

@@ -142,3 +142,13 @@ def test_an_export_carries_the_mode_and_its_card_says_how_diffusers_samples_it(m
                generator=[torch.Generator().manual_seed(5)]).images
     ours = Bundle.load(out).sample_latents([PROMPT], [5], "lcm", 4, 3.0)  # the folder's own default re-noising
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_distill_renoise_writes_the_mode_into_the_exported_lcm(micro_teacher, tmp_path):
+    from latentcm.cli import main
+
+    out = tmp_path / "lcm"
+    main(["distill", "--teacher", str(micro_teacher), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+          "--num-data", "4", "--validate-every", "0", "--renoise", "keep-means"])
+    assert json.loads((out / "sampling.json").read_text())["renoise"] == "keep-means"
+    assert Bundle.load(out).traits.renoise == "keep-means" and "KeepMeansLCMScheduler" in (out / "README.md").read_text()

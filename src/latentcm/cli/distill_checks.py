@@ -7,7 +7,8 @@ from .options import UserError
 
 
 # options of LCD that guidance distillation has no use for (it has no solver, grid, target or sampling schedule)
-LCD_ONLY = ("solver", "skip", "ema", "guidance_max_t", "sampling_schedule", "low_w_skip", "low_w_max",
+LCD_ONLY = ("solver", "skip", "ema", "guidance_max_t", "sampling_schedule", "sampling_renoise", "low_w_skip",
+            "low_w_max",
             "noise_start_share", "ode_start_share", "ode_start_steps", "ode_pair_share", "ode_pair_steps",
             "ode_pair_starts")
 
@@ -22,7 +23,7 @@ def check_stage(stage: str, lora, guided_teacher) -> None:
     given = [name for name in LCD_ONLY if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if lora or guided_teacher or given:
         flag = "--lora" if lora else "--guided-teacher" if guided_teacher else "--" + given[0].replace("_", "-")
-        flag = "--schedule" if flag == "--sampling-schedule" else flag
+        flag = flag.replace("--sampling-", "--")  # --schedule, --renoise
         raise UserError(f"{flag} is an LCD option; --stage guidance distils the teacher's CFG output (no solver, "
                         "grid, target network or LoRA)")
 
@@ -45,8 +46,11 @@ def check_guidance_mode(mode: str, omega_min, omega_max, lora, stage: str) -> No
 
 
 def check_full_unet_only(lora, student_ema, cond_proj_lr_scale, cond_proj_inputs, init_student,
-                         omega_zero_share: float = 0.0, low_w_skip: int | None = None) -> None:
+                         omega_zero_share: float = 0.0, low_w_skip: int | None = None,
+                         renoise: str | None = None) -> None:
     """Refuse the full-UNet options of distill together with --lora."""
+    if lora and renoise is not None:
+        raise UserError("--renoise is written into a full LCM's sampling.json; an LCM-LoRA folder carries none")
     if lora and student_ema:
         raise UserError("--student-ema is for full-UNet distillation; with --lora the adapter's --ema is the target")
     if lora and cond_proj_lr_scale != 1.0:

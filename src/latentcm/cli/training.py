@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import registry
-from ..defaults import LORA_OMEGA, OMEGA_RANGE, SKIP, TEACHER_SOLVERS, TIMESTEP_SCHEDULES
+from ..defaults import LORA_OMEGA, OMEGA_RANGE, RENOISE, SKIP, TEACHER_SOLVERS, TIMESTEP_SCHEDULES
 from .app import cli
 from .options import FiniteRange, _command_line, _lora_config, _loop_config, _run_options, _stopped
 from .options import _torch_threads, lora_rank_options, seed_option
@@ -133,13 +133,17 @@ def train_teacher(stage, out, preset, seed, resume, steps, max_minutes):
 @click.option("--schedule", "sampling_schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None,
               show_default="grid", help="Timestep schedule the exported LCM samples on (its sampling.json): grid "
                                          "(diffusers' LCMScheduler) or refine (after the first step, low noise only).")
+@click.option("--renoise", "sampling_renoise", type=click.Choice(RENOISE), default=None, show_default="fresh",
+              help="Re-noising the exported LCM samples with by default (its sampling.json; `lcm generate --renoise`): "
+                   "fresh (LCM Algorithm 3) or keep-means. Full UNet only.")
 @click.option("--validate-every", type=click.IntRange(0, 10**7), default=500, help="Validation grid every N steps (0: off).")
 @lora_rank_options("LCM-LoRA: train a rank-RANK LoRA on the teacher's UNet (paper 64; 16 for the tiny teacher).",
                    "RANK (scale 1)", "LoRA alpha (scale alpha / RANK).")
 @_run_options
 def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, resume, max_minutes, num_data,
             data_dir, init_student, validate_every, checkpoint_every, lora_rank, lora_alpha, proportion_empty_prompts,
-            mixed_precision, gradient_accumulation, optimizer, sampling_schedule, stage, guided_teacher, **lcd):
+            mixed_precision, gradient_accumulation, optimizer, sampling_schedule, sampling_renoise, stage,
+            guided_teacher, **lcd):
     """Latent Consistency Distillation (LCM Algorithm 1) of a teacher into a few-step LCM.
 
     OUT ends up a LatentConsistencyModelPipeline folder (plus checkpoints/, metrics.csv,
@@ -167,7 +171,7 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
     _torch_threads()
     lora = _lora_config(lora_rank, lora_alpha, lcd["seed"])
     check_full_unet_only(lora, lcd["student_ema"], lcd["cond_proj_lr_scale"], lcd["cond_proj_inputs"], init_student,
-                         lcd["omega_zero_share"], lcd["low_w_skip"])
+                         lcd["omega_zero_share"], lcd["low_w_skip"], sampling_renoise)
     check_stage(stage, lora, guided_teacher)
     recipe = "distill-guidance" if stage == "guidance" else "distill-lora" if lora else "distill"
     shards = data_dir if data_dir and is_shard_spec(data_dir) else None
@@ -184,7 +188,8 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
                       data_shards=shards, shard_options={"proportion_empty_prompts": shard_share(proportion_empty_prompts, cfg)},
                       init_student=registry.resolve(init_student) if init_student else None,
                       guided_teacher=registry.resolve(guided_teacher) if guided_teacher else None,
-                      sampling_schedule=sampling_schedule, command=_command_line(click.get_current_context()))
+                      sampling_schedule=sampling_schedule, sampling_renoise=sampling_renoise,
+                      command=_command_line(click.get_current_context()))
     result = recipes.run(recipe, job)
     click.echo(_stopped(result.folder, result.steps))
 
@@ -206,12 +211,15 @@ def distill(teacher, out, max_steps, lr, lr_schedule, min_lr_ratio, grad_clip, r
 @click.option("--schedule", "sampling_schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None,
               show_default="the source LCM's", help="Timestep schedule the fine-tuned LCM samples on (its "
                                                   "sampling.json): grid or refine.")
+@click.option("--renoise", "sampling_renoise", type=click.Choice(RENOISE), default=None,
+              show_default="the source LCM's", help="Re-noising the fine-tuned LCM samples with by default (its "
+                                                  "sampling.json): fresh or keep-means.")
 @click.option("--max-timestep", type=click.IntRange(0, 100000), default=499,
               help="Train only grid points t <= this: adapt the low-noise end (texture, style) and leave the "
                    "high-noise end (layout, attributes) alone; the number of train timesteps - 1 trains all.")
 @_run_options
 def finetune(model, data_dir, out, skip, ema, max_steps, lr, resume, max_minutes, validate_every, checkpoint_every,
-             mixed_precision, gradient_accumulation, optimizer, sampling_schedule, **lcd):
+             mixed_precision, gradient_accumulation, optimizer, sampling_schedule, sampling_renoise, **lcd):
     """Latent Consistency Fine-tuning (LCF): adapt an LCM to your image-caption folder, no teacher needed.
 
     Unreadable images and images without a caption are skipped, counted and reported before training.
@@ -234,8 +242,8 @@ def finetune(model, data_dir, out, skip, ema, max_steps, lr, resume, max_minutes
     loop_cfg = _loop_config(max_steps, lr, validate_every, checkpoint_every, max_minutes, memory,
                             {"lcf": asdict(cfg)}, schedule="constant")
     job = recipes.Job(model_dir, Path(out), loop_cfg, lcd=cfg, data_dir=Path(data_dir), resume=resume,
-                      sampling_schedule=sampling_schedule, command=_command_line(click.get_current_context()),
-                      on_data=_echo_report)
+                      sampling_schedule=sampling_schedule, sampling_renoise=sampling_renoise,
+                      command=_command_line(click.get_current_context()), on_data=_echo_report)
     result = recipes.run("finetune", job)
     click.echo(_stopped(result.folder, result.steps))
 

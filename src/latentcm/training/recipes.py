@@ -72,6 +72,8 @@ class Job:
     guided_teacher: Path | None = None  # distill: a guidance-distilled teacher (distill-guidance) for the solver step
     sampling_schedule: str | None = None  # the exported LCM's default timesteps (defaults.TIMESTEP_SCHEDULES);
     # None: "grid" (diffusers' selection) for distill / distill-lora, the source LCM's own for finetune (LCF)
+    sampling_renoise: str | None = None  # the exported LCM's default re-noising (defaults.RENOISE); None: the
+    # source LCM's own for finetune (LCF), else Algorithm 3's fresh noise
     on_data: Callable | None = None  # called with the data's LoadReport (None: the shapes world) before training
 
 
@@ -196,8 +198,17 @@ def schedule_of(job: Job, bundle: Bundle) -> str:
     return bundle.timestep_schedule if bundle.is_lcm else "grid"
 
 
+def renoise_of(job: Job, bundle: Bundle) -> str:
+    """The re-noising the exported LCM names in its sampling.json: the job's, else the source LCM's own (LCF keeps
+    how its LCM samples), else fresh noise (LCM Algorithm 3)."""
+    if job.sampling_renoise is not None:
+        return job.sampling_renoise
+    return bundle.traits.renoise if bundle.is_lcm else "fresh"
+
+
 def _export_lcm(task, bundle, job, info):
-    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle))
+    export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle),
+               renoise=renoise_of(job, bundle))
 
 
 def _inherit_guidance_mode(job: Job, bundle: Bundle) -> Job:
@@ -219,7 +230,7 @@ def _export_lcf(task, bundle, job, info):
                       f"on the image folder `{job.data_dir}` ({info['data_report']}), made with latentcm: no "
                       "teacher, both consistency points from the same latent and noise.")}
     export_lcm(task.export_unet, bundle, job.out, info, skip=job.lcd.skip, schedule=schedule_of(job, bundle),
-               guidance=bundle.default_guidance)
+               guidance=bundle.default_guidance, renoise=renoise_of(job, bundle))
 
 
 def _export_guided(task, bundle, job, info):
