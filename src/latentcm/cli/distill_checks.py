@@ -6,11 +6,10 @@ import click
 from .options import UserError
 
 
-# options of LCD that guidance distillation has no use for (it has no solver, grid, target or sampling schedule)
+# options of LCD that guidance distillation has no use for (no solver, grid, target or sampling settings)
 LCD_ONLY = ("solver", "skip", "ema", "guidance_max_t", "sampling_schedule", "sampling_renoise", "low_w_skip",
-            "low_w_max",
-            "noise_start_share", "ode_start_share", "ode_start_steps", "ode_pair_share", "ode_pair_steps",
-            "ode_pair_starts")
+            "low_w_max", "noise_start_share", "ode_start_share", "ode_start_steps", "ode_pair_share",
+            "ode_pair_steps", "ode_pair_starts")
 
 
 def check_stage(stage: str, lora, guided_teacher) -> None:
