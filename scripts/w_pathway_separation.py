@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from latentcm import registry
+from latentcm.errors import ModelError
 from latentcm.guidance import guidance_scale_embedding
 
 
 def separation(unet_dir: Path, omegas: list[float]) -> list[float]:
     """||linear_1 (cond_proj(e(w)) - cond_proj(e(0)))|| for each w (biases cancel in the difference)."""
-    weights = load_file(next(unet_dir.glob("*.safetensors")))
+    weights = {k: v for f in registry.safetensors_files(unet_dir) for k, v in load_file(f).items()}  # shards too
     proj, lin = weights["time_embedding.cond_proj.weight"].float(), weights["time_embedding.linear_1.weight"].float()
     emb = guidance_scale_embedding(torch.tensor([0.0, *omegas]), proj.shape[1])  # [1 + n, d]
     moved = (emb[1:] - emb[:1]) @ proj.T @ lin.T  # [n, time_embed_dim]
@@ -40,11 +41,10 @@ def main() -> None:
         raise SystemExit(f"error: --omegas is a comma-separated list of numbers, got {args.omegas!r}") from None
     rows = {}
     for name in args.models:
-        unet = registry.resolve(name) / "unet"
-        if not unet.is_dir() or not any(unet.glob("*.safetensors")):
-            raise SystemExit(f"error: {name}: no unet/*.safetensors (an LCM folder with a w input)")
         try:
-            rows[name] = separation(unet, omegas)
+            rows[name] = separation(registry.resolve(name) / "unet", omegas)
+        except ModelError as exc:
+            raise SystemExit(f"error: {name}: {exc}") from None
         except KeyError as exc:
             raise SystemExit(f"error: {name}: the UNet has no {exc.args[0]} (no w input)") from None
     print("| model | " + " | ".join(f"w = {w:g}" for w in omegas) + " |")
