@@ -26,6 +26,8 @@ ROW is one of
   MODEL:takeover:T      the reverse: the LCM's Algorithm 3 on its 4-step refine timesteps above T, its last
                         prediction re-noised to T with that step's own noise, then the teacher's ODE row from T to
                         0: whether the ODE, given the LCM's own re-noised states, keeps the LCM's background.
+MODEL may be FIRST+REST: the LCM REST with FIRST's UNet at its first step (t = 999), e.g. a first-step model
+paired with the shipped LCM's refining steps.
 
 Prompts and seeds are ``lcm ablate guidance``'s (held-out captions, image i from seed i), so the ode row is
 that sweep's g = 1 row. Every row is scored by ``scoring.score`` (prompt-scenes reference, KID x 10^3), and its
@@ -46,7 +48,7 @@ from latentcm.bundle import Bundle
 from latentcm.evaluation import pipeline, references, scoring
 from latentcm.evaluation.generation import generate_cached
 from latentcm.evaluation.extractors import JudgeExtractor
-from latentcm.images import to_pixels
+from latentcm.images import from_pixels, save_grid, to_pixels
 from latentcm.models.denoiser import Denoiser
 from latentcm.sampling.lcm import per_image_noise, renoise, sample_lcm
 from latentcm.sampling.student import inference_timesteps
@@ -57,6 +59,7 @@ ATTRIBUTES = ("background", "shape")
 ODE_STEPS = 50          # the ODE row's DDIM trailing steps (``lcm ablate guidance``)
 LCM_GRID_POINTS = 20    # the shipped LCM's skipping grid (k = 50), whose refine timesteps exact-cm rows use
 BATCH = 32
+GRID_COLS = 8           # --grid: images shown per row
 
 
 def parse_row(text: str) -> dict:
@@ -195,12 +198,40 @@ def sample(bundle: Bundle, row: dict, prompts: list[str], guidance: float, cache
     return np.concatenate(images)
 
 
+class FirstStepUNet(torch.nn.Module):
+    """Two UNets as one: ``first`` at timesteps >= ``gate`` (the first step of the refine schedule, t = 999),
+    ``rest`` below; every other attribute (config, dtype, ...) is ``rest``'s. A probe of a first-step-only model."""
+
+    def __init__(self, first: torch.nn.Module, rest: torch.nn.Module, gate: int = 999):
+        super().__init__()
+        self.first, self.rest, self.gate = first, rest, gate
+
+    def forward(self, z, t, *args, **kwargs):
+        t_min = int(torch.as_tensor(t).min())
+        return (self.first if t_min >= self.gate else self.rest)(z, t, *args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("rest"), name)
+
+
+def load_model(name: str) -> Bundle:
+    """A model name, or FIRST+REST: REST's bundle whose UNet is FIRST's at the first step (``FirstStepUNet``)."""
+    if "+" not in name:
+        return Bundle.load(registry.resolve(name))
+    first, rest = (Bundle.load(registry.resolve(n)) for n in name.split("+"))
+    rest.unet = FirstStepUNet(first.unet, rest.unet)
+    return rest
+
+
 def row_images(row: dict, bundles: dict, prompts: list[str], guidance: float, cache: Path | None) -> np.ndarray:
     """``sample`` for one row, loading its model (and the teacher, for hand-off and take-over rows) into
     ``bundles`` once."""
     for name in (row["model"], "teacher") if row["kind"] in ("handoff", "takeover") else (row["model"],):
         if name not in bundles:
-            bundles[name] = Bundle.load(registry.resolve(name))
+            bundles[name] = load_model(name)
     return sample(bundles[row["model"]], row, prompts, guidance, cache, bundles.get("teacher"))
 
 
@@ -232,6 +263,8 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--judge", default="judge")
     ap.add_argument("--out", default=None, help="JSON file the results are written to")
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="PNG file: the first 8 images of every row, one row of the grid per ROW, in order")
     ap.add_argument("--cache", type=Path, default=None,
                     help="sample cache of `lcm ablate guidance` (OUT/samples): ode rows are read from it if made there")
     args = ap.parse_args()
@@ -240,10 +273,11 @@ def main() -> None:
     prompts = [p for p, _ in references.heldout_prompts(args.num_samples)]
     extractor = JudgeExtractor.load(registry.resolve(args.judge))
     reference = references.reference_set(extractor, "prompt-scenes")
-    bundles, results, first = {}, [], None
+    bundles, results, first, shown = {}, [], None, []
     rng = np.random.default_rng(0)
     for row in rows:
         images = row_images(row, bundles, prompts, args.guidance, args.cache)
+        shown.append(images[:GRID_COLS])
         scores = scoring.score(images, prompts, extractor, reference, per_image=True)
         per = scores.pop("per_image")["attribute_accuracy"]
         first = first or per
@@ -255,6 +289,8 @@ def main() -> None:
         print(json.dumps(record), file=sys.stderr, flush=True)
     summary = {"num_samples": args.num_samples, "guidance": args.guidance, "reference": reference.name,
                "rows": results}
+    if args.grid:
+        save_grid(from_pixels(np.concatenate(shown)), args.grid, cols=GRID_COLS)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=1))

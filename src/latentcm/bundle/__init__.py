@@ -26,8 +26,8 @@ from ..models.components import encode_text
 from ..sampling.latents import sample
 from ..sampling.options import ModelTraits, SamplingOptions, check_size
 from ..schedules import GRID_POINTS, train_timesteps
-from .loading import (SAMPLING_FILE, check_kind, check_model_dir, load_parts, parse_sampling, sampling_schedule,
-                      sampling_settings)
+from .loading import (SAMPLING_FILE, check_kind, check_model_dir, load_first_step, load_parts, parse_sampling,
+                      sampling_schedule, sampling_settings)
 from .lora import load_loras, lora_scheduler_config
 from .prompts import PromptCache
 
@@ -58,6 +58,10 @@ class Bundle:
     # SAMPLING_FILE: a w-input LCM distilled from w = 0, which takes a negative prompt through real CFG at w = 0
     unguided_w0: bool = False
     renoise: str = "fresh"  # SAMPLING_FILE: the LCM sampler's re-noising noise (defaults.RENOISE)
+    # SAMPLING_FILE's unguided entry (``loading.parse_unguided``): sampling at g = 1 without a negative prompt
+    unguided: dict | None = None
+    # That sampling's first step: the UNet with the unguided first-step LoRA merged in (``loading.load_first_step``)
+    first_step_unet: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
     autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast
     channels_last_vae: bool = False             # VAE weights and inputs in channels_last memory format
@@ -77,6 +81,8 @@ class Bundle:
         self.timestep_schedule, self.guidance_mode = settings["timestep_schedule"], settings["guidance_mode"]
         self.default_guidance, self.unguided_w0 = settings["guidance"], settings.get("unguided_w0", False)
         self.renoise = settings.get("renoise", "fresh")
+        self.unguided = settings.get("unguided")
+        self.first_step_unet = load_first_step(self.unet, self.path, self.unguided)
         return self
 
     def sampling_file(self) -> dict:
@@ -86,7 +92,7 @@ class Bundle:
 
     def to(self, device: str | torch.device) -> "Bundle":
         """Move every network to ``device`` (in place); returns self."""
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+        for module in (self.unet, self.first_step_unet, self.vae, self.text_encoder, self.text_encoder_2):
             if module is not None:
                 module.to(device)
         return self
@@ -157,7 +163,8 @@ class Bundle:
         return ModelTraits(self.is_lcm, self.original_inference_steps, train_timesteps(self.scheduler_config),
                            self.vae_factor, self.default_size, self.timestep_schedule, str(self.path or "this model"),
                            self.unet.config.get("time_cond_proj_dim") is not None, self.guidance_mode,
-                           self.default_guidance, self.unguided_w0, self.renoise)
+                           self.default_guidance, self.unguided_w0, self.renoise,
+                           (self.unguided or {}).get("renoise"))
 
     def sampling_options(self, options: SamplingOptions | None = None, **given) -> SamplingOptions:
         """``options`` (or ones built from the keywords ``given``) resolved for this model; ModelError when
@@ -267,7 +274,8 @@ class Bundle:
         cond = self.encode_prompts(prompts, image_size)  # [B, L, D]
         uncond = self._cfg_uncond(o, len(prompts), image_size)
         with self._autocast():
-            out = sample(self.unet, self.scheduler_config, o, cond, seeds, shape, uncond=uncond, latents=latents)
+            out = sample(self.unet, self.scheduler_config, o, cond, seeds, shape, uncond=uncond, latents=latents,
+                         first_step_unet=self.first_step_unet)
         return out if self.autocast_dtype is None else out.float()
 
     @torch.no_grad()

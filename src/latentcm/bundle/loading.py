@@ -3,8 +3,11 @@ the sampling schedule an LCM folder asks for. Weights load from safetensors only
 ``ModelError``."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+
+import torch
 
 from .. import offline
 from ..defaults import GUIDANCE_MODES, RENOISE, TIMESTEP_SCHEDULES
@@ -97,7 +100,8 @@ def load_parts(path: str | Path) -> tuple:
 
 def sampling_settings(path: Path) -> dict:
     """What an LCM folder's SAMPLING_FILE asks for: {"timestep_schedule": "grid"|"refine", "guidance_mode":
-    "embedding"|"cfg", "guidance": default g or None, "unguided_w0": bool, "renoise": "fresh"|"keep-means"};
+    "embedding"|"cfg", "guidance": default g or None, "unguided_w0": bool, "renoise": "fresh"|"keep-means",
+    "unguided": ``parse_unguided``'s};
     an absent key (or an absent file) gives the first choice, None or False. ``unguided_w0``: an LCM with a w
     input distilled from w = 0 (the unguided ODE), so that real CFG at w = 0 can take a negative prompt
     (``sampling.student``). ModelError on a file that is not such an object."""
@@ -116,7 +120,8 @@ def parse_sampling(text: str, where: Path | str) -> dict:
         raise ModelError(f"{file} is not a JSON object with a timestep_schedule") from None
     out = {"timestep_schedule": found.get("timestep_schedule", "grid"),
            "guidance_mode": found.get("guidance_mode", "embedding"), "guidance": found.get("guidance"),
-           "unguided_w0": found.get("unguided_w0", False), "renoise": found.get("renoise", RENOISE[0])}
+           "unguided_w0": found.get("unguided_w0", False), "renoise": found.get("renoise", RENOISE[0]),
+           "unguided": parse_unguided(found.get("unguided"), file)}
     if out["timestep_schedule"] not in TIMESTEP_SCHEDULES:
         raise ModelError(f"{file}: timestep_schedule must be one of {', '.join(TIMESTEP_SCHEDULES)}, "
                          f"got {out['timestep_schedule']!r}")
@@ -127,10 +132,52 @@ def parse_sampling(text: str, where: Path | str) -> dict:
                          f"got {out['unguided_w0']!r}")
     if out["renoise"] not in RENOISE:
         raise ModelError(f"{file}: renoise must be one of {', '.join(RENOISE)}, got {out['renoise']!r}")
+    if out["unguided"] is not None and out["guidance_mode"] != "embedding":
+        raise ModelError(f"{file}: unguided is for an LCM with a w input (guidance_mode embedding)")
     g = out["guidance"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 1 <= g <= 50):
         raise ModelError(f"{file}: guidance must be a number in [1, 50], got {g!r}")
     return out
+
+
+def parse_unguided(found, file) -> dict | None:
+    """SAMPLING_FILE's ``unguided`` entry: how the LCM samples at g = 1 (w = 0) without a negative prompt,
+    {"first_step": a LoRA file in the folder applied at the first step from pure noise, "renoise": that sampling's
+    re-noising}, either key optional; None when absent."""
+    if found is None:
+        return None
+    if not isinstance(found, dict) or not found or set(found) - {"first_step", "renoise"}:
+        raise ModelError(f"{file}: unguided must be an object with first_step and/or renoise, got {found!r}")
+    name = found.get("first_step")
+    if name is not None and (not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors")):
+        raise ModelError(f"{file}: unguided first_step must name a .safetensors file in the folder, got {name!r}")
+    if found.get("renoise", RENOISE[0]) not in RENOISE:
+        raise ModelError(f"{file}: unguided renoise must be one of {', '.join(RENOISE)}, got {found['renoise']!r}")
+    return dict(found)
+
+
+def load_first_step(unet, folder: Path | None, unguided: dict | None) -> torch.nn.Module | None:
+    """A copy of ``unet`` with the unguided first-step LoRA (SAMPLING_FILE's ``unguided.first_step``, a file in
+    ``folder``; ``models.low_rank``) merged in, or None when the folder names none."""
+    from safetensors.torch import load_file
+
+    from ..models.low_rank import merge_lora
+
+    name = (unguided or {}).get("first_step")
+    if name is None:
+        return None
+    file = Path(folder or ".") / name
+    if not file.is_file():
+        raise ModelError(f"{file} does not exist ({SAMPLING_FILE} names it as the unguided first_step)")
+    if not isinstance(unet, torch.nn.Module):
+        raise ModelError(f"the unguided first_step LoRA {file} needs the PyTorch UNet, not an exported runtime")
+    first = copy.deepcopy(unet)
+    try:
+        lora = {k: v.float() for k, v in load_file(str(file)).items()}
+        first.load_state_dict(merge_lora(first.state_dict(), lora))
+    except Exception as exc:  # a corrupt file, a key of another UNet, a shape mismatch: one line for the user
+        raise ModelError(f"cannot load the unguided first_step LoRA {file}: {one_line(exc)}") from exc
+    return first.eval()
 
 
 def sampling_schedule(path: Path) -> str:

@@ -26,7 +26,9 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
 @click.option("--guidance", type=FiniteRange(0, 50), default=None,
               show_default=f"an LCM's own (its sampling.json; else {LCM_GUIDANCE}), "
                            f"{TEACHER_GUIDANCE} for a teacher",
-              help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1.")
+              help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1. At g = 1 without a "
+                   "negative prompt an LCM whose sampling.json has an unguided entry (the shipped one) takes its "
+                   "first step with its unguided first-step LoRA and re-noises as that entry says.")
 @seed_option("Seed of the first image.")
 @click.option("--num-images", type=click.IntRange(1, 256), default=8, help="Images in the grid.")
 @click.option("--height", type=click.IntRange(8, 1024), default=None, help="Image height (default: model's).")
@@ -52,7 +54,8 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
 @click.option("--schedule", type=click.Choice(TIMESTEP_SCHEDULES), default=None, show_default="the model's",
               help="LCM: how --steps timesteps are picked: grid (diffusers' LCMScheduler) or refine (after the "
                    "first step, every step at low noise); the shipped LCM's sampling.json asks for refine.")
-@click.option("--renoise", type=click.Choice(RENOISE), default=None, show_default="the model's (fresh)",
+@click.option("--renoise", type=click.Choice(RENOISE), default=None,
+              show_default="the model's (shipped LCM: fresh; keep-means at g = 1)",
               help="LCM: the noise added between steps: fresh (LCM Algorithm 3, as diffusers' LCMScheduler) or "
                    "keep-means (each channel's mean taken from the step's own noise estimate, so the later steps "
                    "keep the first step's background; docs/diagnosis-guidance.md).")

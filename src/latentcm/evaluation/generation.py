@@ -60,6 +60,10 @@ def _identity(bundle, row, prompts: list[str], seed: int, image_format: str) -> 
         renoise = row.renoise or getattr(bundle, "renoise", "fresh")
         if renoise != "fresh":  # files made before the option existed stay valid
             identity["renoise"] = renoise
+        unguided = getattr(bundle, "unguided", None)
+        if unguided:  # sampling.json's unguided sampling, and the weights of its first-step LoRA
+            first = unguided.get("first_step")
+            identity["unguided"] = {**unguided, "weights": _stamp(Path(bundle.path) / first) if first else []}
     return identity
 
 

@@ -21,7 +21,8 @@ from .teacher import initial_latents, make_scheduler, sample_teacher
 def sample(unet: torch.nn.Module, scheduler_config: dict, options: SamplingOptions, cond: torch.Tensor,
            seeds: list[int], shape: tuple[int, int, int], *, uncond: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
-           original_inference_steps: int | None = None) -> torch.Tensor:
+           original_inference_steps: int | None = None,
+           first_step_unet: torch.nn.Module | None = None) -> torch.Tensor:
     """Final latents [B, C, h, w] (unscaled by the VAE factor), one per seed.
 
     Args:
@@ -36,6 +37,7 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, options: SamplingOptio
         latents: initial latents [B, C, h, w] instead of each seed's first draw.
         image_latents: img2img (LCM only): the clean latents, noised to the first kept grid point.
         original_inference_steps: N of the skipping grid when the config has none (a student in training).
+        first_step_unet: an LCM's unguided first-step UNet (``sampling.student.sample_student``), or None.
     """
     o = options
     if (image_latents is not None) != o.img2img:
@@ -46,7 +48,7 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, options: SamplingOptio
                               strength=1.0 if o.strength is None else o.strength,
                               original_inference_steps=original_inference_steps, gamma=o.gamma,
                               timesteps=o.timesteps, schedule=o.schedule or "grid", uncond=uncond,
-                              renoise=o.renoise or "fresh")
+                              renoise=o.renoise or "fresh", first_step_unet=first_step_unet)
     if uncond is None:
         raise ValueError("teacher samplers need the unconditional encodings (uncond) for CFG")
     if latents is None:

@@ -44,6 +44,7 @@ class ModelTraits:
     default_guidance: float | None = None        # the g its folder recommends (sampling.json); None: the kind's
     unguided_w0: bool = False                    # a w-input LCM distilled from w = 0: negatives by real CFG at w = 0
     renoise: str = "fresh"                       # the LCM sampler's re-noising when none is given (sampling.json)
+    unguided_renoise: str | None = None          # the same at g = 1 without a negative prompt (sampling.json's unguided)
 
     @property
     def takes_negative(self) -> bool:
@@ -84,7 +85,8 @@ class SamplingOptions:
         prompt and the negative, at scale g (default ``CFG_LCM_GUIDANCE``).
     height, width: image size, multiples of the VAE factor (text-to-image; img2img takes the image's).
     renoise: LCM Algorithm 3 only (not with gamma): "fresh" re-noising noise, or "keep-means" (its channel means
-        from the step's noise estimate, ``sampling.lcm.keep_channel_means``); None: the model's (sampling.json).
+        from the step's noise estimate, ``sampling.lcm.keep_channel_means``); None: the model's (sampling.json;
+        at g = 1 without a negative prompt its ``unguided`` renoise, when it names one).
     """
 
     sampler: str | None = None
@@ -166,16 +168,17 @@ class SamplingOptions:
         schedule = self.schedule
         if schedule is None and sampler == LCM_SAMPLER and self.timesteps is None and not self.img2img:
             schedule = model.timestep_schedule
-        renoise = self.renoise
-        if renoise is None and sampler == LCM_SAMPLER:
-            renoise = "fresh" if self.gamma is not None else model.renoise
         size = None if self.img2img else model.default_size
         if self.guidance is None and model.is_lcm and model.unguided_w0 and self.negative_prompt is not None:
             d_guidance = CFG_LCM_GUIDANCE  # real CFG at w = 0: a small CFG scale, not the w input's default
-        out = dataclasses.replace(self, sampler=sampler, steps=steps,
-                                  guidance=d_guidance if self.guidance is None else self.guidance,
-                                  schedule=schedule, height=self.height or size, width=self.width or size,
-                                  renoise=renoise)
+        guidance = d_guidance if self.guidance is None else self.guidance
+        renoise = self.renoise
+        if renoise is None and sampler == LCM_SAMPLER:
+            unguided = guidance == 1 and self.negative_prompt is None and not self.img2img
+            renoise = ("fresh" if self.gamma is not None else
+                       model.unguided_renoise if unguided and model.unguided_renoise else model.renoise)
+        out = dataclasses.replace(self, sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
+                                  height=self.height or size, width=self.width or size, renoise=renoise)
         out._check_model(model)
         return out
 

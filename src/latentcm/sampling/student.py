@@ -26,7 +26,8 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                    latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                    strength: float = 1.0, gamma: float | None = None,
                    timesteps: Sequence[int] | None = None, schedule: str = "grid",
-                   uncond: torch.Tensor | None = None, renoise: str = "fresh") -> torch.Tensor:
+                   uncond: torch.Tensor | None = None, renoise: str = "fresh",
+                   first_step_unet: torch.nn.Module | None = None) -> torch.Tensor:
     """Few-step latents of an LCM student (LCM Algorithm 3), one noise stream per image seed.
 
     Args:
@@ -57,6 +58,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
             an LCM with a w input (one distilled from w = 0) both passes read w = 0: CFG between its unguided
             predictions, how it takes a negative prompt.
         renoise: Algorithm 3's re-noising noise, "fresh" or "keep-means" (``defaults.RENOISE``).
+        first_step_unet: the first step's UNet in unguided sampling (``_sampling_fn``, ``Bundle.first_step_unet``).
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -66,10 +68,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         "timestep_scaling", P.TIMESTEP_SCALING)
     f = ConsistencyModel(Denoiser(unet, scheduler_config), timestep_scaling=scaling)
     p = next(unet.parameters())
-    w = torch.full((len(seeds),), float(omega), device=p.device)
-    d = unet.config.get("time_cond_proj_dim")
-    # An LCM-LoRA'd teacher has no w input: its guidance is distilled in (LCM-LoRA, arXiv 2311.05556), omega is unused.
-    w_emb = guidance_scale_embedding(w, d).to(p.dtype) if d is not None else None  # [B, d]
+    w, w_emb = _w_input(unet, omega, len(seeds))
     noise_fn = per_image_noise(seeds, shape, dtype=p.dtype, device=p.device)
     _check_inputs(latents, image_latents, strength, timesteps)
     ts = (inference_timesteps(schedule, steps, len(f.denoiser.alpha_bar), n_grid, strength) if timesteps is None
@@ -77,8 +76,33 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
     x_T = noise_fn(-1) if latents is None else latents.to(p.device, p.dtype)  # [B, C, h, w]
     if image_latents is not None:  # img2img: z_{ts[0]} = alpha x0 + sigma noise (forward diffusion)
         x_T = add_noise(image_latents.to(p.device, p.dtype), int(ts[0]), x_T, f.denoiser.alpha_bar)
-    return sample_lcm(_guided_fn(f, text_states, uncond, w, w_emb), x_T, ts, noise_fn=noise_fn,
-                      alpha_bar=f.denoiser.alpha_bar, gamma=gamma, keep_means=renoise == "keep-means")
+    fn = _sampling_fn(f, scheduler_config, text_states, uncond, w, w_emb, int(ts[0]),
+                      None if image_latents is not None else first_step_unet)
+    return sample_lcm(fn, x_T, ts, noise_fn=noise_fn, alpha_bar=f.denoiser.alpha_bar, gamma=gamma,
+                      keep_means=renoise == "keep-means")
+
+
+def _w_input(unet: torch.nn.Module, omega: float, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(w [n], its embedding [n, d]); an LCM-LoRA'd teacher has no w input (its guidance is distilled in, LCM-LoRA,
+    arXiv 2311.05556): embedding None, omega unused."""
+    p = next(unet.parameters())
+    w = torch.full((n,), float(omega), device=p.device)
+    d = unet.config.get("time_cond_proj_dim")
+    return w, guidance_scale_embedding(w, d).to(p.dtype) if d is not None else None
+
+
+def _sampling_fn(f: ConsistencyModel, scheduler_config: dict, text_states: torch.Tensor, uncond: torch.Tensor | None,
+                 w: torch.Tensor, w_emb: torch.Tensor | None, t_first: int, first_step_unet: torch.nn.Module | None):
+    """x, t -> each step's consistency output (``_guided_fn``). In unguided sampling -- w = 0, no ``uncond``, from
+    pure noise at the top timestep (``t_first`` = T - 1) -- the first step is ``first_step_unet``'s instead (the
+    schedule descends, so no later step is at ``t_first``)."""
+    fn = _guided_fn(f, text_states, uncond, w, w_emb)
+    if first_step_unet is None or bool(w.any()) or uncond is not None or t_first != len(f.denoiser.alpha_bar) - 1:
+        return fn
+    f0 = ConsistencyModel(Denoiser(first_step_unet, scheduler_config), sigma_data=f.sigma_data,
+                          timestep_scaling=f.timestep_scaling)
+    first = _guided_fn(f0, text_states, None, w, w_emb)
+    return lambda x, t: (first if int(t[0]) == t_first else fn)(x, t)
 
 
 def _guided_fn(f: ConsistencyModel, text_states: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,

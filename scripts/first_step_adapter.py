@@ -1,0 +1,72 @@
+"""Give an LCM an unguided first-step LoRA: the difference between it and a first-step-tuned copy of it, at rank R.
+
+    python scripts/first_step_adapter.py --base lcm --tuned runs/probe/fs-l2-ema --rank 8 --out DIR \
+        [--renoise keep-means]
+
+TUNED is BASE after a first-step stage (``lcm distill --init-student BASE --ode-pair-share 1 --ode-pair-starts top
+--omega-zero-share 1``: every sample the teacher's unguided ODE pair at the top point, the map of Algorithm 3's
+first step at w = 0). That stage sharpens the w = 0 first step and costs the refining steps their guided response
+through the shared weights (reports/guidance-modes/start-states, section 9), so only its difference is kept, as a
+LoRA (``models.low_rank``: truncated SVD of every weight difference) that latentcm applies at the first step of
+unguided sampling alone (g = 1, no negative prompt, from pure noise; ``sampling.student``). DIR receives BASE's
+folder with ``unguided_first_step.safetensors`` (diffusers LoRA keys, fp16) and sampling.json's ``unguided`` entry
+({"first_step": that file, "renoise": RENOISE}); DIR may be BASE's own folder (then only those two change).
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentcm import registry
+from latentcm.bundle import SAMPLING_FILE, Bundle
+from latentcm.defaults import RENOISE
+from latentcm.errors import ModelError
+from latentcm.models.low_rank import difference_energy, lora_from_difference
+
+ADAPTER_FILE = "unguided_first_step.safetensors"
+UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="the LCM (a name or folder)")
+    ap.add_argument("--tuned", required=True, help="BASE after a first-step stage (an LCM folder)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--renoise", choices=RENOISE, default="keep-means",
+                    help="the re-noising of unguided sampling (sampling.json's unguided renoise)")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+    try:
+        base_dir, tuned_dir = (Path(registry.resolve(n)) for n in (args.base, args.tuned))
+        for folder in (base_dir, tuned_dir):
+            if not Bundle.load(folder).is_lcm:
+                raise ModelError(f"{folder} is not an LCM folder")
+    except ModelError as exc:
+        sys.exit(f"error: {exc}")
+    base = {k: v.float() for k, v in load_file(str(base_dir / UNET_FILE)).items()}
+    tuned = {k: v.float() for k, v in load_file(str(tuned_dir / UNET_FILE)).items()}
+    lora = lora_from_difference(base, tuned, args.rank)
+    energy = difference_energy(base, tuned, {k: v.half().float() for k, v in lora.items()})
+    if args.out.resolve() != base_dir.resolve():
+        shutil.copytree(base_dir, args.out, dirs_exist_ok=True)
+    meta = {"base": args.base, "tuned": args.tuned, "rank": str(args.rank), "kept": f"{energy['kept']:.4f}",
+            "one_dimensional_dropped": f"{energy['one_dimensional']:.4f}"}
+    save_file({k: v.half().contiguous() for k, v in lora.items()}, str(args.out / ADAPTER_FILE), metadata=meta)
+    settings_file = args.out / SAMPLING_FILE
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    settings["unguided"] = {"first_step": ADAPTER_FILE, "renoise": args.renoise}
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    Bundle.load(args.out)  # the folder loads, adapter merged
+    size = (args.out / ADAPTER_FILE).stat().st_size / 1e6
+    print(f"{args.out / ADAPTER_FILE}: rank {args.rank}, {sum(v.numel() for v in lora.values())} parameters, "
+          f"{size:.2f} MB; keeps {100 * energy['kept']:.1f}% of the weight differences' squared norm "
+          f"(1-D parameters, left out: {100 * energy['one_dimensional']:.2f}% of the whole)")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
