@@ -7,8 +7,9 @@ TUNED is BASE after a first-step stage (``lcm distill --init-student BASE --ode-
 --omega-zero-share 1``: every sample the teacher's unguided ODE pair at the top point, the map of Algorithm 3's
 first step at w = 0). That stage sharpens the w = 0 first step and costs the refining steps their guided response
 through the shared weights (reports/guidance-modes/start-states, section 9), so only its difference is kept, as a
-LoRA (``models.low_rank``: truncated SVD of every weight difference) that latentcm applies at the first step of
-unguided sampling alone (g = 1, no negative prompt, from pure noise; ``sampling.student``). DIR receives BASE's
+LoRA (``models.low_rank``: truncated SVD of every weight difference) that latentcm applies at the first step
+(from pure noise) wherever the LCM reads w = 0 alone: g = 1, and real CFG between w = 0 predictions for a negative
+prompt (``sampling.student``). DIR receives BASE's
 folder with ``unguided_first_step.safetensors`` (diffusers LoRA keys, fp16) and sampling.json's ``unguided`` entry
 ({"first_step": that file, "renoise": RENOISE}); DIR may be BASE's own folder (then only those two change).
 """

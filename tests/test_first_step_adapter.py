@@ -116,9 +116,13 @@ def test_unguided_sampling_uses_the_adapter_at_its_first_step_only(adapted_lcm):
     assert torch.equal(one, latents(merged, steps=1, guidance=1.0))
     torch.testing.assert_close(one, latents(whole, steps=1, guidance=1.0), rtol=0, atol=2e-2)
     assert (one - latents(plain, steps=1, guidance=1.0)).abs().max() > 0.1
-    # guided, with a negative prompt, or from below the top point: the plain LCM, bit for bit
-    for kw in ({"steps": 4, "guidance": 2.0}, {"steps": 2, "guidance": 1.0, "negative_prompt": "blue"},
-               {"steps": 2, "guidance": 1.0, "timesteps": [899, 499]}):
+    # a negative prompt (real CFG between w = 0 predictions) also reads w = 0: its first step is the merged network's
+    negative = {"guidance": 2.0, "negative_prompt": "blue"}
+    assert torch.equal(latents(adapted, steps=1, **negative), latents(merged, steps=1, **negative))
+    assert (latents(adapted, steps=1, **negative) - latents(plain, steps=1, **negative)).abs().max() > 0.1
+    # guided (w > 0), or from below the top point: the plain LCM, bit for bit
+    for kw in ({"steps": 4, "guidance": 2.0}, {"steps": 2, "guidance": 1.0, "timesteps": [899, 499]},
+               {"steps": 2, "guidance": 2.0, "timesteps": [899, 499], "negative_prompt": "blue"}):
         assert torch.equal(latents(adapted, renoise="fresh", **kw), latents(plain, renoise="fresh", **kw))
     # four unguided steps: the first from the adapter, the refining ones from the plain LCM
     four = latents(adapted, steps=4, guidance=1.0, renoise="fresh")

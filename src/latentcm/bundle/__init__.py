@@ -58,9 +58,9 @@ class Bundle:
     # SAMPLING_FILE: a w-input LCM distilled from w = 0, which takes a negative prompt through real CFG at w = 0
     unguided_w0: bool = False
     renoise: str = "fresh"  # SAMPLING_FILE: the LCM sampler's re-noising noise (defaults.RENOISE)
-    # SAMPLING_FILE's unguided entry (``loading.parse_unguided``): sampling at g = 1 without a negative prompt
+    # SAMPLING_FILE's unguided entry (``loading.parse_unguided``): sampling where the w input is 0
     unguided: dict | None = None
-    # That sampling's first step: the UNet with the unguided first-step LoRA merged in (``loading.load_first_step``)
+    # Its first step: the UNet with the unguided first-step LoRA merged in (``loading.load_first_step``)
     first_step_unet: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     # Opt-in speed-ups (``optimize``); the defaults leave every output as it was.
     autocast_dtype: torch.dtype | None = None   # e.g. torch.bfloat16: UNet and VAE under torch.autocast

@@ -141,9 +141,9 @@ def parse_sampling(text: str, where: Path | str) -> dict:
 
 
 def parse_unguided(found, file) -> dict | None:
-    """SAMPLING_FILE's ``unguided`` entry: how the LCM samples at g = 1 (w = 0) without a negative prompt,
-    {"first_step": a LoRA file in the folder applied at the first step from pure noise, "renoise": that sampling's
-    re-noising}, either key optional; None when absent."""
+    """SAMPLING_FILE's ``unguided`` entry, either key optional; None when absent: {"first_step": a LoRA file in the
+    folder, applied at the first step from pure noise wherever the w input is 0 (g = 1, or a negative prompt's real
+    CFG between w = 0 predictions), "renoise": the re-noising at g = 1 without a negative prompt}."""
     if found is None:
         return None
     if not isinstance(found, dict) or not found or set(found) - {"first_step", "renoise"}:

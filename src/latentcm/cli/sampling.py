@@ -26,9 +26,10 @@ from .options import (GENERATE_SAMPLERS, FiniteRange, UserError, _check_prompt, 
 @click.option("--guidance", type=FiniteRange(0, 50), default=None,
               show_default=f"an LCM's own (its sampling.json; else {LCM_GUIDANCE}), "
                            f"{TEACHER_GUIDANCE} for a teacher",
-              help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1. At g = 1 without a "
-                   "negative prompt an LCM whose sampling.json has an unguided entry (the shipped one) takes its "
-                   "first step with its unguided first-step LoRA and re-noises as that entry says.")
+              help="Guidance scale g (1 = none); an LCM is conditioned on w = g - 1. An LCM whose sampling.json has "
+                   "an unguided entry (the shipped one) takes its first step with its unguided first-step LoRA "
+                   "wherever it reads w = 0 (g = 1, or a negative prompt), and at g = 1 without a negative prompt "
+                   "re-noises as that entry says.")
 @seed_option("Seed of the first image.")
 @click.option("--num-images", type=click.IntRange(1, 256), default=8, help="Images in the grid.")
 @click.option("--height", type=click.IntRange(8, 1024), default=None, help="Image height (default: model's).")

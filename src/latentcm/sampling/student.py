@@ -58,7 +58,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
             an LCM with a w input (one distilled from w = 0) both passes read w = 0: CFG between its unguided
             predictions, how it takes a negative prompt.
         renoise: Algorithm 3's re-noising noise, "fresh" or "keep-means" (``defaults.RENOISE``).
-        first_step_unet: the first step's UNet in unguided sampling (``_sampling_fn``, ``Bundle.first_step_unet``).
+        first_step_unet: the first step's UNet where the w input is 0 (``_sampling_fn``, ``Bundle.first_step_unet``).
 
     Returns:
         Denoised latents [B, C, h, w] (unscaled by the VAE factor).
@@ -93,15 +93,17 @@ def _w_input(unet: torch.nn.Module, omega: float, n: int) -> tuple[torch.Tensor,
 
 def _sampling_fn(f: ConsistencyModel, scheduler_config: dict, text_states: torch.Tensor, uncond: torch.Tensor | None,
                  w: torch.Tensor, w_emb: torch.Tensor | None, t_first: int, first_step_unet: torch.nn.Module | None):
-    """x, t -> each step's consistency output (``_guided_fn``). In unguided sampling -- w = 0, no ``uncond``, from
-    pure noise at the top timestep (``t_first`` = T - 1) -- the first step is ``first_step_unet``'s instead (the
+    """x, t -> each step's consistency output (``_guided_fn``). Where the network's w input is 0 -- unguided
+    sampling (w = 0), or real CFG between w = 0 predictions (``uncond``: a negative prompt) -- and the schedule starts
+    from pure noise at the top timestep (``t_first`` = T - 1), the first step is ``first_step_unet``'s instead (the
     schedule descends, so no later step is at ``t_first``)."""
     fn = _guided_fn(f, text_states, uncond, w, w_emb)
-    if first_step_unet is None or bool(w.any()) or uncond is not None or t_first != len(f.denoiser.alpha_bar) - 1:
+    reads_w0 = uncond is not None or not bool(w.any())
+    if first_step_unet is None or not reads_w0 or t_first != len(f.denoiser.alpha_bar) - 1:
         return fn
     f0 = ConsistencyModel(Denoiser(first_step_unet, scheduler_config), sigma_data=f.sigma_data,
                           timestep_scaling=f.timestep_scaling)
-    first = _guided_fn(f0, text_states, None, w, w_emb)
+    first = _guided_fn(f0, text_states, uncond, w, w_emb)
     return lambda x, t: (first if int(t[0]) == t_first else fn)(x, t)
 
 
