@@ -20,16 +20,16 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from latentcm import registry
 from latentcm.bundle import SAMPLING_FILE, Bundle
 from latentcm.defaults import RENOISE
 from latentcm.errors import ModelError
+from latentcm.files import atomic_path, write_json
 from latentcm.models.low_rank import difference_energy, lora_from_difference
 
 ADAPTER_FILE = "unguided_first_step.safetensors"
-UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
 
 
 def main() -> None:
@@ -41,26 +41,26 @@ def main() -> None:
                     help="the re-noising of unguided sampling (sampling.json's unguided renoise)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
+    base_dir = Path(registry.resolve(args.base))
     try:
-        base_dir, tuned_dir = (Path(registry.resolve(n)) for n in (args.base, args.tuned))
-        for folder in (base_dir, tuned_dir):
-            if not Bundle.load(folder).is_lcm:
-                raise ModelError(f"{folder} is not an LCM folder")
+        bundles = [Bundle.load(registry.resolve(name)) for name in (args.base, args.tuned)]
+        for name, bundle in zip((args.base, args.tuned), bundles):
+            if not bundle.is_lcm:
+                raise ModelError(f"{name} is not an LCM folder")
     except ModelError as exc:
         sys.exit(f"error: {exc}")
-    base = {k: v.float() for k, v in load_file(str(base_dir / UNET_FILE)).items()}
-    tuned = {k: v.float() for k, v in load_file(str(tuned_dir / UNET_FILE)).items()}
+    base, tuned = ({k: v.float() for k, v in b.unet.state_dict().items()} for b in bundles)
     lora = lora_from_difference(base, tuned, args.rank)
     energy = difference_energy(base, tuned, {k: v.half().float() for k, v in lora.items()})
     if args.out.resolve() != base_dir.resolve():
         shutil.copytree(base_dir, args.out, dirs_exist_ok=True)
     meta = {"base": args.base, "tuned": args.tuned, "rank": str(args.rank), "kept": f"{energy['kept']:.4f}",
             "one_dimensional_dropped": f"{energy['one_dimensional']:.4f}"}
-    save_file({k: v.half().contiguous() for k, v in lora.items()}, str(args.out / ADAPTER_FILE), metadata=meta)
+    with atomic_path(args.out / ADAPTER_FILE) as tmp:
+        save_file({k: v.half().contiguous() for k, v in lora.items()}, str(tmp), metadata=meta)
     settings_file = args.out / SAMPLING_FILE
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    settings["unguided"] = {"first_step": ADAPTER_FILE, "renoise": args.renoise}
-    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(settings_file, {**settings, "unguided": {"first_step": ADAPTER_FILE, "renoise": args.renoise}})
     Bundle.load(args.out)  # the folder loads, adapter merged
     size = (args.out / ADAPTER_FILE).stat().st_size / 1e6
     print(f"{args.out / ADAPTER_FILE}: rank {args.rank}, {sum(v.numel() for v in lora.values())} parameters, "

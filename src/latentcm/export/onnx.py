@@ -24,8 +24,7 @@ from ..bundle.loading import read_config
 from ..errors import ModelError
 from ..files import write_json
 from .pipeline import write_sampling_settings
-from .release import carry_unguided
-from .release import _check_dest
+from .release import _check_dest, unguided_note
 
 FORMATS = ("onnx", "openvino")
 OPSET = 17
@@ -175,7 +174,7 @@ def export_onnx(source: str | Path, dest: str | Path, *, fmt: str = "onnx",
     progress(f"writing the configs, tokenizer/, scheduler/, model_index.json and {SAMPLING_FILE}")
     _write_configs(source, tmp)
     write_sampling_settings(tmp, bundle.sampling_file())
-    if (line := carry_unguided(bundle, tmp, carry=False)) is not None:
+    if (line := unguided_note(bundle)) is not None:
         progress(line)
     if dest.exists():
         dest.rmdir()

@@ -119,7 +119,8 @@ def unguided_w0(card_info: dict) -> bool:
 
 
 def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embedding",
-                   guidance: float | None = None, unguided_w0: bool = False, renoise: str = "fresh") -> Path:
+                   guidance: float | None = None, unguided_w0: bool = False, renoise: str = "fresh",
+                   unguided: dict | None = None) -> Path:
     """An LCM folder's ``SAMPLING_FILE``: the timestep schedule latentcm samples it on by default, for a
     real-CFG LCM its guidance mode and default g, for a w-input LCM distilled from w = 0 ``unguided_w0``, and a
     re-noising other than Algorithm 3's fresh noise (read back by ``bundle.sampling_settings``)."""
@@ -136,6 +137,8 @@ def write_sampling(folder: str | Path, schedule: str, guidance_mode: str = "embe
         found["renoise"] = renoise
     if guidance is not None:
         found["guidance"] = float(guidance)
+    if unguided:  # its first_step file must be in the folder (``export.release.copy_unguided``)
+        found["unguided"] = dict(unguided)
     return write_json(Path(folder) / SAMPLING_FILE, found)
 
 
@@ -143,7 +146,7 @@ def write_sampling_settings(folder: str | Path, settings: dict) -> Path:
     """``SAMPLING_FILE`` from a settings dict (``bundle.sampling_settings`` / ``Bundle.sampling_file``: schedule,
     guidance mode, default g, ``unguided_w0``): how an export carries latentcm's sampling defaults with the model."""
     return write_sampling(folder, settings["timestep_schedule"], settings["guidance_mode"], settings["guidance"],
-                          settings["unguided_w0"], settings.get("renoise", "fresh"))
+                          settings["unguided_w0"], settings.get("renoise", "fresh"), settings.get("unguided"))
 
 
 def shipped_name(path: str) -> str:

@@ -13,7 +13,7 @@ import torch
 from ..bundle import SAMPLING_FILE, Bundle
 from ..defaults import LCM_DEFAULTS
 from ..errors import ModelError
-from ..files import write_json, write_text
+from ..files import write_text
 from ..schedules import refine_timesteps, train_timesteps
 from .pipeline import carry_safety_parts, write_sampling_settings
 from .single_file import NOT_IN_LAYOUT, check_layout, save_single_file
@@ -175,21 +175,22 @@ def _megabytes(path: Path) -> str:
     return f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
 
 
-def carry_unguided(bundle: Bundle, folder: str | Path | None, carry: bool, what: str = "this export") -> str | None:
-    """The LCM's unguided first-step LoRA (SAMPLING_FILE's ``unguided``): with ``carry``, copied into ``folder``
-    beside its SAMPLING_FILE entry (a latentcm-loadable export); without, a note that this export samples g = 1
-    without it. None when the LCM has none; else the progress line to print."""
-    unguided = bundle.unguided
-    if not unguided:
+def unguided_note(bundle: Bundle, what: str = "this export") -> str | None:
+    """The line an export that leaves out the LCM's unguided sampling (SAMPLING_FILE's ``unguided``: its first-step
+    LoRA) prints; None when the LCM has none."""
+    if not bundle.unguided:
         return None
-    if not carry:
-        return (f"note: {what} leaves out the unguided sampling of {SAMPLING_FILE} ({unguided}): at g = 1 it "
-                "samples as at any other g (latentcm folders and `lcm export` release folders keep it)")
-    if unguided.get("first_step"):
-        shutil.copy2(Path(bundle.path) / unguided["first_step"], Path(folder) / unguided["first_step"])
-    file = Path(folder) / SAMPLING_FILE
-    write_json(file, {**json.loads(file.read_text()), "unguided": unguided})
-    return f"carried the unguided sampling of {SAMPLING_FILE} ({unguided})"
+    return (f"note: {what} leaves out the unguided sampling of {SAMPLING_FILE} ({bundle.unguided}): where the LCM "
+            "reads w = 0 it samples without it (latentcm folders and `lcm export` release folders keep it)")
+
+
+def copy_unguided(bundle: Bundle, folder: Path) -> dict:
+    """The LCM's SAMPLING_FILE settings with its ``unguided`` entry, whose first-step LoRA file is copied into
+    ``folder`` (a latentcm-loadable export)."""
+    unguided = bundle.unguided
+    if unguided and unguided.get("first_step"):
+        shutil.copy2(Path(bundle.path) / unguided["first_step"], folder / unguided["first_step"])
+    return {**bundle.sampling_file(), "unguided": unguided}
 
 
 def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, single_file: bool = False,
@@ -236,15 +237,16 @@ def export_release(source: str | Path, dest: str | Path, *, fp16: bool = False, 
         g = _recommended_guidance(bundle)
         progress(NOT_IN_LAYOUT.format(g=g))
         save_single_file(bundle, tmp / f"{dest.name}.safetensors", guidance=g)
-        if (line := carry_unguided(bundle, None, carry=False, what="the single file")) is not None:
+        if (line := unguided_note(bundle, "the single file")) is not None:
             progress(line)
     if fp16:
         progress("writing the float16 variant (*.fp16.safetensors)")
         save_fp16_variant(pipe, tmp)
     progress(f"writing {SAMPLING_FILE} and the model card README.md")
-    write_sampling_settings(tmp, bundle.sampling_file())
-    if (line := carry_unguided(bundle, tmp, carry=True)) is not None:
-        progress(line)
+    settings = copy_unguided(bundle, tmp)
+    if settings["unguided"]:
+        progress(f"carried the unguided sampling of {SAMPLING_FILE} ({settings['unguided']})")
+    write_sampling_settings(tmp, settings)
     write_release_card(tmp, dest.name, source, base_model, fp16, single_file, bundle)
     if dest.exists():
         dest.rmdir()

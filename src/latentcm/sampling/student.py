@@ -68,7 +68,7 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
         "timestep_scaling", P.TIMESTEP_SCALING)
     f = ConsistencyModel(Denoiser(unet, scheduler_config), timestep_scaling=scaling)
     p = next(unet.parameters())
-    w, w_emb = _w_input(unet, omega, len(seeds))
+    w, w_emb = _w_input(unet, p, omega, len(seeds))
     noise_fn = per_image_noise(seeds, shape, dtype=p.dtype, device=p.device)
     _check_inputs(latents, image_latents, strength, timesteps)
     ts = (inference_timesteps(schedule, steps, len(f.denoiser.alpha_bar), n_grid, strength) if timesteps is None
@@ -82,10 +82,10 @@ def sample_student(unet: torch.nn.Module, scheduler_config: dict, text_states: t
                       keep_means=renoise == "keep-means")
 
 
-def _w_input(unet: torch.nn.Module, omega: float, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(w [n], its embedding [n, d]); an LCM-LoRA'd teacher has no w input (its guidance is distilled in, LCM-LoRA,
-    arXiv 2311.05556): embedding None, omega unused."""
-    p = next(unet.parameters())
+def _w_input(unet: torch.nn.Module, p: torch.Tensor, omega: float,
+             n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(w [n], its embedding [n, d]) on ``p``'s device and dtype; an LCM-LoRA'd teacher has no w input (its guidance
+    is distilled in, LCM-LoRA, arXiv 2311.05556): embedding None, omega unused."""
     w = torch.full((n,), float(omega), device=p.device)
     d = unet.config.get("time_cond_proj_dim")
     return w, guidance_scale_embedding(w, d).to(p.dtype) if d is not None else None
