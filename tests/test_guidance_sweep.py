@@ -97,6 +97,23 @@ def test_kid_gaps_are_paired_differences_to_the_best_g():
     assert gaps[2.0][0] < 0.5 and gaps[3.0][0] > 0   # a tiny shift is tied with it, a large one resolved worse
 
 
+def test_resampled_best_counts_the_winner_of_each_resample_and_the_share_near_the_teacher():
+    kids = {1.0: np.array([1.0, 5.0, 5.0, 2.0]), 2.0: np.array([3.0, 1.0, 4.0, 3.0]), 3.0: np.array([2.0, 9.0, 0.0, 1.0])}
+    assert guidance_sweep.resampled_best(kids).tolist() == [1.0, 2.0, 3.0, 3.0]
+
+    def rec(model, steps, g, kid):
+        return {"model": model, "steps": steps, "guidance": g, "kid": kid}
+    ode = [rec("teacher", 50, g, k) for g, k in ((1, 1.0), (2, 2.0), (3, 3.0))]
+    lcm = [rec("a", 4, g, k) for g, k in ((1, 3.0), (2, 2.0), (3, 1.0))]
+    resampled = {("teacher", None): np.array([1.0, 1.0, 1.0, 2.0]), ("a", 4): np.array([3.0, 2.0, 3.0, 3.0])}
+    best = guidance_sweep.best_guidance(lcm, ode, resampled=resampled)
+    assert best[0]["best_share"] == {"1": 0.75, "2": 0.25}
+    assert best[1]["best_share"] == {"2": 0.25, "3": 0.75}
+    assert best[1]["within_one_point_share"] == 0.5   # (3, 1) and (3, 1) are two points apart; (2, 1), (3, 2) one
+    table = guidance_sweep._best_table(best)
+    assert "| a | 4 | 3 | 1.00 | 2 | 3: 75%, 2: 25% | 50% |" in table
+
+
 @pytest.mark.parametrize("size", ["small", "medium", "large"])
 @pytest.mark.parametrize("colour, background", [("red", "white"), ("orange", "yellow"), ("gray", "purple")])
 def test_object_area_of_rendered_circles_is_their_disc(size, colour, background):
@@ -145,6 +162,8 @@ def test_ablate_guidance_sweeps_teacher_ode_and_lcms(micro_teacher, micro_lcm, c
         found = next(b for b in results["best"] if b["model"] == model and b["steps"] == n)
         assert found["guidance"] == min(curve, key=lambda r: r["kid"])["guidance"]
         assert found["guidance"] in found["tied"] and found["kid_gap_ci"][f"{found['guidance']:g}"] == [0.0, 0.0]
+        assert sum(found["best_share"].values()) == pytest.approx(1, abs=1e-3)
+        assert 0 <= found["within_one_point_share"] <= 1  # two g: always within one point
     table = (out / "results.md").read_text()
     assert "## cfg-lcm, 2 steps" in table and "| 3 (2) |" in table and "## Best g" in table and "g tied with" in table
     assert (out / "tradeoff.png").stat().st_size > 0 and (out / "fidelity.png").stat().st_size > 0

@@ -19,8 +19,10 @@ those whose paired KID difference to it (``kid_gaps``) has a 95% interval reachi
 rank them below it -- and its *following* of the ODE (``following``): its
 background and shape accuracy at g = 1 beside the ODE's, and how much its mean object area (``scoring.object_area``)
 rises from g = FOLLOW_FROM to FOLLOW_TO as a ratio to the ODE's rise on the same prompts and seeds, with a paired
-bootstrap interval. Writes results.json, results.md, tradeoff.png and
-fidelity.png into its folder; samples are cached in OUT/samples, so a rerun samples only what is new.
+bootstrap interval. With resamples it also reports how often each g is the best on a resample
+(``resampled_best``), and how often an LCM's best g falls within one sweep point of the ODE's on the same resample.
+Writes results.json, results.md, tradeoff.png and fidelity.png (``guidance_plots``) into its folder; samples are
+cached in OUT/samples, so a rerun samples only what is new.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 from ..defaults import LCM_SAMPLER
 from ..files import write_text
 from ..guidance import omega_from_guidance
-from . import intervals, pipeline, references, scoring
+from . import guidance_plots, intervals, pipeline, references, scoring
 from .presets import ode_row
 from .results import validate_results, write_results
 
@@ -161,7 +163,7 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
                "resamples": resamples, "teacher_ode_row": {"sampler": ode_row(0).sampler, "steps": ode_row(0).steps},
                "records": records, "teacher_ode": teacher_ode,
                "best": best_guidance(records, teacher_ode,
-                                     _curve_gaps(records, teacher_ode, features, ref, real_draws)),
+                                     *_curve_stats(records, teacher_ode, features, ref, real_draws)),
                "following": following(records, teacher_ode, areas, real_draws),
                "floor": scoring.floor(extractor, ref, num_samples)}
     results["floor"]["accuracy"] = mean_accuracy(results["floor"]["attribute_accuracy"])
@@ -170,31 +172,49 @@ def sweep(bundles: dict, lcm_names: list[str], extractor, out: Path, guidances=G
     return results
 
 
-def _curve_gaps(records: list[dict], teacher_ode: list[dict], features: dict, reference, draws) -> dict | None:
-    """``kid_gaps`` of every curve of the sweep (None without ``draws``)."""
+def _curve_stats(records: list[dict], teacher_ode: list[dict], features: dict, reference,
+                 draws) -> tuple[dict | None, dict | None]:
+    """Every curve's ``kid_gaps`` and its best g on each resample (``resampled_best``); all curves on the same
+    resamples of prompts and reference. (None, None) without ``draws``."""
     if draws is None:
-        return None
+        return None, None
     rows = {(TEACHER, None): teacher_ode}
     for r in records:
         rows.setdefault((r["model"], r["steps"]), []).append(r)
-    return {key: kid_gaps(features[key], _lowest_kid(found)["guidance"], reference, draws)
-            for key, found in rows.items()}
+    kids = {key: curve_kids(features[key], reference, draws) for key in rows}
+    return ({key: _gaps(kids[key], _lowest_kid(found)["guidance"]) for key, found in rows.items()},
+            {key: resampled_best(k) for key, k in kids.items()})
 
 
 def _lowest_kid(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: r["kid"])
 
 
-def kid_gaps(features: dict[float, np.ndarray], best: float, reference: references.Reference,
-             draws: intervals.Draws) -> dict[float, list[float]]:
-    """Per g of one curve (``features``: g -> judge features [N], the same prompts and seeds at every g): the 95%
-    percentile interval of its KID x 10^3 to real minus the ``best`` g's, both on the same resamples of prompts
-    and reference (``intervals.paired``), so what the rows share cancels. The best g's own gap is [0, 0]."""
+def curve_kids(features: dict[float, np.ndarray], reference: references.Reference,
+               draws: intervals.Draws) -> dict[float, np.ndarray]:
+    """Per g of one curve (``features``: g -> judge features [N], the same prompts and seeds at every g): its KID
+    x 10^3 to real on each resample of ``draws`` [R], every g on the same resamples (``intervals.resample``)."""
     scale = scoring.kid_scale(reference.features)
     rows = {g: f.astype(np.float64) / scale for g, f in features.items()}
     _, boot = intervals.resample(rows, reference.features.astype(np.float64) / scale, "kid", draws)
-    return {g: [round(scoring.KID_SCALE * v, 4) for v in intervals.percentile_interval(boot[g] - boot[best])]
-            for g in rows}
+    return {g: scoring.KID_SCALE * np.asarray(boot[g], dtype=np.float64) for g in rows}
+
+
+def kid_gaps(features: dict[float, np.ndarray], best: float, reference: references.Reference,
+             draws: intervals.Draws) -> dict[float, list[float]]:
+    """Per g: the 95% percentile interval of its KID x 10^3 to real minus the ``best`` g's, both on the same
+    resamples (``curve_kids``), so what the rows share cancels. The best g's own gap is [0, 0]."""
+    return _gaps(curve_kids(features, reference, draws), best)
+
+
+def _gaps(kids: dict[float, np.ndarray], best: float) -> dict[float, list[float]]:
+    return {g: [round(v, 4) for v in intervals.percentile_interval(k - kids[best])] for g, k in kids.items()}
+
+
+def resampled_best(kids: dict[float, np.ndarray]) -> np.ndarray:
+    """The g of lowest KID on each resample (``curve_kids``' output) [R]: how often the data pick each g."""
+    order = sorted(kids)
+    return np.asarray(order)[np.argmin(np.stack([kids[g] for g in order]), axis=0)]
 
 
 def _tied(gaps: dict[float, list[float]]) -> list[float]:
@@ -207,11 +227,15 @@ def _points_apart(order: list[float], a: list[float], b: list[float]) -> int:
     return min(abs(order.index(x) - order.index(y)) for x in a for y in b)
 
 
-def best_guidance(records: list[dict], teacher_ode: list[dict], gaps: dict | None = None) -> list[dict]:
+def best_guidance(records: list[dict], teacher_ode: list[dict], gaps: dict | None = None,
+                  resampled: dict | None = None) -> list[dict]:
     """Per (model, steps): the g of lowest KID to real, and how many sweep points it lies from the ODE's best g
     (Fig. 4's question: does the LCM's curve have the teacher's shape?). ``gaps`` ((model, steps) -> ``kid_gaps``,
     the ODE's under (TEACHER, None)) adds each curve's g tied with its best ("tied", "kid_gap_ci") and, per LCM,
-    the fewest sweep points between its tied g and the ODE's ("tied_sweep_points_from_teacher")."""
+    the fewest sweep points between its tied g and the ODE's ("tied_sweep_points_from_teacher"). ``resampled``
+    (the same keys -> ``resampled_best``, all on the same resamples) adds each g's share of resamples on which it is
+    the best ("best_share") and, per LCM, the share on which its best g is within one sweep point of the ODE's
+    ("within_one_point_share"): how often the point-estimate verdict would come out so on a new draw."""
     order = sorted({r["guidance"] for r in teacher_ode + records})
     ode = _lowest_kid(teacher_ode)
 
@@ -219,6 +243,9 @@ def best_guidance(records: list[dict], teacher_ode: list[dict], gaps: dict | Non
         out = {"model": key[0], "steps": top["steps"], "guidance": top["guidance"], "kid": top["kid"]}
         if gaps and key in gaps:
             out.update(tied=_tied(gaps[key]), kid_gap_ci={f"{g:g}": ci for g, ci in gaps[key].items()})
+        if resampled and key in resampled:
+            out["best_share"] = {f"{g:g}": round(float(np.mean(resampled[key] == g)), 4) for g in order
+                                 if np.any(resampled[key] == g)}
         return out
 
     best = [entry((TEACHER, None), ode)]
@@ -228,6 +255,9 @@ def best_guidance(records: list[dict], teacher_ode: list[dict], gaps: dict | Non
                      sweep_points_from_teacher=_points_apart(order, [found["guidance"]], [ode["guidance"]]))
         if "tied" in found and "tied" in best[0]:
             found["tied_sweep_points_from_teacher"] = _points_apart(order, found["tied"], best[0]["tied"])
+        if resampled and (model, n) in resampled and (TEACHER, None) in resampled:
+            apart = [_points_apart(order, [a], [b]) for a, b in zip(resampled[model, n], resampled[TEACHER, None])]
+            found["within_one_point_share"] = round(float(np.mean(np.asarray(apart) <= 1)), 4)
         best.append(found)
     return best
 
@@ -278,12 +308,23 @@ def _best_table(best: list[dict]) -> list[str]:
         lines += ["Tied: the g whose KID×10³ minus the best g's, on the same resamples of prompts and reference, "
                   "has a 95% interval reaching 0 (each gap's interval in results.json, `kid_gap_ci`).", ""]
         head += " g tied with the best | sweep points between the tied g and the ODE's |"
+    shares = all("best_share" in b for b in best)
+    if shares:
+        lines += ["Resamples: on each resample of prompts and reference (the same for every curve) the g of lowest "
+                  "KID; the share of resamples each g wins, and the share on which the LCM's best g is within one "
+                  "sweep point of the ODE's best g on that resample.", ""]
+        head += " best g on resamples | within one sweep point of the ODE's |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for b in best:
         cells = [b["model"], str(b["steps"]), f"{b['guidance']:g}", f"{b['kid']:.2f}",
                  str(b.get("sweep_points_from_teacher", "-"))]
         if tied:
             cells += [", ".join(f"{g:g}" for g in b["tied"]), str(b.get("tied_sweep_points_from_teacher", "-"))]
+        if shares:
+            won = sorted(b["best_share"].items(), key=lambda kv: -kv[1])
+            within = b.get("within_one_point_share")
+            cells += [", ".join(f"{g}: {100 * v:.0f}%" for g, v in won),
+                      "-" if within is None else f"{100 * within:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -313,81 +354,9 @@ def write_report(results: dict, out: Path) -> None:
     out = Path(out)
     write_results(out / "results.json", results)
     write_text(out / "results.md", markdown(results))
-    plot_tradeoff(results, out / "tradeoff.png")
-    plot_fidelity(results, out / "fidelity.png")
-
-
-def _curve(ax, rows: list[dict], label: str, **style) -> None:
-    rows = sorted(rows, key=lambda r: r["guidance"])
-    xs, ys = [r["kid"] for r in rows], [r["accuracy"] or 0.0 for r in rows]
-    ax.plot(xs, ys, marker="o", label=label, **style)
-    for x, y, r in zip(xs, ys, rows):
-        ax.annotate(f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-
-
-def plot_tradeoff(results: dict, path: Path) -> Path:
-    """Fig. 4 as a trade-off: KID to real (x, symlog) against accuracy (y), a point per g labelled with g; one
-    panel per step count, a curve per LCM and the teacher ODE's curve beside them; the real images as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = results["steps"]
-    fig, axes = plt.subplots(1, len(steps), figsize=(4.6 * len(steps), 4), sharey=True, squeeze=False)
-    for ax, n in zip(axes[0], steps):
-        _curve(ax, results["teacher_ode"], f"teacher ODE (DDIM {results['teacher_ode_row']['steps']})", color="black",
-               ls="--")
-        for model in dict.fromkeys(r["model"] for r in results["records"]):
-            _curve(ax, [r for r in results["records"] if r["model"] == model and r["steps"] == n], model)
-        floor = results["floor"]
-        ax.scatter([floor["kid"]], [floor["accuracy"] or 0.0], marker="*", s=120, color="grey", label="real images")
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_title(f"{n} step{'s' if n > 1 else ''} (labels: g)", fontsize=10)
-        ax.set_xlabel("KID ×10³ to real (lower is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("attribute accuracy (colour, background, shape)")
-    return _save(fig, path)
-
-
-def plot_fidelity(results: dict, path: Path) -> Path:
-    """Distillation fidelity against g: KID ×10³ of each LCM x steps to the teacher ODE at the same g."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for model, n in dict.fromkeys((r["model"], r["steps"]) for r in results["records"]):
-        rows = sorted((r for r in results["records"] if r["model"] == model and r["steps"] == n),
-                      key=lambda r: r["guidance"])
-        ys = [r["fidelity"]["kid"] for r in rows]
-        err = None
-        if all("kid_ci" in r["fidelity"] for r in rows):
-            err = [[y - r["fidelity"]["kid_ci"][0] for y, r in zip(ys, rows)],
-                   [r["fidelity"]["kid_ci"][1] - y for y, r in zip(ys, rows)]]
-        ax.errorbar([r["guidance"] for r in rows], ys, yerr=np.clip(err, 0, None) if err else None, marker="o",
-                    capsize=3, label=f"{model}, {n} step{'s' if n > 1 else ''}")
-    ax.set_xscale("log")
-    ax.set_xlabel("guidance scale g")
-    ax.set_ylabel("KID ×10³ to the teacher ODE at g")
-    ax.set_title("distillation fidelity (lower: closer to the ODE)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    guidance_plots.plot_tradeoff(results, out / "tradeoff.png")
+    guidance_plots.plot_fidelity(results, out / "fidelity.png")
 
 
 __all__ = ["sweep", "best_guidance", "kid_gaps", "following", "mean_accuracy", "markdown", "write_report",
-           "plot_tradeoff", "plot_fidelity",
            "GUIDANCES", "STEPS", "ACCURACY_ATTRIBUTES", "TEACHER", "SWEEP_SCHEMA"]
