@@ -358,5 +358,5 @@ def write_report(results: dict, out: Path) -> None:
     guidance_plots.plot_fidelity(results, out / "fidelity.png")
 
 
-__all__ = ["sweep", "best_guidance", "kid_gaps", "following", "mean_accuracy", "markdown", "write_report",
+__all__ = ["sweep", "best_guidance", "kid_gaps", "curve_kids", "resampled_best", "following", "mean_accuracy", "markdown", "write_report",
            "GUIDANCES", "STEPS", "ACCURACY_ATTRIBUTES", "TEACHER", "SWEEP_SCHEMA"]
