@@ -22,6 +22,7 @@ import numpy as np
 from latentcm import registry
 from latentcm.evaluation import intervals, scoring
 from latentcm.evaluation.extractors import JudgeExtractor
+from latentcm.evaluation.guidance_sweep import kid_on_resamples
 
 ODE_PREFIX = "teacher-ddim-trailing-50"   # ``lcm ablate guidance``'s ODE row (presets.ode_row)
 
@@ -41,14 +42,6 @@ def load_images(path: Path) -> np.ndarray:
         return found["images"]
 
 
-def fidelity_resamples(features: np.ndarray, ode, draws: intervals.Draws) -> np.ndarray:
-    """KID x 10^3 of ``features`` to the ODE reference on each resample (paired: image i with ODE image i)."""
-    scale = scoring.kid_scale(ode.features)
-    boot = intervals.kid_resamples(features.astype(np.float64) / scale, ode.features.astype(np.float64) / scale,
-                                   draws.prompts, draws.reference, paired=True)
-    return scoring.KID_SCALE * np.asarray(boot)
-
-
 def compare_at(g: float, sources: list, steps: int, n: int, extractor, draws) -> dict:
     tag = f"g{g:g}-n{n}-s0.npz"
     ode = scoring.reference_from_images(load_images(sources[0][1] / f"{ODE_PREFIX}-{tag}"), extractor, f"ode-g{g:g}")
@@ -56,7 +49,7 @@ def compare_at(g: float, sources: list, steps: int, n: int, extractor, draws) ->
     for name, folder, prefix in sources:
         features = extractor.features(scoring.model_images(load_images(folder / f"{prefix}-{steps}-{tag}")))
         row[name] = round(scoring.distances(features, ode, paired=True)["kid"], 2)
-        boots[name] = fidelity_resamples(features, ode, draws)
+        boots[name] = kid_on_resamples(features, ode, draws, paired=True)  # image i with ODE image i
     (a, b) = [s[0] for s in sources]
     ci = [round(v, 2) for v in intervals.percentile_interval(boots[b] - boots[a])]
     verdict = f"{b} nearer" if ci[1] < 0 else f"{a} nearer" if ci[0] > 0 else "level"

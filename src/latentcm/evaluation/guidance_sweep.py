@@ -66,14 +66,20 @@ def mean_accuracy(attribute_accuracy: dict[str, float]) -> float | None:
     return round(float(np.mean(found)), 4) if found else None
 
 
-def _kid_ci(features: np.ndarray, reference: references.Reference, draws: intervals.Draws,
-            paired: bool = False) -> list[float]:
-    """95% percentile interval of KID x 10^3 of judge ``features`` to ``reference`` over ``draws``, scaled as
+def kid_on_resamples(features: np.ndarray, reference: references.Reference, draws: intervals.Draws,
+                     paired: bool = False) -> np.ndarray:
+    """KID x 10^3 of judge ``features`` to ``reference`` on each resample of ``draws`` [R], scaled as
     ``scoring.score`` scales them (``paired``: reference image i belongs to image i)."""
     scale = scoring.kid_scale(reference.features)
     boot = intervals.kid_resamples(features.astype(np.float64) / scale, reference.features.astype(np.float64) / scale,
                                    draws.prompts, draws.reference, paired=paired)
-    return [round(scoring.KID_SCALE * v, 4) for v in intervals.percentile_interval(boot)]
+    return scoring.KID_SCALE * np.asarray(boot, dtype=np.float64)
+
+
+def _kid_ci(features: np.ndarray, reference: references.Reference, draws: intervals.Draws,
+            paired: bool = False) -> list[float]:
+    """95% percentile interval of ``kid_on_resamples``."""
+    return [round(v, 4) for v in intervals.percentile_interval(kid_on_resamples(features, reference, draws, paired))]
 
 
 def _record(row: pipeline.Row, scores: dict, timing: dict, area: np.ndarray) -> dict:
@@ -358,5 +364,5 @@ def write_report(results: dict, out: Path) -> None:
     guidance_plots.plot_fidelity(results, out / "fidelity.png")
 
 
-__all__ = ["sweep", "best_guidance", "kid_gaps", "curve_kids", "resampled_best", "following", "mean_accuracy", "markdown", "write_report",
+__all__ = ["sweep", "best_guidance", "kid_gaps", "curve_kids", "kid_on_resamples", "resampled_best", "following", "mean_accuracy", "markdown", "write_report",
            "GUIDANCES", "STEPS", "ACCURACY_ATTRIBUTES", "TEACHER", "SWEEP_SCHEMA"]
